@@ -1,0 +1,92 @@
+"""The executor: runs a `Program` over a session's incremental state.
+
+A `Session` holds the state slots for `batch` sequences that advance together (same length,
+same positions) and a position counter. `forward(tokens)` feeds the next tokens (a prefill of
+any length, or one decode step) and returns their next-token logits.
+"""
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .dtypes import torch_dtype
+from .errors import InputError
+from .kernels import KERNELS, STATEFUL
+from .program import Program, Step
+
+Observer = Callable[[int, Step, list, tuple], None]  # (step index, step, inputs, outputs)
+
+
+def _concrete(shape, batch: int) -> list[int]:
+    return [batch if d == "B" else d for d in shape]
+
+
+class Session:
+    def __init__(self, program: Program, weights: Mapping[str, torch.Tensor], batch: int = 1,
+                 kernels: Mapping = KERNELS):
+        if batch < 1:
+            raise InputError(f"batch = {batch}: must be at least 1")
+        self.program = program
+        self.batch = batch
+        self.pos = 0
+        self.state = {name: torch.zeros(_concrete(spec.shape, batch), dtype=torch_dtype(spec.dtype))
+                      for name, spec in program.states.items()}
+        missing = sorted(set(program.params) - set(weights))
+        if missing:
+            raise InputError(f"weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
+        self._steps = []
+        for step in program.steps:
+            if step.kernel not in kernels:
+                raise InputError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
+            args = [weights[a[1:]] if isinstance(a, str) else a for a in step.inputs]
+            attrs = dict(step.attrs)
+            if step.kernel in STATEFUL:
+                attrs["state"] = tuple(self.state[name] for name in step.state)
+            self._steps.append((kernels[step.kernel], step.kernel in STATEFUL, args, step.outputs, attrs))
+        embed = program.params.get("embed_tokens.weight")
+        self.vocab_size = embed.shape[0] if embed is not None else None
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this session can still take before reaching the planned context."""
+        return self.program.max_context - self.pos
+
+    def reset(self) -> None:
+        for t in self.state.values():
+            t.zero_()
+        self.pos = 0
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch:
+            raise InputError(f"tokens must have shape [batch={self.batch}, length], got {list(tokens.shape)}")
+        if tokens.shape[1] == 0:
+            raise InputError("no tokens given: the prompt is empty")
+        if self.vocab_size is not None and tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if tokens.shape[1] > self.remaining:
+            raise InputError(
+                f"{self.pos + tokens.shape[1]} tokens exceed the artifact's planned context of "
+                f"{self.program.max_context} tokens (kv.max_context in model.yaml); shorten the prompt "
+                "or recompile with a larger kv.max_context")
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+        """tokens: [B, S] int64 -> logits [B, S, V] float32; advances the session by S tokens."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        self.check_tokens(tokens)
+        values: list = [None] * self.program.num_values
+        values[self.program.inputs["tokens"]] = tokens
+        values[self.program.inputs["positions"]] = torch.arange(self.pos, self.pos + tokens.shape[1])
+        for i, (fn, stateful, args, outputs, attrs) in enumerate(self._steps):
+            inputs = [values[a] if isinstance(a, int) else a for a in args]
+            result = fn(*inputs, pos0=self.pos, **attrs) if stateful else fn(*inputs, **attrs)
+            result = result if isinstance(result, tuple) else (result,) if outputs else ()
+            for slot, value in zip(outputs, result):
+                values[slot] = value
+            if observer is not None:
+                observer(i, self.program.steps[i], inputs, result)
+        self.pos += tokens.shape[1]
+        return values[self.program.output]

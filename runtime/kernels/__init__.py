@@ -1,0 +1,35 @@
+"""The torch kernel table: kernel name -> plain-PyTorch fp32 function.
+
+Stateless kernels are called `fn(*inputs, **attrs)`; stateful ones (in `STATEFUL`) also get
+`state=` (their state tensors, mutated in place) and `pos0=` (tokens the session held before
+this call). The IR's op registry uses these as the reference implementation of each op.
+"""
+
+from .attention import attention, index_topk
+from .basic import add, embed, grouped_linear, linear, reshape, rms_norm, rope, swiglu
+from .compressor import compress
+from .hyper import hc_expand, hc_head, hc_post, hc_pre
+from .moe import moe_experts, route_hash, route_topk
+
+KERNELS = {
+    "embed": embed,
+    "linear": linear,
+    "grouped_linear": grouped_linear,
+    "rms_norm": rms_norm,
+    "rope": rope,
+    "reshape": reshape,
+    "add": add,
+    "swiglu": swiglu,
+    "hc_expand": hc_expand,
+    "hc_pre": hc_pre,
+    "hc_post": hc_post,
+    "hc_head": hc_head,
+    "route_topk": route_topk,
+    "route_hash": route_hash,
+    "moe_experts": moe_experts,
+    "compress": compress,
+    "index_topk": index_topk,
+    "attention": attention,
+}
+
+STATEFUL = frozenset({"compress", "index_topk", "attention"})

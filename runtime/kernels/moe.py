@@ -1,0 +1,56 @@
+"""Mixture of experts: the two routers (learned top-k, frozen hash table) and the routed experts."""
+
+import torch
+import torch.nn.functional as F
+
+from .basic import swiglu
+
+SCORE_FUNCS = {
+    "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(),
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda logits: logits.softmax(dim=-1),
+}
+
+
+def select_topk(scores, k):
+    """Indices of the k largest scores along the last dim; equal scores go to the lower index.
+    (torch.topk leaves the order of ties unspecified, which would make routing depend on the
+    kernel; v4c defines it.)"""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _normalised(scores, idx, scale):
+    weights = scores.gather(-1, idx)
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scale
+
+
+def route_topk(x, weight, bias, *, k, score_func, scale):
+    """x: [B, S, D], weight: [E, D], bias: [E] -> weights [B, S, k] (fp32), experts [B, S, k] (i64).
+    Experts: top-k of score(x W^T) + bias; weights: their scores (without bias), renormalised, x scale."""
+    scores = SCORE_FUNCS[score_func](F.linear(x.float(), weight.float()))
+    idx = select_topk(scores + bias.float(), k)
+    return _normalised(scores, idx, scale), idx
+
+
+def route_hash(x, weight, table, tokens, *, score_func, scale):
+    """Hash routing: experts = table[token] (frozen), weights as in `route_topk`.
+    x: [B, S, D], weight: [E, D], table: [V, k], tokens: [B, S]."""
+    scores = SCORE_FUNCS[score_func](F.linear(x.float(), weight.float()))
+    idx = table[tokens].long()
+    return _normalised(scores, idx, scale), idx
+
+
+def moe_experts(x, weights, idx, gate_up, down, *, limit=None):
+    """Routed experts. x: [B, S, D], weights/idx: [B, S, k], gate_up: [E, 2I, D], down: [E, D, I]
+    -> [B, S, D] = sum_j weights[j] * down_e(swiglu(gate_up_e x)) with e = idx[j]."""
+    shape = x.shape
+    x = x.float().reshape(-1, shape[-1])
+    idx = idx.reshape(x.shape[0], -1)
+    weights = weights.float().reshape(x.shape[0], -1)
+    out = torch.zeros_like(x)
+    for e in torch.unique(idx).tolist():  # ascending expert order, as the reference accumulates
+        token, slot = torch.where(idx == e)
+        gate, up = F.linear(x[token], gate_up[e].float()).chunk(2, dim=-1)
+        y = F.linear(swiglu(gate, up, limit=limit), down[e].float())
+        out.index_add_(0, token, y * weights[token, slot, None])
+    return out.view(shape)

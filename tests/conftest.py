@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from oracle import CONFIGS, make_model, save_hf
+
+SEEDS = {"hc1_topk_small": 11, "hc2_yarn": 12, "hc3_topk_large": 13, "hc4_mixed": 14}
+
+
+@pytest.fixture(scope="session")
+def oracle_models():
+    """name -> randomized fp32 DeepseekV4ForCausalLM (the oracle)."""
+    return {name: make_model(name, seed=SEEDS[name]) for name in CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory, oracle_models):
+    """name -> directory written by transformers' save_pretrained."""
+    out = {}
+    for name, model in oracle_models.items():
+        out[name] = save_hf(model, tmp_path_factory.mktemp(name) / "ckpt")
+    return out
+
+
+def tokens(batch: int, length: int, seed: int = 0, vocab: int = 97) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|: the parity measure of the issue (bound 1e-4)."""
+    return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max())

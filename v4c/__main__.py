@@ -1,0 +1,3 @@
+from v4c.cli import main
+
+main()

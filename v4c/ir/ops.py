@@ -1,0 +1,269 @@
+"""The op registry: one `OpDef` per op, with its operands, state slots, type inference and its
+reference implementation (the runtime's torch kernel of the same name).
+
+Type inference takes the operand types (None for an omitted optional operand), the state slot
+types and the attributes, and returns the result types; it raises `IRTypeError` naming the
+operand or slot that does not fit.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from v4c.runtime.kernels import KERNELS, STATEFUL
+
+from .types import Dim, IRTypeError, TensorType, f32, i64
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    operands: tuple[str, ...]  # role names; a trailing "?" marks an optional operand
+    infer: Callable  # (operand types, state types, attrs) -> list[TensorType]
+    state: Callable[[dict], tuple[str, ...]] = lambda attrs: ()  # state slot roles for these attrs
+    attrs: tuple[str, ...] = ()  # required attribute names
+
+    @property
+    def reference(self) -> Callable:
+        return KERNELS[self.name]
+
+    @property
+    def stateful(self) -> bool:
+        return self.name in STATEFUL
+
+    @property
+    def min_operands(self) -> int:
+        return sum(not r.endswith("?") for r in self.operands)
+
+
+def _same(a: Dim, b: Dim) -> bool:
+    return a == b
+
+
+def expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise IRTypeError(message)
+
+
+def expect_shape(role: str, t: TensorType, *shape: Dim) -> None:
+    ok = t.rank == len(shape) and all(_same(a, b) for a, b in zip(t.shape, shape))
+    expect(ok, f"{role} must be [{', '.join(map(str, shape))}], got {t}")
+
+
+def expect_rank(role: str, t: TensorType, rank: int) -> None:
+    expect(t.rank == rank, f"{role} must have rank {rank}, got {t}")
+
+
+def expect_int(role: str, t: TensorType) -> None:
+    expect(t.dtype in ("i64", "i32"), f"{role} must be an integer tensor, got {t}")
+
+
+# --- inference rules ------------------------------------------------------------------------
+def _embed(ins, st, a):
+    tokens, w = ins
+    expect_int("tokens", tokens)
+    expect_rank("weight", w, 2)
+    return [f32(*tokens.shape, w.shape[1])]
+
+
+def _linear(ins, st, a):
+    x, w = ins
+    expect_rank("weight", w, 2)
+    expect(x.rank >= 1 and _same(x.shape[-1], w.shape[1]), f"input {x} does not match weight {w} ([out, in])")
+    return [f32(*x.shape[:-1], w.shape[0])]
+
+
+def _grouped_linear(ins, st, a):
+    x, w = ins
+    g = a["groups"]
+    expect(x.rank >= 2 and x.shape[-2] == g, f"input {x} must be [..., groups={g}, in]")
+    expect(w.rank == 2 and w.shape[0] % g == 0 and _same(w.shape[1], x.shape[-1]),
+           f"weight {w} must be [groups*rank, in] with groups={g} and in={x.shape[-1]}")
+    return [f32(*x.shape[:-1], w.shape[0] // g)]
+
+
+def _rms_norm(ins, st, a):
+    x, w = ins
+    if w is not None:
+        expect_shape("weight", w, x.shape[-1])
+    return [f32(*x.shape)]
+
+
+def _rope(ins, st, a):
+    x, positions, inv_freq = ins
+    expect_int("positions", positions)
+    expect(x.rank >= 3 and positions.rank == 1 and _same(positions.shape[0], x.shape[1]),
+           f"input {x} must be [B, S, ..., D] with positions [S], got positions {positions}")
+    expect(inv_freq.rank == 1 and 2 * inv_freq.shape[0] <= x.shape[-1],
+           f"inv_freq {inv_freq} rotates more channels than {x} has")
+    return [f32(*x.shape)]
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _reshape(ins, st, a):
+    (x,) = ins
+    shape = list(a["shape"])
+    n_sym = next((i for i, d in enumerate(shape) if not isinstance(d, str)), len(shape))
+    expect(tuple(shape[:n_sym]) == tuple(x.shape[:n_sym]) and
+           all(isinstance(d, int) for d in x.shape[n_sym:] + tuple(shape[n_sym:])) and
+           _numel(x.shape[n_sym:]) == _numel(shape[n_sym:]),
+           f"cannot reshape {x} to [{', '.join(map(str, shape))}]")
+    return [f32(*shape)]
+
+
+def _elementwise(ins, st, a):
+    x, y = ins
+    expect_shape("second operand", y, *x.shape)
+    return [f32(*x.shape)]
+
+
+def _hc_expand(ins, st, a):
+    (x,) = ins
+    expect_rank("input", x, 3)
+    return [f32(x.shape[0], x.shape[1], a["hc"], x.shape[2])]
+
+
+def _hc_pre(ins, st, a):
+    x, fn, base, scale = ins
+    expect_rank("streams", x, 4)
+    b, s, hc, d = x.shape
+    n = (2 + hc) * hc
+    expect_shape("fn", fn, n, hc * d)
+    expect_shape("base", base, n)
+    expect_shape("scale", scale, 3)
+    return [f32(b, s, d), f32(b, s, hc), f32(b, s, hc, hc)]
+
+
+def _hc_post(ins, st, a):
+    out, streams, post, comb = ins
+    expect_rank("streams", streams, 4)
+    b, s, hc, d = streams.shape
+    expect_shape("block output", out, b, s, d)
+    expect_shape("post", post, b, s, hc)
+    expect_shape("comb", comb, b, s, hc, hc)
+    return [f32(b, s, hc, d)]
+
+
+def _hc_head(ins, st, a):
+    x, fn, base, scale = ins
+    expect_rank("streams", x, 4)
+    b, s, hc, d = x.shape
+    expect_shape("fn", fn, hc, hc * d)
+    expect_shape("base", base, hc)
+    expect_shape("scale", scale, 1)
+    return [f32(b, s, d)]
+
+
+def _route_topk(ins, st, a):
+    x, w, bias = ins
+    expect(w.rank == 2 and _same(w.shape[1], x.shape[-1]), f"router weight {w} does not match input {x}")
+    expect_shape("bias", bias, w.shape[0])
+    expect(1 <= a["k"] <= w.shape[0], f"k = {a['k']} must be in [1, experts = {w.shape[0]}]")
+    return [f32(*x.shape[:-1], a["k"]), i64(*x.shape[:-1], a["k"])]
+
+
+def _route_hash(ins, st, a):
+    x, w, table, tokens = ins
+    expect(w.rank == 2 and _same(w.shape[1], x.shape[-1]), f"router weight {w} does not match input {x}")
+    expect_int("table", table)
+    expect_int("tokens", tokens)
+    expect_rank("table", table, 2)
+    expect_shape("tokens", tokens, *x.shape[:-1])
+    return [f32(*x.shape[:-1], table.shape[1]), i64(*x.shape[:-1], table.shape[1])]
+
+
+def _moe_experts(ins, st, a):
+    x, weights, idx, gate_up, down = ins
+    d = x.shape[-1]
+    expect(gate_up.rank == 3 and gate_up.shape[1] % 2 == 0 and _same(gate_up.shape[2], d),
+           f"gate_up {gate_up} must be [experts, 2*inter, {d}]")
+    expect_shape("down", down, gate_up.shape[0], d, gate_up.shape[1] // 2)
+    expect_shape("weights", weights, *idx.shape)
+    expect_int("experts", idx)
+    return [f32(*x.shape)]
+
+
+def _compress_state(a):
+    return ("buf_kv", "buf_gate", "ovl_kv", "ovl_gate", "entries") if a["overlap"] else ("buf_kv", "buf_gate", "entries")
+
+
+def _compress(ins, st, a):
+    kv, gate, ape, norm_w, inv_freq = ins
+    rate = a["rate"]
+    expect_rank("kv", kv, 3)
+    b, _, c = kv.shape
+    d = c // 2 if a["overlap"] else c
+    expect_shape("gate", gate, *kv.shape)
+    expect_shape("ape", ape, rate, c)
+    expect_shape("norm weight", norm_w, d)
+    expect(inv_freq.rank == 1 and 2 * inv_freq.shape[0] <= d, f"inv_freq {inv_freq} rotates more than {d} channels")
+    expect_shape("state buf_kv", st[0], b, rate, c)
+    expect_shape("state buf_gate", st[1], b, rate, c)
+    if a["overlap"]:
+        expect_shape("state ovl_kv", st[2], b, rate, d)
+        expect_shape("state ovl_gate", st[3], b, rate, d)
+    expect(st[-1].rank == 3 and _same(st[-1].shape[0], b) and st[-1].shape[2] == d,
+           f"state entries must be [{b}, capacity, {d}], got {st[-1]}")
+    return []
+
+
+def _index_topk(ins, st, a):
+    q, w = ins
+    expect_rank("q", q, 4)
+    b, s, h, di = q.shape
+    expect_shape("weights", w, b, s, h)
+    expect(st[0].rank == 3 and st[0].shape[2] == di, f"state indexer keys must be [B, capacity, {di}], got {st[0]}")
+    return [i64(b, s, a["topk"])]
+
+
+def _attention_state(a):
+    return ("ring",) if a["rate"] == 0 else ("ring", "entries")
+
+
+def _attention(ins, st, a):
+    q, kv, sinks, selected = ins
+    expect_rank("q", q, 4)
+    b, s, h, d = q.shape
+    expect_shape("kv", kv, b, s, d)
+    expect_shape("sinks", sinks, h)
+    expect_shape("state ring", st[0], b, a["window"] - 1, d)
+    if a["rate"]:
+        expect(st[1].rank == 3 and st[1].shape[2] == d, f"state entries must be [B, capacity, {d}], got {st[1]}")
+    if selected is not None:
+        expect(a["rate"] > 0, "selected entries given to an attention without compressed entries (rate 0)")
+        expect_int("selected", selected)
+        expect(selected.rank == 3 and tuple(selected.shape[:2]) == (b, s), f"selected {selected} must be [{b}, {s}, k]")
+    return [f32(b, s, h, d)]
+
+
+OPS: dict[str, OpDef] = {op.name: op for op in (
+    OpDef("embed", ("tokens", "weight"), _embed),
+    OpDef("linear", ("x", "weight"), _linear),
+    OpDef("grouped_linear", ("x", "weight"), _grouped_linear, attrs=("groups",)),
+    OpDef("rms_norm", ("x", "weight?"), _rms_norm, attrs=("eps",)),
+    OpDef("rope", ("x", "positions", "inv_freq"), _rope),
+    OpDef("reshape", ("x",), _reshape, attrs=("shape",)),
+    OpDef("add", ("a", "b"), _elementwise),
+    OpDef("swiglu", ("gate", "up"), _elementwise),
+    OpDef("hc_expand", ("x",), _hc_expand, attrs=("hc",)),
+    OpDef("hc_pre", ("streams", "fn", "base", "scale"), _hc_pre, attrs=("iters", "eps", "norm_eps")),
+    OpDef("hc_post", ("out", "streams", "post", "comb"), _hc_post),
+    OpDef("hc_head", ("streams", "fn", "base", "scale"), _hc_head, attrs=("eps", "norm_eps")),
+    OpDef("route_topk", ("x", "weight", "bias"), _route_topk, attrs=("k", "score_func", "scale")),
+    OpDef("route_hash", ("x", "weight", "table", "tokens"), _route_hash, attrs=("score_func", "scale")),
+    OpDef("moe_experts", ("x", "weights", "experts", "gate_up", "down"), _moe_experts),
+    OpDef("compress", ("kv", "gate", "ape", "norm_weight", "inv_freq"), _compress, _compress_state,
+          attrs=("rate", "overlap", "eps")),
+    OpDef("index_topk", ("q", "weights"), _index_topk, lambda a: ("entries",),
+          attrs=("topk", "rate", "score_scale", "weight_scale")),
+    OpDef("attention", ("q", "kv", "sinks", "selected?"), _attention, _attention_state,
+          attrs=("window", "rate", "scale")),
+)}
+
+missing_kernels = set(OPS) - set(KERNELS)
+assert not missing_kernels, f"ops without a reference kernel: {missing_kernels}"

@@ -1,0 +1,35 @@
+"""The compile pipeline: one list of passes, with the IR checker run after every pass."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+from v4c.ir import Module, print_module, verify
+from v4c.passes import PASSES
+from v4c.spec import PassSpec, Spec
+
+
+def build_pipeline(spec: Spec) -> list[PassSpec]:
+    return [
+        # 1. the passes model.yaml asks for, in its order
+        *spec.pass_specs(),
+        # 2. clean-up: whatever earlier passes left unused
+        PassSpec(name="dce"),
+    ]
+
+
+def run_pipeline(module: Module, pipeline: list[PassSpec], *, dump_dir: Path | None = None,
+                 on_pass: Callable[[str, Module], None] | None = None) -> Module:
+    """Run each pass, verify the result, and optionally dump the IR after each one."""
+    verify(module)
+    if dump_dir:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        (dump_dir / "00-frontend.v4ir").write_text(print_module(module))
+    for i, p in enumerate(pipeline, 1):
+        d = PASSES[p.name]
+        module = d.run(module, d.options.model_validate(p.options))
+        verify(module)
+        if dump_dir:
+            (dump_dir / f"{i:02d}-{p.name}.v4ir").write_text(print_module(module))
+        if on_pass:
+            on_pass(p.name, module)
+    return module

@@ -1,0 +1,182 @@
+"""`model.yaml`: one strict schema. Unknown keys, wrong types, missing paths and unreadable YAML
+are `SpecError`s that name the file, line and column, the key, what was found and what is allowed.
+
+    model:
+      checkpoint: ./ckpt      # relative to this file; layout detected
+    target: torch
+    passes: []
+    kv:
+      max_context: 4096       # tokens a session can hold (sizes the KV / compressor state)
+"""
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from v4c.passes import PASSES
+from v4c.runtime.errors import V4CError
+from v4c.targets import TARGETS
+
+from .yamlpos import Pos, YamlError, load_with_positions
+
+
+class SpecError(V4CError):
+    def __init__(self, file, pos: Pos | None, message: str):
+        where = f"{file}:{pos.line}:{pos.col}" if pos else f"{file}"
+        super().__init__(f"{where}: error: {message}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    checkpoint: Path = Field(description="Checkpoint directory (config.json and *.safetensors), relative to "
+                                         "model.yaml. Hugging Face and DeepSeek release layouts are detected.")
+
+
+class KVSection(_Strict):
+    max_context: int = Field(4096, ge=1, description="Tokens one session can hold; sizes every KV / compressor "
+                                                     "state slot. Longer prompts are refused at run time.")
+
+
+class PassSpec(_Strict):
+    name: str
+    options: dict = {}
+
+
+class Spec(_Strict):
+    model: ModelSection
+    target: Literal[tuple(TARGETS)] = Field("torch", description="Kernel target.")
+    passes: list[Any] = Field([], description="Passes in order: a name, or {name: {options}}.")
+    kv: KVSection = KVSection()
+
+    def pass_specs(self) -> list[PassSpec]:
+        out = []
+        for p in self.passes:
+            name, opts = (p, {}) if isinstance(p, str) else next(iter(p.items()))
+            out.append(PassSpec(name=name, options=opts or {}))
+        return out
+
+
+def _found(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+EXPECTED = {"dict_type": "a mapping (key: value)", "model_type": "a mapping (key: value)", "list_type": "a list",
+            "string_type": "a string", "int_type": "an integer", "int_parsing": "an integer",
+            "int_from_float": "an integer", "bool_type": "true or false", "bool_parsing": "true or false",
+            "float_type": "a number", "float_parsing": "a number", "path_type": "a path"}
+
+
+def _message(err: dict, root: type[BaseModel], where: str = "") -> tuple[tuple, bool, str]:
+    """-> (path, point at the key rather than the value, message) for one pydantic error."""
+    loc = tuple(err["loc"])
+    key = where + ".".join(str(p) for p in loc) or "(top level)"
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx", {})
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        if not allowed:
+            return loc, True, f"{where.rstrip('.') or 'this section'} takes no key {loc[-1]!r} (it has no options)"
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        section = where + ".".join(map(str, loc[:-1])) or "the top level"
+        return loc, True, (f"unknown key {loc[-1]!r} in {section}; allowed: {', '.join(allowed)}"
+                           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if kind == "missing":
+        return loc[:-1], True, f"{key}: required key is missing"
+    if kind == "literal_error":
+        expected = f"one of {ctx['expected']}"
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        expected = f"a number {op} {next(iter(ctx.values()))}"
+    else:
+        expected = EXPECTED.get(kind, err["msg"].lower())
+    return loc, False, f"{key}: found {_found(value)}; expected {expected}"
+
+
+def _pos(positions: dict, loc: tuple, at_key: bool) -> Pos:
+    while loc not in positions:
+        loc = loc[:-1]
+    return positions[loc][0 if at_key else 1]
+
+
+def load_spec(path) -> tuple[Spec, Path]:
+    """-> (validated spec, resolved checkpoint directory). Raises SpecError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(path, None, f"cannot read the spec: {e.strerror}") from None
+    try:
+        data, positions = load_with_positions(text)
+    except YamlError as e:
+        raise SpecError(path, e.pos, e.message) from None
+    if not isinstance(data, dict):
+        raise SpecError(path, Pos(1, 1), f"the spec must be a mapping with keys {', '.join(Spec.model_fields)}; "
+                                         f"found {_found(data)}")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc, at_key, msg = _message(err, Spec)
+            pos = _pos(positions, loc, at_key)
+            problems.append((pos.line, pos.col, f"{path}:{pos.line}:{pos.col}: error: {msg}"))
+        raise V4CError("\n".join(m for *_, m in sorted(problems))) from None
+    _check_passes(spec, path, positions)
+    ckpt = (path.parent / spec.model.checkpoint).resolve()
+    if not ckpt.is_dir():
+        raise SpecError(path, _pos(positions, ("model", "checkpoint"), False),
+                        f"model.checkpoint: {str(spec.model.checkpoint)!r} resolves to {ckpt}, which "
+                        f"{'is not a directory' if ckpt.exists() else 'does not exist'}; give the checkpoint "
+                        "directory, relative to this file")
+    return spec, ckpt
+
+
+def _check_passes(spec: Spec, path: Path, positions: dict) -> None:
+    for i, entry in enumerate(spec.passes):
+        where = ("passes", i)
+        ok = isinstance(entry, str) or (isinstance(entry, dict) and len(entry) == 1
+                                        and isinstance(next(iter(entry.values())), dict | None))
+        if not ok:
+            raise SpecError(path, _pos(positions, where, False),
+                            f"passes[{i}]: found {_found(entry)}; expected a pass name (`- dce`) or one pass "
+                            "with its options (`- name: {option: value}`)")
+    for i, p in enumerate(spec.pass_specs()):
+        if p.name not in PASSES:
+            hint = difflib.get_close_matches(p.name, PASSES, n=1)
+            raise SpecError(path, _pos(positions, ("passes", i), False),
+                            f"passes[{i}]: unknown pass {p.name!r}; allowed: {', '.join(PASSES)}"
+                            + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        try:
+            PASSES[p.name].options.model_validate(p.options)
+        except ValidationError as e:
+            loc, at_key, msg = _message(e.errors()[0], PASSES[p.name].options, f"passes[{i}].{p.name}.")
+            raise SpecError(path, _pos(positions, ("passes", i, p.name) + loc, at_key), msg) from None
+
+
+def json_schema() -> dict:
+    """The JSON Schema of model.yaml, with each registered pass's options."""
+    schema = Spec.model_json_schema()
+    entries = [{"const": name, "description": d.summary} for name, d in PASSES.items()]
+    entries += [{"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+                 "properties": {name: {"anyOf": [d.options.model_json_schema(), {"type": "null"}],
+                                       "description": d.summary}}} for name, d in PASSES.items()]
+    schema["properties"]["passes"]["items"] = {"anyOf": entries}
+    schema["properties"]["passes"].pop("default", None)
+    schema["properties"]["passes"]["default"] = []
+    schema["title"] = "v4c model.yaml"
+    return schema
