@@ -40,7 +40,7 @@ def _cfg(layers: str, mlps: str, **kw) -> dict:
 # above (96) the number of compressed entries, YaRN on the compressed branches, odd sizes.
 CONFIGS = {
     "hc1_topk_small": _cfg("sch", "HTT", hc_mult=1),
-    "hc2_yarn": _cfg("chs", "HTH", hc_mult=2, rope_parameters={
+    "hc2_yarn": _cfg("chs", "HHT", hc_mult=2, rope_parameters={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1}),
     "hc3_topk_large": _cfg("hcsc", "TTHT", hc_mult=3, index_topk=96, hidden_size=40, num_attention_heads=3,
                            head_dim=24, partial_rotary_factor=1 / 3, o_groups=3, o_lora_rank=10, sliding_window=11,
@@ -149,7 +149,7 @@ def release_config(model, *, quantized: bool, fp4_experts: bool) -> dict:
                rope_factor=comp["factor"] if yarn else 1.0, beta_fast=comp.get("beta_fast", 32),
                beta_slow=comp.get("beta_slow", 1), index_n_heads=c.index_n_heads, index_head_dim=c.index_head_dim,
                index_topk=c.index_topk, hc_mult=c.hc_mult, hc_sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps,
-               max_seq_len=c.max_position_embeddings)
+               max_seq_len=c.max_position_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
     if quantized:
         out.update(dtype="fp8")
     if fp4_experts:

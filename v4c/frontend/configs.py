@@ -131,19 +131,26 @@ def _from_hf(raw: dict) -> ModelConfig:
         max_position_embeddings=raw.get("max_position_embeddings", 1 << 20),
         bos_token_id=raw.get("bos_token_id", 0), eos_token_ids=_eos(raw.get("eos_token_id", 1)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        extras=_extras(raw))
+        extras=_extras(raw, ("expert_dtype",)))  # HF's own "dtype" is torch's, not a source format
 
 
-def _extras(raw: dict) -> dict:
+def _extras(raw: dict, keys: tuple[str, ...]) -> dict:
+    """Informative source facts: the quantization config, and the dialect's own dtype keys."""
     q = raw.get("quantization_config") or {}
-    out = {k: q[k] for k in ("quant_method", "fmt", "scale_fmt", "weight_block_size") if k in q}
-    for key in ("expert_dtype", "dtype", "scale_fmt", "scale_dtype"):
-        if raw.get(key) is not None:
-            out[key] = raw[key]
+    out = {k: q[k] for k in ("quant_method", "fmt", "scale_fmt", "weight_block_size", "expert_dtype") if k in q}
+    out.update({k: raw[k] for k in keys if raw.get(k) is not None})
     return out
 
 
+RELEASE_REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "rope_head_dim", "q_lora_rank",
+                    "o_groups", "o_lora_rank", "window_size", "n_routed_experts", "n_activated_experts",
+                    "moe_inter_dim")
+
+
 def _from_release(raw: dict) -> ModelConfig:
+    missing = [k for k in RELEASE_REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"config.json (DeepSeek release dialect) lacks required keys {missing}")
     n = raw["n_layers"]
     attention, compress = _kinds_from_ratios(raw.get("compress_ratios") or [0] * n, n)
     n_hash = raw.get("n_hash_layers", 0)
@@ -171,4 +178,4 @@ def _from_release(raw: dict) -> ModelConfig:
         rope_compress=RopeConfig(float(raw.get("compress_rope_theta", 160000.0)), yarn),
         max_position_embeddings=raw.get("max_seq_len", 1 << 20),
         bos_token_id=raw.get("bos_token_id", 0), eos_token_ids=_eos(raw.get("eos_token_id", 1)),
-        extras=_extras(raw))
+        extras=_extras(raw, ("dtype", "scale_fmt", "scale_dtype", "expert_dtype")))
