@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import dce
+from . import dce, memory_plan
 
 
 @dataclass(frozen=True)
@@ -20,4 +20,6 @@ class PassDef:
 
 PASSES: dict[str, PassDef] = {
     "dce": PassDef(dce.run, dce.Options, "remove unused instructions, parameters and state slots"),
+    "memory_plan": PassDef(memory_plan.run, memory_plan.Options,
+                           "place activation buffers in one arena, reused by liveness (runs last)"),
 }

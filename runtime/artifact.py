@@ -1,9 +1,11 @@
-"""Open and verify an artifact directory.
+"""Open and verify an artifact (a directory, or the same files packed into one `.v4c` file).
 
-    manifest.json      format + version, producer, model config, pipeline, target, KV layout,
-                       and every other file with its size and sha256
+    manifest.json      format + version, producer, model config, pipeline, target and toolchain,
+                       KV layout, memory plan, and every other file with its size and sha256
+    manifest.sig       optional Ed25519 signature over manifest.json (`v4c sign`)
     module.v4ir        the compiled IR as text (for people and tools; the runtime does not parse it)
     program.json       the lowered kernel list the executor runs
+    plans/memory.json  the activation buffer plan
     weights/*.safetensors
     tokenizer/         tokenizer.json and friends, when the checkpoint had them
 
@@ -13,94 +15,122 @@ Every file is checked against the manifest before any weight is used.
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 
 from .config import ModelConfig
 from .errors import ArtifactError
 from .executor import Session
 from .program import Program
+from .store import DirStore, TarStore, check_member, open_store, pack
 
 FORMAT = "v4c-artifact"
 FORMAT_VERSION = "1.0"
-MANIFEST = "manifest.json"
-UNHASHED = (MANIFEST, "manifest.sig")  # the manifest and its signature sit outside `files`
+MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+UNHASHED = (MANIFEST, SIGNATURE)  # the manifest and its signature sit outside `files`
 
 
 def sha256_file(path: Path) -> str:
+    return sha256_chunks(DirStore(path.parent).chunks(path.name))
+
+
+def sha256_chunks(chunks) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+    for block in chunks:
+        h.update(block)
     return h.hexdigest()
 
 
-def read_manifest(root: Path) -> dict:
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise ArtifactError(f"{root} is not an artifact directory")
-    if not path.is_file():
-        raise ArtifactError(f"{root} has no {MANIFEST}; is it a v4c artifact?")
+def read_manifest(store) -> dict:
+    if not store.exists(MANIFEST):
+        raise ArtifactError(f"{store.label} has no {MANIFEST}; is it a v4c artifact?")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(store.read(MANIFEST))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+        raise ArtifactError(f"{store.label}/{MANIFEST}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a {FORMAT} manifest")
+        raise ArtifactError(f"{store.label}/{MANIFEST}: not a {FORMAT} manifest")
     version = str(manifest.get("format_version", ""))
-    major = version.split(".")[0]
-    if major != FORMAT_VERSION.split(".")[0]:
+    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
         producer = manifest.get("producer", {}).get("version", "an unknown version")
-        raise ArtifactError(f"{path}: artifact format {version or '(none)'} (written by v4c {producer}); this v4c "
-                            f"reads format {FORMAT_VERSION.split('.')[0]}.x. Use v4c {producer} or later to run it, "
-                            "or recompile the model with this v4c")
+        raise ArtifactError(
+            f"{store.label}: artifact format {version or '(none)'} (written by v4c {producer}); this v4c reads "
+            f"format {FORMAT_VERSION.split('.')[0]}.x. Run it with v4c {producer} or later, or recompile the model "
+            "with this v4c")
     if not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{path}: the manifest lists no files")
+        raise ArtifactError(f"{store.label}/{MANIFEST}: the manifest lists no files")
     return manifest
 
 
-def _safe_member(root: Path, rel: str) -> Path:
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or rel in ("", ".") or "\\" in rel:
-        raise ArtifactError(f"manifest entry {rel!r} points outside the artifact")
-    return root / p
-
-
-def verify_files(root: Path, manifest: dict) -> None:
-    """Raise ArtifactError naming the first file that is missing, truncated, altered or unlisted."""
-    listed = {}
-    for rel, meta in sorted(manifest["files"].items()):
-        path = _safe_member(root, rel)
-        listed[path.resolve()] = rel
-        if not path.is_file():
-            raise ArtifactError(f"{rel}: listed in the manifest but missing from {root}")
-        size = path.stat().st_size
+def verify_files(store, manifest: dict) -> int:
+    """Raise ArtifactError naming the first file that is missing, truncated, altered, unlisted or
+    outside the artifact; return the number of files checked."""
+    listed = manifest["files"]
+    for rel in sorted(listed):
+        try:
+            check_member(rel)
+        except ArtifactError as e:
+            raise ArtifactError(f"manifest entry {e}") from None
+    for rel in store.files():
+        if rel not in listed and rel not in UNHASHED:
+            raise ArtifactError(f"{rel}: present in {store.label} but not listed in the manifest")
+    for rel, meta in sorted(listed.items()):
+        if not store.exists(rel):
+            raise ArtifactError(f"{rel}: listed in the manifest but missing from {store.label}")
+        if not store.is_regular(rel):
+            raise ArtifactError(f"{rel}: not a regular file inside the artifact (a link?)")
+        size = store.size(rel)
         if size != meta.get("size"):
             raise ArtifactError(f"{rel}: {size} bytes, the manifest says {meta.get('size')} (truncated or replaced)")
-        if sha256_file(path) != meta.get("sha256"):
+        if sha256_chunks(store.chunks(rel)) != meta.get("sha256"):
             raise ArtifactError(f"{rel}: sha256 does not match the manifest (the file was altered)")
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in UNHASHED and path.resolve() not in listed:
-            raise ArtifactError(f"{rel}: present in {root} but not listed in the manifest")
+    return len(listed)
+
+
+def safetensors_header(store, rel: str) -> dict:
+    """The tensor table of a safetensors file (name -> dtype, shape, offsets), without its data."""
+    n = int.from_bytes(store.read(rel, 0, 8), "little")
+    header = json.loads(store.read(rel, 8, n))
+    header.pop("__metadata__", None)
+    return header
+
+
+ALIGN = 64  # bytes; BLAS takes different (equally valid) summation paths for differently aligned data
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` at a 64-byte aligned address, so results do not depend on where the loader put it
+    (memory-mapped tensors sit at their file offsets)."""
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
 @dataclass
 class Artifact:
-    root: Path
+    store: DirStore | TarStore
     manifest: dict
     program: Program
     config: ModelConfig
     _weights: dict = field(default=None, repr=False)
 
+    @property
+    def label(self) -> str:
+        return self.store.label
+
     def weights(self) -> dict[str, torch.Tensor]:
+        """All weights, 64-byte aligned (memory-mapped from a directory where already aligned;
+        read through memory from a packed file)."""
         if self._weights is None:
             out = {}
             for rel in self.manifest["weights"]:
-                with safe_open(self.root / rel, "pt") as f:
-                    out.update({k: f.get_tensor(k) for k in f.keys()})
+                path = self.store.local_path(rel)
+                if path is not None:
+                    with safe_open(path, "pt") as f:
+                        out.update({k: _aligned(f.get_tensor(k)) for k in f.keys()})
+                else:
+                    out.update({k: _aligned(t) for k, t in load_safetensors(self.store.read(rel)).items()})
             self._weights = out
         return self._weights
 
@@ -112,17 +142,31 @@ class Artifact:
         if not rel:
             return None
         from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(self.root / rel))
+        return Tokenizer.from_str(self.store.read(rel).decode())
 
 
 def open_artifact(path, verify: bool = True) -> Artifact:
-    root = Path(path)
-    manifest = read_manifest(root)
+    """Open a directory or packed `.v4c` artifact; with `verify`, check every file first."""
+    store = open_store(path)
+    manifest = read_manifest(store)
     if verify:
-        verify_files(root, manifest)
+        verify_files(store, manifest)
     try:
-        program = Program.from_json((root / manifest["program"]).read_text())
+        program = Program.from_json(store.read(manifest["program"]).decode())
         config = ModelConfig.from_dict(manifest["model"])
     except (KeyError, ValueError, TypeError) as e:
-        raise ArtifactError(f"{root}: manifest or program is malformed ({e})") from None
-    return Artifact(root, manifest, program, config)
+        raise ArtifactError(f"{store.label}: manifest or program is malformed ({e})") from None
+    return Artifact(store, manifest, program, config)
+
+
+def pack_artifact(src, out) -> int:
+    """Verify the artifact directory `src` and pack it into one `.v4c` file; -> bytes written."""
+    store = open_store(src)
+    if not isinstance(store, DirStore):
+        raise ArtifactError(f"{src} is already a packed file")
+    manifest = read_manifest(store)
+    verify_files(store, manifest)
+    extra = [f for f in UNHASHED[1:] if store.exists(f)]
+    out = Path(out)
+    pack(store, [MANIFEST] + extra + sorted(manifest["files"]), out)
+    return out.stat().st_size

@@ -1,8 +1,11 @@
 """The executor: runs a `Program` over a session's incremental state.
 
 A `Session` holds the state slots for `batch` sequences that advance together (same length,
-same positions) and a position counter. `forward(tokens)` feeds the next tokens (a prefill of
-any length, or one decode step) and returns their next-token logits.
+same positions), a position counter, and one activation arena allocated up front from the
+compile-time memory plan (bytes_per_token x batch x prefill_chunk). `forward(tokens)` feeds the
+next tokens (a prefill of any length, fed prefill_chunk at a time, or one decode step) and
+returns their next-token logits. Every value the program computes is written into its planned
+buffer in the arena; only the kernels' own temporaries are allocated per call.
 """
 
 from collections.abc import Callable, Mapping
@@ -17,8 +20,8 @@ from .program import Program, Step
 Observer = Callable[[int, Step, list, tuple], None]  # (step index, step, inputs, outputs)
 
 
-def _concrete(shape, batch: int) -> list[int]:
-    return [batch if d == "B" else d for d in shape]
+def _concrete(shape, **dims) -> list[int]:
+    return [dims[d] if isinstance(d, str) else d for d in shape]
 
 
 class Session:
@@ -29,11 +32,13 @@ class Session:
         self.program = program
         self.batch = batch
         self.pos = 0
-        self.state = {name: torch.zeros(_concrete(spec.shape, batch), dtype=torch_dtype(spec.dtype))
+        self.state = {name: torch.zeros(_concrete(spec.shape, B=batch), dtype=torch_dtype(spec.dtype))
                       for name, spec in program.states.items()}
+        self.arena = torch.empty(program.arena_bytes(batch), dtype=torch.uint8)
         missing = sorted(set(program.params) - set(weights))
         if missing:
             raise InputError(f"weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
+        buffers = {int(slot): b for slot, b in program.memory["buffers"].items()}
         self._steps = []
         for step in program.steps:
             if step.kernel not in kernels:
@@ -42,7 +47,8 @@ class Session:
             attrs = dict(step.attrs)
             if step.kernel in STATEFUL:
                 attrs["state"] = tuple(self.state[name] for name in step.state)
-            self._steps.append((kernels[step.kernel], step.kernel in STATEFUL, args, step.outputs, attrs))
+            outs = [buffers.get(slot) for slot in step.outputs]
+            self._steps.append((kernels[step.kernel], step.kernel in STATEFUL, args, step.outputs, outs, attrs))
         embed = program.params.get("embed_tokens.weight")
         self.vocab_size = embed.shape[0] if embed is not None else None
 
@@ -61,32 +67,47 @@ class Session:
             raise InputError(f"tokens must have shape [batch={self.batch}, length], got {list(tokens.shape)}")
         if tokens.shape[1] == 0:
             raise InputError("no tokens given: the prompt is empty")
-        if self.vocab_size is not None and tokens.numel():
+        if self.vocab_size is not None:
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise InputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+                raise InputError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.vocab_size})")
         if tokens.shape[1] > self.remaining:
             raise InputError(
                 f"{self.pos + tokens.shape[1]} tokens exceed the artifact's planned context of "
                 f"{self.program.max_context} tokens (kv.max_context in model.yaml); shorten the prompt "
                 "or recompile with a larger kv.max_context")
 
+    def _buffer(self, spec: dict, tokens: int, seq: int) -> torch.Tensor:
+        start = spec["offset"] * tokens
+        raw = self.arena[start:start + spec["bytes"] * tokens]
+        return raw.view(torch_dtype(spec["dtype"])).view(_concrete(spec["shape"], B=self.batch, S=seq))
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         """tokens: [B, S] int64 -> logits [B, S, V] float32; advances the session by S tokens."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         self.check_tokens(tokens)
+        chunk = self.program.prefill_chunk
+        parts = [self._step(tokens[:, i:i + chunk], observer) for i in range(0, tokens.shape[1], chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _step(self, tokens: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        seq = tokens.shape[1]
+        n = self.batch * seq
         values: list = [None] * self.program.num_values
         values[self.program.inputs["tokens"]] = tokens
-        values[self.program.inputs["positions"]] = torch.arange(self.pos, self.pos + tokens.shape[1])
-        for i, (fn, stateful, args, outputs, attrs) in enumerate(self._steps):
+        values[self.program.inputs["positions"]] = torch.arange(self.pos, self.pos + seq)
+        for i, (fn, stateful, args, outputs, outs, attrs) in enumerate(self._steps):
             inputs = [values[a] if isinstance(a, int) else a for a in args]
             result = fn(*inputs, pos0=self.pos, **attrs) if stateful else fn(*inputs, **attrs)
             result = result if isinstance(result, tuple) else (result,) if outputs else ()
-            for slot, value in zip(outputs, result):
+            for slot, value, spec in zip(outputs, result, outs):
+                if spec is not None:  # a planned buffer (views share their operand's)
+                    buffer = self._buffer(spec, n, seq)
+                    buffer.copy_(value)
+                    value = buffer
                 values[slot] = value
             if observer is not None:
                 observer(i, self.program.steps[i], inputs, result)
-        self.pos += tokens.shape[1]
-        return values[self.program.output]
+        self.pos += seq
+        return values[self.program.output].clone()  # the arena is reused by the next call

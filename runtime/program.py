@@ -35,7 +35,14 @@ class Program:
     states: dict[str, TensorSpec]
     max_context: int  # tokens a session can hold; state capacities are sized for it
     num_values: int
+    prefill_chunk: int  # most tokens per forward step; longer inputs are fed in chunks
+    # activation arena: bytes_per_token, and per value slot ("3") its offset / bytes per token, shape, dtype
+    memory: dict
     format: int = PROGRAM_FORMAT
+
+    def arena_bytes(self, batch: int, tokens: int | None = None) -> int:
+        """Arena size for `batch` sequences fed `tokens` (default: prefill_chunk) at a time."""
+        return self.memory["bytes_per_token"] * batch * (tokens or self.prefill_chunk)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

@@ -21,7 +21,7 @@ def artifact(tmp_path_factory, hf_checkpoints):
     result = CliRunner().invoke(main, ["compile", str(root / "model.yaml"), "-o", str(root / "art"), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["pipeline"] == [{"name": "dce", "options": {}}]
+    assert summary["pipeline"] == [{"name": "dce", "options": {}}, {"name": "memory_plan", "options": {}}]
     return root / "art"
 
 

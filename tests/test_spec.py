@@ -19,7 +19,7 @@ BAD = {
     "section_not_mapping": ("model: ./ckpt\n", "1:8", "model: found './ckpt' (str); expected a mapping"),
     "bad_target": ("model:\n  checkpoint: ./ckpt\ntarget: cuda\n", "3:9", "target: found 'cuda' (str); expected one of 'torch'"),
     "passes_not_a_list": ("model:\n  checkpoint: ./ckpt\npasses: dce\n", "3:9", "passes: found 'dce' (str); expected a list"),
-    "unknown_pass": ("model:\n  checkpoint: ./ckpt\npasses: [dse]\n", "3:10", "unknown pass 'dse'; allowed: dce (did you mean 'dce'?)"),
+    "unknown_pass": ("model:\n  checkpoint: ./ckpt\npasses: [dse]\n", "3:10", "unknown pass 'dse'; allowed: dce, memory_plan (did you mean 'dce'?)"),
     "bad_pass_entry": ("model:\n  checkpoint: ./ckpt\npasses: [3]\n", "3:10", "passes[0]: found 3 (int); expected a pass name"),
     "bad_pass_option": ("model:\n  checkpoint: ./ckpt\npasses:\n  - dce: {aggressive: true}\n", "4:11",
                         "passes[0].dce takes no key 'aggressive'"),

@@ -68,10 +68,10 @@ def _remove_stale_partials(dest: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def write_artifact(dest, module: Module, program: Program, manifest: dict, *, extra_files: dict[str, Path],
+def write_artifact(dest, module: Module, program: Program, manifest: dict, *, extra_files: dict[str, Path | bytes],
                    progress: Progress | None = None, shard_bytes: int = SHARD_BYTES) -> dict:
-    """Write `module`'s weights, IR, program, `extra_files` (artifact path -> source file) and the
-    manifest (completed with format, weights and file hashes) to `dest`. Returns the manifest."""
+    """Write `module`'s weights, IR, program, `extra_files` (artifact path -> source file or
+    contents) and the manifest (completed with format, weights and file hashes) to `dest`."""
     dest = Path(dest).resolve()
     if dest.exists() and not (dest.is_dir() and ((dest / MANIFEST).is_file() or not any(dest.iterdir()))):
         raise V4CError(f"{dest} exists and is not a v4c artifact; refusing to replace it (choose another -o)")
@@ -86,7 +86,10 @@ def write_artifact(dest, module: Module, program: Program, manifest: dict, *, ex
         weights = _write_weights(tmp, module, shard_bytes, progress)
         for rel, src in sorted(extra_files.items()):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / rel)
+            if isinstance(src, bytes):
+                (tmp / rel).write_bytes(src)
+            else:
+                shutil.copyfile(src, tmp / rel)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         for rel in files:
             os.chmod(tmp / rel, 0o644)  # readable by the fleet's service user; safetensors writes 0600

@@ -177,6 +177,125 @@ def generate(artifact, prompt, token_ids, max_new_tokens, temperature, top_k, to
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--key", "public_key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also require a valid signature by this Ed25519 public key (PEM).")
+@_user_errors
+def verify(artifact, public_key):
+    """Check every file of ARTIFACT (directory or .v4c) against its manifest.
+
+    Exits 1 and names the file on a flipped byte, a truncated, missing or extra file, a path
+    outside the artifact, an unknown format version, or (with --key) a missing or bad signature.
+    """
+    from v4c.runtime.artifact import MANIFEST, SIGNATURE, read_manifest, verify_files
+    from v4c.runtime.errors import ArtifactError
+    from v4c.runtime.signing import check_signature
+    from v4c.runtime.store import open_store
+    try:
+        store = open_store(artifact)
+        n = verify_files(store, read_manifest(store))
+        signed = ""
+        if public_key:
+            sig = store.read(SIGNATURE) if store.exists(SIGNATURE) else None
+            signed = f"; signature by key {check_signature(store.read(MANIFEST), sig, public_key)} is valid"
+    except ArtifactError as e:
+        click.echo(f"v4c verify: FAILED: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {artifact}: {n} files match the manifest{signed}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 private key (PEM), e.g. from `v4c keygen`.")
+@_user_errors
+def sign(artifact, private_key):
+    """Sign an artifact directory's manifest (writes manifest.sig). Sign before `v4c pack`."""
+    import os
+    from v4c.runtime.artifact import MANIFEST, SIGNATURE, read_manifest, verify_files
+    from v4c.runtime.signing import sign_manifest
+    from v4c.runtime.store import DirStore
+    store = DirStore(artifact)
+    verify_files(store, read_manifest(store))  # never sign an artifact that does not verify
+    tmp = artifact / f".{SIGNATURE}.partial"
+    tmp.write_bytes(sign_manifest((artifact / MANIFEST).read_bytes(), private_key))
+    os.replace(tmp, artifact / SIGNATURE)
+    click.echo(f"signed {artifact} ({SIGNATURE})")
+
+
+@main.command()
+@click.argument("private_key", type=click.Path(dir_okay=False, path_type=Path))
+@_user_errors
+def keygen(private_key):
+    """Create an Ed25519 key pair: PRIVATE_KEY (mode 0600) and PRIVATE_KEY.pub."""
+    from v4c.runtime.signing import generate_keypair
+    public, key_id = generate_keypair(private_key)
+    click.echo(f"wrote {private_key} (keep it secret) and {public} (give it to fleets); key id {key_id}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The single file to write, e.g. model.v4c.")
+@_user_errors
+def pack(artifact, out):
+    """Pack a verified artifact directory into one .v4c file (every command also reads .v4c files)."""
+    from v4c.runtime.artifact import pack_artifact
+    size = pack_artifact(artifact, out)
+    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@_user_errors
+def inspect(artifact, as_json):
+    """Describe an artifact: model, pipeline, bytes by component and dtype, KV cache families, plans."""
+    from v4c.runtime.artifact import open_artifact
+    from v4c.runtime.describe import describe
+    info = describe(open_artifact(artifact, verify=False))
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        _print_description(info)
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:,.2f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def _print_description(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    con, m = Console(), info["model"]
+    con.print(f"[bold]{info['artifact']}[/] (format {info['format_version']}, v4c {info['producer']['version']}, "
+              f"target {info['target']['name']}{', signed' if info['signed'] else ''})")
+    con.print(f"model: {m['layers']} layers {m['attention']}, MoE {m['mlp']} with {m['routed_experts']} experts "
+              f"(top {m['experts_per_token']}), hidden {m['hidden_size']}, {m['heads']} heads x {m['head_dim']}, "
+              f"mHC x{m['hc_mult']}, vocab {m['vocab_size']}, {m['parameters']:,} parameters")
+    con.print(f"source: {info['source']}")
+    con.print("pipeline: " + " -> ".join(p["name"] for p in info["pipeline"]))
+    dtypes = sorted(info["weights"]["by_dtype"])
+    t = Table("component", *dtypes, "total", title=f"weights: {_mib(info['weights']['total_bytes'])}")
+    for comp, row in info["weights"]["by_component"].items():
+        t.add_row(comp, *[_mib(row[d]) if d in row else "" for d in dtypes], _mib(sum(row.values())))
+    con.print(t)
+    kv = info["kv"]
+    t = Table("cache family", "layers", "bytes / token", "fixed bytes", f"at {kv['max_context']} tokens",
+              title=f"KV per sequence: {kv['bytes_per_token']:,.1f} bytes/token + {_mib(kv['fixed_bytes'])} fixed")
+    for fam, row in kv["families"].items():
+        t.add_row(fam, str(row["layers"]), f"{row['bytes_per_token']:,.1f}", _mib(row["fixed_bytes"]),
+                  _mib(row["bytes_at_max_context"]))
+    con.print(t)
+    mem = info["plans"]["memory"]
+    if mem:
+        con.print(f"memory plan: {mem['bytes_per_token']:,} bytes/token of activations "
+                  f"({mem['bytes_per_token_without_reuse']:,} without reuse); arena {_mib(mem['arena_bytes_batch1'])} "
+                  f"at batch 1, {mem['prefill_chunk']} tokens per step")
+    con.print(f"report: {info['report'] or 'none (no calibration in this build)'}")
+
+
+@main.command()
 def schema():
     """Print the JSON Schema of model.yaml (for editor completion and validation)."""
     from v4c.spec import json_schema

@@ -1,5 +1,6 @@
 """`compile_model`: model.yaml -> artifact directory (what `v4c compile` runs)."""
 
+import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
     module, ckpt = import_checkpoint(ckpt_dir, max_context=spec.kv.max_context)
     pipeline = build_pipeline(spec)
     module = run_pipeline(module, pipeline, dump_dir=dump_ir)
-    program = TARGETS[spec.target](module)
+    program = TARGETS[spec.target](module, prefill_chunk=spec.kv.prefill_chunk)
     manifest = {
         "producer": {"name": "v4c", "version": __version__},
         "model": module.config,
@@ -40,6 +41,12 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
         "tokenizer": "tokenizer/tokenizer.json" if any(f.name == "tokenizer.json" for f in ckpt.tokenizer_files)
                      else None,
     }
+    plan = module.plans["memory"]
+    manifest["memory_plan"] = {
+        "file": "plans/memory.json", "bytes_per_token": plan["bytes_per_token"],
+        "prefill_chunk": program.prefill_chunk, "arena_bytes_batch1": program.arena_bytes(1),
+        "bytes_per_token_without_reuse": module.counters["memory_plan"]["bytes_per_token_without_reuse"]}
     extra = {f"tokenizer/{f.name}": f for f in ckpt.tokenizer_files}
+    extra["plans/memory.json"] = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
     manifest = write_artifact(out_dir, module, program, manifest, extra_files=extra, progress=progress)
     return CompileResult(Path(out_dir), manifest, ckpt.unused)

@@ -14,6 +14,8 @@ def build_pipeline(spec: Spec) -> list[PassSpec]:
         *spec.pass_specs(),
         # 2. clean-up: whatever earlier passes left unused
         PassSpec(name="dce"),
+        # 3. planning: activation buffers (after the last pass that changes the graph)
+        PassSpec(name="memory_plan"),
     ]
 
 

@@ -7,6 +7,7 @@ are `SpecError`s that name the file, line and column, the key, what was found an
     passes: []
     kv:
       max_context: 4096       # tokens a session can hold (sizes the KV / compressor state)
+      prefill_chunk: 256      # tokens per forward step (sizes the activation arena)
 """
 
 import difflib
@@ -40,6 +41,8 @@ class ModelSection(_Strict):
 class KVSection(_Strict):
     max_context: int = Field(4096, ge=1, description="Tokens one session can hold; sizes every KV / compressor "
                                                      "state slot. Longer prompts are refused at run time.")
+    prefill_chunk: int = Field(256, ge=1, description="Most tokens one forward step takes; longer prompts are fed "
+                                                      "in chunks. Sizes the activation arena with the memory plan.")
 
 
 class PassSpec(_Strict):

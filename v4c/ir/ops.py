@@ -21,6 +21,7 @@ class OpDef:
     infer: Callable  # (operand types, state types, attrs) -> list[TensorType]
     state: Callable[[dict], tuple[str, ...]] = lambda attrs: ()  # state slot roles for these attrs
     attrs: tuple[str, ...] = ()  # required attribute names
+    view: bool = False  # the result is a view of operand 0 (no buffer of its own)
 
     @property
     def reference(self) -> Callable:
@@ -247,7 +248,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("grouped_linear", ("x", "weight"), _grouped_linear, attrs=("groups",)),
     OpDef("rms_norm", ("x", "weight?"), _rms_norm, attrs=("eps",)),
     OpDef("rope", ("x", "positions", "inv_freq"), _rope),
-    OpDef("reshape", ("x",), _reshape, attrs=("shape",)),
+    OpDef("reshape", ("x",), _reshape, attrs=("shape",), view=True),
     OpDef("add", ("a", "b"), _elementwise),
     OpDef("swiglu", ("gate", "up"), _elementwise),
     OpDef("hc_expand", ("x",), _hc_expand, attrs=("hc",)),
