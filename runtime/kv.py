@@ -39,18 +39,17 @@ def cache_families(config: ModelConfig, states: dict[str, dict], max_context: in
     """Per family: layers, bytes per token of context (for growing families), fixed bytes per
     sequence (ring and buffers), and bytes per sequence at `max_context`. `states`: name ->
     {"shape": [B, n, ...], "dtype"}."""
-    out = {f: {"layers": 0, "bytes_per_token": 0.0, "fixed_bytes": 0, "bytes_at_max_context": 0} for f in FAMILIES}
+    out = {f: {"layers": set(), "bytes_per_token": 0.0, "fixed_bytes": 0, "bytes_at_max_context": 0} for f in FAMILIES}
     for name, spec in states.items():
-        fam = family_of(name, config)
+        fam, layer = family_of(name, config), int(_LAYER.match(name).group(1))
         row = out[fam]
+        row["layers"].add(layer)
         entry = _entry_bytes(spec)
         if fam in ("CSA entries", "CSA indexer keys", "HCA entries"):
-            rate = config.compress_rates[int(_LAYER.match(name).group(1))]
+            rate = config.compress_rates[layer]
             row["bytes_per_token"] += entry / rate
             row["bytes_at_max_context"] += entry * (max_context // rate)
-            row["layers"] += 1
         else:
             row["fixed_bytes"] += entry * spec["shape"][1]
             row["bytes_at_max_context"] += entry * spec["shape"][1]
-            row["layers"] += fam == "sliding ring"
-    return {f: row for f, row in out.items() if row["bytes_at_max_context"]}
+    return {f: {**row, "layers": len(row["layers"])} for f, row in out.items() if row["layers"]}

@@ -159,6 +159,8 @@ def generate(artifact, prompt, token_ids, max_new_tokens, temperature, top_k, to
         token_ids = tok.encode(prompt).ids
     stop = () if ignore_eos else tuple(art.config.eos_token_ids)
     ids, shown = [], ""
+    if prompt is not None and not as_json:
+        click.echo(click.style(prompt, dim=True), nl=False)  # the continuation streams after it
     for t in run(art.session(), token_ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop):
         ids.append(t)
         if as_json:
