@@ -1,4 +1,4 @@
-"""Write an artifact directory deterministically and atomically.
+"""Write an artifact directory deterministically and atomically, one weight in memory at a time.
 
 Everything is written into a hidden sibling `.NAME.partial-PID`, hashed into the manifest, and
 renamed into place only when complete; a failed or killed compile leaves the destination as it
@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 
 from v4c.ir import Module, load_weight, print_module
 from v4c.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
@@ -20,6 +20,11 @@ from v4c.runtime.program import Program
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 SHARD_BYTES = 1 << 30
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e8m0fnu: "F8_E8M0"}
 
 
 def _nbytes(t) -> int:
@@ -41,20 +46,41 @@ def _shards(module: Module, shard_bytes: int) -> list[list[str]]:
     return shards + [current] if current else shards
 
 
+def _write_safetensors(path: Path, names: list[str], weights: dict, progress: Callable[[int], None]) -> None:
+    """Write one safetensors file, loading one tensor at a time (the header comes from the
+    sources' shapes and dtypes). Larger dtypes first keeps every tensor naturally aligned."""
+    names = sorted(names, key=lambda n: (-weights[n].dtype.itemsize, n))
+    header, offset = {}, 0
+    for name in names:
+        w = weights[name]
+        header[name] = {"dtype": SAFETENSORS_DTYPES[w.dtype], "shape": list(w.shape),
+                        "data_offsets": [offset, offset + _nbytes(w)]}
+        offset += _nbytes(w)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name in names:
+            t = load_weight(weights[name]).contiguous()
+            f.write(t.view(-1).view(torch.uint8).numpy().data)
+            progress(_nbytes(t))
+            del t
+
+
 def _write_weights(tmp: Path, module: Module, shard_bytes: int, progress: Progress | None) -> list[str]:
     (tmp / "weights").mkdir()
     shards = _shards(module, shard_bytes)
     total, done, files = sum(_nbytes(w) for w in module.weights.values()), 0, []
+
+    def advance(n: int):
+        nonlocal done
+        done += n
+        if progress:
+            progress("writing weights", done, total)
+
     for i, names in enumerate(shards):
         rel = f"weights/shard-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name in names:
-            tensors[name] = load_weight(module.weights[name]).contiguous()
-            done += _nbytes(tensors[name])
-            if progress:
-                progress("writing weights", done, total)
-        save_file(tensors, tmp / rel)
-        del tensors
+        _write_safetensors(tmp / rel, names, module.weights, advance)
         files.append(rel)
     return files
 
