@@ -58,7 +58,7 @@ def read_manifest(store) -> dict:
     if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
         producer = manifest.get("producer", {}).get("version", "an unknown version")
         raise ArtifactError(
-            f"{store.label}: artifact format {version or '(none)'} (written by v4c {producer}); this v4c reads "
+            f"{store.label}/{MANIFEST}: artifact format {version or '(none)'} (written by v4c {producer}); this v4c reads "
             f"format {FORMAT_VERSION.split('.')[0]}.x. Run it with v4c {producer} or later, or recompile the model "
             "with this v4c")
     if not isinstance(manifest.get("files"), dict):

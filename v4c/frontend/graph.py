@@ -113,12 +113,13 @@ class _Graph:
         return self.op("add", routed, self.op("linear", act, self.p(sh + "down_proj.weight", dm, si)))
 
     # the model ----------------------------------------------------------------------------------
-    def hyper(self, prefix: str, h, block: Callable, norm: str):
+    def hyper(self, layer: int, prefix: str, h, block: Callable, norm: str):
+        """mHC around `block(layer, x)`: collapse the streams, run the block, expand and mix."""
         cfg, hc, dm = self.cfg, self.cfg.hc_mult, self.cfg.hidden_size
         x, post, comb = self.op("hc_pre", h, self.p(prefix + "fn", (2 + hc) * hc, hc * dm),
                                 self.p(prefix + "base", (2 + hc) * hc), self.p(prefix + "scale", 3),
                                 iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps)
-        out = block(self.op("rms_norm", x, self.p(norm, dm), eps=cfg.rms_norm_eps))
+        out = block(layer, self.op("rms_norm", x, self.p(norm, dm), eps=cfg.rms_norm_eps))
         return self.op("hc_post", out, h, post, comb)
 
     def build(self, name: str) -> Module:
@@ -127,8 +128,8 @@ class _Graph:
         h = self.op("hc_expand", self.op("embed", self.tokens, embed), hc=hc)
         for layer in range(cfg.num_layers):
             pre = f"layers.{layer}."
-            h = self.hyper(pre + "attn_hc.", h, lambda x: self.attention(layer, x), pre + "input_layernorm.weight")
-            h = self.hyper(pre + "ffn_hc.", h, lambda x: self.moe(layer, x), pre + "post_attention_layernorm.weight")
+            h = self.hyper(layer, pre + "attn_hc.", h, self.attention, pre + "input_layernorm.weight")
+            h = self.hyper(layer, pre + "ffn_hc.", h, self.moe, pre + "post_attention_layernorm.weight")
         x = self.op("hc_head", h, self.p("hc_head.hc_fn", hc, hc * dm), self.p("hc_head.hc_base", hc),
                     self.p("hc_head.hc_scale", 1), eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps)
         x = self.op("rms_norm", x, self.p("norm.weight", dm), eps=cfg.rms_norm_eps)

@@ -3,6 +3,8 @@
 Runs after every pass in the pipeline. Each message names the instruction (index and text).
 """
 
+import functools
+
 from .builder import operand_types
 from .module import Module, ParamRef
 from .ops import OPS
@@ -15,6 +17,10 @@ class VerifyError(ValueError):
     pass
 
 
+def _fail(where: str, msg: str):
+    raise VerifyError(f"{where}: {msg}")
+
+
 def verify(m: Module) -> None:
     defined = {}
     for v in m.func.inputs:
@@ -22,11 +28,7 @@ def verify(m: Module) -> None:
             raise VerifyError(f"function input %{v.name} is declared twice")
         defined[v.name] = v
     for i, ins in enumerate(m.func.body):
-        where = f"instruction {i} `{instr_str(ins)}`"
-
-        def fail(msg):
-            raise VerifyError(f"{where}: {msg}")
-
+        fail = functools.partial(_fail, f"instruction {i} `{instr_str(ins)}`")
         opdef = OPS.get(ins.op)
         if opdef is None:
             fail(f"unknown op {ins.op!r}; registered ops: {', '.join(sorted(OPS))}")
