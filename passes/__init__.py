@@ -8,18 +8,24 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import dce, memory_plan
+from . import calibrate, dce, fp8, memory_plan
 
 
 @dataclass(frozen=True)
 class PassDef:
-    run: Callable  # (Module, Options) -> Module
+    run: Callable  # (Module, Options, progress=None) -> Module
     options: type[BaseModel]
     summary: str
+    listable: bool = True  # may appear in model.yaml's `passes:` (calibrate comes from `calibration:`)
 
 
 PASSES: dict[str, PassDef] = {
+    "calibrate": PassDef(calibrate.run, calibrate.Options,
+                         "run calibration data through the model and record activation / routing statistics "
+                         "(added from model.yaml's calibration section)", listable=False),
+    "fp8": PassDef(fp8.run, fp8.Options, "FP8 weights (FP4 experts optional), FP8 activations and FP8 KV entries"),
     "dce": PassDef(dce.run, dce.Options, "remove unused instructions, parameters and state slots"),
     "memory_plan": PassDef(memory_plan.run, memory_plan.Options,
                            "place activation buffers in one arena, reused by liveness (runs last)"),
 }
+LISTABLE = [name for name, d in PASSES.items() if d.listable]

@@ -10,7 +10,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def run(m: Module, options: Options) -> Module:
+def run(m: Module, options: Options, progress=None) -> Module:
     live = {m.func.output.name}
     kept = []
     for ins in reversed(m.func.body):

@@ -77,7 +77,7 @@ def plan_buffers(m: Module) -> tuple[dict[str, Buffer], dict[str, str]]:
     return buffers, owner
 
 
-def run(m: Module, options: Options) -> Module:
+def run(m: Module, options: Options, progress=None) -> Module:
     buffers, owner = plan_buffers(m)
     peak = max((_align(b.offset + b.size) for b in buffers.values()), default=0)
     naive = sum(b.size for b in buffers.values())

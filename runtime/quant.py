@@ -41,15 +41,19 @@ def ue8m0(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(x))).to(torch.float8_e8m0fnu)
 
 
-def quant_fp8(w: torch.Tensor, block, scale_format: str = "fp32"):
-    """w: [O, I] float -> (e4m3 weight [O, I], scale [ceil(O/bo), ceil(I/bi)]), fp32 or ue8m0 scales."""
+def fp8_scales(w: torch.Tensor, block, scale_format: str = "fp32") -> torch.Tensor:
+    """Block scales of `w` [O, I]: amax / 448 per block, fp32 or as UE8M0 powers of two."""
     amax = _block_amax(w, block).clamp(min=1e-4)
     if scale_format == "ue8m0":
-        scale = ue8m0(amax / E4M3_MAX)
-    elif scale_format == "fp32":
-        scale = amax / E4M3_MAX
-    else:
-        raise ValueError(f"scale_format {scale_format!r}; allowed: fp32, ue8m0")
+        return ue8m0(amax / E4M3_MAX)
+    if scale_format == "fp32":
+        return amax / E4M3_MAX
+    raise ValueError(f"scale_format {scale_format!r}; allowed: fp32, ue8m0")
+
+
+def quant_fp8(w: torch.Tensor, block, scale_format: str = "fp32"):
+    """w: [O, I] float -> (e4m3 weight [O, I], scale [ceil(O/bo), ceil(I/bi)]), fp32 or ue8m0 scales."""
+    scale = fp8_scales(w, block, scale_format)
     q = (w.float() / expand_scales(scale, w.shape, block)).clamp(-E4M3_MAX, E4M3_MAX)
     return q.to(torch.float8_e4m3fn), scale
 
@@ -66,12 +70,17 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return values * expand_scales(scale, values.shape, (1, FP4_BLOCK))
 
 
+def fp4_scales(w: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-32-input UE8M0 scales of `w` [O, I] for FP4 e2m1."""
+    return ue8m0(_block_amax(w, (1, FP4_BLOCK)).clamp(min=1e-4) / FP4_MAX)
+
+
 def quant_fp4(w: torch.Tensor):
     """w: [O, I] float (I even) -> (int8 [O, I/2], ue8m0 scale [O, ceil(I/32)]); nearest code."""
     o, i = w.shape
     if i % 2:
         raise ValueError(f"FP4 packs two values per byte; input dim {i} is odd")
-    scale = ue8m0(_block_amax(w, (1, FP4_BLOCK)).clamp(min=1e-4) / FP4_MAX)
+    scale = fp4_scales(w)
     x = w.float() / expand_scales(scale, w.shape, (1, FP4_BLOCK))
     codes = (x.unsqueeze(-1) - FP4_VALUES).abs().argmin(dim=-1)  # first (positive-zero) code on ties
     pairs = codes.view(o, i // 2, 2)
@@ -88,3 +97,89 @@ def infer_block(weight_shape, scale_shape, hint=None) -> tuple[int, int]:
         if (cdiv(o, bo), cdiv(i, bi)) == tuple(scale_shape):
             return bo, bi
     return None
+
+
+# --- activations -----------------------------------------------------------------------------
+def _scale(amax: torch.Tensor, qmax: float, scale_format: str) -> torch.Tensor:
+    amax = amax.clamp(min=1e-4)
+    return torch.exp2(torch.ceil(torch.log2(amax / qmax))) if scale_format == "ue8m0" else amax / qmax
+
+
+def fake_quant_groups(x: torch.Tensor, group: int, scale_format: str = "fp32") -> torch.Tensor:
+    """Dynamic per-token-group activation quantization, dequantized again: x [..., K] in groups of
+    `group` channels (the last one partial), scale = amax / 448 per group (or its UE8M0 power of two)."""
+    k = x.shape[-1]
+    pad = -k % group
+    xp = torch.nn.functional.pad(x.float(), (0, pad)).view(*x.shape[:-1], -1, group)
+    s = _scale(xp.abs().amax(dim=-1, keepdim=True), E4M3_MAX, scale_format)
+    q = (xp / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * s).view(*x.shape[:-1], -1)[..., :k]
+
+
+def fake_quant_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-tensor static activation quantization (scale from calibration), dequantized again."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def fake_quant_act(x: torch.Tensor, act: dict) -> torch.Tensor:
+    """Activation quantization as an op attribute describes it: {"mode": "dynamic", "group", "scale_format"},
+    {"mode": "static", "scale"} or {"mode": "none"}."""
+    if act["mode"] == "dynamic":
+        return fake_quant_groups(x, act["group"], act.get("scale_format", "fp32"))
+    if act["mode"] == "static":
+        return fake_quant_static(x, act["scale"])
+    return x.float()
+
+
+# --- KV entries ------------------------------------------------------------------------------
+# Compressed KV entries [..., d] with the trailing `rope` channels carrying RoPE.
+#   f32 / bf16:  plain
+#   fp8_split:   DeepSeek's layout, bytes per entry: [nope e4m3 | rope bf16 | one UE8M0 scale per
+#                64 nope channels | zero padding to a multiple of 8]  (head_dim 512, rope 64: 584 bytes)
+KV_GROUP = 64
+KV_FORMATS = ("f32", "bf16", "fp8_split")
+
+
+def entry_layout(fmt: str, d: int, rope: int) -> tuple[str, int]:
+    """-> (storage dtype name, storage elements per entry)."""
+    if fmt == "f32":
+        return "f32", d
+    if fmt == "bf16":
+        return "bf16", d
+    if fmt == "fp8_split":
+        nope = d - rope
+        raw = nope + 2 * rope + cdiv(nope, KV_GROUP)
+        return "u8", raw + (-raw % 8)
+    raise ValueError(f"KV format {fmt!r}; allowed: {', '.join(KV_FORMATS)}")
+
+
+def encode_entries(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
+    """x: [..., d] float -> storage for `fmt` ([..., d] f32 / bf16, or [..., bytes] uint8)."""
+    if fmt == "f32":
+        return x.float()
+    if fmt == "bf16":
+        return x.to(torch.bfloat16)
+    d = x.shape[-1]
+    nope = d - rope
+    groups = cdiv(nope, KV_GROUP)
+    xn = torch.nn.functional.pad(x[..., :nope].float(), (0, groups * KV_GROUP - nope)).view(*x.shape[:-1], groups, KV_GROUP)
+    scale = ue8m0(xn.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4) / E4M3_MAX)
+    q = (xn / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(*x.shape[:-1], -1)[..., :nope]
+    _, size = entry_layout(fmt, d, rope)
+    out = torch.zeros(*x.shape[:-1], size, dtype=torch.uint8)
+    out[..., :nope] = q.view(torch.uint8)
+    out[..., nope:nope + 2 * rope] = x[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+    out[..., nope + 2 * rope:nope + 2 * rope + groups] = scale.squeeze(-1).view(torch.uint8)
+    return out
+
+
+def decode_entries(s: torch.Tensor, fmt: str, d: int, rope: int) -> torch.Tensor:
+    """Storage -> f32 entries [..., d]."""
+    if fmt in ("f32", "bf16"):
+        return s.float()
+    nope = d - rope
+    groups = cdiv(nope, KV_GROUP)
+    q = s[..., :nope].contiguous().view(torch.float8_e4m3fn).float()
+    r = s[..., nope:nope + 2 * rope].contiguous().view(torch.bfloat16).float()
+    scale = s[..., nope + 2 * rope:nope + 2 * rope + groups].contiguous().view(torch.float8_e8m0fnu).float()
+    return torch.cat([q * scale.repeat_interleave(KV_GROUP, dim=-1)[..., :nope], r], dim=-1)

@@ -12,26 +12,38 @@ GOOD = "model:\n  checkpoint: ./ckpt\ntarget: torch\npasses: []\n"
 # name -> (model.yaml text, expected "line:col", a fragment of the message)
 BAD = {
     "unknown_top_key": ("model:\n  checkpoint: ./ckpt\ntarjet: torch\n", "3:1", "unknown key 'tarjet' in the top level; "
-                        "allowed: model, target, passes, kv (did you mean 'target'?)"),
+                        "allowed: model, target, passes, kv, calibration, report (did you mean 'target'?)"),
     "unknown_nested_key": ("model:\n  checkpoint: ./ckpt\n  layuot: hf\n", "3:3", "unknown key 'layuot' in model"),
     "missing_section": ("target: torch\n", "1:1", "model: required key is missing"),
     "missing_key": ("model: {}\n", "1:1", "model.checkpoint: required key is missing"),
     "section_not_mapping": ("model: ./ckpt\n", "1:8", "model: found './ckpt' (str); expected a mapping"),
     "bad_target": ("model:\n  checkpoint: ./ckpt\ntarget: cuda\n", "3:9", "target: found 'cuda' (str); expected one of 'torch'"),
     "passes_not_a_list": ("model:\n  checkpoint: ./ckpt\npasses: dce\n", "3:9", "passes: found 'dce' (str); expected a list"),
-    "unknown_pass": ("model:\n  checkpoint: ./ckpt\npasses: [dse]\n", "3:10", "unknown pass 'dse'; allowed: dce, memory_plan (did you mean 'dce'?)"),
+    "unknown_pass": ("model:\n  checkpoint: ./ckpt\npasses: [dse]\n", "3:10", "unknown pass 'dse'; allowed: fp8, dce"),
+    "calibrate_in_passes": ("model:\n  checkpoint: ./ckpt\npasses: [calibrate]\n", "3:10",
+                            "'calibrate' runs from the `calibration:` section"),
     "bad_pass_entry": ("model:\n  checkpoint: ./ckpt\npasses: [3]\n", "3:10", "passes[0]: found 3 (int); expected a pass name"),
     "bad_pass_option": ("model:\n  checkpoint: ./ckpt\npasses:\n  - dce: {aggressive: true}\n", "4:11",
                         "passes[0].dce takes no key 'aggressive'"),
     "wrong_type": ("model:\n  checkpoint: ./ckpt\nkv:\n  max_context: lots\n", "4:16",
                    "kv.max_context: found 'lots' (str); expected an integer"),
     "out_of_range": ("model:\n  checkpoint: ./ckpt\nkv:\n  max_context: 0\n", "4:16", "expected a number >= 1"),
-    "missing_path": ("model:\n  checkpoint: ./nowhere\n", "2:15", "which does not exist"),
+    "missing_path": ("model:\n  checkpoint: ./nowhere\n", "2:15", "model.checkpoint: './nowhere' resolves to"),
     "unreadable_yaml": ("model:\n  checkpoint: [./ckpt\n", "3:1", "invalid YAML: expected ',' or ']'"),
     "tab_indent": ("model:\n\tcheckpoint: ./ckpt\n", "2:1", "invalid YAML: found character '\\t'"),
     "duplicate_key": ("model:\n  checkpoint: ./ckpt\nmodel:\n  checkpoint: ./ckpt\n", "3:1", "duplicate key 'model'"),
     "not_a_mapping": ("- model\n", "1:1", "the spec must be a mapping"),
     "empty_file": ("", "1:1", "the spec must be a mapping"),
+    "unknown_calibration_key": ("model:\n  checkpoint: ./ckpt\ncalibration:\n  data: ./ckpt\n  sample: 3\n", "5:3",
+                                "unknown key 'sample' in calibration; allowed: data, samples"),
+    "calibration_data_missing": ("model:\n  checkpoint: ./ckpt\ncalibration:\n  data: ./nope.txt\n", "4:9",
+                                 "calibration.data: './nope.txt' resolves to"),
+    "report_without_calibration": ("model:\n  checkpoint: ./ckpt\nreport:\n  thresholds: {max_kl: 0.1}\n", "3:1",
+                                   "report: drift gates need calibration data"),
+    "bad_threshold": ("model:\n  checkpoint: ./ckpt\ncalibration:\n  data: ./model.yaml\nreport:\n  thresholds:\n"
+                      "    min_top1: 1.5\n", "7:15", "report.thresholds.min_top1: found 1.5 (float); expected a number <= 1"),
+    "bad_fp8_option": ("model:\n  checkpoint: ./ckpt\npasses:\n  - fp8: {experts: fp6}\n", "4:20",
+                       "passes[0].fp8.experts: found 'fp6' (str); expected one of 'fp8', 'fp4' or 'keep'"),
 }
 
 
@@ -71,6 +83,6 @@ def test_schema_is_published():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"model", "target", "passes", "kv"}
+    assert set(schema["properties"]) == {"model", "target", "passes", "kv", "calibration", "report"}
     assert {"const": "dce", "description": "remove unused instructions, parameters and state slots"} in \
         schema["properties"]["passes"]["items"]["anyOf"]

@@ -59,17 +59,22 @@ def main():
               help="Artifact directory to write (replaced atomically if it already holds an artifact).")
 @click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the IR after the frontend and after each pass into this directory.")
+@click.option("--allow-drift", is_flag=True, help="Write the artifact even if a drift gate (report.thresholds) fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or status output.")
 @_user_errors
-def compile_cmd(model_yaml, out_dir, dump_ir, as_json, quiet):
-    """Compile MODEL_YAML (see `v4c schema`) into an artifact directory."""
+def compile_cmd(model_yaml, out_dir, dump_ir, allow_drift, as_json, quiet):
+    """Compile MODEL_YAML (see `v4c schema`) into an artifact directory.
+
+    With a `calibration:` section it also writes report/index.html and report/calibration.json and
+    checks the drift gates: a failing gate exits 1 and writes nothing, unless --allow-drift.
+    """
     from v4c.compile import compile_model
     status = _status(quiet)
     status(f"v4c {__version__}: compiling {model_yaml} -> {out_dir}")
     t0 = time.perf_counter()
     with _progress(quiet) as progress:
-        result = compile_model(model_yaml, out_dir, progress=progress, dump_ir=dump_ir)
+        result = compile_model(model_yaml, out_dir, progress=progress, dump_ir=dump_ir, allow_drift=allow_drift)
     m = result.manifest
     if result.skipped:
         reasons = {}
@@ -80,6 +85,13 @@ def compile_cmd(model_yaml, out_dir, dump_ir, as_json, quiet):
     weight_bytes = sum(meta["size"] for rel, meta in m["files"].items() if rel.startswith("weights/"))
     status(f"wrote {out_dir} ({m['source']['layout']} checkpoint, target {m['target']['name']}, "
            f"{weight_bytes / 2**20:.1f} MiB of weights) in {time.perf_counter() - t0:.1f}s")
+    if result.report is not None:
+        from v4c.report import table
+        e = result.report["end_to_end"]
+        status(f"report: KL {e['kl_mean']:.4g} (p99 {e['kl_p99']:.4g}), top-1 {e['top1']:.2%}, top-5 {e['top5']:.2%}, "
+               f"perplexity {e['ppl_reference']:.4g} -> {e['ppl_compiled']:.4g}; {out_dir}/report/index.html")
+        if result.report["gates"]["results"]:
+            status(table(result.report["gates"]["results"]))
     if as_json:
         click.echo(json.dumps({"artifact": str(out_dir), "weight_bytes": weight_bytes, "skipped": result.skipped,
                                "pipeline": m["pipeline"], "counters": m["counters"]}, indent=1))
@@ -295,6 +307,38 @@ def _print_description(info: dict) -> None:
                   f"({mem['bytes_per_token_without_reuse']:,} without reuse); arena {_mib(mem['arena_bytes_batch1'])} "
                   f"at batch 1, {mem['prefill_chunk']} tokens per step")
     con.print(f"report: {info['report'] or 'none (no calibration in this build)'}")
+
+
+@main.group()
+def report():
+    """Calibration / drift reports."""
+
+
+@report.command("diff")
+@click.argument("old", type=click.Path(exists=True, path_type=Path))
+@click.argument("new", type=click.Path(exists=True, path_type=Path))
+@click.option("--max-kl", type=float, help="Gate: NEW's mean KL at most this.")
+@click.option("--min-top1", type=float, help="Gate: NEW's top-1 agreement at least this.")
+@click.option("--max-ppl-increase", type=float, help="Gate: NEW's relative perplexity increase at most this.")
+@click.option("--min-sqnr", type=float, help="Gate: NEW's worst layer SQNR (dB) at least this.")
+@click.option("--max-kl-increase", type=float, help="Gate: NEW's mean KL minus OLD's at most this.")
+@click.option("--max-top1-drop", type=float, help="Gate: OLD's top-1 agreement minus NEW's at most this.")
+@_user_errors
+def report_diff(old, new, max_kl, min_top1, max_ppl_increase, min_sqnr, max_kl_increase, max_top1_drop):
+    """Compare two reports (artifacts, .v4c files or calibration.json): print what changed; exit 1
+    if a gate fails. Without gate options, NEW's own thresholds from model.yaml apply."""
+    from v4c.report import diff, load_report, table
+    o, n = load_report(old), load_report(new)
+    given = {"max_kl": max_kl, "min_top1": min_top1, "max_ppl_increase": max_ppl_increase, "min_sqnr_db": min_sqnr}
+    thresholds = {k: v for k, v in given.items() if v is not None}
+    if not thresholds and max_kl_increase is None and max_top1_drop is None:
+        thresholds = n.get("gates", {}).get("thresholds", {})
+    text, rows = diff(o, n, thresholds, max_kl_increase, max_top1_drop)
+    click.echo(text)
+    if rows:
+        click.echo("\n" + table(rows))
+    if any(not r["passed"] for r in rows):
+        sys.exit(1)
 
 
 @main.command()

@@ -8,8 +8,14 @@ from v4c.passes import PASSES
 from v4c.spec import PassSpec, Spec
 
 
-def build_pipeline(spec: Spec) -> list[PassSpec]:
+def build_pipeline(spec: Spec, tokenizer: Path | None = None) -> list[PassSpec]:
+    c = spec.calibration
+    analysis = [] if c is None else [PassSpec(name="calibrate", options=dict(
+        data=c.data, tokenizer=tokenizer, samples=c.samples, seq_len=c.seq_len, seed=c.seed,
+        min_expert_tokens=c.min_expert_tokens, holdout=c.heldout is None))]
     return [
+        # 0. analysis: calibration statistics, when model.yaml gives calibration data
+        *analysis,
         # 1. the passes model.yaml asks for, in its order
         *spec.pass_specs(),
         # 2. clean-up: whatever earlier passes left unused
@@ -20,7 +26,7 @@ def build_pipeline(spec: Spec) -> list[PassSpec]:
 
 
 def run_pipeline(module: Module, pipeline: list[PassSpec], *, dump_dir: Path | None = None,
-                 on_pass: Callable[[str, Module], None] | None = None) -> Module:
+                 on_pass: Callable[[str, Module], None] | None = None, progress=None) -> Module:
     """Run each pass, verify the result, and optionally dump the IR after each one."""
     verify(module)
     if dump_dir:
@@ -28,7 +34,7 @@ def run_pipeline(module: Module, pipeline: list[PassSpec], *, dump_dir: Path | N
         (dump_dir / "00-frontend.v4ir").write_text(print_module(module))
     for i, p in enumerate(pipeline, 1):
         d = PASSES[p.name]
-        module = d.run(module, d.options.model_validate(p.options))
+        module = d.run(module, d.options.model_validate(p.options), progress=progress)
         verify(module)
         if dump_dir:
             (dump_dir / f"{i:02d}-{p.name}.v4ir").write_text(print_module(module))

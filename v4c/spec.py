@@ -8,15 +8,20 @@ are `SpecError`s that name the file, line and column, the key, what was found an
     kv:
       max_context: 4096       # tokens a session can hold (sizes the KV / compressor state)
       prefill_chunk: 256      # tokens per forward step (sizes the activation arena)
+    calibration:              # optional: statistics for the fp8 pass, and the report
+      data: ./calib.txt
+    report:
+      thresholds: {max_kl: 0.01, min_top1: 0.97}
 """
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from v4c.passes import PASSES
+from v4c.passes import LISTABLE, PASSES
 from v4c.runtime.errors import V4CError
 from v4c.targets import TARGETS
 
@@ -45,6 +50,31 @@ class KVSection(_Strict):
                                                       "in chunks. Sizes the activation arena with the memory plan.")
 
 
+class CalibrationSection(_Strict):
+    data: Path = Field(description="Calibration text: a text file, or JSONL with `text` or `token_ids` per line; "
+                                   "relative to model.yaml.")
+    samples: int = Field(32, ge=1, description="Windows sampled (deterministically) from the data.")
+    seq_len: int = Field(256, ge=2, description="Tokens per calibration window.")
+    seed: int = Field(0, description="Seed of the window sampling.")
+    min_expert_tokens: int = Field(16, ge=0, description="Experts routed fewer calibration tokens are flagged.")
+    heldout: Path | None = Field(None, description="Held-out text for the report (not used for calibration). "
+                                                   "Default: the last 10% of `data`, which calibration then skips.")
+    heldout_samples: int = Field(8, ge=1, description="Held-out windows in the report.")
+    heldout_seq_len: int | None = Field(None, ge=2, description="Tokens per held-out window, for the error-vs-position "
+                                                                 "sweep. Default: min(4 x seq_len, kv.max_context).")
+
+
+class Thresholds(_Strict):
+    max_kl: float | None = Field(None, ge=0, description="Mean KL(reference || compiled) per held-out token.")
+    min_top1: float | None = Field(None, ge=0, le=1, description="Share of tokens whose top-1 prediction agrees.")
+    max_ppl_increase: float | None = Field(None, ge=0, description="Relative held-out perplexity increase (0.01 = 1%).")
+    min_sqnr_db: float | None = Field(None, description="Lowest allowed weight or activation SQNR of any quantized layer.")
+
+
+class ReportSection(_Strict):
+    thresholds: Thresholds = Field(Thresholds(), description="Drift gates checked at the end of compile.")
+
+
 class PassSpec(_Strict):
     name: str
     options: dict = {}
@@ -55,6 +85,8 @@ class Spec(_Strict):
     target: Literal[tuple(TARGETS)] = Field("torch", description="Kernel target.")
     passes: list[Any] = Field([], description="Passes in order: a name, or {name: {options}}.")
     kv: KVSection = KVSection()
+    calibration: CalibrationSection | None = Field(None, description="Calibration data; enables the report.")
+    report: ReportSection | None = Field(None, description="Report settings: drift gates (needs calibration).")
 
     def pass_specs(self) -> list[PassSpec]:
         out = []
@@ -69,13 +101,20 @@ def _found(value: Any) -> str:
     return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
 
 
+def _section_model(ann) -> type[BaseModel] | None:
+    """The pydantic model of a field annotation (also through `Model | None`)."""
+    for t in (ann, *typing.get_args(ann)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        model = _section_model(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = ann
     return list(model.model_fields)
 
 
@@ -140,10 +179,24 @@ def load_spec(path) -> tuple[Spec, Path]:
             problems.append((pos.line, pos.col, f"{path}:{pos.line}:{pos.col}: error: {msg}"))
         raise V4CError("\n".join(m for *_, m in sorted(problems))) from None
     _check_passes(spec, path, positions)
+    if spec.report is not None and spec.calibration is None:
+        raise SpecError(path, _pos(positions, ("report",), True),
+                        "report: drift gates need calibration data; add a `calibration:` section")
+    if spec.calibration is not None:
+        for key in ("data", "heldout"):
+            value = getattr(spec.calibration, key)
+            if value is None:
+                continue
+            resolved = (path.parent / value).resolve()
+            if not resolved.is_file():
+                raise SpecError(path, _pos(positions, ("calibration", key), False),
+                                f"calibration.{key}: {data['calibration'][key]!r} resolves to {resolved}, which is "
+                                "not a file")
+            setattr(spec.calibration, key, resolved)
     ckpt = (path.parent / spec.model.checkpoint).resolve()
     if not ckpt.is_dir():
         raise SpecError(path, _pos(positions, ("model", "checkpoint"), False),
-                        f"model.checkpoint: {str(spec.model.checkpoint)!r} resolves to {ckpt}, which "
+                        f"model.checkpoint: {data['model']['checkpoint']!r} resolves to {ckpt}, which "
                         f"{'is not a directory' if ckpt.exists() else 'does not exist'}; give the checkpoint "
                         "directory, relative to this file")
     return spec, ckpt
@@ -159,10 +212,14 @@ def _check_passes(spec: Spec, path: Path, positions: dict) -> None:
                             f"passes[{i}]: found {_found(entry)}; expected a pass name (`- dce`) or one pass "
                             "with its options (`- name: {option: value}`)")
     for i, p in enumerate(spec.pass_specs()):
-        if p.name not in PASSES:
-            hint = difflib.get_close_matches(p.name, PASSES, n=1)
+        if p.name in PASSES and not PASSES[p.name].listable:
             raise SpecError(path, _pos(positions, ("passes", i), False),
-                            f"passes[{i}]: unknown pass {p.name!r}; allowed: {', '.join(PASSES)}"
+                            f"passes[{i}]: {p.name!r} runs from the `calibration:` section of model.yaml; remove it "
+                            "from passes")
+        if p.name not in LISTABLE:
+            hint = difflib.get_close_matches(p.name, LISTABLE, n=1)
+            raise SpecError(path, _pos(positions, ("passes", i), False),
+                            f"passes[{i}]: unknown pass {p.name!r}; allowed: {', '.join(LISTABLE)}"
                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         try:
             PASSES[p.name].options.model_validate(p.options)
@@ -174,10 +231,11 @@ def _check_passes(spec: Spec, path: Path, positions: dict) -> None:
 def json_schema() -> dict:
     """The JSON Schema of model.yaml, with each registered pass's options."""
     schema = Spec.model_json_schema()
-    entries = [{"const": name, "description": d.summary} for name, d in PASSES.items()]
+    listable = {name: PASSES[name] for name in LISTABLE}
+    entries = [{"const": name, "description": d.summary} for name, d in listable.items()]
     entries += [{"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
                  "properties": {name: {"anyOf": [d.options.model_json_schema(), {"type": "null"}],
-                                       "description": d.summary}}} for name, d in PASSES.items()]
+                                       "description": d.summary}}} for name, d in listable.items()]
     schema["properties"]["passes"]["items"] = {"anyOf": entries}
     schema["properties"]["passes"].pop("default", None)
     schema["properties"]["passes"]["default"] = []

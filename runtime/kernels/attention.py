@@ -12,6 +12,7 @@ in row p % (window - 1).
 
 import torch
 
+from ..quant import decode_entries
 from .moe import select_topk
 
 NEG_INF = float("-inf")
@@ -34,10 +35,11 @@ def _write_ring(ring, kv, pos0):
         ring[:, torch.arange(pos0 + s - n, pos0 + s) % slots] = kv[:, s - n:].float()
 
 
-def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale):
+def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0):
     """q: [B, S, H, D] roped queries, kv: [B, S, D] roped keys (= values) of the new tokens,
     sinks: [H], selected: [B, S, K] entry indices from `index_topk` (-1 = none) or None.
-    state: (ring,) for sliding layers, (ring, entries) for CSA / HCA. -> [B, S, H, D]."""
+    state: (ring,) for sliding layers, (ring, entries) for CSA / HCA, entries stored in
+    `kv_format` with `rope_dim` RoPE channels. -> [B, S, H, D]."""
     batch, s, heads, _ = q.shape
     keys, key_pos = _window_keys(state[0], kv, pos0)
     q_pos = torch.arange(pos0, pos0 + s)
@@ -45,7 +47,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     bias = torch.zeros(s, keys.shape[1]).masked_fill(~visible, NEG_INF).expand(batch, s, -1)
     if len(state) > 1:
         n_entries = (pos0 + s) // rate
-        entries = state[1][:, :n_entries]
+        entries = decode_entries(state[1][:, :n_entries], kv_format, q.shape[-1], rope_dim)
         if selected is None:  # HCA: every closed window
             causal = torch.arange(n_entries)[None, :] < ((q_pos + 1) // rate)[:, None]
             entry_bias = torch.zeros(s, n_entries).masked_fill(~causal, NEG_INF).expand(batch, s, -1)

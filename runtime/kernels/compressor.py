@@ -8,15 +8,18 @@ and entry w pools Ca of window w-1 together with Cb of window w (width 2*rate, s
 State (fixed capacity, fill levels follow from the session position `pos0`):
     buf_kv, buf_gate: [B, rate, C]  raw projections of the pos0 % rate tokens of the open window
     ovl_kv, ovl_gate: [B, rate, d]  Ca of the last closed window, gate with `ape` added (overlap only)
-    entries:          [B, T, d]     closed windows; the first pos0 // rate rows are valid
+    entries:          [B, T, ...]   closed windows, stored in `kv_format` (f32, bf16 or fp8_split, see
+                                    quant.encode_entries); the first pos0 // rate rows are valid
 """
 
 import torch
 
+from ..quant import encode_entries
 from .basic import apply_rope, rms_norm, rope_cos_sin
 
 
-def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap, eps, rope_scale=1.0):
+def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap, eps, rope_scale=1.0,
+             kv_format="f32"):
     """kv, gate: [B, S, C] projections of the new tokens; ape: [rate, C]; writes new entries."""
     if overlap:
         buf_kv, buf_gate, ovl_kv, ovl_gate, entries = state
@@ -56,6 +59,7 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
     pooled = rms_norm(pooled, norm_weight, eps=eps)
     positions = torch.arange(n_win) * rate + first_entry * rate
     cos, sin = rope_cos_sin(positions, inv_freq, rope_scale)
-    entries[:, first_entry:first_entry + n_win] = apply_rope(pooled, cos, sin)
+    entries[:, first_entry:first_entry + n_win] = encode_entries(apply_rope(pooled, cos, sin), kv_format,
+                                                                 2 * inv_freq.shape[0])
     buf_kv[:, :rest] = kv[:, used:]
     buf_gate[:, :rest] = gate[:, used:]

@@ -40,9 +40,10 @@ def route_hash(x, weight, table, tokens, *, score_func, scale):
     return _normalised(scores, idx, scale), idx
 
 
-def moe_experts(x, weights, idx, gate_up, down, *, limit=None):
-    """Routed experts. x: [B, S, D], weights/idx: [B, S, k], gate_up: [E, 2I, D], down: [E, D, I]
-    -> [B, S, D] = sum_j weights[j] * down_e(swiglu(gate_up_e x)) with e = idx[j]."""
+def run_experts(x, weights, idx, expert, *, limit=None, quant_in=None, quant_mid=None):
+    """sum_j weights[j] * down_e(swiglu(gate_up_e x)) over the selected experts e = idx[j].
+    `expert(e)` -> (gate_up [2I, D], down [D, I]) in fp32; `quant_in` / `quant_mid` optionally
+    quantize the activations entering each projection."""
     shape = x.shape
     x = x.float().reshape(-1, shape[-1])
     idx = idx.reshape(x.shape[0], -1)
@@ -50,7 +51,20 @@ def moe_experts(x, weights, idx, gate_up, down, *, limit=None):
     out = torch.zeros_like(x)
     for e in torch.unique(idx).tolist():  # ascending expert order, as the reference accumulates
         token, slot = torch.where(idx == e)
-        gate, up = F.linear(x[token], gate_up[e].float()).chunk(2, dim=-1)
-        y = F.linear(swiglu(gate, up, limit=limit), down[e].float())
+        gate_up, down = expert(e)
+        xe = x[token] if quant_in is None else quant_in(x[token])
+        gate, up = F.linear(xe, gate_up).chunk(2, dim=-1)
+        mid = swiglu(gate, up, limit=limit)
+        y = F.linear(mid if quant_mid is None else quant_mid(mid), down)
         out.index_add_(0, token, y * weights[token, slot, None])
     return out.view(shape)
+
+
+def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_mid=None):
+    """Routed experts. x: [B, S, D], weights/idx: [B, S, k], gate_up: [E, 2I, D], down: [E, D, I]
+    -> [B, S, D] = sum_j weights[j] * down_e(swiglu(gate_up_e x)) with e = idx[j].
+    `act_in` / `act_mid` (fake-quant reference path) quantize the activations entering each projection."""
+    from ..quant import fake_quant_act
+    return run_experts(x, weights, idx, lambda e: (gate_up[e].float(), down[e].float()), limit=limit,
+                       quant_in=act_in and (lambda t: fake_quant_act(t, act_in)),
+                       quant_mid=act_mid and (lambda t: fake_quant_act(t, act_mid)))

@@ -76,11 +76,13 @@ class Module:
     weights: dict = field(default_factory=dict, compare=False)  # name -> Tensor | WeightSource
     counters: dict = field(default_factory=dict, compare=False)  # what passes did, by pass name
     plans: dict = field(default_factory=dict, compare=False)  # e.g. "memory": the activation buffer plan
+    stats: dict = field(default_factory=dict, compare=False)  # e.g. "calibration": observed statistics
 
     def replace(self, **changes) -> "Module":
         """A copy with some fields replaced (passes return new modules; containers are copied)."""
         fields_ = dict(name=self.name, config=dict(self.config), params=dict(self.params),
                        states=dict(self.states), func=self.func, max_context=self.max_context,
-                       weights=dict(self.weights), counters=dict(self.counters), plans=dict(self.plans))
+                       weights=dict(self.weights), counters=dict(self.counters), plans=dict(self.plans),
+                       stats=dict(self.stats))
         fields_.update(changes)
         return Module(**fields_)

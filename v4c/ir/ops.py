@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from v4c.runtime.kernels import KERNELS, STATEFUL
+from v4c.runtime.quant import FP4_BLOCK, cdiv, entry_layout
 
 from .types import Dim, IRTypeError, TensorType, f32, i64
 
@@ -208,9 +209,14 @@ def _compress(ins, st, a):
     if a["overlap"]:
         expect_shape("state ovl_kv", st[2], b, rate, d)
         expect_shape("state ovl_gate", st[3], b, rate, d)
-    expect(st[-1].rank == 3 and _same(st[-1].shape[0], b) and st[-1].shape[2] == d,
-           f"state entries must be [{b}, capacity, {d}], got {st[-1]}")
+    _expect_entries(st[-1], b, d, a.get("kv_format", "f32"), 2 * inv_freq.shape[0])
     return []
+
+
+def _expect_entries(t: TensorType, b: Dim, d: int, fmt: str, rope: int) -> None:
+    dtype, width = entry_layout(fmt, d, rope)
+    expect(t.rank == 3 and _same(t.shape[0], b) and t.shape[2] == width and t.dtype == dtype,
+           f"state entries in {fmt} must be {dtype}[{b}, capacity, {width}], got {t}")
 
 
 def _index_topk(ins, st, a):
@@ -234,12 +240,68 @@ def _attention(ins, st, a):
     expect_shape("sinks", sinks, h)
     expect_shape("state ring", st[0], b, a["window"] - 1, d)
     if a["rate"]:
-        expect(st[1].rank == 3 and st[1].shape[2] == d, f"state entries must be [B, capacity, {d}], got {st[1]}")
+        _expect_entries(st[1], b, d, a.get("kv_format", "f32"), a.get("rope_dim", 0))
     if selected is not None:
         expect(a["rate"] > 0, "selected entries given to an attention without compressed entries (rate 0)")
         expect_int("selected", selected)
         expect(selected.rank == 3 and tuple(selected.shape[:2]) == (b, s), f"selected {selected} must be [{b}, {s}, k]")
     return [f32(b, s, h, d)]
+
+
+def _expect_fp8(role: str, w: TensorType, scale: TensorType, block, shape) -> None:
+    expect(w.dtype == "f8e4m3" and tuple(w.shape) == tuple(shape), f"{role} must be f8e4m3{list(shape)}, got {w}")
+    grid = tuple(shape[:-2]) + (cdiv(shape[-2], block[0]), cdiv(shape[-1], block[1]))
+    expect(scale.dtype in ("f32", "f8e8m0") and tuple(scale.shape) == grid,
+           f"{role} scale must be f32 or f8e8m0 {list(grid)} for {block[0]}x{block[1]} blocks, got {scale}")
+
+
+def _fake_quant(ins, st, a):
+    (x,) = ins
+    return [f32(*x.shape)]
+
+
+def _linear_fp8(ins, st, a):
+    x, w, scale = ins
+    expect(w.rank == 2 and _same(x.shape[-1], w.shape[1]), f"input {x} does not match weight {w} ([out, in])")
+    _expect_fp8("weight", w, scale, a["block"], w.shape)
+    return [f32(*x.shape[:-1], w.shape[0])]
+
+
+def _grouped_linear_fp8(ins, st, a):
+    x, w, scale = ins
+    _expect_fp8("weight", w, scale, a["block"], w.shape)
+    return _grouped_linear([x, w], st, a)
+
+
+def _embed_fp8(ins, st, a):
+    tokens, w, scale = ins
+    expect_int("tokens", tokens)
+    _expect_fp8("weight", w, scale, a["block"], w.shape)
+    return [f32(*tokens.shape, w.shape[1])]
+
+
+def _expect_expert(role: str, w: TensorType, scale: TensorType, fmt: str, block, shape) -> None:
+    if fmt == "fp8":
+        _expect_fp8(role, w, scale, block, shape)
+        return
+    e, rows, cols = shape
+    expect(w.dtype == "i8" and tuple(w.shape) == (e, rows, cols // 2), f"{role} must be i8[{e}, {rows}, {cols // 2}] "
+           f"(FP4, two per byte), got {w}")
+    expect(scale.dtype == "f8e8m0" and tuple(scale.shape) == (e, rows, cdiv(cols, FP4_BLOCK)),
+           f"{role} scale must be f8e8m0[{e}, {rows}, {cdiv(cols, FP4_BLOCK)}], got {scale}")
+
+
+def _moe_experts_q(ins, st, a):
+    x, weights, idx, gate_up, gate_up_scale, down, down_scale = ins
+    fmt, d = a["format"], x.shape[-1]
+    expect(fmt in ("fp8", "fp4"), f"format {fmt!r}; allowed: fp8, fp4")
+    expect(gate_up.rank == 3 and down.rank == 3, f"expert weights must be [experts, rows, cols], got {gate_up}, {down}")
+    e, inter = gate_up.shape[0], down.shape[2] * (2 if fmt == "fp4" else 1)
+    _expect_expert("gate_up", gate_up, gate_up_scale, fmt, a["block"], (e, 2 * inter, d))
+    _expect_expert("down", down, down_scale, fmt, a["down_block"], (e, d, inter))
+    expect_shape("weights", weights, *idx.shape)
+    expect_int("experts", idx)
+    return [f32(*x.shape)]
 
 
 OPS: dict[str, OpDef] = {op.name: op for op in (
@@ -264,6 +326,12 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
           attrs=("topk", "rate", "score_scale", "weight_scale")),
     OpDef("attention", ("q", "kv", "sinks", "selected?"), _attention, _attention_state,
           attrs=("window", "rate", "scale")),
+    OpDef("fake_quant", ("x",), _fake_quant, attrs=("act",)),
+    OpDef("linear_fp8", ("x", "weight", "scale"), _linear_fp8, attrs=("block", "act")),
+    OpDef("grouped_linear_fp8", ("x", "weight", "scale"), _grouped_linear_fp8, attrs=("groups", "block", "act")),
+    OpDef("embed_fp8", ("tokens", "weight", "scale"), _embed_fp8, attrs=("block",)),
+    OpDef("moe_experts_q", ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale"),
+          _moe_experts_q, attrs=("format", "block", "down_block", "act_in", "act_mid")),
 )}
 
 missing_kernels = set(OPS) - set(KERNELS)

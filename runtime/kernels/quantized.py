@@ -1,0 +1,48 @@
+"""Kernels over FP8 / FP4 weights kept in their quantized storage (reference versions).
+
+Weights are dequantized per call, one matrix (or one expert) at a time, so no full-precision
+copy is kept; activations are quantized as the op's `act` attribute says (see
+`quant.fake_quant_act`). `fake_quant` is the same activation quantization as an op, for the
+fake-quant reference path that tests compare these kernels against.
+"""
+
+import torch.nn.functional as F
+
+from ..quant import dequant_fp4, dequant_fp8, fake_quant_act
+from .basic import grouped_linear
+from .moe import run_experts
+
+
+def fake_quant(x, *, act):
+    return fake_quant_act(x, act)
+
+
+def linear_fp8(x, weight, scale, *, block, act):
+    """x: [..., K], weight: e4m3 [N, K] with block scales -> [..., N] = q(x) dq(W)^T."""
+    return F.linear(fake_quant_act(x, act), dequant_fp8(weight, scale, block))
+
+
+def grouped_linear_fp8(x, weight, scale, *, groups, block, act):
+    return grouped_linear(fake_quant_act(x, act), dequant_fp8(weight, scale, block), groups=groups)
+
+
+def embed_fp8(tokens, weight, scale, *, block):
+    """Rows of an e4m3 embedding table, dequantized with their block scales. -> [B, S, D]."""
+    rows = scale.float().repeat_interleave(block[1], dim=1)[:, : weight.shape[1]]  # [ceil(V/bo), D]
+    return weight[tokens].float() * rows[tokens // block[0]]
+
+
+def _dequant_expert(q, s, fmt, block):
+    return dequant_fp4(q, s) if fmt == "fp4" else dequant_fp8(q, s, block)
+
+
+def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, *, format, block, down_block, act_in,
+                  act_mid, limit=None):
+    """Routed experts over FP8 (block scales; `block` for gate_up, `down_block` for down) or FP4
+    (packed, per-32 UE8M0 scales) weights."""
+    def expert(e):
+        return (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
+                _dequant_expert(down[e], down_scale[e], format, down_block))
+
+    return run_experts(x, weights, idx, expert, limit=limit, quant_in=lambda t: fake_quant_act(t, act_in),
+                       quant_mid=lambda t: fake_quant_act(t, act_mid))
