@@ -31,7 +31,7 @@ RECIPES = {
     "fp8 128x128, dynamic activations, fp8 KV (model-fp8.yaml)": {},
     "... with FP4 e2m1 experts": {"experts": "fp4"},
     "... with static activations (MSE-calibrated scales)": {"activations": {"mode": "static"}},
-    "... weights only (bf16-grade activations, fp32 KV)": {"activations": {"mode": "none"}, "kv": "f32"},
+    "... weights only (fp32 activations and KV)": {"activations": {"mode": "none"}, "kv": "f32", "indexer": "f32"},
 }
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import calibrate, dce, fp8, memory_plan
+from . import calibrate, dce, fp8, kv_plan, memory_plan
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ PASSES: dict[str, PassDef] = {
                          "(added from model.yaml's calibration section)", listable=False),
     "fp8": PassDef(fp8.run, fp8.Options, "FP8 weights (FP4 experts optional), FP8 activations and FP8 KV entries"),
     "dce": PassDef(dce.run, dce.Options, "remove unused instructions, parameters and state slots"),
+    "kv_plan": PassDef(kv_plan.run, kv_plan.Options,
+                       "place each layer's KV state on a tier (from model.yaml's kv section)", listable=False),
     "memory_plan": PassDef(memory_plan.run, memory_plan.Options,
                            "place activation buffers in one arena, reused by liveness (runs last)"),
 }

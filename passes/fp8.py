@@ -5,7 +5,8 @@
     grouped_linear(x, @W)     -> grouped_linear_fp8(x, @W:e4m3, @W.scale) {groups, block, act}
     embed(t, @W)              -> embed_fp8(t, @W:e4m3, @W.scale) {block}
     moe_experts(.., @GU, @D)  -> moe_experts_q(.., @GU, @GU.scale, @D, @D.scale) {format, block, down_block, act_in, act_mid}
-    compress / attention      -> the entries state read by `attention` stored as `kv` (fp8 = fp8_split)
+    compress / attention      -> what `attention` reads (window ring, compressed entries) stored as `kv`
+    compress / index_topk     -> the indexer keys stored as `indexer`
 
 With `fake_quant: true` the same numbers come from fp32 weights (quantized, then dequantized) and
 explicit `fake_quant` ops on the activations: the reference path the real-storage kernels are
@@ -51,7 +52,10 @@ class Options(_Strict):
     weights: WeightOptions = WeightOptions()
     experts: Literal["fp8", "fp4", "keep"] = Field("fp8", description="routed experts: fp8, fp4 (e2m1) or keep")
     activations: ActivationOptions = ActivationOptions()
-    kv: Literal["fp8", "bf16", "f32"] = Field("fp8", description="compressed KV entries (fp8: DeepSeek's split layout)")
+    kv: Literal["fp8", "bf16", "f32"] = Field(
+        "fp8", description="attention KV (sliding window and compressed entries); fp8: DeepSeek's split layout")
+    indexer: Literal["fp8", "fp4", "bf16", "f32"] = Field(
+        "fp8", description="indexer keys; fp8: e4m3 + fp32 scale per 128, fp4: e2m1 + UE8M0 scale per 32")
     skip: list[str] = Field(DEFAULT_SKIP, description="weight-name patterns (fnmatch) kept in their dtype")
     fake_quant: bool = Field(False, description="reference path: fp32 dequantized weights + explicit fake_quant ops")
 
@@ -157,12 +161,28 @@ class _Rewrite:
                                  [self.states[s] for s in state], attrs)
         return Instr(op, operands, [Value(r.name, t) for r, t in zip(results, inferred)], attrs, list(state))
 
+    def kv_formats(self) -> dict[str, tuple[str, int]]:
+        """State slot -> (storage format, RoPE channels): what `attention` reads (window ring and
+        compressed entries) takes `kv`, what `index_topk` reads (indexer keys) takes `indexer`."""
+        kv = {"fp8": "fp8_split", "bf16": "bf16", "f32": "f32"}[self.o.kv]
+        keys = {"fp8": "fp8_block", "fp4": "fp4_block", "bf16": "bf16", "f32": "f32"}[self.o.indexer]
+        rope = self.m.config["rope_head_dim"]
+        out = {}
+        for ins in self.m.func.body:
+            if ins.op == "attention":
+                out.update({s: (kv, rope) for s in ins.state})
+            elif ins.op == "index_topk":
+                out[ins.state[0]] = (keys, 0)
+        return {s: f for s, f in out.items() if f[0] != "f32"}
+
     def run(self) -> Module:
         o, body = self.o, []
         self.states = dict(self.m.states)
-        kv_fmt = {"fp8": "fp8_split", "bf16": "bf16", "f32": "f32"}[o.kv]
-        kv_states = {ins.state[1] for ins in self.m.func.body if ins.op == "attention" and len(ins.state) > 1}
-        rope_of = {}
+        formats = self.kv_formats()
+        for name, (fmt, rope) in formats.items():
+            t = self.states[name]
+            dtype, width = entry_layout(fmt, t.shape[2], rope)
+            self.states[name] = TensorType((*t.shape[:2], width), dtype)
         for ins in self.m.func.body:
             w = ins.operands[1] if len(ins.operands) > 1 and isinstance(ins.operands[1], ParamRef) else None
             if ins.op in ("linear", "grouped_linear") and w and self.wanted(w.name, 2):
@@ -192,25 +212,26 @@ class _Rewrite:
                                                                               ParamRef(scale_name(down))],
                                            ins.results, {**ins.attrs, "format": o.experts, "block": block,
                                                          "down_block": down_block, **acts}))
-            elif ins.op == "compress" and ins.state[-1] in kv_states and kv_fmt != "f32":
-                entries = self.states[ins.state[-1]]
-                rope = 2 * self.params[ins.operands[4].name].shape[0]
-                dtype, width = entry_layout(kv_fmt, entries.shape[2], rope)
-                self.states[ins.state[-1]] = TensorType((*entries.shape[:2], width), dtype)
-                rope_of[ins.state[-1]] = rope
-                body.append(Instr(ins.op, ins.operands, ins.results, {**ins.attrs, "kv_format": kv_fmt}, ins.state))
-            elif ins.op == "attention" and len(ins.state) > 1 and ins.state[1] in rope_of:
+            elif ins.op == "compress" and ins.state[-1] in formats:
                 body.append(Instr(ins.op, ins.operands, ins.results,
-                                  {**ins.attrs, "kv_format": kv_fmt, "rope_dim": rope_of[ins.state[1]]}, ins.state))
+                                  {**ins.attrs, "kv_format": formats[ins.state[-1]][0]}, ins.state))
+            elif ins.op == "attention" and ins.state[0] in formats:
+                fmt, rope = formats[ins.state[0]]
+                body.append(Instr(ins.op, ins.operands, ins.results,
+                                  {**ins.attrs, "kv_format": fmt, "rope_dim": rope}, ins.state))
+            elif ins.op == "index_topk" and ins.state[0] in formats:
+                body.append(Instr(ins.op, ins.operands, ins.results,
+                                  {**ins.attrs, "key_format": formats[ins.state[0]][0]}, ins.state))
             else:
                 body.append(ins)
         out = self.m.replace(func=type(self.m.func)(self.m.func.inputs, body, self.m.func.output),
                              params=self.params, states=self.states, weights=self.weights)
-        out.stats["fp8"] = {"weights": self.done, "skipped": self.skipped, "kv": kv_fmt,
+        kv_fmt = {"fp8": "fp8_split", "bf16": "bf16", "f32": "f32"}[o.kv]
+        out.stats["fp8"] = {"weights": self.done, "skipped": self.skipped, "kv": kv_fmt, "indexer": o.indexer,
                             "activations": o.activations.model_dump(), "experts": o.experts, "fake_quant": o.fake_quant}
         out.counters["fp8"] = {"weights_quantized": len(self.done), "weights_skipped": len(self.skipped),
-                               "experts": o.experts if any(v["format"] == "fp4" for v in self.done.values())
-                               or o.experts == "fp8" else "keep", "kv": kv_fmt, "activations": o.activations.mode}
+                               "experts": o.experts, "kv": kv_fmt, "indexer": o.indexer,
+                               "activations": o.activations.mode}
         return out
 
 

@@ -63,7 +63,7 @@ def describe(art: Artifact) -> dict:
         "target": m["target"],
         "weights": {"total_bytes": sum(by_dtype.values()), "by_dtype": dict(by_dtype),
                     "by_component": {c: dict(d) for c, d in sorted(by_component.items())}},
-        "kv": {"max_context": max_context, "families": families,
+        "kv": {"max_context": max_context, "families": families, "plan": m["kv"].get("plan"),
                "bytes_per_token": sum(f["bytes_per_token"] for f in families.values()),
                "fixed_bytes": sum(f["fixed_bytes"] for f in families.values()),
                "bytes_per_sequence_at_max_context": sum(f["bytes_at_max_context"] for f in families.values())},

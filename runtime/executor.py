@@ -15,6 +15,7 @@ import torch
 from .dtypes import torch_dtype
 from .errors import InputError
 from .kernels import KERNELS, STATEFUL
+from .kv_tiers import PagedEntries, PagePool, Prefetcher, TierAllocator, TierStats
 from .program import Program, Step
 
 Observer = Callable[[int, Step, list, tuple], None]  # (step index, step, inputs, outputs)
@@ -24,16 +25,46 @@ def _concrete(shape, **dims) -> list[int]:
     return [dims[d] if isinstance(d, str) else d for d in shape]
 
 
+class Tiers:
+    """The allocators of the KV tiers (shared by the sessions of one process) and their traffic."""
+
+    def __init__(self, device: int | None = None, host: int | None = None):
+        self.device, self.host = TierAllocator("device", device), TierAllocator("host", host)
+        self.stats = TierStats()
+
+    @classmethod
+    def for_program(cls, program: Program) -> "Tiers":
+        budgets = (program.kv_plan or {}).get("budgets", {})
+        return cls(budgets.get("device"), budgets.get("host"))
+
+    def report(self) -> dict:
+        return {"device": self.device.report(), "host": self.host.report(), "traffic": self.stats.report()}
+
+
 class Session:
     def __init__(self, program: Program, weights: Mapping[str, torch.Tensor], batch: int = 1,
-                 kernels: Mapping = KERNELS):
+                 kernels: Mapping = KERNELS, tiers: Tiers | None = None):
         if batch < 1:
             raise InputError(f"batch = {batch}: must be at least 1")
         self.program = program
         self.batch = batch
         self.pos = 0
-        self.state = {name: torch.zeros(_concrete(spec.shape, B=batch), dtype=torch_dtype(spec.dtype))
-                      for name, spec in program.states.items()}
+        self.tiers = tiers or Tiers.for_program(program)
+        kv = program.kv_plan or {}
+        plan, pool = kv.get("slots", {}), None
+        self.state = {}
+        for name, spec in program.states.items():
+            shape, dtype, slot = _concrete(spec.shape, B=batch), torch_dtype(spec.dtype), plan.get(name, {})
+            if slot.get("tier") == "host":
+                if pool is None:  # one device page pool for all tiered layers (their pages have one shape)
+                    pool = PagePool(kv["page_cache_pages"] * batch, (slot["page_entries"], shape[2]), dtype,
+                                    self.tiers.device, self.tiers.stats)
+                self.state[name] = PagedEntries(name, batch, shape[1], shape[2], dtype, slot["page_entries"], pool,
+                                                self.tiers.host)
+            else:
+                self.state[name] = self.tiers.device.alloc(shape, dtype, name)
+        self.paged = [t for t in self.state.values() if isinstance(t, PagedEntries)]
+        self.prefetcher = Prefetcher(self.paged)
         self.arena = torch.empty(program.arena_bytes(batch), dtype=torch.uint8)
         missing = sorted(set(program.params) - set(weights))
         if missing:
@@ -48,7 +79,10 @@ class Session:
             if step.kernel in STATEFUL:
                 attrs["state"] = tuple(self.state[name] for name in step.state)
             outs = [buffers.get(slot) for slot in step.outputs]
-            self._steps.append((kernels[step.kernel], step.kernel in STATEFUL, args, step.outputs, outs, attrs))
+            tiered = next((self.state[n] for n in step.state if isinstance(self.state[n], PagedEntries)), None)
+            if step.kernel != "attention":
+                tiered = None  # prefetch the next tiered layer once this layer has read its own
+            self._steps.append((kernels[step.kernel], step.kernel in STATEFUL, args, step.outputs, outs, attrs, tiered))
         embed = program.params.get("embed_tokens.weight")
         self.vocab_size = embed.shape[0] if embed is not None else None
 
@@ -58,9 +92,44 @@ class Session:
         return self.program.max_context - self.pos
 
     def reset(self) -> None:
+        self.prefetcher.wait()
         for t in self.state.values():
-            t.zero_()
+            t.reset() if isinstance(t, PagedEntries) else t.zero_()
         self.pos = 0
+
+    def close(self) -> None:
+        self.prefetcher.close()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Every state slot's contents (compressed entries: only the rows written so far)."""
+        self.prefetcher.wait()
+        out = {}
+        for name, t in self.state.items():
+            rate = self._rates.get(name)
+            rows = self.pos // rate if rate else None
+            full = t.read(t.flat_host.shape[1]) if isinstance(t, PagedEntries) else t
+            out[name] = (full[:, :rows] if rows is not None else full).contiguous()
+        return out
+
+    def import_state(self, state: Mapping[str, torch.Tensor], pos: int) -> None:
+        """Restore what `export_state` returned (after `reset`); the session continues at `pos`."""
+        self.reset()
+        for name, rows in state.items():
+            t = self.state[name]
+            if isinstance(t, PagedEntries):
+                t.write(0, rows)
+            else:
+                t[:, :rows.shape[1]] = rows
+        self.pos = pos
+
+    @property
+    def _rates(self) -> dict[str, int]:
+        """Growing state slots (compressed entries) -> tokens per entry."""
+        rates = {}
+        for step in self.program.steps:
+            if step.kernel == "compress":
+                rates[step.state[-1]] = step.attrs["rate"]
+        return rates
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.shape[0] != self.batch:
@@ -97,7 +166,7 @@ class Session:
         values: list = [None] * self.program.num_values
         values[self.program.inputs["tokens"]] = tokens
         values[self.program.inputs["positions"]] = torch.arange(self.pos, self.pos + seq)
-        for i, (fn, stateful, args, outputs, outs, attrs) in enumerate(self._steps):
+        for i, (fn, stateful, args, outputs, outs, attrs, tiered) in enumerate(self._steps):
             inputs = [values[a] if isinstance(a, int) else a for a in args]
             result = fn(*inputs, pos0=self.pos, **attrs) if stateful else fn(*inputs, **attrs)
             result = result if isinstance(result, tuple) else (result,) if outputs else ()
@@ -107,6 +176,8 @@ class Session:
                     buffer.copy_(value)
                     value = buffer
                 values[slot] = value
+            if tiered is not None:
+                self.prefetcher.after(tiered)
             if observer is not None:
                 observer(i, self.program.steps[i], inputs, result)
         self.pos += seq

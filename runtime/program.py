@@ -38,6 +38,9 @@ class Program:
     prefill_chunk: int  # most tokens per forward step; longer inputs are fed in chunks
     # activation arena: bytes_per_token, and per value slot ("3") its offset / bytes per token, shape, dtype
     memory: dict
+    # KV tiers: {"budgets": {"device", "host"}, "slots": {state: {"tier", "page_entries", "cache_pages"}}};
+    # None: every state slot on the device tier, unbudgeted
+    kv_plan: dict | None = None
     format: int = PROGRAM_FORMAT
 
     def arena_bytes(self, batch: int, tokens: int | None = None) -> int:

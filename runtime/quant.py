@@ -132,25 +132,61 @@ def fake_quant_act(x: torch.Tensor, act: dict) -> torch.Tensor:
 
 
 # --- KV entries ------------------------------------------------------------------------------
-# Compressed KV entries [..., d] with the trailing `rope` channels carrying RoPE.
+# KV entries [..., d] (sliding-window KV, compressed entries, indexer keys); the trailing `rope`
+# channels carry RoPE.
 #   f32 / bf16:  plain
-#   fp8_split:   DeepSeek's layout, bytes per entry: [nope e4m3 | rope bf16 | one UE8M0 scale per
-#                64 nope channels | zero padding to a multiple of 8]  (head_dim 512, rope 64: 584 bytes)
+#   fp8_split:   DeepSeek's attention KV layout, bytes per entry: [nope e4m3 | rope bf16 | one UE8M0
+#                scale per 64 nope channels | zero padding to a multiple of 8]  (d 512, rope 64: 584 bytes)
+#   fp8_block:   indexer keys: e4m3 with one fp32 scale per 128 values       (d 128: 132 bytes)
+#   fp4_block:   indexer keys: e2m1 two per byte, one UE8M0 scale per 32      (d 128: 68 bytes)
 KV_GROUP = 64
-KV_FORMATS = ("f32", "bf16", "fp8_split")
+INDEX_FP8_GROUP = 128
+KV_FORMATS = ("f32", "bf16", "fp8_split", "fp8_block", "fp4_block")
 
 
 def entry_layout(fmt: str, d: int, rope: int) -> tuple[str, int]:
     """-> (storage dtype name, storage elements per entry)."""
-    if fmt == "f32":
-        return "f32", d
-    if fmt == "bf16":
-        return "bf16", d
+    if fmt in ("f32", "bf16"):
+        return fmt, d
     if fmt == "fp8_split":
         nope = d - rope
         raw = nope + 2 * rope + cdiv(nope, KV_GROUP)
         return "u8", raw + (-raw % 8)
+    if fmt == "fp8_block":
+        return "u8", d + 4 * cdiv(d, INDEX_FP8_GROUP)
+    if fmt == "fp4_block":
+        return "u8", cdiv(d, 2) + cdiv(d, FP4_BLOCK)
     raise ValueError(f"KV format {fmt!r}; allowed: {', '.join(KV_FORMATS)}")
+
+
+def _encode_fp8_block(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    groups = cdiv(d, INDEX_FP8_GROUP)
+    xg = torch.nn.functional.pad(x.float(), (0, groups * INDEX_FP8_GROUP - d)).view(*x.shape[:-1], groups, -1)
+    scale = xg.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4) / E4M3_MAX
+    q = (xg / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(*x.shape[:-1], -1)[..., :d]
+    return torch.cat([q.view(torch.uint8), scale.squeeze(-1).contiguous().view(torch.uint8)], dim=-1)
+
+
+def _decode_fp8_block(s: torch.Tensor, d: int) -> torch.Tensor:
+    scale = s[..., d:].contiguous().view(torch.float32)
+    q = s[..., :d].contiguous().view(torch.float8_e4m3fn).float()
+    return q * scale.repeat_interleave(INDEX_FP8_GROUP, dim=-1)[..., :d]
+
+
+def _encode_fp4_block(x: torch.Tensor) -> torch.Tensor:
+    shape, d = x.shape[:-1], x.shape[-1]
+    flat = torch.nn.functional.pad(x.float().reshape(-1, d), (0, d % 2))
+    q, scale = quant_fp4(flat)
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=-1).view(*shape, -1)
+
+
+def _decode_fp4_block(s: torch.Tensor, d: int) -> torch.Tensor:
+    half = cdiv(d, 2)
+    shape = s.shape[:-1]
+    flat = s.reshape(-1, s.shape[-1])
+    out = dequant_fp4(flat[:, :half].contiguous().view(torch.int8), flat[:, half:].contiguous().view(torch.float8_e8m0fnu))
+    return out[:, :d].reshape(*shape, d)
 
 
 def encode_entries(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
@@ -159,6 +195,10 @@ def encode_entries(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
         return x.float()
     if fmt == "bf16":
         return x.to(torch.bfloat16)
+    if fmt == "fp8_block":
+        return _encode_fp8_block(x)
+    if fmt == "fp4_block":
+        return _encode_fp4_block(x)
     d = x.shape[-1]
     nope = d - rope
     groups = cdiv(nope, KV_GROUP)
@@ -177,6 +217,10 @@ def decode_entries(s: torch.Tensor, fmt: str, d: int, rope: int) -> torch.Tensor
     """Storage -> f32 entries [..., d]."""
     if fmt in ("f32", "bf16"):
         return s.float()
+    if fmt == "fp8_block":
+        return _decode_fp8_block(s, d)
+    if fmt == "fp4_block":
+        return _decode_fp4_block(s, d)
     nope = d - rope
     groups = cdiv(nope, KV_GROUP)
     q = s[..., :nope].contiguous().view(torch.float8_e4m3fn).float()

@@ -112,12 +112,15 @@ def test_real_fp8_storage_matches_the_fake_quant_path(hf_checkpoints):
         assert torch.nn.functional.cosine_similarity(out_real.flatten(), plain.flatten(), dim=0) > 0.9
 
 
-def test_compressed_kv_entries_are_stored_in_fp8(hf_checkpoints):
+def test_kv_state_is_stored_in_fp8(hf_checkpoints):
     module = _pipeline(import_checkpoint(hf_checkpoints[NAME], max_context=256)[0])
     entries = {n: t for n, t in module.states.items() if n.endswith("compressor.entries")}
     assert entries and all(t.dtype == "u8" and t.shape[2] == entry_layout("fp8_split", 32, 8)[1]
                            for t in entries.values())
-    assert module.states["layers.0.self_attn.compressor.indexer.entries"].dtype == "f32"  # indexer keys unchanged
+    ring = module.states["layers.0.self_attn.ring"]  # the sliding window too, in the same layout
+    assert ring.dtype == "u8" and ring.shape[2] == entry_layout("fp8_split", 32, 8)[1]
+    keys = module.states["layers.0.self_attn.compressor.indexer.entries"]  # indexer keys: e4m3 + fp32 scale
+    assert keys.dtype == "u8" and keys.shape[2] == entry_layout("fp8_block", 16, 0)[1] == 16 + 4
     session = interpret(module)
     session.forward(tokens(1, 64, seed=3))
     assert session.state["layers.0.self_attn.compressor.entries"].dtype == torch.uint8
@@ -203,7 +206,7 @@ def outlier_ckpt(tmp_path_factory, oracle_models):
 
 
 def _recipe(block):  # weight-only FP8 of just the outlier-heavy layer, so the scales are all that differ
-    return {"weights": {"block": block, "scale_format": "fp32"}, "activations": {"mode": "none"}, "kv": "f32",
+    return {"weights": {"block": block, "scale_format": "fp32"}, "activations": {"mode": "none"}, "kv": "f32", "indexer": "f32",
             "skip": ["layers.0.*", "layers.2.*", "embed_tokens.*", "lm_head.*", "layers.1.self_attn.*",
                      "layers.1.mlp.experts.*"]}
 

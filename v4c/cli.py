@@ -10,6 +10,7 @@ import click
 
 from v4c import __version__
 from v4c.runtime.errors import V4CError
+from v4c.views import print_description, print_plan, progress_bar
 
 
 def _user_errors(fn):
@@ -73,7 +74,7 @@ def compile_cmd(model_yaml, out_dir, dump_ir, allow_drift, as_json, quiet):
     status = _status(quiet)
     status(f"v4c {__version__}: compiling {model_yaml} -> {out_dir}")
     t0 = time.perf_counter()
-    with _progress(quiet) as progress:
+    with progress_bar(quiet) as progress:
         result = compile_model(model_yaml, out_dir, progress=progress, dump_ir=dump_ir, allow_drift=allow_drift)
     m = result.manifest
     if result.skipped:
@@ -95,33 +96,6 @@ def compile_cmd(model_yaml, out_dir, dump_ir, allow_drift, as_json, quiet):
     if as_json:
         click.echo(json.dumps({"artifact": str(out_dir), "weight_bytes": weight_bytes, "skipped": result.skipped,
                                "pipeline": m["pipeline"], "counters": m["counters"]}, indent=1))
-
-
-class _progress:
-    """A rich progress bar on stderr when it is a terminal; nothing otherwise."""
-
-    def __init__(self, quiet: bool):
-        self.enabled = not quiet and sys.stderr.isatty()
-        self.bar, self.tasks = None, {}
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-        from rich.console import Console
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=True)
-        self.bar.start()
-        return self.update
-
-    def update(self, task: str, done: int, total: int):
-        if task not in self.tasks:
-            self.tasks[task] = self.bar.add_task(task, total=total)
-        self.bar.update(self.tasks[task], completed=done)
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
 
 
 @main.command()
@@ -155,25 +129,32 @@ def score(artifact, token_ids, logits_out, chunk):
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's end-of-sequence tokens.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"token_ids": [...], "text": ...} when done, instead of streaming.')
+@click.option("--session", "session_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Continue the conversation saved in this file (if any) and save it there when done. A damaged "
+                   "or mismatched file is reported and its tokens recomputed.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"token_ids": [...], "text": ..., "tiers": ..., "session": ...} when done, instead of streaming.')
 @_user_errors
-def generate(artifact, prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json):
+def generate(artifact, prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, session_path,
+             as_json):
     """Generate a continuation of a prompt, streaming tokens as they are produced."""
     from v4c.runtime.artifact import open_artifact
-    from v4c.runtime.generate import Sampling, generate as run
+    from v4c.runtime.generate import Sampling
     if (prompt is None) == (token_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --token-ids IDS")
     art = open_artifact(artifact)
+    conv, info = _conversation(art, session_path)
     tok = art.tokenizer()
     if prompt is not None:
         if tok is None:
             raise V4CError(f"{artifact} has no tokenizer; pass --token-ids instead of --prompt")
-        token_ids = tok.encode(prompt).ids
+        continuing = bool(conv.history or conv.pending)  # no second BOS in the middle of a conversation
+        token_ids = tok.encode(prompt, add_special_tokens=not continuing).ids
     stop = () if ignore_eos else tuple(art.config.eos_token_ids)
     ids, shown = [], ""
     if prompt is not None and not as_json:
         click.echo(click.style(prompt, dim=True), nl=False)  # the continuation streams after it
-    for t in run(art.session(), token_ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop):
+    for t in conv.generate(token_ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop):
         ids.append(t)
         if as_json:
             continue
@@ -184,10 +165,47 @@ def generate(artifact, prompt, token_ids, max_new_tokens, temperature, top_k, to
             click.echo(text[len(shown):], nl=False)
             shown = text
         sys.stdout.flush()
+    if session_path is not None:
+        _save_conversation(art, conv, session_path, info)
     if as_json:
-        click.echo(json.dumps({"token_ids": ids, "text": tok.decode(ids) if tok else None}))
+        out = {"token_ids": ids, "text": tok.decode(ids) if tok else None, "tiers": conv.session.tiers.report()}
+        if session_path is not None:
+            out["session"] = info
+        click.echo(json.dumps(out))
     else:
         click.echo()
+
+
+def _conversation(art, path: Path | None):
+    """A fresh conversation, or the one saved at `path` (a damaged file is reported and recomputed)."""
+    from v4c.runtime.sessions import Conversation, SessionMiss, artifact_key
+    session = art.session()
+    info = {"path": str(path), "resumed": False, "miss": None, "saved": False}
+    if path is None or not path.exists():
+        return Conversation(session), info
+    try:
+        conv = Conversation.load(path, session, artifact_key(art.manifest))
+        info["resumed"] = True
+        return conv, info
+    except SessionMiss as miss:
+        session.reset()
+        recompute = miss.history is not None
+        info["miss"] = miss.reason
+        click.echo(f"v4c: session {path}: {miss.reason}; "
+                   f"{'recomputing its ' + str(len(miss.history)) + ' tokens' if recompute else 'starting afresh'}",
+                   err=True)
+        return Conversation(session, [], (miss.history + miss.pending) if recompute else []), info
+
+
+def _save_conversation(art, conv, path: Path, info: dict) -> None:
+    from v4c.runtime.sessions import SessionSaveError, artifact_key
+    budget = art.manifest["kv"].get("plan", {}).get("budgets", {}).get("disk")
+    try:
+        info["bytes"] = conv.save(path, artifact_key(art.manifest), budget)
+        info["saved"] = True
+    except SessionSaveError as e:
+        info["error"] = str(e)
+        click.echo(f"v4c: {e}", err=True)
 
 
 @main.command()
@@ -271,42 +289,24 @@ def inspect(artifact, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=1))
     else:
-        _print_description(info)
+        print_description(info)
 
 
-def _mib(n) -> str:
-    return f"{n / 2**20:,.2f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
-
-
-def _print_description(info: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    con, m = Console(), info["model"]
-    con.print(f"[bold]{info['artifact']}[/] (format {info['format_version']}, v4c {info['producer']['version']}, "
-              f"target {info['target']['name']}{', signed' if info['signed'] else ''})")
-    con.print(f"model: {m['layers']} layers {m['attention']}, MoE {m['mlp']} with {m['routed_experts']} experts "
-              f"(top {m['experts_per_token']}), hidden {m['hidden_size']}, {m['heads']} heads x {m['head_dim']}, "
-              f"mHC x{m['hc_mult']}, vocab {m['vocab_size']}, {m['parameters']:,} parameters")
-    con.print(f"source: {info['source']}")
-    con.print("pipeline: " + " -> ".join(p["name"] for p in info["pipeline"]))
-    dtypes = sorted(info["weights"]["by_dtype"])
-    t = Table("component", *dtypes, "total", title=f"weights: {_mib(info['weights']['total_bytes'])}")
-    for comp, row in info["weights"]["by_component"].items():
-        t.add_row(comp, *[_mib(row[d]) if d in row else "" for d in dtypes], _mib(sum(row.values())))
-    con.print(t)
-    kv = info["kv"]
-    t = Table("cache family", "layers", "bytes / token", "fixed bytes", f"at {kv['max_context']} tokens",
-              title=f"KV per sequence: {kv['bytes_per_token']:,.1f} bytes/token + {_mib(kv['fixed_bytes'])} fixed")
-    for fam, row in kv["families"].items():
-        t.add_row(fam, str(row["layers"]), f"{row['bytes_per_token']:,.1f}", _mib(row["fixed_bytes"]),
-                  _mib(row["bytes_at_max_context"]))
-    con.print(t)
-    mem = info["plans"]["memory"]
-    if mem:
-        con.print(f"memory plan: {mem['bytes_per_token']:,} bytes/token of activations "
-                  f"({mem['bytes_per_token_without_reuse']:,} without reuse); arena {_mib(mem['arena_bytes_batch1'])} "
-                  f"at batch 1, {mem['prefill_chunk']} tokens per step")
-    con.print(f"report: {info['report'] or 'none (no calibration in this build)'}")
+@main.command()
+@click.argument("model_yaml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--context", type=click.IntRange(min=1), help="Tokens per sequence (default: kv.max_context).")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Sequences in flight (default: kv.concurrency).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full plan (every state slot) as JSON.")
+@_user_errors
+def plan(model_yaml, context, concurrency, as_json):
+    """Print the KV-cache plan of MODEL_YAML: per cache family, bytes per token, tier, pages and
+    predicted traffic. Reads only config.json: no weights are converted."""
+    from v4c.plan import plan_model
+    p = plan_model(model_yaml, context, concurrency)
+    if as_json:
+        click.echo(json.dumps(p, indent=1))
+        return
+    print_plan(p)
 
 
 @main.group()

@@ -51,6 +51,7 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
     extra = {f"tokenizer/{f.name}": f for f in ckpt.tokenizer_files}
     plan = module.plans["memory"]
     extra["plans/memory.json"] = _json(plan)
+    extra["plans/kv.json"] = _json(module.plans["kv"])
     manifest = {
         "producer": {"name": "v4c", "version": __version__},
         "model": module.config,
@@ -60,7 +61,10 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
         "counters": module.counters,
         "target": {"name": spec.target, "toolchain": {"python": platform.python_version(), "torch": torch.__version__}},
         "kv": {"max_context": module.max_context,
-               "state": {k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in module.states.items()}},
+               "state": {k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in module.states.items()},
+               "plan": {"file": "plans/kv.json", **{k: module.plans["kv"][k] for k in
+                                                    ("concurrency", "page_tokens", "budgets", "totals",
+                                                     "bytes_per_decode_step", "session_bytes")}}},
         "memory_plan": {"file": "plans/memory.json", "bytes_per_token": plan["bytes_per_token"],
                         "prefill_chunk": program.prefill_chunk, "arena_bytes_batch1": program.arena_bytes(1),
                         "bytes_per_token_without_reuse": module.counters["memory_plan"]["bytes_per_token_without_reuse"]},

@@ -20,9 +20,17 @@ def build_pipeline(spec: Spec, tokenizer: Path | None = None) -> list[PassSpec]:
         *spec.pass_specs(),
         # 2. clean-up: whatever earlier passes left unused
         PassSpec(name="dce"),
-        # 3. planning: activation buffers (after the last pass that changes the graph)
+        # 3. planning (after the last pass that changes the graph): KV tiers, activation buffers
+        PassSpec(name="kv_plan", options=kv_options(spec)),
         PassSpec(name="memory_plan"),
     ]
+
+
+def kv_options(spec: Spec, context: int | None = None, concurrency: int | None = None) -> dict:
+    t = spec.kv.tiers
+    return {"concurrency": concurrency or spec.kv.concurrency, "page_tokens": spec.kv.page_tokens,
+            "device": None if t.device is None else int(t.device), "host": None if t.host is None else int(t.host),
+            "disk": None if t.disk is None else int(t.disk.size)}
 
 
 def run_pipeline(module: Module, pipeline: list[PassSpec], *, dump_dir: Path | None = None,

@@ -8,6 +8,9 @@ are `SpecError`s that name the file, line and column, the key, what was found an
     kv:
       max_context: 4096       # tokens a session can hold (sizes the KV / compressor state)
       prefill_chunk: 256      # tokens per forward step (sizes the activation arena)
+      concurrency: 1          # sequences in flight; tiers are planned for all of them
+      page_tokens: 64
+      tiers: {device: 512MiB, host: 8GiB, disk: {path: ./kv-cache, size: 50GiB}}
     calibration:              # optional: statistics for the fp8 pass, and the report
       data: ./calib.txt
     report:
@@ -19,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from v4c.passes import LISTABLE, PASSES
 from v4c.runtime.errors import V4CError
@@ -43,9 +46,24 @@ class ModelSection(_Strict):
                                          "model.yaml. Hugging Face and DeepSeek release layouts are detected.")
 
 
+class DiskTier(_Strict):
+    path: Path = Field(description="Directory for saved sessions, relative to model.yaml.")
+    size: ByteSize = Field(description="Bytes it may hold, e.g. 50GiB.")
+
+
+class Tiers(_Strict):
+    device: ByteSize | None = Field(None, description="The fastest pool (GPU memory, or the hot pool on a CPU), "
+                                                      "e.g. 512MiB. Unlimited when absent.")
+    host: ByteSize | None = Field(None, description="Host memory for CSA pages that do not fit the device, e.g. 8GiB.")
+    disk: DiskTier | None = Field(None, description="Where saved sessions go.")
+
+
 class KVSection(_Strict):
     max_context: int = Field(4096, ge=1, description="Tokens one session can hold; sizes every KV / compressor "
                                                      "state slot. Longer prompts are refused at run time.")
+    concurrency: int = Field(1, ge=1, description="Sequences in flight at once; the tiers are planned for all of them.")
+    page_tokens: int = Field(64, ge=1, description="Tokens per KV page moved between tiers.")
+    tiers: Tiers = Field(Tiers(), description="Tier budgets.")
     prefill_chunk: int = Field(256, ge=1, description="Most tokens one forward step takes; longer prompts are fed "
                                                       "in chunks. Sizes the activation arena with the memory plan.")
 
@@ -193,6 +211,8 @@ def load_spec(path) -> tuple[Spec, Path]:
                                 f"calibration.{key}: {data['calibration'][key]!r} resolves to {resolved}, which is "
                                 "not a file")
             setattr(spec.calibration, key, resolved)
+    if spec.kv.tiers.disk is not None:
+        spec.kv.tiers.disk.path = (path.parent / spec.kv.tiers.disk.path).resolve()
     ckpt = (path.parent / spec.model.checkpoint).resolve()
     if not ckpt.is_dir():
         raise SpecError(path, _pos(positions, ("model", "checkpoint"), False),

@@ -16,6 +16,7 @@ import torch
 
 from ..quant import encode_entries
 from .basic import apply_rope, rms_norm, rope_cos_sin
+from .entries import write_rows
 
 
 def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap, eps, rope_scale=1.0,
@@ -37,8 +38,6 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
         buf_gate[:, :rest] = gate
         return
     first_entry = pos0 // rate
-    if first_entry + n_win > entries.shape[1]:
-        raise ValueError(f"compressed entries overflow: {first_entry + n_win} > capacity {entries.shape[1]}")
     win_kv = kv[:, :used].view(batch, n_win, rate, width)
     win_gate = gate[:, :used].view(batch, n_win, rate, width) + ape.float()
     if overlap:
@@ -59,7 +58,6 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
     pooled = rms_norm(pooled, norm_weight, eps=eps)
     positions = torch.arange(n_win) * rate + first_entry * rate
     cos, sin = rope_cos_sin(positions, inv_freq, rope_scale)
-    entries[:, first_entry:first_entry + n_win] = encode_entries(apply_rope(pooled, cos, sin), kv_format,
-                                                                 2 * inv_freq.shape[0])
+    write_rows(entries, first_entry, encode_entries(apply_rope(pooled, cos, sin), kv_format, 2 * inv_freq.shape[0]))
     buf_kv[:, :rest] = kv[:, used:]
     buf_gate[:, :rest] = gate[:, used:]

@@ -24,7 +24,13 @@ def lower(m: Module, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Program:
     spec = lambda t: TensorSpec(list(t.shape), t.dtype)  # noqa: E731
     buffers = {str(slots[v]): {"offset": b["offset"], "bytes": b["bytes"], "shape": list(values[v].shape),
                                "dtype": values[v].dtype} for v, b in plan["buffers"].items()}
-    return Program(inputs=inputs, output=slots[m.func.output.name], steps=steps,
+    kv = m.plans.get("kv")
+    kv_plan = None if kv is None else {
+        "budgets": {k: kv["budgets"][k] for k in ("device", "host")},
+        "page_cache_pages": kv["page_cache_pages"],
+        "slots": {name: {k: s[k] for k in ("tier", "page_entries")}
+                  for name, s in kv["slots"].items() if s["tier"] != "device"}}
+    return Program(inputs=inputs, output=slots[m.func.output.name], steps=steps, kv_plan=kv_plan,
                    params={k: spec(t) for k, t in m.params.items()},
                    states={k: spec(t) for k, t in m.states.items()},
                    max_context=m.max_context, num_values=len(slots), prefill_chunk=prefill_chunk,

@@ -224,7 +224,7 @@ def _index_topk(ins, st, a):
     expect_rank("q", q, 4)
     b, s, h, di = q.shape
     expect_shape("weights", w, b, s, h)
-    expect(st[0].rank == 3 and st[0].shape[2] == di, f"state indexer keys must be [B, capacity, {di}], got {st[0]}")
+    _expect_entries(st[0], b, di, a.get("key_format", "f32"), 0)
     return [i64(b, s, a["topk"])]
 
 
@@ -238,7 +238,9 @@ def _attention(ins, st, a):
     b, s, h, d = q.shape
     expect_shape("kv", kv, b, s, d)
     expect_shape("sinks", sinks, h)
-    expect_shape("state ring", st[0], b, a["window"] - 1, d)
+    ring_dtype, ring_width = entry_layout(a.get("kv_format", "f32"), d, a.get("rope_dim", 0))
+    expect(st[0].dtype == ring_dtype and tuple(st[0].shape) == (b, a["window"] - 1, ring_width),
+           f"state ring must be {ring_dtype}[{b}, {a['window'] - 1}, {ring_width}], got {st[0]}")
     if a["rate"]:
         _expect_entries(st[1], b, d, a.get("kv_format", "f32"), a.get("rope_dim", 0))
     if selected is not None:
