@@ -1,0 +1,24 @@
+"""v4c's Triton kernels. This package is copied, as source, into every triton artifact
+(kernels/triton/) and imported from there by the runtime, so it imports only torch and triton
+(and its own modules, relatively).
+
+Each launcher has exactly the signature and semantics of the runtime's torch kernel of the same
+name (runtime/kernels/), plus an optional `config` dict of launch parameters chosen at compile
+time. Launchers check their inputs and raise `ValueError` naming what is unsupported; they never
+fall back silently. `LAUNCHERS` maps op names to launchers; ops missing here run as the torch
+kernel, and the runtime reports them as fallbacks.
+"""
+
+import importlib
+
+MODULES = ("gemm", "moe", "router", "attention", "indexer", "compressor", "norm", "hyper")
+
+LAUNCHERS: dict = {}
+for _name in MODULES:
+    try:
+        _module = importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as _e:  # a kernel module not written yet
+        if _e.name != f"{__name__}.{_name}":
+            raise
+        continue
+    LAUNCHERS.update(getattr(_module, "LAUNCHERS", {}))

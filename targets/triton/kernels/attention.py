@@ -1,0 +1,267 @@
+"""Sparse shared-KV attention with per-head sinks over the sliding window plus compressed entries.
+
+One program per (query token, batch row, block of heads) runs an online softmax over
+  (a) the window keys the query sees: positions (t - window, t], read from the ring (position p
+      lives in row p % (window - 1)) for p < pos0 and from this call's new keys otherwise;
+  (b) compressed entries: CSA reads the query's selected entries through a row table (global rows
+      of the entries viewed as [B * capacity, W], -1 = none: paged KV), HCA reads every closed
+      window w < (t + 1) // rate;
+  (c) the head's sink logit, which seeds the running max (m = sink, l = 1, acc = 0).
+K = V (one KV head shared by all query heads); logits = (q . k) * scale.
+
+Keys are decoded from their storage format in the kernel (f32, bf16, or fp8_split: [nope e4m3 |
+rope bf16 | one UE8M0 scale per 64 nope channels | zero padding to 8 bytes]). The new keys are
+first encoded by a Triton kernel exactly as `quant.encode_entries` does (round to nearest even by
+integer arithmetic, the UE8M0 exponent exactly: common.ceil_log2 of the group scale), so a token's key
+reads the same in prefill and decode, and the ring rows written back are bit-identical to the reference's.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, ceil_log2, check, check_tensor,
+                     e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, pow2, same_device, ue8m0_value)
+
+FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+SLIDING, CSA, HCA = 0, 1, 2
+
+
+# --- storage codecs (device) -----------------------------------------------------------------
+@triton.jit
+def _load_rows(base, rows, row_ok, offs_d, D, NOPE, ROPE, W, FMT: tl.constexpr):
+    """Decode storage rows `rows` [BN] (int, row_ok [BN]) of width W into fp32 [BN, BD];
+    rows that are not ok read as 0. fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127),
+    channel d >= NOPE = bf16 at bytes NOPE + 2 (d - NOPE) (little endian)."""
+    ptr = base + rows.to(tl.int64)[:, None] * W  # [BN, 1]
+    ok = row_ok[:, None] & (offs_d[None, :] < D)  # [BN, BD]
+    if FMT == 0:
+        return tl.load(ptr + offs_d[None, :], mask=ok, other=0.0)
+    elif FMT == 1:
+        return bf16_value(tl.load(ptr + offs_d[None, :], mask=ok, other=0))
+    else:
+        is_nope = offs_d[None, :] < NOPE
+        byte = tl.load(ptr + offs_d[None, :], mask=ok & is_nope, other=0)
+        sc = tl.load(ptr + NOPE + 2 * ROPE + offs_d[None, :] // 64, mask=ok & is_nope, other=127)
+        nope = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * ue8m0_value(sc)
+        r = NOPE + 2 * tl.maximum(offs_d[None, :] - NOPE, 0)
+        lo = tl.load(ptr + r, mask=ok & ~is_nope, other=0).to(tl.int32)
+        hi = tl.load(ptr + r + 1, mask=ok & ~is_nope, other=0).to(tl.int32)
+        return tl.where(is_nope, nope, bf16_value(lo | (hi << 8)))
+
+
+@triton.jit
+def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One storage row per program: x [R, D] float -> out [R, W] (f32 / bf16 bits / fp8_split bytes;
+    fp8_split's padding bytes are left as allocated, zero). fp8_split per 64-channel nope group:
+    e = ceil_log2(max(amax, 1e-4) / 448) (exact), byte e + 127, codes e4m3(clamp(x / 2^e, +-448))."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row, out_row = x_ptr + row * D, out_ptr + row * W
+    if FMT == 0 or FMT == 1:
+        d = tl.arange(0, BLOCK_D)
+        x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
+        if FMT == 0:
+            tl.store(out_row + d, x, mask=d < D)
+        else:
+            tl.store(out_row + d, bf16_bits(x).to(tl.int16), mask=d < D)
+    else:
+        g = tl.arange(0, BLOCK_G)  # [BG] nope groups
+        d = g[:, None] * 64 + tl.arange(0, 64)[None, :]  # [BG, 64]
+        x = tl.load(x_row + d, mask=d < NOPE, other=0.0).to(tl.float32)
+        e = ceil_log2(group_scale(tl.max(tl.abs(x), axis=1), E4M3_MAX, False))  # [BG] UE8M0 exponents
+        tl.store(out_row + d, e4m3_quant(x, pow2(e)[:, None]).to(tl.uint8), mask=d < NOPE)
+        tl.store(out_row + NOPE + 2 * ROPE + g, (e + 127).to(tl.uint8), mask=g * 64 < NOPE)
+        r = tl.arange(0, BLOCK_R)
+        bits = bf16_bits(tl.load(x_row + NOPE + r, mask=r < ROPE, other=0.0).to(tl.float32))
+        tl.store(out_row + NOPE + 2 * r, (bits & 0xFF).to(tl.uint8), mask=r < ROPE)
+        tl.store(out_row + NOPE + 2 * r + 1, (bits >> 8).to(tl.uint8), mask=r < ROPE)
+
+
+# --- attention (device) ------------------------------------------------------------------------
+@triton.jit
+def _online_step(q, k, ok, scale, m_i, l_i, acc):
+    """Fold keys k [BN, BD] (ok [BN]) into the running softmax of q [BH, BD]:
+    s = (q k^T) * scale; m' = max(m, max s); l' = l e^(m-m') + sum e^(s-m'); acc' = acc e^(m-m') + e^(s-m') k."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BH, BN]
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr,
+                      S, H, D, K, NOPE, ROPE, W, pos0, n_old, slots, window, rate, ent_stride, scale,
+                      MODE: tl.constexpr, FMT: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
+    to the keys. Grid: (S, B, cdiv(H, BLOCK_H)). q, out: [B, S, H, D]; ring: [B, slots, W];
+    new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA)."""
+    s, b, hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pos0 + s  # the query's position
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    token = b * S + s
+    q_off = (token * H + heads[:, None]).to(tl.int64) * D + offs_d[None, :]
+    q_mask = (heads[:, None] < H) & (offs_d[None, :] < D)
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)  # [BH, BD]
+    m_i = tl.load(sinks_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)  # [BH]
+    l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    lo = tl.maximum(t - window + 1, pos0 - n_old)  # window positions [lo, t]
+    for start in range(lo, t + 1, BLOCK_N):
+        p = start + tl.arange(0, BLOCK_N)
+        ok = p <= t
+        old = p < pos0
+        k_old = _load_rows(ring_ptr, b * slots + p % slots, ok & old, offs_d, D, NOPE, ROPE, W, FMT)
+        k_new = _load_rows(new_ptr, b * S + p - pos0, ok & ~old, offs_d, D, NOPE, ROPE, W, FMT)
+        k = tl.where(old[:, None], k_old, k_new)
+        m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc)
+
+    if MODE == 1:  # CSA: the selected entries, through the row table
+        for start in range(0, K, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            rows = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < K, other=-1)
+            ok = rows >= 0
+            k = _load_rows(ent_ptr, tl.maximum(rows, 0), ok, offs_d, D, NOPE, ROPE, W, FMT)
+            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc)
+    elif MODE == 2:  # HCA: every closed window, causally
+        limit = (t + 1) // rate
+        for start in range(0, limit, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            ok = j < limit
+            k = _load_rows(ent_ptr, b * ent_stride + j, ok, offs_d, D, NOPE, ROPE, W, FMT)
+            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc)
+
+    tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
+
+
+# --- host ------------------------------------------------------------------------------------
+def encode_kv(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
+    """x: [..., d] float -> storage [..., W] in `fmt` (= quant.encode_entries), by `_encode_kernel`."""
+    d = x.shape[-1]
+    nope = d - rope
+    dtype, width = entry_layout(fmt, d, rope)
+    rows = x.reshape(-1, d)
+    out = torch.zeros(rows.shape[0], width, dtype=dtype, device=x.device)
+    if rows.shape[0]:
+        dest = out.view(torch.int16) if fmt == "bf16" else out
+        _encode_kernel[(rows.shape[0],)](rows, dest, d, nope, rope, width, FMT=FORMATS[fmt], BLOCK_D=next_pow2(d),
+                                         BLOCK_G=next_pow2(-(-nope // KV_GROUP)), BLOCK_R=next_pow2(rope))
+    return out.view(*x.shape[:-1], width)
+
+
+def _storage_view(t: torch.Tensor) -> torch.Tensor:
+    """bf16 storage is read as its int16 bit patterns; other storage as is."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def _check_entries(name, t, batch, fmt, width):
+    check_tensor(name, t, dtypes=(STORAGE_DTYPES[fmt],), dim=3)
+    check(t.shape[0] == batch and t.shape[2] == width,
+          f"{name}: expected [{batch}, T, {width}] ({fmt} storage), got {list(t.shape)}")
+
+
+def _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, rope_dim):
+    check(kv_format in FORMATS, f"kv_format {kv_format!r} is not supported; expected one of {list(FORMATS)}")
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=4, contiguous=False)
+    batch, s, heads, d = q.shape
+    check_tensor("kv", kv, dtypes=FLOAT_DTYPES, dim=3, contiguous=False)
+    check(tuple(kv.shape) == (batch, s, d), f"kv: expected [{batch}, {s}, {d}], got {list(kv.shape)}")
+    check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, dim=1, contiguous=False)
+    check(sinks.shape[0] == heads, f"sinks: expected [{heads}], got {list(sinks.shape)}")
+    check(isinstance(window, int) and window >= 1, f"window: expected an int >= 1, got {window!r}")
+    check(isinstance(pos0, int) and pos0 >= 0, f"pos0: expected an int >= 0, got {pos0!r}")
+    check(isinstance(rope_dim, int) and 0 <= rope_dim <= d, f"rope_dim: expected 0 <= rope_dim <= {d}, got {rope_dim!r}")
+    check(isinstance(state, (tuple, list)) and len(state) in (1, 2), "state: expected (ring,) or (ring, entries)")
+    width = entry_layout(kv_format, d, rope_dim)[1]
+    _check_entries("state[0] (ring)", state[0], batch, kv_format, width)
+    check(state[0].shape[1] == window - 1, f"state[0] (ring): expected {window - 1} rows (window - 1), got {state[0].shape[1]}")
+    if len(state) > 1 and isinstance(state[1], torch.Tensor):
+        _check_entries("state[1] (entries)", state[1], batch, kv_format, width)
+    if len(state) > 1 and selected is not None:
+        check_tensor("selected", selected, dtypes=INDEX_DTYPES, dim=3, contiguous=False)
+        check(tuple(selected.shape[:2]) == (batch, s), f"selected: expected [{batch}, {s}, K], got {list(selected.shape)}")
+    elif len(state) > 1:
+        check(isinstance(rate, int) and rate > 0, f"rate: HCA (entries without selected) needs an int rate > 0, got {rate!r}")
+    same_device(q=q, kv=kv, sinks=sinks, selected=selected, ring=state[0],
+                entries=state[1] if len(state) > 1 else None)
+
+
+def _config(config, heads):
+    defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64)), "BLOCK_N": 32, "num_warps": 4}
+    return launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
+
+
+def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
+    """-> (mode, entry rows, row table, rows per batch). CSA: table[b, s, k] = b * capacity +
+    selected[b, s, k] (-1 kept) into the entries viewed as [B * capacity, W]; a tiered store gathers
+    the picks on the host and the table is the identity over them. HCA: the first (pos0 + S) // rate rows."""
+    if len(state) == 1:
+        return SLIDING, None, None, 0
+    entries = state[1]
+    if selected is not None:
+        sel = selected.long()
+        if isinstance(entries, torch.Tensor):
+            base = torch.arange(batch, device=sel.device).view(batch, 1, 1) * entries.shape[1]
+            return CSA, entries, torch.where(sel >= 0, base + sel, -1).contiguous(), 0
+        rows = entries.gather(sel)  # [B, S, K, W]
+        check(rows.dtype == STORAGE_DTYPES[fmt] and rows.shape[-1] == width,
+              f"gathered entries: expected {STORAGE_DTYPES[fmt]} rows of {width}, got {rows.dtype} {list(rows.shape)}")
+        rows = rows.reshape(-1, width)
+        ident = torch.arange(sel.numel(), device=sel.device).view(sel.shape)
+        return CSA, rows.contiguous(), torch.where(sel >= 0, ident, -1), 0
+    n_entries = (pos0 + s) // rate
+    if not isinstance(entries, torch.Tensor):
+        entries = entries.read(n_entries).contiguous()
+        _check_entries("entries read", entries, batch, fmt, width)
+    check(entries.shape[1] >= n_entries, f"state[1] (entries): {n_entries} closed windows but capacity {entries.shape[1]}")
+    return HCA, entries, None, entries.shape[1]
+
+
+def _write_ring(ring, stored, pos0):
+    """The ring keeps the last window-1 tokens: position p in row p % (window - 1)."""
+    slots, s = ring.shape[1], stored.shape[1]
+    if slots:
+        n = min(s, slots)
+        ring[:, torch.arange(pos0 + s - n, pos0 + s, device=ring.device) % slots] = stored[:, s - n:]
+
+
+def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0,
+              config=None):
+    """q: [B, S, H, D] roped queries, kv: [B, S, D] roped keys (= values) of the new tokens, sinks: [H],
+    selected: [B, S, K] entry indices (-1 = none) or None; state: (ring [B, window-1, W],) or
+    (ring, entries [B, T, W] or a tiered store), stored in `kv_format` with `rope_dim` RoPE channels.
+    -> [B, S, H, D] fp32. The ring is updated in place after attention."""
+    _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, rope_dim)
+    q, kv, sinks = q.contiguous(), kv.contiguous(), sinks.contiguous()  # inputs may be views; state may not
+    batch, s, heads, d = q.shape
+    cfg = _config(config, heads)
+    ring = state[0]
+    slots = ring.shape[1]
+    width = entry_layout(kv_format, d, rope_dim)[1]
+    stored = encode_kv(kv, kv_format, rope_dim)  # [B, S, W]
+    mode, entries, table, ent_stride = _entry_source(state, selected, batch, s, pos0, rate, kv_format, width)
+    out = torch.empty(batch, s, heads, d, dtype=torch.float32, device=q.device)
+    k = table.shape[-1] if table is not None else 0
+    if batch * s:
+        grid = (s, batch, triton.cdiv(heads, cfg["BLOCK_H"]))
+        new = _storage_view(stored)
+        _attention_kernel[grid](
+            q, _storage_view(ring) if slots else new, new, _storage_view(entries) if entries is not None else new,
+            table if table is not None else new, sinks, out,
+            s, heads, d, k, d - rope_dim, rope_dim, width, pos0, min(pos0, slots), max(slots, 1), window,
+            max(rate, 1), ent_stride, float(scale), MODE=mode, FMT=FORMATS[kv_format],
+            BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"])
+    _write_ring(ring, stored, pos0)
+    return out
+
+
+LAUNCHERS = {"attention": attention}

@@ -1,0 +1,235 @@
+"""Helpers shared by the kernel modules: host-side input checks with clear messages, sizes and launch
+configs; and the numeric device helpers (@triton.jit) every kernel uses for storage formats.
+
+Device helpers work on fp32 values and int32 codes / bit patterns with integer or exact power-of-two
+arithmetic only, so they are bit-exact with torch's casts both on a GPU and in the Triton interpreter
+(whose own `.to(tl.float8e4nv)` / `.to(tl.bfloat16)` do not round to nearest even):
+  pow2, pow2_ceil, ceil_log2             2^e from bits; UE8M0 scales (the reference's quant.pow2_ceil)
+  group_scale                            quantization scale max(amax, 1e-4) / qmax, or its pow2_ceil
+  round_e4m3, e4m3_code                  float8_e4m3fn rounding (RNE, as torch's cast): value / bits
+  e4m3_quant, fake_quant                 e4m3(clamp(x / s, +-448)) as bits / dequantized again
+  bf16_bits, bf16_value                  bfloat16 encode (RNE) / decode
+  e2m1_code, e2m1_value                  FP4 e2m1 encode (as quant.quant_fp4) / decode
+  ue8m0_value, decode_scale              UE8M0 scale bytes (float8_e8m0fnu) -> fp32
+  swiglu_value                           silu(min(g, limit)) * clamp(u, +-limit)
+and host side: launch_config (config validation), entry_layout (KV entry / indexer key storage).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
+SCALE_FLOOR: tl.constexpr = tl.constexpr(1e-4)  # amax floor of every quantization scale
+
+
+# --- host side -----------------------------------------------------------------------------------
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, dim=None, contiguous=True) -> None:
+    check(isinstance(t, torch.Tensor), f"{name}: expected a tensor, got {type(t).__name__}")
+    if dtypes is not None:
+        check(t.dtype in dtypes, f"{name}: dtype {t.dtype} is not supported; expected one of {list(dtypes)}")
+    if dim is not None:
+        check(t.dim() == dim, f"{name}: expected {dim} dimensions, got shape {list(t.shape)}")
+    if contiguous:
+        check(t.is_contiguous(), f"{name}: must be contiguous (shape {list(t.shape)}, strides {list(t.stride())})")
+
+
+def same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    check(len(set(devices.values())) <= 1, f"tensors on different devices: {devices}")
+
+
+# KV entry / indexer key storage formats, as runtime/quant.py: fp8_split's UE8M0 scale covers KV_GROUP nope
+# channels, fp8_block's fp32 scale FP8_BLOCK values, fp4_block's UE8M0 scale FP4_BLOCK values.
+KV_GROUP, FP8_BLOCK, FP4_BLOCK = 64, 128, 32
+STORAGE_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "fp8_split": torch.uint8, "fp8_block": torch.uint8,
+                  "fp4_block": torch.uint8}
+
+
+def entry_layout(fmt: str, d: int, rope: int = 0) -> tuple[torch.dtype, int]:
+    """(storage dtype, elements per entry) of `fmt` for entries of d channels, the last `rope` of them RoPE
+    ones (fp8_split keeps those in bf16); as runtime.quant.entry_layout."""
+    check(fmt in STORAGE_DTYPES, f"KV format {fmt!r} is not supported; expected one of {list(STORAGE_DTYPES)}")
+    if fmt == "fp8_split":
+        raw = d + rope + triton.cdiv(d - rope, KV_GROUP)  # nope e4m3 + rope bf16 + scales
+        return torch.uint8, raw + (-raw % 8)
+    if fmt == "fp8_block":
+        return torch.uint8, d + 4 * triton.cdiv(d, FP8_BLOCK)
+    if fmt == "fp4_block":
+        return torch.uint8, triton.cdiv(d, 2) + triton.cdiv(d, FP4_BLOCK)
+    return STORAGE_DTYPES[fmt], d
+
+
+def _is_pow2(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
+
+
+def launch_config(config, defaults: dict, name: str, *, at_least: dict | None = None) -> dict:
+    """`config` (None or a dict) merged over `defaults` (which also lists the allowed keys). Raises
+    ValueError, naming `name`, the key and the allowed keys, for: unknown keys; block sizes (keys
+    starting with BLOCK / block) and num_warps that are not positive powers of two; num_stages that is
+    not a positive int; values below their `at_least` minimum (e.g. 16 for tl.dot tiles)."""
+    allowed = list(defaults)
+    check(config is None or isinstance(config, dict),
+          f"{name}: config: expected a dict or None, got {type(config).__name__}; keys: {allowed}")
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(defaults), key=str)
+    check(not unknown, f"{name}: config: unknown keys {unknown}; supported: {allowed}")
+    cfg = {**defaults, **config}
+    for key, value in cfg.items():
+        if key.upper().startswith("BLOCK") or key == "num_warps":
+            check(_is_pow2(value),
+                  f"{name}: config[{key!r}]: expected a positive power of two, got {value!r} (keys: {allowed})")
+        elif key == "num_stages":
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"{name}: config[{key!r}]: expected a positive int, got {value!r} (keys: {allowed})")
+    for key, low in (at_least or {}).items():
+        check(cfg[key] >= low, f"{name}: config[{key!r}]: expected a power of two >= {low}, got {cfg[key]!r} "
+                               f"(keys: {allowed})")
+    return cfg
+
+
+# --- powers of two and UE8M0 scales (device) ------------------------------------------------------
+@triton.jit
+def pow2(e):
+    """2^e as fp32 from bits, exact for integer e in [-149, 128] (128 -> inf)."""
+    normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    tiny = (1 << tl.minimum(tl.maximum(e + 149, 0), 22)).to(tl.float32, bitcast=True)
+    return tl.where(e >= -126, normal, tiny)
+
+
+@triton.jit
+def ceil_log2(s):
+    """ceil(log2(s)) as int32, exactly, for positive normal fp32 s: the exponent field, plus one
+    unless s is a power of two (no log2 rounding: 2^-10 * (1 + 2^-23) gives -9)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return (bits >> 23) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+
+
+@triton.jit
+def pow2_ceil(s):
+    """The smallest power of two >= s (positive normal fp32 s), exactly: quant.pow2_ceil (inf and NaN stay)."""
+    bits = s.to(tl.int32, bitcast=True)
+    p = (((bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+    return tl.where(bits >= 0x7F800000, s, p)
+
+
+@triton.jit
+def group_scale(amax, QMAX: tl.constexpr, UE8M0: tl.constexpr):
+    """Quantization scale of a group: max(amax, 1e-4) / QMAX, correctly rounded (tl.div_rn: a plain
+    `/` is approximate on a GPU), or for UE8M0 its pow2_ceil; as quant._scale / quant.fp4_scales."""
+    s = tl.div_rn(tl.maximum(amax, SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL), QMAX)
+    if UE8M0:
+        s = pow2_ceil(s)
+    return s
+
+
+@triton.jit
+def ue8m0_value(byte):
+    """UE8M0 byte b (float8_e8m0fnu, any int type) -> 2^(b - 127) as fp32 from bits (0 -> 2^-127, 255 -> NaN)."""
+    b = byte.to(tl.int32) & 0xFF
+    return tl.where(b == 0, 0x00400000, tl.where(b == 255, 0x7FC00000, b << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def decode_scale(raw, E8M0: tl.constexpr):
+    """A block scale as fp32: UE8M0 bytes (E8M0) through ue8m0_value, any float dtype as is."""
+    if E8M0:
+        return ue8m0_value(raw)
+    else:
+        return raw.to(tl.float32)
+
+
+# --- activation (device) -------------------------------------------------------------------------
+@triton.jit
+def swiglu_value(g, u, limit, HAS_LIMIT: tl.constexpr):
+    """silu(min(g, limit)) * clamp(u, +-limit) (no clamp without HAS_LIMIT), silu(g) = g / (1 + exp(-g)):
+    basic.swiglu on fp32 tiles."""
+    if HAS_LIMIT:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+# --- float8 e4m3fn (device) -----------------------------------------------------------------------
+@triton.jit
+def round_e4m3(x):
+    """fp32 x -> the float8_e4m3fn value of torch's cast (x.to(float8_e4m3fn).float()): round to nearest
+    even, saturating at +-448 (inf too), NaN stays NaN, the sign kept (-0.0 for small negatives).
+    |x| >= 2^-6: RNE of the fp32 bits at mantissa bit 20 (integer arithmetic); below, the quantum is 2^-9
+    and fl(|x| + 2^14) - 2^14 rounds to it exactly (one correctly rounded add: the ulp of 2^14 is 2^-9)."""
+    bits = x.to(tl.int32, bitcast=True)
+    a = tl.abs(x)
+    abits = bits & 0x7FFFFFFF
+    abits = tl.where(abits > 0x7F800000, 0x7FC00000, abits)  # any NaN -> one whose rounding stays NaN
+    normal = ((abits + 0x7FFFF + ((abits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    r = tl.where(a < 0.015625, (a + 16384.0) - 16384.0, normal)
+    r = tl.minimum(r, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return (r.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_code(x):
+    """fp32 x -> float8_e4m3fn bits (int32 0..255) of torch's cast: those of round_e4m3(x), an exact e4m3
+    value (normal: exponent re-biased 127 -> 7 and 3 mantissa bits; subnormal: |r| / 2^-9; NaN: 0x7F)."""
+    rbits = round_e4m3(x).to(tl.int32, bitcast=True)
+    m = rbits & 0x7FFFFFFF
+    sub = (tl.minimum(m, 0x3C800000).to(tl.float32, bitcast=True) * 512.0).to(tl.int32)  # <= 8; exact
+    code = tl.where(m >= 0x3C800000, (m >> 20) - (120 << 3), sub)
+    return tl.where(m > 0x7F800000, 0x7F, code) | ((rbits >> 24) & 0x80)
+
+
+@triton.jit
+def e4m3_quant(x, s):
+    """e4m3 code of clamp(x / s, +-448), x / s correctly rounded (the clamp is round_e4m3's saturation)."""
+    return e4m3_code(tl.div_rn(x, s))
+
+
+@triton.jit
+def fake_quant(x, s):
+    """e4m3(clamp(x / s, +-448)) * s: quant.fake_quant_* for x / s (any broadcastable shapes)."""
+    return round_e4m3(tl.div_rn(x, s)) * s  # round_e4m3 saturates at +-448 as the clamp does
+
+
+# --- bfloat16 (device) ----------------------------------------------------------------------------
+@triton.jit
+def bf16_bits(x):
+    """fp32 -> bfloat16 bits (int32 0..0xFFFF), round to nearest even, as torch's cast (NaN -> 0x7FC0)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded.to(tl.int32))
+
+
+@triton.jit
+def bf16_value(bits):
+    """bfloat16 bits (any int type, low 16 bits used) -> fp32, exact."""
+    return ((bits.to(tl.uint32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+# --- FP4 e2m1 (device) ----------------------------------------------------------------------------
+@triton.jit
+def e2m1_code(x):
+    """Nearest e2m1 code of fp32 x (magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign), ties to the
+    smaller magnitude, +0 for anything rounding to zero, 6 past it: as quant.quant_fp4's first-index argmin."""
+    m = tl.abs(x)
+    code = ((m > 0.25).to(tl.int32) + (m > 0.75).to(tl.int32) + (m > 1.25).to(tl.int32) + (m > 1.75).to(tl.int32)
+            + (m > 2.5).to(tl.int32) + (m > 3.5).to(tl.int32) + (m > 5.0).to(tl.int32))
+    return tl.where((x < 0) & (code > 0), code | 8, code)
+
+
+@triton.jit
+def e2m1_value(code):
+    """e2m1 code (int, low 4 bits used) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6 (bit 3 the sign; 8 -> -0.0)."""
+    m = code.to(tl.int32) & 7
+    normal = ((((m >> 1) + 126) << 23) | ((m & 1) << 22)).to(tl.float32, bitcast=True)  # m >= 2
+    mag = tl.where(m < 2, 0.5 * (m & 1).to(tl.float32), normal)
+    return tl.where((code.to(tl.int32) & 8) != 0, -mag, mag)

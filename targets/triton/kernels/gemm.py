@@ -1,0 +1,260 @@
+"""Projections and embeddings: plain and FP8 (e4m3, block-scaled) GEMMs, grouped (block-diagonal)
+GEMMs, and embedding-row gathers.
+
+One GEMM kernel serves all four projection launchers: x [M, G, K] times the weight rows of group g,
+W_g = weight[g*R:(g+1)*R] ([R, K]), gives y [M, G, R] (G = 1 for a plain linear). FP8 weights are
+dequantized in registers (e4m3 value * block scale). Activation quantization (`act`) is fused:
+each K tile lies inside one activation group and one weight block column, the group's amax is
+taken per token before its tiles are quantized (common.group_scale: UE8M0 scales are exact powers
+of two), and e4m3 rounding is done with exact integer arithmetic (common.fake_quant) so it equals
+torch's float8_e4m3fn cast (round to nearest, ties to even) both on a GPU and in the Triton
+interpreter (whose own fp8 cast rounds ties away from zero).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (E4M3_MAX, check, check_tensor, decode_scale, fake_quant, group_scale, launch_config, next_pow2,
+                     same_device)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
+TOKEN_DTYPES = (torch.int64, torch.int32)
+ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
+
+
+# --- kernels -----------------------------------------------------------------------------------
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, act_scale, bo, bi,
+                 sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn,
+                 ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G).
+    GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static."""
+    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)  # [BM]
+    offs_n = pid_n * BN + tl.arange(0, BN)  # [BN] rows of W_g
+    m_ok, n_ok = offs_m < M, offs_n < N
+    rows_w = g * N + offs_n  # [BN] rows of the full weight
+    x_rows = x_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1]
+    w_rows = w_ptr + rows_w[None, :] * swn  # [1, BN]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, GS):  # one activation group at a time
+        k_end = tl.minimum(k0 + GS, K)
+        s = act_scale
+        if ACT == 1:  # dynamic: per-token amax over the group, then its scale
+            amax = tl.zeros((BM,), dtype=tl.float32)
+            for kk in range(k0, k_end, BK):
+                offs_k = kk + tl.arange(0, BK)
+                xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
+            s = group_scale(amax, E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
+        for kk in range(k0, k_end, BK):
+            offs_k = kk + tl.arange(0, BK)  # [BK]
+            k_ok = offs_k < K
+            xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            xt = xt.to(tl.float32)  # [BM, BK]
+            if ACT != 0:
+                xt = fake_quant(xt, s)
+            wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wt = wt.to(tl.float32)  # [BK, BN]
+            if W_SCALED:  # the tile lies in block column kk // bi; one scale per weight row
+                sw = tl.load(s_ptr + (rows_w // bo) * ssn + (kk // bi) * ssk, mask=n_ok, other=0)
+                wt = wt * decode_scale(sw, S_E8M0)[None, :]
+            acc += tl.dot(xt, wt, input_precision="ieee")
+    y = y_ptr + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
+    tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, D, bo, bi, swv, swd, ssv, ssd,
+                  SCALED: tl.constexpr, S_E8M0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """y[t, d] = w[tok[t], d] (* scale[tok[t] // bo, d // bi]).  Grid: (cdiv(T, BT), cdiv(D, BD))."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)  # [BD]
+    t_ok, d_ok = offs_t < T, offs_d < D
+    mask = t_ok[:, None] & d_ok[None, :]
+    tok = tl.load(tok_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BT]
+    w = tl.load(w_ptr + tok[:, None] * swv + offs_d[None, :] * swd, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        sw = tl.load(s_ptr + (tok // bo)[:, None] * ssv + (offs_d // bi)[None, :] * ssd, mask=mask, other=0)
+        w = w * decode_scale(sw, S_E8M0)
+    tl.store(y_ptr + offs_t[:, None] * D + offs_d[None, :], w, mask=mask)
+
+
+# --- host-side checks and tiling ---------------------------------------------------------------
+def _gemm_config(config, m: int, n: int, name: str) -> dict:
+    defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
+                "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
+
+
+def _pick_block_k(k: int, bi: int, group, max_bk: int) -> int:
+    """The largest power of two BK in [16, max_bk] such that every K tile lies inside one weight
+    block column (BK divides bi, or bi >= K) and one activation group (BK divides it, or it >= K)."""
+    bk = min(max_bk, max(16, next_pow2(k)))
+    while bk >= 16:
+        if (bi >= k or bi % bk == 0) and (group is None or group >= k or group % bk == 0):
+            return bk
+        bk //= 2
+    raise ValueError(f"cannot tile K={k} exactly: block input size {bi} and activation group {group} need a "
+                     f"common power-of-two K tile >= 16 (each tile must lie in one block column and one group); "
+                     f"supported: block[1] and group multiples of 16 (or >= K)")
+
+
+def _check_block(block, weight, scale) -> tuple[int, int]:
+    check(isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b >= 1 for b in block),
+          f"block: expected [bo, bi] positive ints, got {block!r}")
+    (bo, bi), (o, i) = block, weight.shape
+    need = (-(-o // bo), -(-i // bi))
+    check(scale.dim() == 2 and scale.shape[0] >= need[0] and scale.shape[1] >= need[1],
+          f"scale: shape {list(scale.shape)} does not cover weight {list(weight.shape)} in blocks {list(block)} "
+          f"(expected {list(need)})")
+    return bo, bi
+
+
+def _scale_arg(scale: torch.Tensor):
+    """-> (tensor for the kernel, is UE8M0): UE8M0 scales travel as their raw bytes."""
+    if scale.dtype == torch.float8_e8m0fnu:
+        return scale.view(torch.uint8), True
+    return scale, False
+
+
+def _check_act(act) -> tuple[int, int | None, bool, float]:
+    """-> (mode code, group or None, UE8M0 scales, static scale)."""
+    check(isinstance(act, dict) and act.get("mode") in ACT_MODES,
+          f"act: expected a dict with mode in {list(ACT_MODES)}, got {act!r}")
+    mode = ACT_MODES[act["mode"]]
+    if mode == 1:
+        group, fmt = act.get("group"), act.get("scale_format", "fp32")
+        check(isinstance(group, int) and group >= 1, f"act: dynamic mode needs a positive int group, got {group!r}")
+        check(fmt in ("fp32", "ue8m0"), f"act: scale_format {fmt!r} is not supported; expected fp32 or ue8m0")
+        return mode, group, fmt == "ue8m0", 1.0
+    if mode == 2:
+        scale = act.get("scale")
+        check(isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1),
+              f"act: static mode needs a scalar scale, got {scale!r}")
+        return mode, None, False, float(scale)
+    return mode, None, False, 1.0
+
+
+def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
+    """x3 [M, G, K] (any strides), weight [G*R, K] -> fp32 [M, G, R]."""
+    m, groups, k = x3.shape
+    r = weight.shape[0] // groups
+    mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
+    cfg = _gemm_config(config, m, r, name)
+    y = torch.zeros(m, groups, r, dtype=torch.float32, device=x3.device)
+    if m == 0 or r == 0 or k == 0:
+        return y
+    bo, bi = block
+    bk = _pick_block_k(k, bi if scale is not None else k, group, cfg["BLOCK_K"])
+    span = group if mode == 1 and group < k else k  # K span of one activation group
+    s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups)
+    _gemm_kernel[grid](x3, weight, s, y, m, r, k, span, static, bo, bi,
+                       *x3.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),
+                       ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
+                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def _check_gemm_inputs(x, weight, scale, groups: int) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, contiguous=False)
+    check(x.dim() >= 1, "x: expected at least one dimension")
+    if scale is None:
+        check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
+    else:
+        check_tensor("weight", weight, dtypes=(torch.float8_e4m3fn,), dim=2, contiguous=False)
+        check_tensor("scale", scale, dtypes=SCALE_DTYPES, contiguous=False)
+    same_device(x=x, weight=weight, scale=scale)
+    check(weight.shape[1] == x.shape[-1], f"weight: shape {list(weight.shape)} does not match x's K = {x.shape[-1]}")
+    check(isinstance(groups, int) and groups >= 1 and weight.shape[0] % groups == 0,
+          f"groups: {groups!r} must be a positive int dividing weight rows {weight.shape[0]}")
+
+
+def _check_grouped_x(x, groups: int) -> None:
+    check(x.dim() >= 2 and x.shape[-2] == groups,
+          f"x: expected shape [..., groups={groups}, K], got {list(x.shape)}")
+
+
+# --- launchers -----------------------------------------------------------------------------------
+def linear(x, weight, *, config=None):
+    """x [..., K] (f32/bf16/f16), weight [N, K] (f32/bf16/f16) -> fp32 [..., N];  y = x W^T."""
+    _check_gemm_inputs(x, weight, None, 1)
+    lead, k = x.shape[:-1], x.shape[-1]
+    return _gemm("linear", x.reshape(-1, 1, k), weight, config=config).reshape(*lead, weight.shape[0])
+
+
+def grouped_linear(x, weight, *, groups, config=None):
+    """Block-diagonal projection. x [..., G, K], weight [G*R, K] -> fp32 [..., G, R];
+    y[..., g, :] = x[..., g, :] W_g^T with W_g = weight[g*R:(g+1)*R]."""
+    _check_gemm_inputs(x, weight, None, groups)
+    _check_grouped_x(x, groups)
+    lead, k = x.shape[:-2], x.shape[-1]
+    return _gemm("grouped_linear", x.reshape(-1, groups, k), weight, config=config).reshape(*lead, groups, -1)
+
+
+def linear_fp8(x, weight, scale, *, block, act, config=None):
+    """x [..., K], weight e4m3 [N, K] with block scales [ceil(N/bo), ceil(K/bi)] (fp32 or UE8M0)
+    -> fp32 [..., N] = q(x) dq(W)^T, dq(W)[n, k] = W[n, k] * scale[n // bo, k // bi], q = `act`."""
+    _check_gemm_inputs(x, weight, scale, 1)
+    bo_bi = _check_block(block, weight, scale)
+    lead, k = x.shape[:-1], x.shape[-1]
+    return _gemm("linear_fp8", x.reshape(-1, 1, k), weight, scale, bo_bi, act, config).reshape(*lead, weight.shape[0])
+
+
+def grouped_linear_fp8(x, weight, scale, *, groups, block, act, config=None):
+    """grouped_linear over q(x) (`act`) and the dequantized e4m3 weight [G*R, K] (block scales as in
+    linear_fp8; blocks may straddle groups). x [..., G, K] -> fp32 [..., G, R]."""
+    _check_gemm_inputs(x, weight, scale, groups)
+    _check_grouped_x(x, groups)
+    bo_bi = _check_block(block, weight, scale)
+    lead, k = x.shape[:-2], x.shape[-1]
+    return _gemm("grouped_linear_fp8", x.reshape(-1, groups, k), weight, scale, bo_bi, act, config).reshape(
+        *lead, groups, -1)
+
+
+def _embed(name, tokens, weight, scale, block, config):
+    check_tensor("tokens", tokens, dtypes=TOKEN_DTYPES, contiguous=False)
+    check(weight.dim() == 2, f"weight: expected [V, D], got shape {list(weight.shape)}")
+    same_device(tokens=tokens, weight=weight, scale=scale)
+    (v, d), flat = weight.shape, tokens.reshape(-1).contiguous()
+    check(flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < v),
+          f"tokens: ids must lie in [0, {v}) (the embedding table's rows)")
+    cfg = launch_config(config, {"BLOCK_T": min(32, next_pow2(flat.numel())), "BLOCK_D": min(128, next_pow2(d)),
+                                 "num_warps": 4}, name)
+    y = torch.empty(flat.numel(), d, dtype=torch.float32, device=weight.device)
+    if y.numel():
+        s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
+        grid = (triton.cdiv(flat.numel(), cfg["BLOCK_T"]), triton.cdiv(d, cfg["BLOCK_D"]))
+        _embed_kernel[grid](flat, weight, s, y, flat.numel(), d, block[0], block[1], *weight.stride(),
+                            s.stride(0), s.stride(-1), SCALED=scale is not None, S_E8M0=s_e8m0,
+                            BT=cfg["BLOCK_T"], BD=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return y.reshape(*tokens.shape, d)
+
+
+def embed(tokens, weight, *, config=None):
+    """tokens [B, S] int, weight [V, D] (f32/bf16/f16) -> fp32 [B, S, D];  y[b, s] = weight[tokens[b, s]]."""
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
+    return _embed("embed", tokens, weight, None, (1, 1), config)
+
+
+def embed_fp8(tokens, weight, scale, *, block, config=None):
+    """tokens [B, S] int, weight e4m3 [V, D], scale [ceil(V/bo), ceil(D/bi)] (fp32 or UE8M0)
+    -> fp32 [B, S, D];  y[b, s, d] = weight[t, d] * scale[t // bo, d // bi], t = tokens[b, s]."""
+    check_tensor("weight", weight, dtypes=(torch.float8_e4m3fn,), dim=2, contiguous=False)
+    check_tensor("scale", scale, dtypes=SCALE_DTYPES, contiguous=False)
+    return _embed("embed_fp8", tokens, weight, scale, _check_block(block, weight, scale), config)
+
+
+LAUNCHERS = {
+    "linear": linear,
+    "grouped_linear": grouped_linear,
+    "linear_fp8": linear_fp8,
+    "grouped_linear_fp8": grouped_linear_fp8,
+    "embed": embed,
+    "embed_fp8": embed_fp8,
+}

@@ -1,0 +1,281 @@
+"""Triton kernels for manifold-constrained hyper-connections (mHC); see runtime/kernels/hyper.py.
+
+The residual is `hc` parallel streams per token: streams [B, S, hc, D]. Every launcher computes
+in fp32 and returns fp32, like the reference. Tokens are flattened to T = B*S rows:
+
+  hc_expand  grid (T, D tiles)  out[t, i, :] = x[t, :]
+  hc_pre     grid (T,)          one program per token: RMSNorm scale, the (2+hc)*hc projection,
+                                sigmoid / softmax, Sinkhorn in registers, the pre-weighted collapse
+  hc_post    grid (T, D tiles)  new[t, j, :] = post[t, j] * out[t, :] + sum_i comb[t, i, j] * streams[t, i, :]
+  hc_head    grid (T,)          the hc_pre collapse with an hc-row projection and one scale
+
+hc is padded to the power of two HCP (masked); hc up to MAX_HC is supported.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check, check_tensor, launch_config, next_pow2, same_device
+
+MAX_HC = 8
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --- device helpers ------------------------------------------------------------------------------
+@triton.jit
+def _rows_dot(fn_ptr, row0, x, offs_k, k_mask, K, HC: tl.constexpr, HCP: tl.constexpr):
+    """One K tile of fn[row0 : row0+HC] @ x: acc[i] = sum_k fn[row0 + i, k] * x[k] -> [HCP]."""
+    i = tl.arange(0, HCP)
+    ptrs = fn_ptr + (row0 + i[:, None]) * K + offs_k[None, :]  # [HCP, BLOCK_K]
+    w = tl.load(ptrs, mask=(i[:, None] < HC) & k_mask[None, :], other=0.0).to(tl.float32)
+    return tl.sum(w * x[None, :], axis=1)
+
+
+@triton.jit
+def _square_dot(fn_ptr, row0, x, offs_k, k_mask, K, HC: tl.constexpr, HCP: tl.constexpr):
+    """One K tile of the comb rows: acc[i, j] = sum_k fn[row0 + i*HC + j, k] * x[k] -> [HCP, HCP]."""
+    i = tl.arange(0, HCP)[:, None, None]
+    j = tl.arange(0, HCP)[None, :, None]
+    ptrs = fn_ptr + (row0 + i * HC + j) * K + offs_k[None, None, :]  # [HCP, HCP, BLOCK_K]
+    mask = (i < HC) & (j < HC) & k_mask[None, None, :]
+    w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(w * x[None, None, :], axis=2)
+
+
+@triton.jit
+def _collapse(x_ptr, out_ptr, pre, D, HC: tl.constexpr, HCP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[d] = sum_i pre[i] * x[i, d] for one token; x: [HC, D] at x_ptr, pre: [HCP] (0 past HC)."""
+    i = tl.arange(0, HCP)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = (i[:, None] < HC) & (d[None, :] < D)
+        x = tl.load(x_ptr + i[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)  # [HCP, BLOCK_D]
+        tl.store(out_ptr + d, tl.sum(pre[:, None] * x, axis=0), mask=d < D)
+
+
+@triton.jit
+def _sinkhorn(logits, iters, eps, HC: tl.constexpr, HCP: tl.constexpr):
+    """comb = softmax(logits, rows) + eps; c /= colsum + eps; then iters-1 x (rows, columns).
+    logits: [HCP, HCP] (padding ignored) -> [HCP, HCP], zero outside [HC, HC]."""
+    i = tl.arange(0, HCP)[:, None]
+    j = tl.arange(0, HCP)[None, :]
+    valid = (i < HC) & (j < HC)
+    logits = tl.where(j < HC, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    comb = tl.where(valid, p / tl.sum(p, axis=1)[:, None] + eps, 0.0)
+    comb = comb / (tl.sum(comb, axis=0)[None, :] + eps)
+    for _ in range(iters - 1):
+        comb = comb / (tl.sum(comb, axis=1)[:, None] + eps)
+        comb = comb / (tl.sum(comb, axis=0)[None, :] + eps)
+    return comb
+
+
+# --- kernels ---------------------------------------------------------------------------------------
+@triton.jit
+def _hc_expand_kernel(x_ptr, out_ptr, D, HC: tl.constexpr, HCP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x: [T, D] -> out: [T, HC, D]."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    i = tl.arange(0, HCP)
+    x = tl.load(x_ptr + t * D + d, mask=d < D, other=0.0).to(tl.float32)  # [BLOCK_D]
+    tile = tl.broadcast_to(x[None, :], (HCP, BLOCK_D))
+    tl.store(out_ptr + t * HC * D + i[:, None] * D + d[None, :], tile, mask=(i[:, None] < HC) & (d[None, :] < D))
+
+
+@triton.jit
+def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, D, iters, eps, norm_eps,
+                   HC: tl.constexpr, HCP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x: [T, HC*D], fn: [(2+HC)*HC, HC*D], base: [(2+HC)*HC], scale: [3]
+    -> collapsed [T, D], post [T, HC], comb [T, HC, HC].
+    mixes = rsqrt(mean(x^2) + norm_eps) * (fn @ x), then the gates, Sinkhorn and the collapse."""
+    t = tl.program_id(0).to(tl.int64)
+    K = HC * D
+    x_row = x_ptr + t * K
+    sumsq = tl.zeros((BLOCK_K,), tl.float32)
+    pre_acc = tl.zeros((HCP,), tl.float32)
+    post_acc = tl.zeros((HCP,), tl.float32)
+    comb_acc = tl.zeros((HCP, HCP), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
+        sumsq += x * x
+        pre_acc += _rows_dot(fn_ptr, 0, x, offs_k, k_mask, K, HC, HCP)
+        post_acc += _rows_dot(fn_ptr, HC, x, offs_k, k_mask, K, HC, HCP)
+        comb_acc += _square_dot(fn_ptr, 2 * HC, x, offs_k, k_mask, K, HC, HCP)
+    rs = tl.rsqrt(tl.sum(sumsq, axis=0) / K + norm_eps)  # the unweighted RMSNorm, as one scalar
+
+    i = tl.arange(0, HCP)
+    j = tl.arange(0, HCP)
+    valid = i < HC
+    square = (i[:, None] < HC) & (j[None, :] < HC)
+    pre_b = tl.load(base_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    post_b = tl.load(base_ptr + HC + i, mask=valid, other=0.0).to(tl.float32)
+    comb_b = tl.load(base_ptr + 2 * HC + i[:, None] * HC + j[None, :], mask=square, other=0.0).to(tl.float32)
+    pre_s = tl.load(scale_ptr).to(tl.float32)
+    post_s = tl.load(scale_ptr + 1).to(tl.float32)
+    comb_s = tl.load(scale_ptr + 2).to(tl.float32)
+
+    pre = tl.where(valid, tl.sigmoid(pre_acc * rs * pre_s + pre_b) + eps, 0.0)  # [HCP]
+    post = 2.0 * tl.sigmoid(post_acc * rs * post_s + post_b)  # [HCP]
+    comb = _sinkhorn(comb_acc * rs * comb_s + comb_b, iters, eps, HC, HCP)  # [HCP, HCP]
+
+    tl.store(post_ptr + t * HC + i, post, mask=valid)
+    tl.store(comb_ptr + t * HC * HC + i[:, None] * HC + j[None, :], comb, mask=square)
+    _collapse(x_row, col_ptr + t * D, pre, D, HC, HCP, BLOCK_D)
+
+
+@triton.jit
+def _hc_post_kernel(out_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, HC: tl.constexpr, HCP: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """out: [T, D], x: [T, HC, D], post: [T, HC], comb: [T, HC, HC] -> new: [T, HC, D]."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    i = tl.arange(0, HCP)
+    d_mask = d < D
+    tile_mask = (i[:, None] < HC) & d_mask[None, :]
+    out = tl.load(out_ptr + t * D + d, mask=d_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
+    x = tl.load(x_ptr + t * HC * D + i[:, None] * D + d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + t * HC + i, mask=i < HC, other=0.0).to(tl.float32)  # [HCP]
+    comb = tl.load(comb_ptr + t * HC * HC + i[:, None] * HC + i[None, :],
+                   mask=(i[:, None] < HC) & (i[None, :] < HC), other=0.0).to(tl.float32)  # [HCP(i), HCP(j)]
+    mixed = tl.sum(comb[:, :, None] * x[:, None, :], axis=0)  # [HCP(j), BLOCK_D]
+    new = post[:, None] * out[None, :] + mixed
+    tl.store(new_ptr + t * HC * D + i[:, None] * D + d[None, :], new, mask=tile_mask)
+
+
+@triton.jit
+def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, D, eps, norm_eps,
+                    HC: tl.constexpr, HCP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x: [T, HC*D], fn: [HC, HC*D], base: [HC], scale: [1] -> collapsed [T, D];
+    pre = sigmoid(rsqrt(mean(x^2) + norm_eps) * (fn @ x) * scale + base) + eps."""
+    t = tl.program_id(0).to(tl.int64)
+    K = HC * D
+    x_row = x_ptr + t * K
+    sumsq = tl.zeros((BLOCK_K,), tl.float32)
+    acc = tl.zeros((HCP,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
+        sumsq += x * x
+        acc += _rows_dot(fn_ptr, 0, x, offs_k, k_mask, K, HC, HCP)
+    rs = tl.rsqrt(tl.sum(sumsq, axis=0) / K + norm_eps)
+    i = tl.arange(0, HCP)
+    base = tl.load(base_ptr + i, mask=i < HC, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    pre = tl.where(i < HC, tl.sigmoid(acc * rs * scale + base) + eps, 0.0)  # [HCP]
+    _collapse(x_row, col_ptr + t * D, pre, D, HC, HCP, BLOCK_D)
+
+
+# --- host side -------------------------------------------------------------------------------------
+def _options(config, D, K, name):
+    """Launch parameters: BLOCK_D (collapse / elementwise tile), BLOCK_K (projection tile), num_warps."""
+    return launch_config(config, {"BLOCK_D": min(next_pow2(D), 256), "BLOCK_K": min(next_pow2(K), 512),
+                                  "num_warps": 4}, name)
+
+
+def _check_streams(streams):
+    """streams: [B, S, hc, D] floating, 1 <= hc <= MAX_HC, D >= 1 -> (B, S, hc, D)."""
+    check_tensor("streams", streams, dtypes=FLOATS, dim=4, contiguous=False)
+    b, s, hc, d = streams.shape
+    check(1 <= hc <= MAX_HC, f"streams: hc = {hc} is not supported; expected 1 <= hc <= {MAX_HC}")
+    check(d >= 1, f"streams: hidden size D must be >= 1, got shape {list(streams.shape)}")
+    return b, s, hc, d
+
+
+def _check_param(name, t, shape):
+    check_tensor(name, t, dtypes=FLOATS, contiguous=False)
+    check(tuple(t.shape) == tuple(shape), f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_float(name, value):
+    check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name}: expected a number, got {value!r}")
+
+
+def hc_expand(x, *, hc, config=None):
+    """x: [B, S, D] -> [B, S, hc, D] fp32 (the same stream hc times)."""
+    check_tensor("x", x, dtypes=FLOATS, dim=3, contiguous=False)
+    check(isinstance(hc, int) and not isinstance(hc, bool) and 1 <= hc <= MAX_HC,
+          f"hc: expected an int with 1 <= hc <= {MAX_HC}, got {hc!r}")
+    b, s, d = x.shape
+    out = torch.empty(b, s, hc, d, dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
+    opts = _options(config, d, d, "hc_expand")
+    grid = (b * s, triton.cdiv(d, opts["BLOCK_D"]))
+    _hc_expand_kernel[grid](x.contiguous(), out, d, HC=hc, HCP=next_pow2(hc), BLOCK_D=opts["BLOCK_D"],
+                            num_warps=opts["num_warps"])
+    return out
+
+
+def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None):
+    """streams: [B, S, hc, D], fn: [(2+hc)*hc, hc*D], base: [(2+hc)*hc], scale: [3]
+    -> collapsed [B, S, D], post [B, S, hc], comb [B, S, hc, hc] (all fp32).
+    mixes = fn @ rms_norm(streams.flatten), split [hc | hc | hc*hc];
+    pre = sigmoid(mixes_pre * scale[0] + base_pre) + eps; post = 2 * sigmoid(mixes_post * scale[1] + base_post);
+    comb = Sinkhorn(softmax(mixes_comb * scale[2] + base_comb, rows) + eps, iters);
+    collapsed = sum_i pre[i] * streams[i]."""
+    b, s, hc, d = _check_streams(streams)
+    n = (2 + hc) * hc
+    _check_param("fn", fn, (n, hc * d))
+    _check_param("base", base, (n,))
+    _check_param("scale", scale, (3,))
+    check(isinstance(iters, int) and not isinstance(iters, bool), f"iters: expected an int, got {iters!r}")
+    _check_float("eps", eps)
+    _check_float("norm_eps", norm_eps)
+    same_device(streams=streams, fn=fn, base=base, scale=scale)
+    dev = streams.device
+    collapsed = torch.empty(b, s, d, dtype=torch.float32, device=dev)
+    post = torch.empty(b, s, hc, dtype=torch.float32, device=dev)
+    comb = torch.empty(b, s, hc, hc, dtype=torch.float32, device=dev)
+    if b * s == 0:
+        return collapsed, post, comb
+    opts = _options(config, d, hc * d, "hc_pre")
+    _hc_pre_kernel[(b * s,)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
+                             collapsed, post, comb, d, iters, float(eps), float(norm_eps),
+                             HC=hc, HCP=next_pow2(hc), BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"],
+                             num_warps=opts["num_warps"])
+    return collapsed, post, comb
+
+
+def hc_post(out, streams, post, comb, *, config=None):
+    """out: [B, S, D], streams: [B, S, hc, D], post: [B, S, hc], comb: [B, S, hc, hc] -> [B, S, hc, D] fp32;
+    new[j] = post[j] * out + sum_i comb[i, j] * streams[i]."""
+    b, s, hc, d = _check_streams(streams)
+    _check_param("out", out, (b, s, d))
+    _check_param("post", post, (b, s, hc))
+    _check_param("comb", comb, (b, s, hc, hc))
+    same_device(out=out, streams=streams, post=post, comb=comb)
+    new = torch.empty(b, s, hc, d, dtype=torch.float32, device=streams.device)
+    if new.numel() == 0:
+        return new
+    opts = _options(config, d, d, "hc_post")
+    grid = (b * s, triton.cdiv(d, opts["BLOCK_D"]))
+    _hc_post_kernel[grid](out.contiguous(), streams.contiguous(), post.contiguous(), comb.contiguous(), new, d,
+                          HC=hc, HCP=next_pow2(hc), BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
+    return new
+
+
+def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None):
+    """streams: [B, S, hc, D], fn: [hc, hc*D], base: [hc], scale: [1] -> [B, S, D] fp32;
+    pre = sigmoid((fn @ rms_norm(streams.flatten)) * scale + base) + eps; out = sum_i pre[i] * streams[i]."""
+    b, s, hc, d = _check_streams(streams)
+    _check_param("fn", fn, (hc, hc * d))
+    _check_param("base", base, (hc,))
+    _check_param("scale", scale, (1,))
+    _check_float("eps", eps)
+    _check_float("norm_eps", norm_eps)
+    same_device(streams=streams, fn=fn, base=base, scale=scale)
+    collapsed = torch.empty(b, s, d, dtype=torch.float32, device=streams.device)
+    if b * s == 0:
+        return collapsed
+    opts = _options(config, d, hc * d, "hc_head")
+    _hc_head_kernel[(b * s,)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
+                              collapsed, d, float(eps), float(norm_eps), HC=hc, HCP=next_pow2(hc),
+                              BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
+    return collapsed
+
+
+LAUNCHERS = {"hc_expand": hc_expand, "hc_pre": hc_pre, "hc_post": hc_post, "hc_head": hc_head}

@@ -1,0 +1,177 @@
+"""The Lightning Indexer's top-k selection of compressed entries.
+
+Scores (one program per (query token, batch row, tile of keys)):
+    score[b, s, w] = sum_h (relu(q[b, s, h] . k[b, w]) * score_scale) * (weights[b, s, h] * weight_scale)
+for causal entries w < (t + 1) // rate (t = pos0 + s), -inf otherwise; keys are decoded from
+`key_format` in the kernel (f32, bf16, fp8_block: e4m3 with one fp32 scale per 128 values, fp4_block:
+e2m1 two per byte, low nibble first, one UE8M0 scale per 32 values).
+
+Selection (one program per (query token, batch row)): each causal score becomes a sortable int64
+key (order-preserving int32 image of the fp32 score << 32 | (2^31 - 1 - w)), so the descending
+order of keys is "higher score first, then lower index", exactly torch.sort(stable=True) on
+descending scores (-0.0 counts as +0.0, NaN ranks first). Tiles of KP = next_pow2(topk) keys are
+merged into the running best KP by a bitonic top-k (tl.topk); picks past the causal ones are -1.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (STORAGE_DTYPES, bf16_value, check, check_tensor, e2m1_value, entry_layout, launch_config,
+                     next_pow2, same_device, ue8m0_value)
+
+FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PAD_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every real key
+
+
+# --- key decoding (device) -----------------------------------------------------------------
+@triton.jit
+def _load_keys(base, rows, row_ok, offs_d, D, W, FMT: tl.constexpr):
+    """Decode key rows `rows` [BT] (row_ok [BT]) of width W into fp32 [BT, BD]; others read 0.
+    fp8_block: e4m3[d] * f32 scale at bytes D + 4 (d // 128); fp4_block: nibble d of byte d // 2
+    times 2^(byte[ceil(D/2) + d // 32] - 127)."""
+    ptr = base + rows.to(tl.int64)[:, None] * W  # [BT, 1]
+    d = offs_d[None, :]
+    ok = row_ok[:, None] & (d < D)  # [BT, BD]
+    if FMT == 0:
+        return tl.load(ptr + d, mask=ok, other=0.0)
+    elif FMT == 1:
+        return bf16_value(tl.load(ptr + d, mask=ok, other=0))
+    elif FMT == 2:
+        byte = tl.load(ptr + d, mask=ok, other=0)
+        s = ptr + D + 4 * (d // 128)
+        sb = tl.load(s, mask=ok, other=0).to(tl.uint32)
+        sb |= tl.load(s + 1, mask=ok, other=0).to(tl.uint32) << 8
+        sb |= tl.load(s + 2, mask=ok, other=0).to(tl.uint32) << 16
+        sb |= tl.load(s + 3, mask=ok, other=0).to(tl.uint32) << 24
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sb.to(tl.float32, bitcast=True)
+    else:
+        byte = tl.load(ptr + d // 2, mask=ok, other=0).to(tl.int32)
+        code = tl.where(d % 2 == 0, byte & 0xF, byte >> 4)
+        sc = tl.load(ptr + (D + 1) // 2 + d // 32, mask=ok, other=127)
+        return e2m1_value(code) * ue8m0_value(sc)
+
+
+@triton.jit
+def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, H, D, T, W, pos0, rate, k_stride, score_scale, weight_scale,
+                  FMT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, s, w] for w in one key tile (w < T), -inf where w >= (pos0 + s + 1) // rate.
+    Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W]."""
+    s, b, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    limit = (pos0 + s + 1) // rate
+    w = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys = _load_keys(k_ptr, b * k_stride + w, w < limit, offs_d, D, W, FMT)  # [BT, BD]
+    token = (b * S + s).to(tl.int64)
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        hm = heads < H
+        q = tl.load(q_ptr + (token * H + heads[:, None]) * D + offs_d[None, :],
+                    mask=hm[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)  # [BH, BD]
+        wt = tl.load(w_ptr + token * H + heads, mask=hm, other=0.0).to(tl.float32) * weight_scale  # [BH]
+        dots = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [BH, BT]
+        relu = tl.maximum(dots, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
+        acc += tl.sum(relu * score_scale * wt[:, None], axis=0)
+    tl.store(out_ptr + token * T + w, tl.where(w < limit, acc, float("-inf")), mask=w < T)
+
+
+# --- selection (device) ----------------------------------------------------------------------
+@triton.jit
+def _sort_key(score, w):
+    """fp32 score [N], int index [N] -> int64 key, larger = (higher score, then lower index)."""
+    score = score + 0.0  # -0.0 -> +0.0: torch compares them equal
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float order
+    ordered = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, ordered)  # NaN first, as torch.sort
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - w).to(tl.int64)
+
+
+@triton.jit
+def _topk_kernel(scores_ptr, out_ptr, S, T, TOPK, pos0, rate, KP: tl.constexpr):
+    """out[b, s, :TOPK] = the causal entries' indices by score, best first, lower index on ties,
+    -1 past the causal ones. Grid: (S, B). scores: [B, S, T], out: [B, S, TOPK] int64."""
+    s, b = tl.program_id(0), tl.program_id(1)
+    token = (b * S + s).to(tl.int64)
+    limit = tl.minimum((pos0 + s + 1) // rate, T)
+    best = tl.full([KP], PAD_KEY, dtype=tl.int64)
+    for start in range(0, limit, KP):
+        w = start + tl.arange(0, KP)
+        score = tl.load(scores_ptr + token * T + w, mask=w < limit, other=0.0)
+        key = tl.where(w < limit, _sort_key(score, w), PAD_KEY)
+        best = tl.topk(tl.reshape(tl.join(best, key), [2 * KP]), KP)  # best KP of 2 KP, sorted
+    idx = tl.where(best == PAD_KEY, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF))
+    k = tl.arange(0, KP)
+    tl.store(out_ptr + token * TOPK + k, idx, mask=k < TOPK)
+
+
+# --- host ------------------------------------------------------------------------------------
+def _check_keys(name, t, batch, fmt, width):
+    check_tensor(name, t, dtypes=(STORAGE_DTYPES[fmt],), dim=3)
+    check(t.shape[0] == batch and t.shape[2] == width,
+          f"{name}: expected [{batch}, T, {width}] ({fmt} storage), got {list(t.shape)}")
+
+
+def _check_inputs(q, weights, state, pos0, topk, rate, key_format):
+    check(key_format in FORMATS, f"key_format {key_format!r} is not supported; expected one of {list(FORMATS)}")
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=4, contiguous=False)
+    batch, s, heads, _ = q.shape
+    check_tensor("weights", weights, dtypes=FLOAT_DTYPES, dim=3, contiguous=False)
+    check(tuple(weights.shape) == (batch, s, heads), f"weights: expected [{batch}, {s}, {heads}], got {list(weights.shape)}")
+    check(isinstance(pos0, int) and pos0 >= 0, f"pos0: expected an int >= 0, got {pos0!r}")
+    check(isinstance(topk, int) and topk >= 0, f"topk: expected an int >= 0, got {topk!r}")
+    check(isinstance(rate, int) and rate > 0, f"rate: expected an int > 0, got {rate!r}")
+    check(isinstance(state, (tuple, list)) and len(state) == 1, "state: expected (indexer keys,)")
+    if isinstance(state[0], torch.Tensor):
+        _check_keys("state[0] (indexer keys)", state[0], batch, key_format, entry_layout(key_format, q.shape[-1])[1])
+    same_device(q=q, weights=weights, keys=state[0])
+
+
+def _config(config, heads):
+    defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64)), "BLOCK_T": 32, "num_warps": 4}
+    return launch_config(config, defaults, "index_topk", at_least={"BLOCK_H": 16, "BLOCK_T": 16})  # tl.dot tiles
+
+
+def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg):
+    """q: [B, S, H, Di], weights: [B, S, H], keys: [B, >= T, W] storage -> scores [B, S, T] fp32,
+    T = (pos0 + S) // rate, -inf where not causal (`_score_kernel`)."""
+    batch, s, heads, d = q.shape
+    n_entries = (pos0 + s) // rate
+    scores = torch.empty(batch, s, n_entries, dtype=torch.float32, device=q.device)
+    if batch * s * n_entries:
+        view = keys.view(torch.int16) if keys.dtype == torch.bfloat16 else keys
+        _score_kernel[(s, batch, triton.cdiv(n_entries, cfg["BLOCK_T"]))](
+            q, weights, view, scores, s, heads, d, n_entries, keys.shape[2], pos0, rate, keys.shape[1],
+            float(score_scale), float(weight_scale), FMT=FORMATS[key_format], BLOCK_H=cfg["BLOCK_H"],
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"])
+    return scores
+
+
+def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale, key_format="f32", config=None):
+    """Pick up to `topk` causal compressed entries per query by indexer score.
+    q: [B, S, H, Di] roped indexer queries, weights: [B, S, H]; state: (indexer keys [B, T, W] in
+    `key_format`, or a tiered store,). -> [B, S, topk] int64 entry indices, best first; ties go to
+    the lower index; -1 pads."""
+    _check_inputs(q, weights, state, pos0, topk, rate, key_format)
+    q, weights = q.contiguous(), weights.contiguous()  # inputs may be views; the keys may not
+    batch, s, heads, d = q.shape
+    cfg = _config(config, heads)
+    out = torch.full((batch, s, topk), -1, dtype=torch.long, device=q.device)
+    n_entries = (pos0 + s) // rate
+    if n_entries == 0 or topk == 0 or batch * s == 0:
+        return out
+    keys = state[0]
+    width = entry_layout(key_format, d)[1]
+    if not isinstance(keys, torch.Tensor):  # a tiered store: its first n_entries rows, on the host
+        keys = keys.read(n_entries).contiguous()
+        _check_keys("indexer keys read", keys, batch, key_format, width)
+    check(keys.shape[1] >= n_entries, f"state[0] (indexer keys): {n_entries} closed windows but capacity {keys.shape[1]}")
+    scores = index_scores(q, weights, keys, pos0=pos0, rate=rate, score_scale=score_scale,
+                          weight_scale=weight_scale, key_format=key_format, cfg=cfg)  # [B, S, T]
+    _topk_kernel[(s, batch)](scores, out, s, n_entries, topk, pos0, rate, KP=next_pow2(topk),
+                             num_warps=cfg["num_warps"])
+    return out
+
+
+LAUNCHERS = {"index_topk": index_topk}

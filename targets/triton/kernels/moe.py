@@ -1,0 +1,289 @@
+"""Triton kernels for the routed experts of mixture of experts, with the semantics of
+runtime/kernels/moe.py (moe_experts) and runtime/kernels/quantized.py (moe_experts_q); fp32 math and
+outputs. The routers (route_topk, route_hash) are in router.py.
+
+Experts: a grouped GEMM over the P = T*k (token, slot) pairs, sorted on the host by expert (stable:
+each expert's pairs stay in (token, slot) order) and cut into tiles of <= BLOCK_M pairs of one expert:
+  gate_up  grid (tiles, I tiles)  mid[p] = swiglu(q_in(x[tok p]) W_gu[e p]^T)       [P, I]
+  down     grid (tiles, D tiles)  y[p] = w[p] * q_mid(mid[p]) W_down[e p]^T          [P, D]
+  combine  grid (T, D tiles)      out[t] = sum of y over t's pairs, in ascending expert order
+Weights are dequantized to fp32 in registers (f32 / bf16 / f16; FP8 e4m3 x block scale, fp32 or
+UE8M0; FP4 e2m1, two codes a byte, x per-32 UE8M0 scale). Activation fake-quant (quant.fake_quant_act)
+is fused into the operand loads: "dynamic" walks K one group at a time (an amax pass, then the dot
+pass), "static" divides by its scale; both round to e4m3 like torch's cast (RTNE) in registers
+(common.fake_quant), with exact UE8M0 scales (common.group_scale).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (E4M3_MAX, check, check_tensor, decode_scale, e2m1_value, fake_quant, group_scale, launch_config,
+                     next_pow2, same_device, swiglu_value)
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+INTS = (torch.int32, torch.int64)
+ACT_NONE, ACT_STATIC, ACT_DYNAMIC = 0, 1, 2
+W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
+EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64}
+
+
+# --- device helpers ------------------------------------------------------------------------------
+@triton.jit
+def _quant_chunk(a, s, ACT: tl.constexpr, SINGLE: tl.constexpr, UE8M0: tl.constexpr):
+    """Fake-quantize an operand tile a [BM, BK]: clamp(a / s, +-448) -> e4m3 -> * s. Dynamic mode
+    with the group in this one chunk (SINGLE) takes s from the tile's row amax; else s is given."""
+    if ACT == 2 and SINGLE:  # dynamic
+        s = group_scale(tl.max(tl.abs(a), axis=1), E4M3_MAX, UE8M0)[:, None]
+    if ACT != 0:
+        a = fake_quant(a, s)
+    return a
+
+
+@triton.jit
+def _load_chunk(ptr, rows, rmask, k0, c, K, SEG, BK: tl.constexpr):
+    """Operand chunk c of the K segment starting at k0: ptr[rows, k0 + c*BK + (0..BK)] -> [BM, BK] fp32
+    (zero past the segment, past K and on masked rows)."""
+    kk = c * BK + tl.arange(0, BK)
+    mask = rmask[:, None] & ((kk < SEG) & (k0 + kk < K))[None, :]
+    return tl.load(ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _segment_scale(ptr, rows, rmask, k0, K, act_scale, SEG, ACT: tl.constexpr, NCHUNK: tl.constexpr,
+                   UE8M0: tl.constexpr, BK: tl.constexpr):
+    """Scale of one K segment: the static scale, or (dynamic, group over several chunks) the
+    group's scale from an amax pass -> scalar or [BM, 1]."""
+    s = act_scale
+    if ACT == 2 and NCHUNK > 1:  # dynamic
+        amax = tl.zeros([rows.shape[0]], dtype=tl.float32)
+        for c in tl.static_range(NCHUNK):
+            amax = tl.maximum(amax, tl.max(tl.abs(_load_chunk(ptr, rows, rmask, k0, c, K, SEG, BK)), axis=1))
+        s = group_scale(amax, E4M3_MAX, UE8M0)[:, None]
+    return s
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_rows, s_cols,
+                 WFMT: tl.constexpr, SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    """Dequantized fp32 tile W_e[rows, cols] -> [BN, BK] (0 where masked) of a stacked weight
+    [E, n_rows, n_cols] (FP4: bytes [E, n_rows, n_cols/2]); FP8 / FP4 times the scale
+    s_e[row // BO, col // BI] of the scale grid [E, s_rows, s_cols] (UE8M0 bytes: 2^(byte-127))."""
+    mask = rmask[:, None] & cmask[None, :]
+    e = e.to(tl.int64)
+    if WFMT == 2:
+        half = n_cols // 2
+        byte = tl.load(w_ptr + e * n_rows * half + rows[:, None] * half + cols[None, :] // 2, mask=mask, other=0)
+        w = e2m1_value(byte.to(tl.int32) >> ((cols[None, :] & 1) * 4))
+    else:
+        w = tl.load(w_ptr + e * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :], mask=mask)
+        w = tl.where(mask, w.to(tl.float32), 0.0)  # no `other` for fp8 loads; zero the masked lanes
+    if WFMT != 0:
+        s = tl.load(s_ptr + e * s_rows * s_cols + (rows[:, None] // BO) * s_cols + cols[None, :] // BI, mask=mask,
+                    other=0)
+        w = w * decode_scale(s, SCALE_E8M0)
+    return w
+
+
+# --- kernels -------------------------------------------------------------------------------------
+@triton.jit
+def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr, N, K,
+                         s_rows, s_cols, act_scale, limit, SEG, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                         ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
+                         SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr):
+    """One tile of <= BM pairs p of one expert e x BN outputs n of the grouped GEMM q(A[r_p]) W_e^T over K.
+    SWIGLU (gate_up; A = x, r_p = rows[p] its token; W: [E, 2N, K]): out[p, n] =
+    silu(min(g, limit)) * clamp(u, +-limit), g / u from W rows n / N + n.
+    else (down; A = mid, r_p = p; W: [E, N, K]): out[p, n] = pw[p] * (q(A[p]) . W_e[n])."""
+    t, pid_n = tl.program_id(0), tl.program_id(1)
+    e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
+    pairs = lo + tl.arange(0, BM)
+    pmask = pairs < hi
+    rows = pairs.to(tl.int64)
+    if SWIGLU:
+        rows = tl.load(rows_ptr + pairs, mask=pmask, other=0).to(tl.int64)  # [BM] tokens
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    up = tl.zeros([BM, BN], dtype=tl.float32)
+    n_rows = 2 * N if SWIGLU else N
+    for k0 in range(0, K, SEG):
+        s = _segment_scale(a_ptr, rows, pmask, k0, K, act_scale, SEG, ACT, NCHUNK, UE8M0, BK)
+        for c in tl.static_range(NCHUNK):
+            a = _quant_chunk(_load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK), s, ACT, NCHUNK == 1, UE8M0)
+            k = k0 + c * BK + tl.arange(0, BK)
+            w = _weight_tile(w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT, SCALE_E8M0, BO, BI)
+            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            if SWIGLU:
+                w = _weight_tile(w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT,
+                                 SCALE_E8M0, BO, BI)
+                up += tl.dot(a, tl.trans(w), input_precision="ieee")
+    if SWIGLU:
+        acc = swiglu_value(acc, up, limit, HAS_LIMIT)
+    else:
+        acc = acc * tl.load(pw_ptr + pairs, mask=pmask, other=0.0)[:, None]
+    tl.store(out_ptr + pairs.to(tl.int64)[:, None] * N + n[None, :], acc, mask=pmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, slot_rows_ptr, out_ptr, D, K: tl.constexpr, BD: tl.constexpr):
+    """out[t, d] = sum_j y[slot_rows[t, j], d], j ascending (= ascending expert, as the reference adds)."""
+    t, pid_d = tl.program_id(0), tl.program_id(1)
+    d = pid_d * BD + tl.arange(0, BD)
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(slot_rows_ptr + t * K + j).to(tl.int64)
+        acc += tl.load(y_ptr + row * D + d, mask=d < D, other=0.0)
+    tl.store(out_ptr + t.to(tl.int64) * D + d, acc, mask=d < D)
+
+
+# --- host glue -----------------------------------------------------------------------------------
+def _act(name, act, k, block_k):
+    """Activation fake-quant dict (None = none) -> the kernels' operand-path arguments for K = k:
+    K walked in segments of SEG (a dynamic group, else one chunk), each in NCHUNK chunks of BK."""
+    act = {"mode": "none"} if act is None else act
+    check(isinstance(act, dict) and act.get("mode") in ("dynamic", "static", "none"),
+          f"{name}: expected None or a dict with mode 'dynamic', 'static' or 'none', got {act!r}")
+    plain = {"act_scale": 1.0, "SEG": block_k, "ACT": ACT_NONE, "NCHUNK": 1, "UE8M0": False, "BK": block_k}
+    if act["mode"] == "static":
+        scale = act.get("scale")
+        check(isinstance(scale, (int, float)) and scale > 0, f"{name}: static scale must be positive, got {scale!r}")
+        return {**plain, "act_scale": float(scale), "ACT": ACT_STATIC}
+    if act["mode"] == "none":
+        return plain
+    group, fmt = act.get("group"), act.get("scale_format", "fp32")
+    check(isinstance(group, int) and group >= 1, f"{name}: dynamic group must be a positive int, got {group!r}")
+    check(fmt in ("fp32", "ue8m0"), f"{name}: scale_format {fmt!r}; supported: fp32, ue8m0")
+    seg = min(group, k)  # one group over all of K quantizes like one of exactly K
+    width = max(16, min(block_k, next_pow2(seg)))
+    return {**plain, "SEG": seg, "ACT": ACT_DYNAMIC, "NCHUNK": triton.cdiv(seg, width), "UE8M0": fmt == "ue8m0",
+            "BK": width}
+
+
+def _weight(w, scale, fmt, block):
+    """A stacked expert weight -> the kernels' weight arguments (FP4 bytes and UE8M0 scales as uint8)."""
+    if fmt == "float":
+        return {"w_ptr": w, "s_ptr": w, "s_rows": 1, "s_cols": 1, "WFMT": W_FLOAT, "SCALE_E8M0": False,
+                "BO": 1, "BI": 1}
+    s = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
+    return {"w_ptr": w.view(torch.uint8) if fmt == "fp4" else w, "s_ptr": s, "s_rows": scale.shape[1],
+            "s_cols": scale.shape[2], "WFMT": W_FP4 if fmt == "fp4" else W_FP8, "SCALE_E8M0": s.dtype == torch.uint8,
+            "BO": block[0], "BI": block[1]}
+
+
+def _tiles(flat_idx, n_experts, bm):
+    """Sort pairs by expert (stable); cut each expert's run into tiles of <= bm pairs.
+    -> order [P] (pair ids by expert), and per tile: its expert, first pair, end of its expert's run (int32)."""
+    order = torch.sort(flat_idx, stable=True).indices
+    counts = torch.bincount(flat_idx, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    per = (counts + bm - 1) // bm
+    tile_e = torch.repeat_interleave(torch.arange(n_experts, device=flat_idx.device), per)
+    nth = torch.arange(tile_e.numel(), device=flat_idx.device) - (torch.cumsum(per, 0) - per)[tile_e]
+    return order, tile_e.int(), (starts[tile_e] + nth * bm).int(), (starts[tile_e] + counts[tile_e]).int()
+
+
+def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn):
+    """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
+    and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled."""
+    swiglu = rows is not None
+    _experts_gemm_kernel[(tiles[0].numel(), triton.cdiv(out.shape[1], bn))](
+        a, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
+        limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None, BM=bm, BN=bn,
+        **weight, **act)
+
+
+def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config):
+    """Body of both expert launchers. gu / down: kernel weight arguments (`_weight`), already checked
+    against D = x.shape[-1] and the intermediate size `inter`."""
+    cfg = launch_config(config, EXPERT_CONFIG, name, at_least=dict.fromkeys(EXPERT_CONFIG, 16))
+    check_tensor("weights", weights, dtypes=FLOATS, contiguous=False)
+    check_tensor("idx", idx, dtypes=INTS, contiguous=False)
+    check(idx.dim() == x.dim() and idx.shape[:-1] == x.shape[:-1] and weights.shape == idx.shape,
+          f"idx / weights: expected [..., k] over x's leading dims {list(x.shape[:-1])}, got idx {list(idx.shape)}, "
+          f"weights {list(weights.shape)}")
+    check(limit is None or isinstance(limit, (int, float)), f"limit: expected None or a number, got {limit!r}")
+    same_device(x=x, weights=weights, idx=idx, gate_up=gu["w_ptr"], down=down["w_ptr"])
+    n_experts, d, k = gu["w_ptr"].shape[0], x.shape[-1], idx.shape[-1]
+    tokens = x.numel() // max(d, 1)
+    out = torch.zeros(tokens, d, dtype=torch.float32, device=x.device)
+    if out.numel() == 0 or k == 0:
+        return out.view(x.shape)
+    flat = idx.reshape(-1).long()
+    check(0 <= int(flat.min()) and int(flat.max()) < n_experts, f"idx: expert ids must be in [0, {n_experts})")
+    bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
+    order, tile_e, tile_lo, tile_hi = _tiles(flat, n_experts, bm)
+    tiles = (tile_e, tile_lo, tile_hi)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=x.device)
+    slot_rows = pos.view(tokens, k).sort(dim=1).values.int()  # each token's pair rows, ascending expert
+    mid = torch.empty(order.numel(), inter, dtype=torch.float32, device=x.device)
+    y = torch.empty(order.numel(), d, dtype=torch.float32, device=x.device)
+    xf = x.reshape(tokens, d).contiguous()
+    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), rows=(order // k).int(), limit=limit, bm=bm, bn=bn)
+    pw = weights.reshape(-1).float()[order].contiguous()
+    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), pw=pw, bm=bm, bn=bn)
+    _combine_kernel[(tokens, triton.cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
+    return out.view(x.shape)
+
+
+def _check_x(x, d, what):
+    check(isinstance(x, torch.Tensor) and x.dtype in FLOATS and x.dim() >= 1 and x.shape[-1] == d,
+          f"x: expected a float tensor (one of {list(FLOATS)}) with last dim {what} = {d}, got "
+          f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+
+
+def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_mid=None, config=None):
+    """Routed experts. x: [..., D], weights / idx: [..., k], gate_up: [E, 2I, D] (gate rows first),
+    down: [E, D, I] (f32 / bf16 / f16) -> [..., D] f32 = sum_j weights[j] * down_e(swiglu(gate_up_e x)),
+    e = idx[j]; `act_in` / `act_mid` fake-quantize the inputs of the two projections.
+    config: BLOCK_M (pairs a tile), BLOCK_N, BLOCK_K, BLOCK_D (combine)."""
+    check_tensor("gate_up", gate_up, dtypes=FLOATS, dim=3)
+    check_tensor("down", down, dtypes=FLOATS, dim=3)
+    e, two_i, d = gate_up.shape
+    check(two_i % 2 == 0, f"gate_up: rows must be 2*inter (gate then up), got {two_i}")
+    _check_x(x, d, "gate_up's D")
+    check(tuple(down.shape) == (e, d, two_i // 2), f"down: expected shape {[e, d, two_i // 2]}, got {list(down.shape)}")
+    return _run_experts("moe_experts", x, weights, idx, _weight(gate_up, None, "float", None),
+                        _weight(down, None, "float", None), two_i // 2, limit=limit, act_in=act_in, act_mid=act_mid,
+                        config=config)
+
+
+def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, *, format, block, down_block, act_in,
+                  act_mid, limit=None, config=None):
+    """Routed experts over quantized weights, dequantized in the GEMMs. format "fp8": e4m3 gate_up
+    [E, 2I, D] / down [E, D, I] with block scales [E, ceil(rows/bo), ceil(cols/bi)] (f32 or UE8M0;
+    (bo, bi) = block / down_block); "fp4": int8 [E, rows, cols/2] with UE8M0 scales [E, rows, ceil(cols/32)]
+    (block ignored). Activations: act_in / act_mid as in runtime/quant.fake_quant_act. -> [..., D] f32."""
+    check(format in ("fp8", "fp4"), f"format {format!r}; supported: fp8, fp4")
+    fp4 = format == "fp4"
+    wtypes = (torch.int8, torch.uint8) if fp4 else (torch.float8_e4m3fn,)
+    check_tensor("gate_up", gate_up, dtypes=wtypes, dim=3)
+    check_tensor("down", down, dtypes=wtypes, dim=3)
+    for name, act in (("act_in", act_in), ("act_mid", act_mid)):
+        check(isinstance(act, dict), f"{name}: expected a dict (mode none / static / dynamic), got {act!r}")
+    e, two_i, d = gate_up.shape[0], gate_up.shape[1], gate_up.shape[2] * (2 if fp4 else 1)
+    inter = two_i // 2
+    check(two_i % 2 == 0, f"gate_up: rows must be 2*inter (gate then up), got {two_i}")
+    _check_x(x, d, "gate_up's D")
+    want = (e, d, inter // 2 if fp4 else inter)
+    check(tuple(down.shape) == want and (not fp4 or inter % 2 == 0),
+          f"down: expected shape {list(want)} for {format}, got {list(down.shape)}")
+    for name, blk in (("block", block), ("down_block", down_block)):
+        ok = isinstance(blk, (list, tuple)) and len(blk) == 2 and all(isinstance(v, int) and v >= 1 for v in blk)
+        check(fp4 or ok, f"{name}: expected [rows, cols] of positive ints, got {blk!r}")
+    blocks = [(1, 32)] * 2 if fp4 else [tuple(block), tuple(down_block)]
+    scale_types = (torch.float8_e8m0fnu,) if fp4 else (torch.float32, torch.float8_e8m0fnu)
+    for name, s, (rows, cols), (bo, bi) in (("gate_up_scale", gate_up_scale, (two_i, d), blocks[0]),
+                                            ("down_scale", down_scale, (d, inter), blocks[1])):
+        check_tensor(name, s, dtypes=scale_types, dim=3)
+        want = (e, triton.cdiv(rows, bo), triton.cdiv(cols, bi))
+        check(tuple(s.shape) == want, f"{name}: expected shape {list(want)}, got {list(s.shape)}")
+    same_device(gate_up=gate_up, gate_up_scale=gate_up_scale, down=down, down_scale=down_scale)
+    return _run_experts("moe_experts_q", x, weights, idx, _weight(gate_up, gate_up_scale, format, blocks[0]),
+                        _weight(down, down_scale, format, blocks[1]), inter, limit=limit, act_in=act_in,
+                        act_mid=act_mid, config=config)
+
+
+LAUNCHERS = {"moe_experts": moe_experts, "moe_experts_q": moe_experts_q}

@@ -1,0 +1,241 @@
+"""Triton kernels for the dense elementwise / row ops: RMSNorm (plain and fused with per-token-group FP8
+activation quantization), SwiGLU, add and RoPE.
+
+Every launcher has the signature and semantics of the runtime torch kernel of the same name
+(runtime/kernels/basic.py; rms_norm_quant = runtime.quant.fake_quant_groups over rms_norm) plus an
+optional `config` dict. Inputs may be f32 / bf16 / f16 of any layout (non-contiguous inputs are
+copied to contiguous ones first); all math is fp32 and outputs are fp32 (q codes: float8_e4m3fn).
+
+Float8 codes are rounded in integer arithmetic (common.e4m3_quant), not with `.to(tl.float8e4nv)`: the
+Triton 3.9 interpreter's float downcast is not round-to-nearest-even, while this is bit-exact with
+torch's `.to(torch.float8_e4m3fn)` both in the interpreter and on a GPU. Group scales are computed as the
+reference does (common.group_scale: a correctly rounded division, UE8M0 as an exact power of two).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (E4M3_MAX, check, check_tensor, e4m3_quant, group_scale, launch_config, next_pow2, same_device,
+                     swiglu_value)
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+INTS = (torch.int32, torch.int64)
+MAX_ROW = 1 << 16  # the row kernels hold one padded row in a block
+
+
+# --- device helpers ----------------------------------------------------------------------------
+@triton.jit
+def _rstd(x_row, K, eps, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of one row x_row[0:K], fp32."""
+    k = tl.arange(0, BLOCK_K)
+    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    return tl.math.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+
+
+# --- kernels ------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, eps, HAS_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row per program: y = x * rstd [* w]."""
+    row = tl.program_id(0).to(tl.int64)
+    rstd = _rstd(x_ptr + row * K, K, eps, BLOCK_K)
+    k = tl.arange(0, BLOCK_K)
+    mask = k < K
+    y = tl.load(x_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32) * rstd
+    if HAS_W:
+        y = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32) * y
+    tl.store(y_ptr + row * K + k, y, mask=mask)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, NG, eps, GROUP: tl.constexpr, UE8M0: tl.constexpr,
+                           HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NG: tl.constexpr,
+                           BLOCK_G: tl.constexpr):
+    """One row per program, viewed as a [NG, GROUP] tile (last group partial):
+    y = rms_norm(x); s_g = max(amax_g, 1e-4) / 448 (or its pow2_ceil for UE8M0);
+    q = e4m3(clamp(y / s_g, +-448))."""
+    row = tl.program_id(0).to(tl.int64)
+    rstd = _rstd(x_ptr + row * K, K, eps, BLOCK_K)
+    g = tl.arange(0, BLOCK_NG)[:, None]
+    i = tl.arange(0, BLOCK_G)[None, :]
+    k = g * GROUP + i  # [BLOCK_NG, BLOCK_G] channel index
+    mask = (i < GROUP) & (k < K)
+    y = tl.load(x_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32) * rstd
+    if HAS_W:
+        y = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32) * y
+    s = group_scale(tl.max(tl.abs(y), axis=1), E4M3_MAX, UE8M0)  # [BLOCK_NG]
+    q = e4m3_quant(y, s[:, None])
+    tl.store(q_ptr + row * K + k, q.to(tl.uint8), mask=mask)
+    tl.store(s_ptr + row * NG + g, s[:, None], mask=g < NG)
+
+
+@triton.jit
+def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n, limit, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = silu(min(g, limit)) * clamp(u, -limit, limit); silu(g) = g / (1 + exp(-g))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, swiglu_value(g, u, limit, HAS_LIMIT), mask=mask)
+
+
+@triton.jit
+def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, a + b, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.constexpr, NOPE: tl.constexpr,
+                 HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NOPE: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr):
+    """BLOCK_M rows of x viewed as [B*S*H, D]; row r has position pos[(r // H) % S].
+    Channels [0, NOPE) are copied; pairs (a, b) = (x[NOPE+2i], x[NOPE+2i+1]) rotate by
+    angle pos * inv[i]: (a cos - b sin, b cos + a sin), cos/sin scaled by `scale`, sin negated if INVERSE."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < rows
+    base = r[:, None] * D
+    c = tl.arange(0, BLOCK_NOPE)[None, :]
+    nmask = rmask[:, None] & (c < NOPE)
+    tl.store(y_ptr + base + c, tl.load(x_ptr + base + c, mask=nmask, other=0.0).to(tl.float32), mask=nmask)
+
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    pmask = rmask[:, None] & (i < HALF)
+    even = base + NOPE + 2 * i
+    a = tl.load(x_ptr + even, mask=pmask, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + even + 1, mask=pmask, other=0.0).to(tl.float32)
+    pos = tl.load(pos_ptr + (r // H) % S, mask=rmask, other=0).to(tl.float32)
+    angle = pos[:, None] * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)
+    cos = tl.cos(angle) * scale
+    sin = tl.sin(angle) * scale
+    if INVERSE:
+        sin = -sin
+    tl.store(y_ptr + even, a * cos - b * sin, mask=pmask)
+    tl.store(y_ptr + even + 1, b * cos + a * sin, mask=pmask)
+
+
+# --- host side ----------------------------------------------------------------------------------
+def _float_input(name: str, t) -> torch.Tensor:
+    check_tensor(name, t, dtypes=FLOATS, contiguous=False)
+    return t.contiguous()
+
+
+def _row_size(name: str, k: int) -> int:
+    check(k >= 1, f"{name}: the last dimension must be non-empty")
+    check(next_pow2(k) <= MAX_ROW, f"{name}: rows of {k} channels are not supported (at most {MAX_ROW})")
+    return next_pow2(k)
+
+
+def _weight(weight, k: int):
+    if weight is None:
+        return None
+    check_tensor("weight", weight, dtypes=FLOATS, dim=1, contiguous=False)
+    check(weight.shape[0] == k, f"weight: expected shape [{k}], got {list(weight.shape)}")
+    return weight.contiguous()
+
+
+def rms_norm(x, weight=None, *, eps, config=None):
+    """x: [..., K] -> fp32 [..., K];  y = x / sqrt(mean(x^2) + eps) [* weight]."""
+    cfg = launch_config(config, {"num_warps": 4}, "rms_norm")
+    x = _float_input("x", x)
+    k = x.shape[-1] if x.dim() else 0
+    block_k = _row_size("x", k)
+    w = _weight(weight, k)
+    same_device(x=x, weight=w)
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    rows = x.numel() // k
+    if rows:
+        _rms_norm_kernel[(rows,)](x, x if w is None else w, y, k, float(eps), HAS_W=w is not None,
+                                  BLOCK_K=block_k, num_warps=cfg["num_warps"])
+    return y
+
+
+def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", config=None):
+    """RMSNorm fused with dynamic per-token-group FP8 quantization.
+    x: [..., K] -> (q float8_e4m3fn [..., K], scales fp32 [..., ceil(K/group)]) with
+    q.float() * scales (each over its group) == fake_quant_groups(rms_norm(x, weight, eps), group, scale_format)."""
+    cfg = launch_config(config, {"num_warps": 4}, "rms_norm_quant")
+    check(scale_format in ("fp32", "ue8m0"), f"scale_format {scale_format!r} is not supported; expected fp32 or ue8m0")
+    check(isinstance(group, int) and group >= 1, f"group: expected a positive int, got {group!r}")
+    x = _float_input("x", x)
+    k = x.shape[-1] if x.dim() else 0
+    block_k = _row_size("x", k)
+    w = _weight(weight, k)
+    same_device(x=x, weight=w)
+    n_groups = -(-k // group)
+    block_g, block_ng = next_pow2(min(group, k)), next_pow2(n_groups)
+    check(block_g * block_ng <= 2 * MAX_ROW, f"group: {group} does not tile rows of {k} channels")
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(*x.shape[:-1], n_groups, dtype=torch.float32, device=x.device)
+    rows = x.numel() // k
+    if rows:
+        _rms_norm_quant_kernel[(rows,)](x, x if w is None else w, q.view(torch.uint8), scales, k, n_groups,
+                                        float(eps), GROUP=group, UE8M0=scale_format == "ue8m0",
+                                        HAS_W=w is not None, BLOCK_K=block_k, BLOCK_NG=block_ng, BLOCK_G=block_g,
+                                        num_warps=cfg["num_warps"])
+    return q, scales
+
+
+def swiglu(gate, up, *, limit=None, config=None):
+    """gate, up: same shape -> fp32;  silu(min(gate, limit)) * clamp(up, -limit, limit) (no clamp if limit is None)."""
+    cfg = launch_config(config, {"block": 1024, "num_warps": 4}, "swiglu")
+    gate, up = _float_input("gate", gate), _float_input("up", up)
+    check(gate.shape == up.shape, f"gate, up: shapes {list(gate.shape)} and {list(up.shape)} differ (no broadcasting)")
+    same_device(gate=gate, up=up)
+    y = torch.empty(gate.shape, dtype=torch.float32, device=gate.device)
+    n, block = gate.numel(), cfg["block"]
+    if n:
+        _swiglu_kernel[(triton.cdiv(n, block),)](gate, up, y, n, 0.0 if limit is None else float(limit),
+                                                 HAS_LIMIT=limit is not None, BLOCK=block, num_warps=cfg["num_warps"])
+    return y
+
+
+def add(a, b, *, config=None):
+    """a + b in fp32 -> fp32. Broadcast shapes are materialized on the host first."""
+    cfg = launch_config(config, {"block": 1024, "num_warps": 4}, "add")
+    check_tensor("a", a, dtypes=FLOATS, contiguous=False)
+    check_tensor("b", b, dtypes=FLOATS, contiguous=False)
+    same_device(a=a, b=b)
+    try:
+        a, b = torch.broadcast_tensors(a, b)
+    except RuntimeError:
+        raise ValueError(f"a, b: shapes {list(a.shape)} and {list(b.shape)} do not broadcast") from None
+    a, b = a.contiguous(), b.contiguous()
+    y = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    n, block = a.numel(), cfg["block"]
+    if n:
+        _add_kernel[(triton.cdiv(n, block),)](a, b, y, n, BLOCK=block, num_warps=cfg["num_warps"])
+    return y
+
+
+def rope(x, positions, inv_freq, *, inverse=False, scale=1.0, config=None):
+    """x: [B, S, ..., D], positions: [S] int, inv_freq: [R/2] -> fp32 [B, S, ..., D]: interleaved RoPE on
+    the trailing R channels at angle positions[s] * inv_freq[i]; `inverse` rotates by -angle."""
+    cfg = launch_config(config, {"block_m": 16, "num_warps": 4}, "rope")
+    x = _float_input("x", x)
+    check(x.dim() >= 3, f"x: expected [B, S, ..., D] (3+ dimensions), got shape {list(x.shape)}")
+    check_tensor("positions", positions, dtypes=INTS, dim=1, contiguous=False)
+    check_tensor("inv_freq", inv_freq, dtypes=FLOATS, dim=1, contiguous=False)
+    batch, seq, d = x.shape[0], x.shape[1], x.shape[-1]
+    half = inv_freq.shape[0]
+    check(positions.shape[0] == seq, f"positions: expected shape [{seq}] (x's S), got {list(positions.shape)}")
+    check(half >= 1, "inv_freq: must be non-empty (the reference's rope needs at least one frequency)")
+    check(2 * half <= d, f"inv_freq: {half} frequencies rotate {2 * half} channels, more than x's {d}")
+    same_device(x=x, positions=positions, inv_freq=inv_freq)
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    rows = x.numel() // d if d else 0
+    if rows == 0:
+        return y
+    heads = rows // (batch * seq)
+    block_m = cfg["block_m"]
+    _rope_kernel[(triton.cdiv(rows, block_m),)](
+        x, positions.contiguous(), inv_freq.float().contiguous(), y, rows, seq, heads, float(scale), D=d,
+        NOPE=d - 2 * half, HALF=half, INVERSE=bool(inverse), BLOCK_M=block_m, BLOCK_NOPE=next_pow2(d - 2 * half),
+        BLOCK_HALF=next_pow2(half), num_warps=cfg["num_warps"])
+    return y
+
+
+LAUNCHERS = {"rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "swiglu": swiglu, "add": add, "rope": rope}

@@ -1,0 +1,219 @@
+"""The Triton `attention` launcher (interpreter) against the runtime's torch kernel: outputs within
+fp32 tolerance, ring / state bit-identical, for every KV format, sliding / CSA / HCA, prefill and
+decode, tiered entry stores; and clear errors for unsupported input."""
+
+import pytest
+import torch
+from v4c.runtime.kernels.attention import attention as ref_attention
+from v4c.runtime.kv_tiers import PagedEntries, PagePool, TierAllocator, TierStats
+from v4c.runtime.quant import encode_entries, entry_layout
+from v4c.targets.triton.kernels import attention as module
+from v4c.targets.triton.kernels.attention import attention, encode_kv
+
+TOL = 1e-5  # max |ours - ref| / max |ref|
+FORMATS = {"f32": (19, 0), "bf16": (21, 5), "fp8_split": (70, 4)}  # kv_format -> (head dim, rope channels)
+RATE, CAPACITY, TOPK = 3, 9, 5
+
+
+def randn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def make_case(fmt, batch, s, window, pos0, mode, seed=0, heads=3, dtype=torch.float32, capacity=CAPACITY):
+    """Inputs and a state for one call; selected has duplicates and -1 picks."""
+    g = torch.Generator().manual_seed(seed)
+    d, rope = FORMATS[fmt]
+    q, kv, sinks = randn(g, batch, s, heads, d).to(dtype), randn(g, batch, s, d).to(dtype), randn(g, heads).to(dtype)
+    state = [encode(randn(g, batch, window - 1, d), fmt, rope)]
+    if mode != "sliding":
+        state.append(encode_entries(randn(g, batch, capacity, d) * 2, fmt, rope))
+    selected = None
+    if mode == "csa":
+        selected = torch.randint(-1, capacity, (batch, s, TOPK), generator=g)
+        selected[:, :, -1] = -1
+    kwargs = {"pos0": pos0, "window": window, "rate": RATE if mode != "sliding" else 0, "scale": 0.37, "kv_format": fmt,
+                  "rope_dim": rope}
+    return (q, kv, sinks, selected), state, kwargs
+
+
+def encode(x, fmt, rope):
+    """quant.encode_entries, also for no rows (window 1)."""
+    if x.shape[1]:
+        return encode_entries(x, fmt, rope)
+    dtype, width = entry_layout(fmt, x.shape[-1], rope)
+    return torch.zeros(*x.shape[:-1], width, dtype={"f32": torch.float32, "bf16": torch.bfloat16, "u8": torch.uint8}[dtype])
+
+
+def clone(state):
+    return tuple(t.clone() for t in state)
+
+
+def check_against_reference(args, state, kwargs, config=None, ours_state=None):
+    """Runs both kernels on copies of `state`; compares outputs and the mutated states."""
+    ref_state, our_state = clone(state), ours_state if ours_state is not None else clone(state)
+    ref = ref_attention(*args, state=ref_state, **kwargs)
+    ours = attention(*args, state=our_state, **kwargs, config=config)
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    err = float((ours - ref).abs().max() / ref.abs().max())
+    assert err <= TOL, f"relative error {err}"
+    for mine, theirs in zip(our_state, ref_state):
+        if isinstance(mine, torch.Tensor):
+            assert torch.equal(mine, theirs), "state differs from the reference's"
+    return ours
+
+
+CASES = [  # (batch, S, window, pos0): decode at the start, decode past the window, prefill, prefill continuing
+    (1, 1, 1, 0),
+    (2, 1, 5, 11),
+    (2, 6, 4, 0),
+    (1, 5, 3, 9),
+]
+
+
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("batch, s, window, pos0", CASES)
+def test_matches_reference(fmt, mode, batch, s, window, pos0):
+    args, state, kwargs = make_case(fmt, batch, s, window, pos0, mode, seed=batch * 100 + s * 10 + window)
+    check_against_reference(args, state, kwargs)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_prefill_then_decode_chains_state(fmt):
+    """A prefill then single-token steps: every output and every ring state matches the reference chain."""
+    window, heads = 4, 2
+    args, state, kwargs = make_case(fmt, 2, 9, window, 0, "hca", seed=5, heads=heads)
+    q, kv, sinks, _ = args
+    ref_state, our_state = clone(state), clone(state)
+    for start, stop in [(0, 5), (5, 6), (6, 7), (7, 9)]:
+        step = dict(kwargs, pos0=start)
+        call = (q[:, start:stop], kv[:, start:stop], sinks, None)
+        ref = ref_attention(*call, state=ref_state, **step)
+        ours = attention(*call, state=our_state, **step)
+        assert float((ours - ref).abs().max() / ref.abs().max()) <= TOL
+        assert all(torch.equal(a, b) for a, b in zip(our_state, ref_state))
+
+
+def test_all_selected_missing_and_low_precision_inputs():
+    """CSA with every pick -1 (only window + sink), bf16 queries / keys / sinks, int32 picks, a narrow config."""
+    args, state, kwargs = make_case("bf16", 2, 3, 2, 4, "csa", seed=9, dtype=torch.bfloat16)
+    q, kv, sinks, selected = args
+    check_against_reference((q, kv, sinks, torch.full_like(selected, -1)), state, kwargs)
+    check_against_reference((q, kv, sinks, selected.int()), state, kwargs,
+                            config={"BLOCK_H": 16, "BLOCK_N": 16, "num_warps": 2})
+
+
+def test_fp8_ring_with_every_byte():
+    """A ring holding arbitrary fp8_split bytes (every e4m3 code but NaN, scales 2^-17 .. 2^13)."""
+    g = torch.Generator().manual_seed(3)
+    d, rope = FORMATS["fp8_split"]
+    nope = d - rope
+    args, state, kwargs = make_case("fp8_split", 2, 2, 9, 20, "sliding", seed=4)
+    ring = torch.randint(0, 256, state[0].shape, generator=g, dtype=torch.uint8)
+    codes = (torch.arange(2 * 8 * nope) * 7 % 256).view(2, 8, nope).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0
+    ring[..., :nope] = codes
+    ring[..., nope:nope + 2 * rope] = randn(g, 2, 8, rope).to(torch.bfloat16).view(torch.uint8)
+    ring[..., nope + 2 * rope:nope + 2 * rope + 2] = torch.randint(110, 141, (2, 8, 2), generator=g, dtype=torch.uint8)
+    ring[..., nope + 2 * rope + 2:] = 0
+    assert len(torch.unique(codes)) == 254
+    check_against_reference(args, [ring], kwargs)
+
+
+def test_encode_is_bit_exact_on_ties_and_edges():
+    """Storage encoding equals quant.encode_entries on round-half ties (e4m3 normal and subnormal,
+    bf16), group amax / 448 just above / at a power of two, zeros, and half / bf16 inputs."""
+    g = torch.Generator().manual_seed(1)
+    e4m3 = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # all finite codes >= 0
+    ties = (e4m3[:-1] + e4m3[1:]) / 2  # halfway between neighbours
+    x = torch.zeros(6, 200)
+    x[0, :126] = ties
+    x[0, 126] = 448.0  # amax 448: scale exactly 1
+    x[1, :126] = -ties * 2.0**-5
+    x[1, 126] = 448.0 * 2.0**-5
+    # group amax / 448 a few ulps above a power of two (2^-10 * (1 + 2^-23) among them): the UE8M0 scale is the
+    # next power of two (quant.pow2_ceil), where exp2(ceil(log2(.))) would round down onto 2^-10 / 2^-20
+    near = torch.tensor([448.0 * 2.0**-3, 448.0 * 2.0**-10, 448.0 * 2.0**-20, 448.0 * 2.0**-10]).view(torch.int32)
+    x[2, [0, 64, 128, 192]] = (near + torch.tensor([1, 1, 2, 3], dtype=torch.int32)).view(torch.float32)
+    x[3] = randn(g, 200) * 1e-7  # below the 1e-4 amax clamp: e4m3 subnormals
+    x[4] = randn(g, 200) * torch.exp2(torch.randint(-30, 30, (200,), generator=g).float())
+    tie = torch.arange(200, dtype=torch.int32) * 2**16 + 0x3F808000  # halfway between bf16 neighbours
+    x[5] = (tie + torch.tensor([0, -1, 1, 0], dtype=torch.int32).repeat(50)).view(torch.float32)  # ties, and one ulp either side
+    for fmt, rope in [("f32", 0), ("bf16", 0), ("fp8_split", 0), ("fp8_split", 8), ("fp8_split", 200)]:
+        for t in (x, x.bfloat16(), x.clamp(-6e4, 6e4).half()):  # finite inputs
+            ref, ours = encode_entries(t, fmt, rope), encode_kv(t, fmt, rope)
+            assert ours.dtype == ref.dtype and torch.equal(ours.view(torch.uint8), ref.view(torch.uint8)), (fmt, rope)
+
+
+def make_store(dense, page_entries=2, slots=3):
+    """A tiered store (PagedEntries) holding the rows of `dense` [B, T, W]."""
+    batch, capacity, width = dense.shape
+    stats, device, host = TierStats(), TierAllocator("device", None), TierAllocator("host", None)
+    pool = PagePool(slots, (page_entries, width), dense.dtype, device, stats)
+    store = PagedEntries("test", batch, capacity, width, dense.dtype, page_entries, pool, host)
+    store.write(0, dense)
+    return store
+
+
+@pytest.mark.parametrize("mode", ["csa", "hca"])
+@pytest.mark.parametrize("fmt", ["f32", "fp8_split"])
+def test_tiered_entries(fmt, mode):
+    """Entries in a tiered store read exactly as the same entries in a dense tensor."""
+    args, state, kwargs = make_case(fmt, 2, 4, 3, 14, mode, seed=7)
+    dense = attention(*args, state=clone(state), **kwargs)
+    ring = state[0].clone()
+    tiered = check_against_reference(args, state, kwargs, ours_state=(ring, make_store(state[1])))
+    assert torch.equal(tiered, dense)
+    ref_ring = state[0].clone()
+    ref_attention(*args, state=(ref_ring, make_store(state[1])), **kwargs)
+    assert torch.equal(ring, ref_ring)
+
+
+def test_launcher_is_registered():
+    assert module.LAUNCHERS == {"attention": attention}
+
+
+def bad(**changes):
+    args, state, kwargs = make_case("fp8_split", 1, 2, 3, 4, "csa")
+    q, kv, sinks, selected = args
+    call = dict(q=q, kv=kv, sinks=sinks, selected=selected, state=state, **kwargs)
+    call.update(changes)
+    return call
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"kv_format": "fp8_block"}, "kv_format"),
+    ({"kv_format": "f32"}, "state\\[0\\]"),  # fp8_split storage given as f32
+    ({"window": 5}, "window - 1"),
+    ({"q": torch.zeros(1, 2, 3, 70, dtype=torch.int32)}, "q: dtype"),
+    ({"state": [torch.zeros(1, 80, 2, dtype=torch.uint8).transpose(1, 2)]}, "ring.*contiguous"),
+    ({"kv": torch.zeros(1, 2, 69)}, "kv: expected"),
+    ({"sinks": torch.zeros(4)}, "sinks"),
+    ({"selected": torch.zeros(1, 3, 2, dtype=torch.long)}, "selected"),
+    ({"selected": torch.zeros(1, 2, 2)}, "selected: dtype"),
+    ({"selected": None, "rate": 0}, "rate"),
+    ({"rope_dim": 71}, "rope_dim"),
+    ({"pos0": -1}, "pos0"),
+    ({"config": {"BLOCK_M": 16}}, "unknown keys"),
+    ({"config": {"BLOCK_N": 8}}, "BLOCK_N"),
+])
+def test_rejects_unsupported_input(changes, message):
+    with pytest.raises(ValueError, match=message):
+        attention(**bad(**changes))
+
+
+def test_rejects_entries_beyond_capacity():
+    args, state, kwargs = make_case("f32", 1, 2, 3, 3 * CAPACITY + 1, "hca")
+    with pytest.raises(ValueError, match="capacity"):
+        attention(*args, state=state, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_larger_shapes(fmt, mode):
+    """More heads than one head block, prefill longer than the window, several key tiles."""
+    args, state, kwargs = make_case(fmt, 2, 37, 16, 50, mode, seed=21, heads=19, capacity=40)
+    check_against_reference(args, state, kwargs, config={"BLOCK_H": 16, "BLOCK_N": 16})
+    args, state, kwargs = make_case(fmt, 1, 1, 33, 77, mode, seed=22, heads=5, capacity=40)
+    check_against_reference(args, state, kwargs)

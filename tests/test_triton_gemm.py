@@ -1,0 +1,198 @@
+"""Triton projection / embedding launchers (targets/triton/kernels/gemm.py) against the runtime's
+torch kernels, run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py).
+
+Tolerances: every launcher accumulates in fp32, and its inputs (bf16 / f16 / dequantized e4m3
+weights, quantized activations) are converted to fp32 exactly, so the only difference from the
+reference is fp32 summation order: rtol 1e-5, atol 2e-5 (outputs here are O(10), K <= 300) for
+every weight dtype. Quantized activations must be bit-identical (checked through an identity
+weight), and embeddings are exact gathers (compared with torch.equal).
+"""
+
+import pytest
+import torch
+
+from v4c.runtime.kernels.basic import embed as ref_embed
+from v4c.runtime.kernels.basic import grouped_linear as ref_grouped_linear
+from v4c.runtime.kernels.basic import linear as ref_linear
+from v4c.runtime.kernels.quantized import embed_fp8 as ref_embed_fp8
+from v4c.runtime.kernels.quantized import grouped_linear_fp8 as ref_grouped_linear_fp8
+from v4c.runtime.kernels.quantized import linear_fp8 as ref_linear_fp8
+from v4c.runtime.quant import fake_quant_act, quant_fp8
+from v4c.targets.triton.kernels.gemm import (LAUNCHERS, embed, embed_fp8, grouped_linear, grouped_linear_fp8, linear,
+                                             linear_fp8)
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=1e-5, atol=2e-5),
+       torch.float16: dict(rtol=1e-5, atol=2e-5), torch.float8_e4m3fn: dict(rtol=1e-5, atol=2e-5)}
+
+ACTS = [
+    {"mode": "dynamic", "group": 32, "scale_format": "fp32"},
+    {"mode": "dynamic", "group": 128, "scale_format": "ue8m0"},
+    {"mode": "dynamic", "group": 16, "scale_format": "ue8m0"},
+    {"mode": "static", "scale": 0.0173},
+    {"mode": "none"},
+]
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def close(ours, ref, dtype=torch.float32):
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, **TOL[dtype])
+
+
+def test_launchers_are_registered():
+    assert set(LAUNCHERS) == {"linear", "grouped_linear", "linear_fp8", "grouped_linear_fp8", "embed", "embed_fp8"}
+
+
+# --- plain projections -------------------------------------------------------------------------
+@pytest.mark.parametrize("lead,k,n", [((1,), 1, 1), ((3,), 7, 5), ((2, 17), 33, 50), ((97,), 50, 17), ((), 17, 3)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear(lead, k, n, wdtype):
+    x, w = randn(*lead, k, seed=1), randn(n, k, seed=2, dtype=wdtype)
+    close(linear(x, w), ref_linear(x, w), wdtype)
+
+
+def test_linear_strided_inputs_and_config():
+    x = randn(33, 2, 50, seed=3).transpose(0, 1)  # non-contiguous [2, 33, 50]
+    w = randn(50, 17, seed=4).t()  # [17, 50], column-major
+    x16 = randn(7, 50, seed=5, dtype=torch.bfloat16)
+    close(linear(x, w, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}), ref_linear(x, w))
+    close(linear(x16, w), ref_linear(x16, w))
+
+
+@pytest.mark.parametrize("groups,r,k", [(1, 5, 33), (3, 17, 7), (4, 3, 50)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_grouped_linear(groups, r, k, wdtype):
+    x, w = randn(2, 3, groups, k, seed=6), randn(groups * r, k, seed=7, dtype=wdtype)
+    close(grouped_linear(x, w, groups=groups), ref_grouped_linear(x, w, groups=groups), wdtype)
+
+
+# --- FP8 projections ---------------------------------------------------------------------------
+def fp8_weight(n, k, block, fmt, seed=8):
+    return quant_fp8(randn(n, k, seed=seed), block, fmt)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: "-".join(str(v) for v in a.values()))
+@pytest.mark.parametrize("block,fmt", [([128, 128], "fp32"), ([1, 32], "ue8m0"), ([16, 32], "fp32"), ("row", "ue8m0"),
+                                       ("tensor", "fp32")])
+def test_linear_fp8(act, block, fmt):
+    m, k, n = 17, 97, 50
+    block = {"row": [1, k], "tensor": [n, k]}[block] if isinstance(block, str) else block
+    x = randn(m, k, seed=9) * 3
+    w, s = fp8_weight(n, k, block, fmt)
+    close(linear_fp8(x, w, s, block=block, act=act), ref_linear_fp8(x, w, s, block=block, act=act), w.dtype)
+
+
+@pytest.mark.parametrize("lead,k,n", [((1,), 7, 1), ((2, 3), 33, 17), ((), 50, 3)])
+def test_linear_fp8_odd_sizes(lead, k, n):
+    x = randn(*lead, k, seed=10, dtype=torch.bfloat16)
+    w, s = fp8_weight(n, k, [1, 32], "fp32")
+    act = {"mode": "dynamic", "group": 32, "scale_format": "ue8m0"}
+    close(linear_fp8(x, w, s, block=[1, 32], act=act), ref_linear_fp8(x, w, s, block=[1, 32], act=act))
+
+
+def near_pow2_group(row, col, e, ulps):
+    """At x[row, col]: an amax `ulps` ulps above 448 * 2^e (its UE8M0 scale just above a power of two:
+    exactly 2^(e+1), where exp2(ceil(log2(.))) gives 2^e); after it (3, -5, 7) * 2^(e-9), subnormal
+    codes under 2^e that land on other values under the exact scale."""
+    row[col] = (torch.tensor(448 * 2.0**e).view(torch.int32) + ulps).view(torch.float32)
+    row[col + 1:col + 4] = torch.tensor([3.0, -5.0, 7.0]) * 2.0**(e - 9)
+
+
+def tricky_activations(rows=8, k=64):
+    """Values at e4m3 rounding ties, carries into the next binade and subnormals, with group
+    amaxes of exactly 448 (scale 1, also a power of two), amaxes just above 448 * 2^e and random ones."""
+    ties = torch.tensor([1.0625, 1.1875, 3.9, 1.96, 15.5, 0.5 * 2**-9, 1.5 * 2**-9, 2.5 * 2**-9, 2**-7 * 1.0625,
+                         -1.0625, -2.5 * 2**-9, 240.0, 232.0, 440.0, 300.0, 447.9])
+    x = randn(rows, k, seed=11) * torch.logspace(-3, 2, k)
+    x[0, :16], x[0, 16] = ties, 448.0
+    x[1, :16], x[1, 31] = ties * 3, -448.0
+    x[2] = torch.randint(-(2**20), 2**20, (k,), generator=torch.Generator().manual_seed(12)) * 2.0**-14
+    x[3], x[4] = randn(k, seed=23) * 2.0**-30, randn(k, seed=24) * 2.0**-40
+    for row, col, e, ulps in [(3, 0, -10, 1), (3, 20, -12, 2), (3, 40, -3, 3), (4, 5, -20, 1), (4, 17, -22, 1),
+                              (4, 50, -6, 1)]:
+        near_pow2_group(x[row], col, e, ulps)
+    return x
+
+
+@pytest.mark.parametrize("act", [{"mode": "dynamic", "group": 32, "scale_format": "fp32"},
+                                 {"mode": "dynamic", "group": 64, "scale_format": "ue8m0"},
+                                 {"mode": "dynamic", "group": 16, "scale_format": "ue8m0"},
+                                 {"mode": "static", "scale": 1.0}, {"mode": "static", "scale": 0.37}])
+def test_fused_activation_quantization_is_exact(act):
+    x = tricky_activations()
+    eye = torch.eye(x.shape[-1]).to(torch.float8_e4m3fn)  # y = q(x) I, one nonzero term per output
+    y = linear_fp8(x, eye, torch.ones(1, 1), block=list(eye.shape), act=act, config={"BLOCK_K": 16})
+    assert torch.equal(y, fake_quant_act(x, act))
+
+
+@pytest.mark.parametrize("groups,r,k,block", [(1, 5, 33, [16, 32]), (3, 5, 50, [16, 32]), (2, 17, 97, [1, 32]),
+                                              (4, 3, 33, [128, 128])])
+@pytest.mark.parametrize("act", ACTS[:2] + ACTS[3:], ids=lambda a: a["mode"])
+def test_grouped_linear_fp8(groups, r, k, block, act):
+    x = randn(2, 3, groups, k, seed=13)
+    w, s = fp8_weight(groups * r, k, block, "ue8m0" if block[0] == 1 else "fp32", seed=14)
+    ours = grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act)
+    close(ours, ref_grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act), w.dtype)
+
+
+# --- embeddings --------------------------------------------------------------------------------
+@pytest.mark.parametrize("v,d", [(1, 1), (50, 33), (97, 7)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embed(v, d, wdtype):
+    tokens = torch.randint(0, v, (2, 17), generator=torch.Generator().manual_seed(15))
+    w = randn(v, d, seed=16, dtype=wdtype)
+    assert torch.equal(embed(tokens, w), ref_embed(tokens, w))
+    assert torch.equal(embed(tokens.int(), w, config={"BLOCK_T": 4, "BLOCK_D": 16}), ref_embed(tokens, w))
+
+
+@pytest.mark.parametrize("v,d,block", [(50, 33, [1, 32]), (97, 50, [16, 32]), (17, 7, [128, 128]), (3, 97, [3, 97])])
+@pytest.mark.parametrize("fmt", ["fp32", "ue8m0"])
+def test_embed_fp8(v, d, block, fmt):
+    tokens = torch.randint(0, v, (3, 7), generator=torch.Generator().manual_seed(17))
+    w, s = fp8_weight(v, d, block, fmt, seed=18)
+    assert torch.equal(embed_fp8(tokens, w, s, block=block), ref_embed_fp8(tokens, w, s, block=block))
+
+
+# --- rejected inputs ---------------------------------------------------------------------------
+def test_rejects_unsupported_inputs():
+    x, w = randn(3, 50), randn(5, 50)
+    wq, s = fp8_weight(5, 50, [1, 32], "fp32")
+    s24 = fp8_weight(5, 50, [1, 24], "fp32")[1]
+    dyn = {"mode": "dynamic", "group": 32}
+    cases = [
+        (lambda: linear(x, wq), "weight: dtype"),
+        (lambda: linear(x, randn(5, 49)), "does not match x's K"),
+        (lambda: linear(x, w, config={"BLOCK_M": 24}), "power of two"),
+        (lambda: linear(x, w, config={"BLOCK": 64}), "unknown keys"),
+        (lambda: grouped_linear(randn(2, 3, 50), randn(6, 50), groups=2), "groups=2"),
+        (lambda: linear_fp8(x, wq, s, block=[1, 32], act={"mode": "dynamic", "group": 20}), "group 20"),
+        (lambda: linear_fp8(x, wq, s24, block=[1, 24], act=dyn), "block input size 24"),
+        (lambda: linear_fp8(x, wq, s, block=[1, 32], act={"mode": "nvfp4"}), "act:"),
+        (lambda: linear_fp8(x, wq, s, block=[2, 16], act=dyn), "scale: shape"),
+        (lambda: linear_fp8(x, wq, s.double(), block=[1, 32], act=dyn), "scale: dtype"),
+        (lambda: grouped_linear_fp8(x.view(3, 1, 50), wq, s, groups=2, block=[1, 32], act=dyn), "groups: 2"),
+        (lambda: embed(torch.tensor([[0, 5]]), w), "tokens: ids"),
+        (lambda: embed(torch.zeros(1, 2), w), "tokens: dtype"),
+        (lambda: embed_fp8(torch.zeros(1, 2, dtype=torch.long), w, s, block=[1, 32]), "weight: dtype"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+# --- larger shapes -----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["fp32", "ue8m0"])
+def test_linear_fp8_deepseek_blocks(fmt):
+    x = randn(2, 65, 300, seed=19)
+    w, s = fp8_weight(257, 300, [128, 128], fmt, seed=20)
+    act = {"mode": "dynamic", "group": 128, "scale_format": fmt}
+    for config in (None, {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128}):
+        close(linear_fp8(x, w, s, block=[128, 128], act=act, config=config),
+              ref_linear_fp8(x, w, s, block=[128, 128], act=act), w.dtype)
+    x3 = randn(5, 8, 300, seed=21)
+    close(grouped_linear_fp8(x3, w[:256], s[:2], groups=8, block=[128, 128], act=act),
+          ref_grouped_linear_fp8(x3, w[:256], s[:2], groups=8, block=[128, 128], act=act), w.dtype)

@@ -1,0 +1,224 @@
+"""The Triton mHC kernels (targets/triton/kernels/hyper.py) against the runtime's torch kernels,
+under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py), on odd shapes and hc 1..4."""
+
+import inspect
+import re
+
+import pytest
+import torch
+
+from v4c.runtime.kernels import hyper as ref
+from v4c.targets.triton.kernels import hyper as tri
+
+HCS = (1, 2, 3, 4)
+SHAPES = ((1, 1, 17), (2, 3, 33), (1, 5, 48), (2, 2, 100))  # (B, S, D)
+EPS, NORM_EPS = 1e-6, 1e-6
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def assert_close(ours, expected, rtol=1e-5, atol=1e-5):
+    """fp32 parity: |ours - expected| <= atol * max|expected| + rtol * |expected|."""
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    scale = max(float(expected.abs().max()), 1e-30) if expected.numel() else 1.0
+    torch.testing.assert_close(ours, expected, rtol=rtol, atol=atol * scale)
+
+
+def pre_params(hc, d, seed=1, comb_scale=1.0):
+    """fn [(2+hc)*hc, hc*D], base [(2+hc)*hc], scale [3], sized like a trained layer's."""
+    n = (2 + hc) * hc
+    scale = torch.tensor([0.7, -1.3, comb_scale])
+    return randn(n, hc * d, seed=seed, scale=(hc * d) ** -0.5), randn(n, seed=seed + 1), scale
+
+
+def head_params(hc, d, seed=2):
+    return randn(hc, hc * d, seed=seed, scale=(hc * d) ** -0.5), randn(hc, seed=seed + 1), torch.tensor([0.9])
+
+
+def test_launchers_match_the_reference_signatures():
+    assert set(tri.LAUNCHERS) == {"hc_expand", "hc_pre", "hc_post", "hc_head"}
+    for name, launcher in tri.LAUNCHERS.items():
+        params = dict(inspect.signature(launcher).parameters)
+        config = params.pop("config")
+        assert config.kind is inspect.Parameter.KEYWORD_ONLY and config.default is None
+        assert list(params.values()) == list(inspect.signature(getattr(ref, name)).parameters.values())
+
+
+# --- parity --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hc", HCS)
+@pytest.mark.parametrize("b,s,d", SHAPES)
+def test_hc_expand(hc, b, s, d):
+    x = randn(b, s, d)
+    out = tri.hc_expand(x, hc=hc)
+    assert torch.equal(out, ref.hc_expand(x, hc=hc))
+
+
+@pytest.mark.parametrize("hc", HCS)
+@pytest.mark.parametrize("b,s,d", SHAPES)
+def test_hc_pre(hc, b, s, d):
+    streams = randn(b, s, hc, d, seed=hc + d)
+    args = (streams, *pre_params(hc, d))
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    for ours, expected in zip(tri.hc_pre(*args, **kw), ref.hc_pre(*args, **kw), strict=True):
+        assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("hc", HCS)
+@pytest.mark.parametrize("b,s,d", SHAPES)
+def test_hc_post(hc, b, s, d):
+    out, streams = randn(b, s, d, seed=3), randn(b, s, hc, d, seed=4)
+    post, comb = 2 * torch.rand(b, s, hc), torch.rand(b, s, hc, hc)
+    assert_close(tri.hc_post(out, streams, post, comb), ref.hc_post(out, streams, post, comb))
+
+
+@pytest.mark.parametrize("hc", HCS)
+@pytest.mark.parametrize("b,s,d", SHAPES)
+def test_hc_head(hc, b, s, d):
+    streams = randn(b, s, hc, d, seed=5)
+    args = (streams, *head_params(hc, d))
+    assert_close(tri.hc_head(*args, eps=EPS, norm_eps=NORM_EPS), ref.hc_head(*args, eps=EPS, norm_eps=NORM_EPS))
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2, 7])
+def test_hc_pre_iteration_counts(iters):
+    streams = randn(2, 3, 3, 33, seed=6)
+    args, kw = (streams, *pre_params(3, 33)), dict(iters=iters, eps=1e-3, norm_eps=1e-5)
+    for ours, expected in zip(tri.hc_pre(*args, **kw), ref.hc_pre(*args, **kw), strict=True):
+        assert_close(ours, expected)
+
+
+def test_hc_pre_comb_is_doubly_stochastic():
+    streams = randn(2, 4, 4, 48, seed=7, scale=30.0)  # large values: the RMSNorm brings them back
+    args = (streams, *pre_params(4, 48, comb_scale=8.0))  # a peaky softmax before Sinkhorn
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    ours, expected = tri.hc_pre(*args, **kw), ref.hc_pre(*args, **kw)
+    for o, e in zip(ours, expected, strict=True):
+        assert_close(o, e)
+    comb = ours[2]  # columns were normalised last; rows converge more slowly from a peaky start
+    torch.testing.assert_close(comb.sum(-2), torch.ones(2, 4, 4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(comb.sum(-1), torch.ones(2, 4, 4), rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("config", [{"BLOCK_K": 16, "BLOCK_D": 16}, {"BLOCK_K": 64, "BLOCK_D": 32, "num_warps": 1}])
+def test_several_tiles(config):
+    """Small tiles: the projection loops over many K tiles and the collapse over many D tiles."""
+    hc, b, s, d = 3, 2, 2, 100
+    streams, out = randn(b, s, hc, d, seed=8), randn(b, s, d, seed=9)
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    pre_args, head_args = (streams, *pre_params(hc, d)), (streams, *head_params(hc, d))
+    expected = ref.hc_pre(*pre_args, **kw)
+    for ours, e in zip(tri.hc_pre(*pre_args, **kw, config=config), expected, strict=True):
+        assert_close(ours, e)
+    assert_close(tri.hc_head(*head_args, eps=EPS, norm_eps=NORM_EPS, config=config),
+                 ref.hc_head(*head_args, eps=EPS, norm_eps=NORM_EPS))
+    assert_close(tri.hc_post(out, streams, expected[1], expected[2], config=config),
+                 ref.hc_post(out, streams, expected[1], expected[2]))
+    assert torch.equal(tri.hc_expand(out, hc=hc, config=config), ref.hc_expand(out, hc=hc))
+
+
+@pytest.mark.parametrize("hc", [5, 8])
+def test_wider_hc(hc):
+    """hc past 4 pads to 8 lanes and (2+hc)*hc comb rows past 64."""
+    b, s, d = 1, 2, 17
+    streams, out = randn(b, s, hc, d, seed=10), randn(b, s, d, seed=11)
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    args = (streams, *pre_params(hc, d))
+    expected = ref.hc_pre(*args, **kw)
+    for ours, e in zip(tri.hc_pre(*args, **kw), expected, strict=True):
+        assert_close(ours, e)
+    post_args = (out, streams, expected[1], expected[2])
+    assert_close(tri.hc_post(*post_args), ref.hc_post(*post_args))
+    head_args, head_kw = (streams, *head_params(hc, d)), dict(eps=EPS, norm_eps=NORM_EPS)
+    assert_close(tri.hc_head(*head_args, **head_kw), ref.hc_head(*head_args, **head_kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_fp32(dtype):
+    hc, b, s, d = 2, 1, 3, 33
+    streams, out = randn(b, s, hc, d, seed=12).to(dtype), randn(b, s, d, seed=13).to(dtype)
+    fn, base, scale = (t.to(dtype) for t in pre_params(hc, d))
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    expected = ref.hc_pre(streams, fn, base, scale, **kw)
+    for ours, e in zip(tri.hc_pre(streams, fn, base, scale, **kw), expected, strict=True):
+        assert_close(ours, e)
+    post, comb = expected[1].to(dtype), expected[2].to(dtype)
+    assert_close(tri.hc_post(out, streams, post, comb), ref.hc_post(out, streams, post, comb))
+    assert torch.equal(tri.hc_expand(out, hc=hc), ref.hc_expand(out, hc=hc))
+    hf, hb, hs = (t.to(dtype) for t in head_params(hc, d))
+    assert_close(tri.hc_head(streams, hf, hb, hs, eps=EPS, norm_eps=NORM_EPS),
+                 ref.hc_head(streams, hf, hb, hs, eps=EPS, norm_eps=NORM_EPS))
+
+
+def test_non_contiguous_inputs():
+    hc, b, s, d = 2, 2, 3, 17
+    streams = randn(b, hc, s, d, seed=14).transpose(1, 2)  # [B, S, hc, D], strided
+    out = randn(b, d, s, seed=15).transpose(1, 2)
+    assert not streams.is_contiguous() and not out.is_contiguous()
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    args = (streams, *pre_params(hc, d))
+    expected = ref.hc_pre(*args, **kw)
+    for ours, e in zip(tri.hc_pre(*args, **kw), expected, strict=True):
+        assert_close(ours, e)
+    comb_t = expected[2].transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, strided
+    assert_close(tri.hc_post(out, streams, expected[1], comb_t), ref.hc_post(out, streams, expected[1], comb_t))
+    assert torch.equal(tri.hc_expand(out, hc=hc), ref.hc_expand(out, hc=hc))
+
+
+def test_empty_batch():
+    hc, d = 2, 17
+    streams, out = torch.zeros(0, 3, hc, d), torch.zeros(0, 3, d)
+    collapsed, post, comb = tri.hc_pre(streams, *pre_params(hc, d), iters=20, eps=EPS, norm_eps=NORM_EPS)
+    assert (collapsed.shape, post.shape, comb.shape) == ((0, 3, d), (0, 3, hc), (0, 3, hc, hc))
+    assert tri.hc_post(out, streams, post, comb).shape == (0, 3, hc, d)
+    assert tri.hc_expand(out, hc=hc).shape == (0, 3, hc, d)
+    assert tri.hc_head(streams, *head_params(hc, d), eps=EPS, norm_eps=NORM_EPS).shape == (0, 3, d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hc", HCS)
+def test_hc_pre_longer_sequences(hc):
+    b, s, d = 2, 16, 100
+    streams = randn(b, s, hc, d, seed=16, scale=3.0)
+    args, kw = (streams, *pre_params(hc, d, comb_scale=4.0)), dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    for ours, e in zip(tri.hc_pre(*args, **kw), ref.hc_pre(*args, **kw), strict=True):
+        assert_close(ours, e)
+
+
+# --- unsupported input -----------------------------------------------------------------------------
+def test_unsupported_inputs_raise_clear_errors():
+    hc, d = 2, 17
+    streams, out, post, comb = randn(1, 2, hc, d), randn(1, 2, d), torch.rand(1, 2, hc), torch.rand(1, 2, hc, hc)
+    fn, base, scale = pre_params(hc, d)
+    hfn, hbase, hscale = head_params(hc, d)
+    kw = dict(eps=EPS, norm_eps=NORM_EPS)
+
+    def pre(*args, iters=20, **extra):
+        return tri.hc_pre(*args, iters=iters, **{**kw, **extra})
+
+    cases = [
+        (lambda: tri.hc_expand(randn(2, d), hc=hc), "x: expected 3 dimensions"),
+        (lambda: tri.hc_expand(out, hc=9), "hc: expected an int with 1 <= hc <= 8"),
+        (lambda: tri.hc_expand(out, hc=0), "hc: expected an int"),
+        (lambda: tri.hc_expand(out.to(torch.int32), hc=hc), "x: dtype torch.int32 is not supported"),
+        (lambda: pre(streams[0], fn, base, scale), "streams: expected 4 dimensions"),
+        (lambda: pre(randn(1, 1, 9, 4), fn, base, scale), "streams: hc = 9 is not supported"),
+        (lambda: pre(streams, fn[:, :-1], base, scale), "fn: expected shape [8, 34]"),
+        (lambda: pre(streams, fn, base[:-1], scale), "base: expected shape [8]"),
+        (lambda: pre(streams, fn, base, scale[:1]), "scale: expected shape [3]"),
+        (lambda: pre(streams, fn, base, scale, iters=2.0), "iters: expected an int"),
+        (lambda: pre(streams, fn, base, scale, eps=None), "eps: expected a number"),
+        (lambda: pre(streams, fn.to("meta"), base, scale), "tensors on different devices"),
+        (lambda: pre(streams, fn, base, scale, config={"BLOCK_K": 24}), "config['BLOCK_K']: expected a positive power"),
+        (lambda: pre(streams, fn, base, scale, config={"BLOCK_N": 16}), "config: unknown keys ['BLOCK_N']"),
+        (lambda: tri.hc_post(out[..., :-1], streams, post, comb), "out: expected shape [1, 2, 17]"),
+        (lambda: tri.hc_post(out, streams, post[..., :1], comb), "post: expected shape [1, 2, 2]"),
+        (lambda: tri.hc_post(out, streams, post, comb[..., :1]), "comb: expected shape [1, 2, 2, 2]"),
+        (lambda: tri.hc_head(streams, fn, base, scale, **kw), "fn: expected shape [2, 34]"),
+        (lambda: tri.hc_head(streams, hfn, hbase, scale, **kw), "scale: expected shape [1]"),
+        (lambda: tri.hc_head(streams.double(), hfn, hbase, hscale, **kw), "streams: dtype torch.float64"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()

@@ -1,0 +1,261 @@
+"""Triton MoE kernels (targets/triton/kernels/moe.py: experts, router.py: routers) against the runtime's
+torch kernels, under the Triton interpreter (conftest sets TRITON_INTERPRET=1).
+
+Tolerances: the expert GEMMs sum in another order than torch, so fp32 results agree to
+max|ours - ref| <= 1e-5 * max|ref| (bf16 inputs are upcast exactly, so the same bound holds).
+The activation fake-quant and the e4m3 rounding are bitwise identical to runtime/quant.py; the
+router selects exactly the reference's experts (ties included), weights to 1e-6 relative.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from v4c.runtime.kernels.moe import moe_experts as ref_experts
+from v4c.runtime.kernels.moe import route_hash as ref_hash
+from v4c.runtime.kernels.moe import route_topk as ref_topk
+from v4c.runtime.kernels.quantized import moe_experts_q as ref_experts_q
+from v4c.runtime.quant import fake_quant_act, quant_fp4, quant_fp8
+from v4c.targets.triton import kernels
+from v4c.targets.triton.kernels import router
+from v4c.targets.triton.kernels.moe import (LAUNCHERS, _act, _load_chunk, _quant_chunk, _segment_scale, moe_experts,
+                                            moe_experts_q)
+from v4c.targets.triton.kernels.router import route_hash, route_topk
+
+EXPERTS_RTOL = 1e-5  # relative to max |ref|
+ROUTER_RTOL = 1e-6
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_close(ours, ref, rtol):
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    err = float((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:g}"
+
+
+def problem(b, s, d, inter, e, k, seed, dtype=torch.float32):
+    g = gen(seed)
+    x = torch.randn(b, s, d, generator=g).to(dtype)
+    weights = torch.rand(b, s, k, generator=g).to(dtype)
+    idx = torch.randint(0, e, (b, s, k), generator=g)
+    gate_up = (torch.randn(e, 2 * inter, d, generator=g) / d ** 0.5).to(dtype)
+    down = (torch.randn(e, d, inter, generator=g) / inter ** 0.5).to(dtype)
+    return x, weights, idx, gate_up, down
+
+
+DYN = {"mode": "dynamic", "group": 16}
+DYN_UE = {"mode": "dynamic", "group": 20, "scale_format": "ue8m0"}
+DYN_WIDE = {"mode": "dynamic", "group": 100}  # several chunks per group, and a group past K
+STATIC = {"mode": "static", "scale": 0.01}
+NONE = {"mode": "none"}
+
+
+# --- building blocks -----------------------------------------------------------------------------
+def near_pow2_group(row, col, e):
+    """At row[col]: an amax one ulp above 448 * 2^e, its UE8M0 scale just above a power of two (exactly
+    2^(e+1); exp2(ceil(log2(.))) gives 2^e); after it (3, -5, 7) * 2^(e-9), which quantize differently."""
+    row[col] = (torch.tensor(448 * 2.0**e).view(torch.int32) + 1).view(torch.float32)
+    row[col + 1:col + 4] = torch.tensor([3.0, -5.0, 7.0]) * 2.0**(e - 9)
+
+
+@triton.jit
+def _fake_quant_kernel(x_ptr, out_ptr, R, K, act_scale, SEG, ACT: tl.constexpr, NCHUNK: tl.constexpr,
+                       UE8M0: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """The experts kernels' operand path alone: out = q(x) for x [R, K]."""
+    rows = tl.arange(0, BM)
+    for k0 in range(0, K, SEG):
+        s = _segment_scale(x_ptr, rows, rows < R, k0, K, act_scale, SEG, ACT, NCHUNK, UE8M0, BK)
+        for c in tl.static_range(NCHUNK):
+            a = _quant_chunk(_load_chunk(x_ptr, rows, rows < R, k0, c, K, SEG, BK), s, ACT, NCHUNK == 1, UE8M0)
+            kk = c * BK + tl.arange(0, BK)
+            mask = (rows < R)[:, None] & ((kk < SEG) & (k0 + kk < K))[None, :]
+            tl.store(out_ptr + rows[:, None] * K + (k0 + kk)[None, :], a, mask=mask)
+
+
+@pytest.mark.parametrize("act", [DYN, DYN_UE, DYN_WIDE, STATIC, NONE, {"mode": "dynamic", "group": 7},
+                                 {"mode": "dynamic", "group": 128, "scale_format": "ue8m0"}])
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_fused_activation_quant_is_fake_quant_act(act, block_k):
+    r, k = 9, 53
+    x = torch.randn(r, k, generator=gen(3)) * torch.logspace(-3, 1, k)
+    x[2] = 0.0  # amax below the 1e-4 floor
+    x[3], x[4] = torch.randn(2, k, generator=gen(4)) * 2.0**-40
+    for row, col, e in [(3, 0, -20), (3, 22, -22), (3, 41, -11), (4, 3, -10), (4, 36, -13)]:
+        near_pow2_group(x[row], col, e)
+    out = torch.empty_like(x)
+    _fake_quant_kernel[(1,)](x, out, r, k, BM=16, **_act("act", act, k, block_k))
+    assert torch.equal(out, fake_quant_act(x, act))
+
+
+# --- routed experts ------------------------------------------------------------------------------
+EXPERT_CASES = [  # (b, s, d, inter, e, k), limit, act_in, act_mid
+    ((2, 7, 48, 40, 5, 3), None, None, None),
+    ((1, 5, 33, 17, 7, 2), 0.4, None, None),
+    ((3, 4, 40, 24, 3, 1), 1.5, DYN, STATIC),
+    ((1, 9, 37, 20, 6, 4), None, DYN_UE, DYN_WIDE),
+]
+
+
+@pytest.mark.parametrize("shape, limit, act_in, act_mid", EXPERT_CASES)
+def test_moe_experts_matches_reference(shape, limit, act_in, act_mid):
+    x, weights, idx, gate_up, down = problem(*shape, seed=sum(shape))
+    ours = moe_experts(x, weights, idx, gate_up, down, limit=limit, act_in=act_in, act_mid=act_mid)
+    ref = ref_experts(x, weights, idx, gate_up, down, limit=limit, act_in=act_in, act_mid=act_mid)
+    assert_close(ours, ref, EXPERTS_RTOL)
+
+
+def test_moe_experts_bf16_repeats_and_idle_experts():
+    x, weights, idx, gate_up, down = problem(2, 5, 24, 18, 9, 3, seed=5, dtype=torch.bfloat16)
+    idx[0, 1] = torch.tensor([4, 4, 2])  # one expert twice for a token (hash tables may repeat)
+    idx[idx == 7] = 8  # expert 7 idle
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # a strided view
+    ours = moe_experts(x, weights, idx.int(), gate_up, down, limit=0.7)
+    assert_close(ours, ref_experts(x, weights, idx, gate_up, down, limit=0.7), EXPERTS_RTOL)
+
+
+@pytest.mark.parametrize("config", [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16},
+                                    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}])
+def test_moe_experts_launch_configs(config):
+    x, weights, idx, gate_up, down = problem(3, 11, 50, 36, 4, 2, seed=6)
+    ours = moe_experts(x, weights, idx, gate_up, down, act_in=DYN_WIDE, config=config)
+    assert_close(ours, ref_experts(x, weights, idx, gate_up, down, act_in=DYN_WIDE), EXPERTS_RTOL)
+
+
+def quantized(gate_up, down, fmt, block, down_block, scale_format):
+    def stack(ws, blk):
+        qs = [quant_fp4(w) if fmt == "fp4" else quant_fp8(w, blk, scale_format) for w in ws]
+        return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+    return (*stack(gate_up, block), *stack(down, down_block))
+
+
+Q_CASES = [  # fmt, block, down_block, scale_format, act_in, act_mid, limit
+    ("fp8", [32, 16], [16, 32], "fp32", DYN, DYN_UE, None),
+    ("fp8", [128, 128], [7, 5], "ue8m0", DYN_UE, STATIC, 0.6),
+    ("fp4", None, None, "ue8m0", DYN, DYN, None),
+    ("fp4", [1, 32], [1, 32], "ue8m0", NONE, DYN_WIDE, 1.2),
+]
+
+
+@pytest.mark.parametrize("fmt, block, down_block, scale_format, act_in, act_mid, limit", Q_CASES)
+def test_moe_experts_q_matches_reference(fmt, block, down_block, scale_format, act_in, act_mid, limit):
+    x, weights, idx, gate_up, down = problem(2, 6, 64, 34, 5, 2, seed=7)
+    q = quantized(gate_up, down, fmt, block, down_block, scale_format)
+    kw = {"format": fmt, "block": block, "down_block": down_block, "act_in": act_in, "act_mid": act_mid, "limit": limit}
+    assert_close(moe_experts_q(x, weights, idx, *q, **kw), ref_experts_q(x, weights, idx, *q, **kw), EXPERTS_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("shape", [(2, 13, 96, 72, 11, 4), (1, 3, 32, 16, 2, 2)])
+def test_moe_experts_q_larger(fmt, shape):
+    x, weights, idx, gate_up, down = problem(*shape, seed=8)
+    q = quantized(gate_up, down, fmt, [64, 32], [32, 48], "ue8m0")
+    kw = {"format": fmt, "block": [64, 32], "down_block": [32, 48], "act_in": DYN_UE,
+          "act_mid": {"mode": "dynamic", "group": 24}}
+    assert_close(moe_experts_q(x, weights, idx, *q, **kw), ref_experts_q(x, weights, idx, *q, **kw), EXPERTS_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_moe_experts_larger(dtype):
+    x, weights, idx, gate_up, down = problem(3, 17, 160, 88, 16, 6, seed=9, dtype=dtype)
+    for act_in, act_mid in ((None, None), (DYN_UE, {"mode": "dynamic", "group": 40})):
+        ours = moe_experts(x, weights, idx, gate_up, down, limit=2.0, act_in=act_in, act_mid=act_mid)
+        ref = ref_experts(x, weights, idx, gate_up, down, limit=2.0, act_in=act_in, act_mid=act_mid)
+        assert_close(ours, ref, EXPERTS_RTOL)
+
+
+# --- routers -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("e, k", [(5, 2), (37, 6), (16, 16)])
+def test_route_topk_matches_reference(score_func, e, k):
+    g = gen(e + k)
+    x, w, bias = torch.randn(2, 9, 40, generator=g), torch.randn(e, 40, generator=g), torch.randn(e, generator=g) * 0.1
+    weights, idx = route_topk(x, w, bias, k=k, score_func=score_func, scale=2.5)
+    ref_w, ref_i = ref_topk(x, w, bias, k=k, score_func=score_func, scale=2.5)
+    assert idx.dtype == torch.int64 and torch.equal(idx, ref_i)
+    assert_close(weights, ref_w, ROUTER_RTOL)
+
+
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+def test_route_topk_ties_go_to_the_lower_index(score_func):
+    g = gen(10)  # small integers: exact logits in any summation order, so many exact ties
+    x = torch.randint(-1, 2, (3, 11, 6), generator=g).float()
+    w = torch.randint(-1, 2, (24, 6), generator=g).to(torch.bfloat16)
+    bias = torch.randint(0, 2, (24,), generator=g).float() * 0.25
+    weights, idx = route_topk(x, w, bias, k=5, score_func=score_func, scale=1.0, config={"BLOCK_M": 32})
+    ref_w, ref_i = ref_topk(x, w, bias, k=5, score_func=score_func, scale=1.0)
+    assert torch.equal(idx, ref_i)
+    assert_close(weights, ref_w, ROUTER_RTOL)
+    _, idx0 = route_topk(torch.zeros(1, 1, 6), w, torch.zeros(24), k=4, score_func=score_func, scale=1.0)
+    assert idx0.tolist() == [[[0, 1, 2, 3]]]
+
+
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_route_hash_matches_reference(score_func, table_dtype):
+    g = gen(11)
+    x, w = torch.randn(2, 7, 33, generator=g).to(torch.bfloat16), torch.randn(19, 33, generator=g)
+    table = torch.randint(0, 19, (50, 3), generator=g).to(table_dtype)
+    table[4] = torch.tensor([2, 2, 9])  # a repeated expert
+    tokens = torch.randint(0, 50, (2, 7), generator=g)
+    tokens[0, 0] = 4
+    weights, idx = route_hash(x, w, table, tokens, score_func=score_func, scale=1.5)
+    ref_w, ref_i = ref_hash(x, w, table, tokens, score_func=score_func, scale=1.5)
+    assert idx.dtype == torch.int64 and torch.equal(idx, ref_i)
+    assert_close(weights, ref_w, ROUTER_RTOL)
+
+
+# --- contract ------------------------------------------------------------------------------------
+def test_launchers_are_registered():
+    assert set(LAUNCHERS) == {"moe_experts", "moe_experts_q"}
+    assert all(kernels.LAUNCHERS[name] is fn for name, fn in LAUNCHERS.items())
+    assert router.LAUNCHERS == {"route_topk": route_topk, "route_hash": route_hash}
+    if "router" in kernels.MODULES:  # a new module: registered once the package lists it
+        assert all(kernels.LAUNCHERS[name] is fn for name, fn in router.LAUNCHERS.items())
+
+
+def test_empty_batch():
+    x, weights, idx, gate_up, down = problem(1, 0, 16, 8, 3, 2, seed=12)
+    assert moe_experts(x, weights, idx, gate_up, down).shape == (1, 0, 16)
+    weights, idx = route_topk(x, torch.randn(4, 16), torch.zeros(4), k=2, score_func="sigmoid", scale=1.0)
+    assert weights.shape == idx.shape == (1, 0, 2)
+
+
+def test_rejects_unsupported_inputs():
+    x, weights, idx, gate_up, down = problem(1, 3, 32, 16, 4, 2, seed=13)
+    q = quantized(gate_up, down, "fp8", [16, 16], [16, 16], "fp32")
+    kw = {"format": "fp8", "block": [16, 16], "down_block": [16, 16], "act_in": DYN, "act_mid": DYN}
+    bad = [
+        (lambda: moe_experts(x, weights, idx.float(), gate_up, down), "^idx"),
+        (lambda: moe_experts(x, weights, idx + 4, gate_up, down), "^idx"),
+        (lambda: moe_experts(x, weights, idx, gate_up[:, :, :31].contiguous(), down), "^x:"),
+        (lambda: moe_experts(x, weights, idx, gate_up, down[:, :, :8]), "^down"),
+        (lambda: moe_experts(x, weights, idx, gate_up.to(torch.float8_e4m3fn), down), "^gate_up"),
+        (lambda: moe_experts(x, weights, idx, gate_up.transpose(1, 2), down), "^gate_up"),
+        (lambda: moe_experts(x, weights, idx, gate_up, down, act_in={"mode": "int8"}), "^act_in"),
+        (lambda: moe_experts(x, weights, idx, gate_up, down, act_mid={"mode": "dynamic", "group": 0}), "^act_mid"),
+        (lambda: moe_experts(x, weights, idx, gate_up, down, config={"BLOCK_M": 24}), "BLOCK_M.*power of two"),
+        (lambda: moe_experts(x, weights, idx, gate_up, down, config={"TILE": 16}), "unknown keys"),
+        (lambda: moe_experts_q(x, weights, idx, *q, **{**kw, "format": "int4"}), "^format"),
+        (lambda: moe_experts_q(x, weights, idx, *q, **{**kw, "block": [32, 16]}), "^gate_up_scale"),
+        (lambda: moe_experts_q(x, weights, idx, q[0].float(), *q[1:], **kw), "^gate_up"),
+        (lambda: moe_experts_q(x, weights, idx, *q, **{**kw, "act_mid": None}), "^act_mid"),
+        (lambda: route_topk(x, torch.randn(4, 32), torch.zeros(4), k=5, score_func="sigmoid", scale=1.0), "^k"),
+        (lambda: route_topk(x, torch.randn(4, 32), torch.zeros(4), k=2, score_func="relu", scale=1.0), "^score_func"),
+        (lambda: route_topk(x, torch.randn(4, 31), torch.zeros(4), k=2, score_func="sigmoid", scale=1.0), "^x:"),
+        (lambda: route_topk(x, torch.randn(4, 32), torch.zeros(5), k=2, score_func="sigmoid", scale=1.0), "^bias"),
+        (lambda: route_topk(x, torch.randn(2048, 32), torch.zeros(2048), k=2, score_func="sigmoid", scale=1.0),
+         "^weight: 2048 experts"),
+        (lambda: route_hash(x, torch.randn(4, 32), torch.randint(0, 4, (9, 2)), torch.full((1, 3), 9),
+                            score_func="sigmoid", scale=1.0), "^tokens"),
+        (lambda: route_hash(x, torch.randn(4, 32), torch.full((9, 2), 4), torch.zeros(1, 3, dtype=torch.long),
+                            score_func="sigmoid", scale=1.0), "^table"),
+    ]
+    for fn, word in bad:
+        with pytest.raises(ValueError, match=word):
+            fn()
