@@ -5,6 +5,7 @@
     manifest.sig       optional Ed25519 signature over manifest.json (`v4c sign`)
     module.v4ir        the compiled IR as text (for people and tools; the runtime does not parse it)
     program.json       the lowered kernel list the executor runs
+    kernels/triton/    triton artifacts: the kernel package (source) and launch.json (launch configs)
     plans/memory.json  the activation buffer plan
     weights/*.safetensors
     tokenizer/         tokenizer.json and friends, when the checkpoint had them
@@ -14,6 +15,7 @@ Every file is checked against the manifest before any weight is used.
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from safetensors.torch import load as load_safetensors
 from .config import ModelConfig
 from .errors import ArtifactError
 from .executor import Session
+from .kernelset import TorchKernels, triton_kernels
 from .program import Program
 from .store import DirStore, TarStore, check_member, open_store, pack
 
@@ -115,6 +118,7 @@ class Artifact:
     program: Program
     config: ModelConfig
     _weights: dict = field(default=None, repr=False)
+    _moved: dict = field(default_factory=dict, repr=False)  # device -> weights copied there
 
     @property
     def label(self) -> str:
@@ -135,8 +139,33 @@ class Artifact:
             self._weights = out
         return self._weights
 
-    def session(self, batch: int = 1) -> Session:
-        return Session(self.program, self.weights(), batch=batch)
+    @property
+    def target(self) -> str:
+        return self.manifest.get("target", {}).get("name", "torch")
+
+    def weights_on(self, device: str) -> dict[str, torch.Tensor]:
+        if device == "cpu":
+            return self.weights()
+        if device not in self._moved:
+            self._moved[device] = {k: t.to(device) for k, t in self.weights().items()}
+        return self._moved[device]
+
+    def session(self, batch: int = 1, *, kernels: str = "auto", device: str | None = None,
+                strict: bool = False) -> Session:
+        """A fresh session. `kernels`: "auto" runs the artifact's own target's kernels, "torch" the
+        runtime's reference kernels (any artifact). `device`: default cuda for a triton artifact
+        on a GPU machine (not under TRITON_INTERPRET), else cpu. `strict`: a Triton launcher that
+        refuses its inputs is an error instead of a reported fallback."""
+        if kernels not in ("auto", "torch", self.target):
+            raise ArtifactError(f"kernels {kernels!r}: this {self.target} artifact runs 'auto' ({self.target}) "
+                                "or 'torch' kernels")
+        use_triton = self.target == "triton" and kernels != "torch"
+        device = device or default_device(use_triton)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ArtifactError(f"device {device}: no CUDA GPU is available to this process")
+        table = triton_kernels(self.store, self.manifest, device=device, strict=strict) if use_triton \
+            else TorchKernels()
+        return Session(self.program, self.weights_on(device), batch=batch, kernels=table, device=device)
 
     def tokenizer(self):
         rel = self.manifest.get("tokenizer")
@@ -144,6 +173,11 @@ class Artifact:
             return None
         from tokenizers import Tokenizer
         return Tokenizer.from_str(self.store.read(rel).decode())
+
+
+def default_device(triton: bool) -> str:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return "cuda" if triton and not interpret and torch.cuda.is_available() else "cpu"
 
 
 def open_artifact(path, verify: bool = True) -> Artifact:

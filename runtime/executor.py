@@ -14,7 +14,8 @@ import torch
 
 from .dtypes import torch_dtype
 from .errors import InputError
-from .kernels import KERNELS, STATEFUL
+from .kernels import STATEFUL
+from .kernelset import TorchKernels
 from .kv_tiers import PagedEntries, PagePool, Prefetcher, TierAllocator, TierStats
 from .program import Program, Step
 
@@ -28,28 +29,34 @@ def _concrete(shape, **dims) -> list[int]:
 class Tiers:
     """The allocators of the KV tiers (shared by the sessions of one process) and their traffic."""
 
-    def __init__(self, device: int | None = None, host: int | None = None):
-        self.device, self.host = TierAllocator("device", device), TierAllocator("host", host)
+    def __init__(self, device: int | None = None, host: int | None = None, where: str = "cpu"):
+        self.device = TierAllocator("device", device, where)
+        self.host = TierAllocator("host", host, "cpu", pinned=where.startswith("cuda"))
         self.stats = TierStats()
 
     @classmethod
-    def for_program(cls, program: Program) -> "Tiers":
+    def for_program(cls, program: Program, where: str = "cpu") -> "Tiers":
         budgets = (program.kv_plan or {}).get("budgets", {})
-        return cls(budgets.get("device"), budgets.get("host"))
+        return cls(budgets.get("device"), budgets.get("host"), where)
 
     def report(self) -> dict:
         return {"device": self.device.report(), "host": self.host.report(), "traffic": self.stats.report()}
 
 
 class Session:
+    """`kernels` picks the function of every step (default: the torch kernels); `device` is where
+    weights (already there), activations and the device KV tier live."""
+
     def __init__(self, program: Program, weights: Mapping[str, torch.Tensor], batch: int = 1,
-                 kernels: Mapping = KERNELS, tiers: Tiers | None = None):
+                 kernels=None, tiers: Tiers | None = None, device: str = "cpu"):
         if batch < 1:
             raise InputError(f"batch = {batch}: must be at least 1")
         self.program = program
         self.batch = batch
         self.pos = 0
-        self.tiers = tiers or Tiers.for_program(program)
+        self.device = device
+        self.kernels = kernels or TorchKernels()
+        self.tiers = tiers or Tiers.for_program(program, device)
         kv = program.kv_plan or {}
         plan, pool = kv.get("slots", {}), None
         self.state = {}
@@ -65,15 +72,14 @@ class Session:
                 self.state[name] = self.tiers.device.alloc(shape, dtype, name)
         self.paged = [t for t in self.state.values() if isinstance(t, PagedEntries)]
         self.prefetcher = Prefetcher(self.paged)
-        self.arena = torch.empty(program.arena_bytes(batch), dtype=torch.uint8)
+        self.arena = torch.empty(program.arena_bytes(batch), dtype=torch.uint8, device=device)
         missing = sorted(set(program.params) - set(weights))
         if missing:
             raise InputError(f"weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
         buffers = {int(slot): b for slot, b in program.memory["buffers"].items()}
         self._steps = []
-        for step in program.steps:
-            if step.kernel not in kernels:
-                raise InputError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
+        for index, step in enumerate(program.steps):
+            fn = self.kernels.resolve(index, step)
             args = [weights[a[1:]] if isinstance(a, str) else a for a in step.inputs]
             attrs = dict(step.attrs)
             if step.kernel in STATEFUL:
@@ -82,7 +88,7 @@ class Session:
             tiered = next((self.state[n] for n in step.state if isinstance(self.state[n], PagedEntries)), None)
             if step.kernel != "attention":
                 tiered = None  # prefetch the next tiered layer once this layer has read its own
-            self._steps.append((kernels[step.kernel], step.kernel in STATEFUL, args, step.outputs, outs, attrs, tiered))
+            self._steps.append((fn, step.kernel in STATEFUL, args, step.outputs, outs, attrs, tiered))
         embed = program.params.get("embed_tokens.weight")
         self.vocab_size = embed.shape[0] if embed is not None else None
 
@@ -154,7 +160,7 @@ class Session:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         """tokens: [B, S] int64 -> logits [B, S, V] float32; advances the session by S tokens."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
         self.check_tokens(tokens)
         chunk = self.program.prefill_chunk
         parts = [self._step(tokens[:, i:i + chunk], observer) for i in range(0, tokens.shape[1], chunk)]
@@ -165,7 +171,7 @@ class Session:
         n = self.batch * seq
         values: list = [None] * self.program.num_values
         values[self.program.inputs["tokens"]] = tokens
-        values[self.program.inputs["positions"]] = torch.arange(self.pos, self.pos + seq)
+        values[self.program.inputs["positions"]] = torch.arange(self.pos, self.pos + seq, device=self.device)
         for i, (fn, stateful, args, outputs, outs, attrs, tiered) in enumerate(self._steps):
             inputs = [values[a] if isinstance(a, int) else a for a in args]
             result = fn(*inputs, pos0=self.pos, **attrs) if stateful else fn(*inputs, **attrs)

@@ -52,10 +52,10 @@ def generate(session: Session, prompt: list[int], max_new_tokens: int, sampling:
                          f"{session.program.max_context} (kv.max_context); shorten the prompt, ask for fewer "
                          "tokens, or recompile with a larger kv.max_context")
     gen = torch.Generator().manual_seed(sampling.seed)
-    logits = session.forward(torch.tensor([prompt]))[0, -1]
+    logits = session.forward(torch.tensor([prompt]))[0, -1].cpu()
     for i in range(max_new_tokens):
         token = pick(logits, sampling, gen)
         yield token
         if token in stop_ids or i + 1 == max_new_tokens:
             return
-        logits = session.forward(torch.tensor([[token]]))[0, -1]
+        logits = session.forward(torch.tensor([[token]]))[0, -1].cpu()

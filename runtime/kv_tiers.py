@@ -25,8 +25,8 @@ class TierFull(V4CError):
 
 
 class TierAllocator:
-    def __init__(self, name: str, budget: int | None):
-        self.name, self.budget = name, budget
+    def __init__(self, name: str, budget: int | None, device: str = "cpu", pinned: bool = False):
+        self.name, self.budget, self.where, self.pinned = name, budget, device, pinned
         self.used = self.high_water = 0
 
     def alloc(self, shape, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -38,7 +38,9 @@ class TierAllocator:
                            f"{self.budget:,} remain; the KV plan (v4c plan) must fit this budget")
         self.used += n
         self.high_water = max(self.high_water, self.used)
-        return torch.zeros(shape, dtype=dtype)
+        if self.pinned:  # host pages that move to a GPU: page-locked, so copies can overlap compute
+            return torch.zeros(shape, dtype=dtype).pin_memory()
+        return torch.zeros(shape, dtype=dtype, device=self.where)
 
     def release(self, t: torch.Tensor) -> None:
         self.used -= t.numel() * t.element_size()
@@ -132,12 +134,13 @@ class PagedEntries:
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [B, S, K] -> [B, S, K, W]; zeros where idx < 0. Pages are brought in group by group, so
         a step may pick more pages than the pool holds."""
-        n_pages = self.host.shape[1]
+        n_pages, where_out = self.host.shape[1], self.pool.cache.device
+        idx = idx.cpu()  # page bookkeeping runs on the host
         valid = idx >= 0
         key = torch.arange(idx.shape[0])[:, None, None] * n_pages + torch.where(valid, idx // self.page_entries, 0)
         offset = torch.where(valid, idx % self.page_entries, 0)
         pages = torch.unique(key[valid])  # sorted (sequence, page) keys this call needs
-        out = torch.zeros(*idx.shape, self.host.shape[-1], dtype=self.host.dtype)
+        out = torch.zeros(*idx.shape, self.host.shape[-1], dtype=self.host.dtype, device=where_out)
         capacity = self.pool.slots
         with self.pool.lock:
             for g in range(0, len(pages), capacity):
@@ -147,7 +150,8 @@ class PagedEntries:
                                       for k in group.tolist()], dtype=torch.long)
                 where = torch.searchsorted(group, key).clamp(max=len(group) - 1)
                 take = valid & (group[where] == key)
-                out[take] = self.pool.cache[slots[where[take]], offset[take]]
+                rows = self.pool.cache[slots[where[take]].to(where_out), offset[take].to(where_out)]
+                out[take.to(where_out)] = rows
             self.last_pages = [(k // n_pages, k % n_pages) for k in pages[-capacity:].tolist()]
         return out
 

@@ -36,9 +36,19 @@ def _block_amax(w: torch.Tensor, block) -> torch.Tensor:
     return padded.view(cdiv(o, bo), bo, cdiv(i, bi), bi).amax(dim=(1, 3))
 
 
+def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= x (x > 0, fp32), exactly: frexp gives x = m * 2^e with m in
+    [0.5, 1), so the answer is 2^e, or 2^(e-1) when m = 0.5. (`exp2(ceil(log2(x)))` is not exact:
+    fp32 log2 rounds values a few ulps above a power of two down onto it, and the scale then
+    clips the group's largest value.) Every kernel computes UE8M0 scales this way."""
+    x = x.float()
+    m, e = torch.frexp(x)
+    return torch.where(torch.isfinite(x), torch.ldexp(torch.ones_like(m), e - (m == 0.5).to(e.dtype)), x)
+
+
 def ue8m0(x: torch.Tensor) -> torch.Tensor:
     """The power of two 2^ceil(log2(x)), as float8_e8m0fnu."""
-    return torch.exp2(torch.ceil(torch.log2(x))).to(torch.float8_e8m0fnu)
+    return pow2_ceil(x).to(torch.float8_e8m0fnu)
 
 
 def fp8_scales(w: torch.Tensor, block, scale_format: str = "fp32") -> torch.Tensor:
@@ -102,7 +112,7 @@ def infer_block(weight_shape, scale_shape, hint=None) -> tuple[int, int]:
 # --- activations -----------------------------------------------------------------------------
 def _scale(amax: torch.Tensor, qmax: float, scale_format: str) -> torch.Tensor:
     amax = amax.clamp(min=1e-4)
-    return torch.exp2(torch.ceil(torch.log2(amax / qmax))) if scale_format == "ue8m0" else amax / qmax
+    return pow2_ceil(amax / qmax) if scale_format == "ue8m0" else amax / qmax
 
 
 def fake_quant_groups(x: torch.Tensor, group: int, scale_format: str = "fp32") -> torch.Tensor:

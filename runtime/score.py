@@ -14,5 +14,5 @@ def score_tokens(session: Session, token_ids: list[int], chunk: int | None = Non
     ids = torch.tensor([token_ids], dtype=torch.long)
     session.check_tokens(ids)  # whole-sequence checks before any state changes
     step = chunk or len(token_ids)
-    parts = [session.forward(ids[:, i:i + step])[0] for i in range(0, len(token_ids), step)]
+    parts = [session.forward(ids[:, i:i + step])[0].cpu() for i in range(0, len(token_ids), step)]
     return torch.cat(parts).float()

@@ -1,0 +1,209 @@
+"""Kernel sets: which function runs each step of a program.
+
+A `torch` artifact runs every step as the runtime's plain-PyTorch kernel (`KERNELS`).
+
+A `triton` artifact ships its kernels as source: a Python package in `kernels/triton/` whose
+`LAUNCHERS` have the torch kernels' signatures plus a `config` of launch parameters, and
+`kernels/triton/launch.json`, written at compile time: the launch configurations of every step by
+tokens per call (tuned on the compiling GPU, or the kernels' defaults, as it records), and the
+ops that have no Triton kernel. `TritonKernels` imports that package from a cache directory
+keyed by its hashes (Triton then compiles each kernel on first use and keeps the binary in its
+own cache, so a restart does not recompile) and runs every step through it.
+
+Every step of a triton artifact that runs as a torch kernel is a fallback, and is reported
+(`report()`, `v4c generate --json`, a warning): an op without a Triton kernel, or a launcher that
+refused its inputs at run time. With `strict`, a refusal is an error instead.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import ArtifactError, V4CError
+from .kernels import KERNELS
+from .program import Step
+
+PACKAGE = "kernels/triton"
+LAUNCH = f"{PACKAGE}/launch.json"
+LAUNCH_FORMAT = 1
+VIEWS = frozenset({"reshape"})  # ops that only re-view their operand: no kernel runs in any target
+
+
+class KernelError(V4CError):
+    """A kernel refused its inputs where the user asked for no fallback."""
+
+
+class TorchKernels:
+    """Every step as the runtime's torch kernel."""
+
+    name = "torch"
+
+    def __init__(self):
+        self.steps: dict[str, int] = {}
+
+    def resolve(self, index: int, step: Step) -> Callable:
+        if step.kernel not in KERNELS:
+            raise ArtifactError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
+        self.steps[step.kernel] = self.steps.get(step.kernel, 0) + 1
+        return KERNELS[step.kernel]
+
+    def report(self) -> dict:
+        return {"kernels": self.name, "steps": {"torch": sum(self.steps.values())}, "fallbacks": []}
+
+
+def _pick(configs: list[dict], tokens: int) -> dict:
+    """The launch config for a call with `tokens` tokens: the first bucket whose `max_tokens`
+    covers it (buckets are in increasing order; the last has max_tokens None)."""
+    for bucket in configs:
+        if bucket["max_tokens"] is None or tokens <= bucket["max_tokens"]:
+            return bucket["config"]
+    return {}
+
+
+def _tokens(x) -> int:
+    """Tokens in a call: every kernel's first operand is an activation shaped [B, S, ...]."""
+    shape = getattr(x, "shape", ())
+    return int(shape[0] * shape[1]) if len(shape) >= 2 else int(shape[0]) if shape else 1
+
+
+class _Launch:
+    """One step's Triton launcher with its configs; falls back (reported) if the launcher refuses."""
+
+    def __init__(self, owner: "TritonKernels", index: int, step: Step, launcher: Callable, configs: list[dict]):
+        self.owner, self.index, self.kernel = owner, index, step.kernel
+        self.launcher, self.configs, self.fallen = launcher, configs, False
+
+    def __call__(self, *args, **kwargs):
+        if self.fallen:
+            return KERNELS[self.kernel](*args, **kwargs)
+        try:
+            return self.launcher(*args, config=_pick(self.configs, _tokens(args[0]) if args else 1), **kwargs)
+        except ValueError as e:
+            reason = f"the triton launcher refused its inputs: {e}"
+            if self.owner.strict:
+                raise KernelError(f"step {self.index} ({self.kernel}): {reason} (strict: no fallback)") from None
+            self.fallen = True
+            self.owner.fall_back(self.index, self.kernel, reason)
+            return KERNELS[self.kernel](*args, **kwargs)
+
+
+class TritonKernels:
+    """Steps through the artifact's Triton launchers; the others (reported) as torch kernels."""
+
+    name = "triton"
+
+    def __init__(self, launchers: dict, launch: dict, *, strict: bool = False, toolchain_note: str | None = None):
+        self.launchers, self.launch, self.strict = launchers, launch, strict
+        self.fallbacks: list[dict] = []
+        self.triton_steps = self.view_steps = self.refused = 0
+        self.notes = [toolchain_note] if toolchain_note else []
+
+    def fall_back(self, index: int, kernel: str, reason: str) -> None:
+        """A launcher refused its inputs: the step runs as the torch kernel from now on."""
+        self.refused += 1
+        self.fallbacks.append({"step": index, "kernel": kernel, "reason": reason})
+        warnings.warn(f"v4c: step {index} ({kernel}) runs as the torch kernel: {reason}", RuntimeWarning, stacklevel=3)
+
+    def resolve(self, index: int, step: Step) -> Callable:
+        if step.kernel not in KERNELS:
+            raise ArtifactError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
+        if step.kernel in VIEWS:
+            self.view_steps += 1
+            return KERNELS[step.kernel]
+        launcher = self.launchers.get(step.kernel)
+        if launcher is None:
+            reason = self.launch.get("torch_ops", {}).get(step.kernel, "the artifact's kernel package has no launcher")
+            if self.strict:
+                raise KernelError(f"step {index} ({step.kernel}): {reason} (strict: no fallback)")
+            self.fallbacks.append({"step": index, "kernel": step.kernel, "reason": reason})
+            return KERNELS[step.kernel]
+        self.triton_steps += 1
+        configs = self.launch.get("steps", {}).get(str(index), [{"max_tokens": None, "config": {}}])
+        return _Launch(self, index, step, launcher, configs)
+
+    def report(self) -> dict:
+        """Steps by where they run, and every fallback with its reason."""
+        steps = {"triton": self.triton_steps - self.refused, "torch": len(self.fallbacks), "views": self.view_steps}
+        return {"kernels": self.name, "steps": steps, "tuning": self.launch.get("tuning", {}),
+                "fallbacks": list(self.fallbacks), "notes": self.notes}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("V4C_CACHE_DIR") or Path.home() / ".cache" / "v4c")
+
+
+def _extract(store, files: dict) -> Path:
+    """The package's files in a cache directory named by their hashes (written once, atomically)."""
+    key = hashlib.sha256("".join(f"{rel}\0{meta['sha256']}\n" for rel, meta in sorted(files.items())).encode())
+    dest = cache_root() / "triton-kernels" / key.hexdigest()[:32]
+    if (dest / "__init__.py").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for rel in files:
+        (tmp / rel[len(PACKAGE) + 1:]).write_bytes(store.read(rel))
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _import_package(path: Path):
+    name = f"_v4c_triton_kernels_{path.name}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def check_triton_device(device: str) -> None:
+    """Raise naming what is missing for Triton kernels to run on `device`."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret and device != "cpu":
+        raise ArtifactError(f"TRITON_INTERPRET=1 runs Triton kernels on the CPU, but the session's device is {device}")
+    if not interpret and not device.startswith("cuda"):
+        raise ArtifactError(
+            f"this artifact's kernels are Triton kernels, which need a CUDA GPU (the session's device is {device}); "
+            "run on a GPU (--device cuda), set TRITON_INTERPRET=1 to run them (slowly) on the CPU, or use "
+            "--kernels torch to run the runtime's reference kernels instead")
+
+
+def triton_kernels(store, manifest: dict, *, device: str = "cpu", strict: bool = False) -> TritonKernels:
+    """The kernel set of a triton artifact (its files already verified against the manifest)."""
+    check_triton_device(device)
+    try:
+        import triton
+    except ImportError:
+        raise ArtifactError("this artifact's kernels are Triton kernels and the triton package is not installed: "
+                            "pip install 'v4c[triton]', or use --kernels torch") from None
+    files = {rel: meta for rel, meta in manifest["files"].items() if rel.startswith(PACKAGE + "/")
+             and rel.endswith(".py")}
+    if f"{PACKAGE}/__init__.py" not in files or not store.exists(LAUNCH):
+        raise ArtifactError(f"{store.label}: a triton artifact without its kernel package ({PACKAGE}/)")
+    launch = json.loads(store.read(LAUNCH))
+    if launch.get("format") != LAUNCH_FORMAT:
+        raise ArtifactError(f"{LAUNCH}: format {launch.get('format')!r}; this runtime reads format {LAUNCH_FORMAT}")
+    package = _import_package(_extract(store, files))
+    built = manifest.get("target", {}).get("toolchain", {}).get("triton")
+    note = None
+    if built and built != triton.__version__:
+        note = (f"kernels were compiled and tuned with triton {built}; this machine has {triton.__version__} "
+                "(they are recompiled from source; the recorded launch configs may no longer be the fastest)")
+        warnings.warn(f"v4c: {note}", RuntimeWarning, stacklevel=2)
+    return TritonKernels(dict(package.LAUNCHERS), launch, strict=strict, toolchain_note=note)
