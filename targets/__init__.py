@@ -1,5 +1,35 @@
-"""Targets: lower an IR module to a runtime program. `TARGETS` maps the names model.yaml accepts."""
+"""Targets: lower an IR module for one kind of kernel. `TARGETS` maps the names model.yaml accepts
+to functions `(module, *, prefill_chunk, tune, decode_batch, progress) -> Lowered` (a target
+ignores the options it has no use for)."""
 
-from . import torch as torch_target
+from dataclasses import dataclass, field
+from pathlib import Path
 
-TARGETS = {"torch": torch_target.lower}
+from v4c.runtime.program import Program
+
+
+@dataclass
+class Lowered:
+    program: Program
+    files: dict[str, Path | bytes] = field(default_factory=dict)  # artifact path -> source file or contents
+    manifest: dict = field(default_factory=dict)  # merged into the manifest's "target" entry
+
+
+def _torch(module, *, prefill_chunk: int, **_) -> Lowered:
+    from .torch import lower
+    return Lowered(lower(module, prefill_chunk=prefill_chunk))
+
+
+def _triton(module, *, prefill_chunk: int, tune: str = "auto", decode_batch: int = 1, progress=None) -> Lowered:
+    try:
+        from .triton import lower  # imports triton: only when this target is asked for
+    except ImportError as e:
+        if e.name != "triton":
+            raise
+        from v4c.runtime.errors import V4CError
+        raise V4CError("target: triton needs the triton package on the compiling machine: "
+                       "pip install 'v4c[triton]'") from None
+    return lower(module, prefill_chunk=prefill_chunk, tune=tune, decode_batch=decode_batch, progress=progress)
+
+
+TARGETS = {"torch": _torch, "triton": _triton}

@@ -4,6 +4,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -34,6 +35,43 @@ def _token_ids(ctx, param, value):
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 3,17,5") from None
     return ids
+
+
+def _kernel_options(fn):
+    """--kernels / --device / --strict-kernels, passed on as one dict `run`."""
+    @click.option("--kernels", type=click.Choice(["auto", "torch"]), default="auto", show_default=True,
+                  help="auto: the artifact's own kernels (its target); torch: the runtime's reference kernels "
+                       "(any artifact, any device).")
+    @click.option("--device", help="Where the model runs: cpu, cuda, cuda:1... Default: cuda for a triton artifact "
+                                   "on a GPU machine, else cpu.")
+    @click.option("--strict-kernels", is_flag=True,
+                  help="A Triton kernel that refuses its inputs stops the run, instead of running that step as "
+                       "the torch kernel (reported).")
+    @functools.wraps(fn)
+    def wrapper(*args, kernels, device, strict_kernels, **kwargs):
+        return fn(*args, run={"kernels": kernels, "device": device, "strict": strict_kernels}, **kwargs)
+    return wrapper
+
+
+def _open_session(art, run: dict):
+    with warnings.catch_warnings():  # fallbacks are summarised by _report_kernels, not as Python warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return art.session(**run)
+
+
+def _report_kernels(session) -> dict:
+    """Where the steps ran; fallbacks and toolchain notes also go to stderr."""
+    report = session.kernels.report()
+    for note in report.get("notes", []):
+        click.echo(f"v4c: note: {note}", err=True)
+    if report["fallbacks"]:
+        counts: dict = {}
+        for f in report["fallbacks"]:
+            counts.setdefault((f["kernel"], f["reason"]), []).append(f["step"])
+        lines = [f"  {kernel} x{len(steps)}: {reason}" for (kernel, reason), steps in sorted(counts.items())]
+        click.echo(f"v4c: {report['steps']['torch']} of {sum(report['steps'].values())} steps ran as torch kernels "
+                   "(fallbacks):\n" + "\n".join(lines), err=True)
+    return report
 
 
 def _status(quiet: bool):
@@ -106,14 +144,17 @@ def compile_cmd(model_yaml, out_dir, dump_ir, allow_drift, as_json, quiet):
 @click.option("--chunk", type=click.IntRange(min=1),
               help="Feed the tokens through the incremental state N at a time (1: token by token). "
                    "Default: one prefill.")
+@_kernel_options
 @_user_errors
-def score(artifact, token_ids, logits_out, chunk):
+def score(artifact, token_ids, logits_out, chunk, run):
     """Write next-token logits of a token sequence."""
     import numpy as np
 
     from v4c.runtime.artifact import open_artifact
     from v4c.runtime.score import score_tokens
-    logits = score_tokens(open_artifact(artifact).session(), token_ids, chunk)
+    session = _open_session(open_artifact(artifact), run)
+    logits = score_tokens(session, token_ids, chunk)
+    _report_kernels(session)
     np.save(logits_out, logits.numpy().astype(np.float32))
     click.echo(f"wrote {logits_out}: float32 {list(logits.shape)}", err=True)
 
@@ -133,17 +174,19 @@ def score(artifact, token_ids, logits_out, chunk):
               help="Continue the conversation saved in this file (if any) and save it there when done. A damaged "
                    "or mismatched file is reported and its tokens recomputed.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"token_ids": [...], "text": ..., "tiers": ..., "session": ...} when done, instead of streaming.')
+              help='Print {"token_ids": [...], "text": ..., "tiers": ..., "kernels": ..., "session": ...} when done, '
+                   'instead of streaming.')
+@_kernel_options
 @_user_errors
 def generate(artifact, prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, session_path,
-             as_json):
+             as_json, run):
     """Generate a continuation of a prompt, streaming tokens as they are produced."""
     from v4c.runtime.artifact import open_artifact
     from v4c.runtime.generate import Sampling
     if (prompt is None) == (token_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --token-ids IDS")
     art = open_artifact(artifact)
-    conv, info = _conversation(art, session_path)
+    conv, info = _conversation(art, session_path, run)
     tok = art.tokenizer()
     if prompt is not None:
         if tok is None:
@@ -167,19 +210,21 @@ def generate(artifact, prompt, token_ids, max_new_tokens, temperature, top_k, to
         sys.stdout.flush()
     if session_path is not None:
         _save_conversation(art, conv, session_path, info)
+    if not as_json:
+        click.echo()
+    kernels = _report_kernels(conv.session)
     if as_json:
-        out = {"token_ids": ids, "text": tok.decode(ids) if tok else None, "tiers": conv.session.tiers.report()}
+        out = {"token_ids": ids, "text": tok.decode(ids) if tok else None, "tiers": conv.session.tiers.report(),
+               "kernels": kernels}
         if session_path is not None:
             out["session"] = info
         click.echo(json.dumps(out))
-    else:
-        click.echo()
 
 
-def _conversation(art, path: Path | None):
+def _conversation(art, path: Path | None, run: dict):
     """A fresh conversation, or the one saved at `path` (a damaged file is reported and recomputed)."""
     from v4c.runtime.sessions import Conversation, SessionMiss, artifact_key
-    session = art.session()
+    session = _open_session(art, run)
     info = {"path": str(path), "resumed": False, "miss": None, "saved": False}
     if path is None or not path.exists():
         return Conversation(session), info

@@ -21,6 +21,8 @@ from v4c.report.gates import headline
 from v4c.spec import load_spec
 from v4c.targets import TARGETS
 
+DECODE_BATCH = 16  # most sequences per decode step that launch configs are tuned for
+
 
 @dataclass
 class CompileResult:
@@ -47,8 +49,11 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
     tokenizer = next((f for f in ckpt.tokenizer_files if f.name == "tokenizer.json"), None)
     pipeline = build_pipeline(spec, tokenizer)
     module = run_pipeline(reference, pipeline, dump_dir=dump_ir, progress=progress)
-    program = TARGETS[spec.target](module, prefill_chunk=spec.kv.prefill_chunk)
+    lowered = TARGETS[spec.target](module, prefill_chunk=spec.kv.prefill_chunk, tune=spec.tune,
+                                   decode_batch=min(spec.kv.concurrency, DECODE_BATCH), progress=progress)
+    program = lowered.program
     extra = {f"tokenizer/{f.name}": f for f in ckpt.tokenizer_files}
+    extra.update(lowered.files)
     plan = module.plans["memory"]
     extra["plans/memory.json"] = _json(plan)
     extra["plans/kv.json"] = _json(module.plans["kv"])
@@ -59,7 +64,9 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
                    "skipped_tensors": dict(sorted(ckpt.unused.items()))},
         "pipeline": [{"name": p.name, "options": _portable(p.options)} for p in pipeline],
         "counters": module.counters,
-        "target": {"name": spec.target, "toolchain": {"python": platform.python_version(), "torch": torch.__version__}},
+        "target": {"name": spec.target, **lowered.manifest,
+                   "toolchain": {"python": platform.python_version(), "torch": torch.__version__,
+                                 **lowered.manifest.get("toolchain", {})}},
         "kv": {"max_context": module.max_context,
                "state": {k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in module.states.items()},
                "plan": {"file": "plans/kv.json", **{k: module.plans["kv"][k] for k in

@@ -3,7 +3,8 @@ are `SpecError`s that name the file, line and column, the key, what was found an
 
     model:
       checkpoint: ./ckpt      # relative to this file; layout detected
-    target: torch
+    target: torch             # or triton (GPU kernels)
+    tune: auto                # triton: tune launch configs on the compiling GPU, if any
     passes: []
     kv:
       max_context: 4096       # tokens a session can hold (sizes the KV / compressor state)
@@ -22,7 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 
 from v4c.passes import LISTABLE, PASSES
 from v4c.runtime.errors import V4CError
@@ -100,11 +101,20 @@ class PassSpec(_Strict):
 
 class Spec(_Strict):
     model: ModelSection
-    target: Literal[tuple(TARGETS)] = Field("torch", description="Kernel target.")
+    target: Literal[tuple(TARGETS)] = Field("torch", description="Kernel target: torch (the reference kernels, any "
+                                                                 "device) or triton (GPU kernels).")
+    tune: Literal["auto", "on", "off"] = Field("auto", description="triton: time candidate launch configs on the "
+                                               "compiling machine's GPU and record the fastest in the artifact (auto: "
+                                               "when it has one; on: require one; off: record the heuristics).")
     passes: list[Any] = Field([], description="Passes in order: a name, or {name: {options}}.")
     kv: KVSection = KVSection()
     calibration: CalibrationSection | None = Field(None, description="Calibration data; enables the report.")
     report: ReportSection | None = Field(None, description="Report settings: drift gates (needs calibration).")
+
+    @field_validator("tune", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
     def pass_specs(self) -> list[PassSpec]:
         out = []

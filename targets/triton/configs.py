@@ -1,0 +1,66 @@
+"""Launch configurations by call size, chosen at compile time.
+
+A step's configs are buckets by tokens per call: decode (at most DECODE_TOKENS tokens: a few
+sequences, one token each) and prefill (more). `HEURISTIC` holds each op's starting point per
+bucket (`{}`: the launcher's own shape-derived defaults); with a CUDA GPU at compile time,
+`tune.py` times `CANDIDATES` on each step's shapes and keeps the fastest. The runtime never
+re-tunes: it reads the chosen configs from the artifact's launch.json.
+"""
+
+DECODE_TOKENS = 16
+BUCKETS = (("decode", DECODE_TOKENS), ("prefill", None))
+
+_GEMM = {
+    "decode": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    "prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+}
+_EXPERTS = {
+    "decode": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 64},
+    "prefill": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 128},
+}
+HEURISTIC = {
+    "linear": _GEMM, "linear_fp8": _GEMM, "grouped_linear": _GEMM, "grouped_linear_fp8": _GEMM,
+    "moe_experts": _EXPERTS, "moe_experts_q": _EXPERTS,
+}
+
+
+def _grid(**axes) -> list[dict]:
+    out = [{}]
+    for key, values in axes.items():
+        out = [{**c, key: v} for c in out for v in values]
+    return out
+
+
+CANDIDATES = {
+    "decode": {
+        "gemm": _grid(BLOCK_M=[16], BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128, 256], num_warps=[4, 8], num_stages=[3, 4]),
+        "experts": _grid(BLOCK_M=[16], BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128], BLOCK_D=[64, 128]),
+        "attention": _grid(BLOCK_H=[16, 32, 64], BLOCK_N=[32, 64, 128], num_warps=[4, 8]),
+        "index_topk": _grid(BLOCK_H=[16, 32, 64], BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
+    },
+    "prefill": {
+        "gemm": _grid(BLOCK_M=[64, 128], BLOCK_N=[64, 128, 256], BLOCK_K=[64, 128], num_warps=[4, 8], num_stages=[3, 4]),
+        "experts": _grid(BLOCK_M=[16, 32, 64], BLOCK_N=[64, 128], BLOCK_K=[64, 128], BLOCK_D=[64, 128]),
+        "attention": _grid(BLOCK_H=[16, 32, 64], BLOCK_N=[32, 64, 128], num_warps=[4, 8]),
+        "index_topk": _grid(BLOCK_H=[16, 32, 64], BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
+    },
+}
+FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "grouped_linear": "gemm", "grouped_linear_fp8": "gemm",
+          "moe_experts": "experts", "moe_experts_q": "experts", "attention": "attention", "index_topk": "index_topk"}
+
+
+def heuristic(op: str) -> list[dict]:
+    """The untuned bucket list of one op: [{"max_tokens", "config", "source"}]."""
+    table = HEURISTIC.get(op, {})
+    return [{"max_tokens": limit, "config": dict(table.get(name, {})),
+             "source": "heuristic" if name in table else "kernel defaults"} for name, limit in BUCKETS]
+
+
+def candidates(op: str, bucket: str) -> list[dict]:
+    """Configs worth timing for `op` in `bucket` (the heuristic first); [] = not tuned."""
+    family = FAMILY.get(op)
+    if family is None:
+        return []
+    first = HEURISTIC.get(op, {}).get(bucket, {})
+    rest = [c for c in CANDIDATES[bucket][family] if c != first]
+    return [first] + rest

@@ -1,0 +1,70 @@
+"""Lower an IR module for the `triton` target.
+
+The program is the torch target's (same steps, same kernel names); what runs them differs. The
+artifact also carries `kernels/triton/`: this package's kernels/ as source (imported by the
+runtime, compiled by Triton on first use), and launch.json:
+
+    {"format": 1, "triton": "3.9.0",
+     "triton_ops": [ops with a Triton kernel], "torch_ops": {op: why it runs as the torch kernel},
+     "steps": {"12": [{"max_tokens": 16, "config": {...}, "source": "tuned"},
+                      {"max_tokens": null, "config": {...}, "source": "heuristic"}], ...},
+     "tuning": {"tuned": false, "reason": ...} or {"tuned": true, "device": ..., "signatures": [...]}}
+
+`tune`: "auto" times candidate configs when the compiling machine has a CUDA GPU (and records
+the heuristics otherwise), "on" requires a GPU, "off" records the heuristics.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+from v4c.ir import Module
+from v4c.runtime.errors import V4CError
+from v4c.runtime.kernelset import LAUNCH, LAUNCH_FORMAT, PACKAGE, VIEWS
+from v4c.targets import Lowered
+from v4c.targets.torch import lower as torch_lower
+
+from .configs import heuristic
+from .kernels import LAUNCHERS
+from .tune import tune_module
+
+KERNELS_DIR = Path(__file__).parent / "kernels"
+WHY_TORCH = {"fake_quant": "the fp8 pass's reference path (fake_quant: true) has no Triton kernel; compile "
+                           "without fake_quant to run quantized layers as Triton kernels"}
+
+
+def _gpu_for_tuning(tune: str) -> tuple[str | None, str]:
+    """(device to tune on or None, why not)."""
+    if tune == "off":
+        return None, "tune: off"
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        if tune == "on":
+            raise V4CError("tune: on needs a CUDA GPU on the compiling machine (and TRITON_INTERPRET unset); "
+                           "use tune: auto to record the heuristic launch configs instead")
+        return None, "no CUDA GPU at compile time"
+    return "cuda", ""
+
+
+def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: int = 1, progress=None) -> Lowered:
+    program = torch_lower(m, prefill_chunk=prefill_chunk)
+    used = sorted({s.kernel for s in program.steps} - VIEWS)
+    torch_ops = {op: WHY_TORCH.get(op, "no Triton kernel for this op") for op in used if op not in LAUNCHERS}
+    steps = {str(i): heuristic(s.kernel) for i, s in enumerate(program.steps) if s.kernel in LAUNCHERS}
+    device, why = _gpu_for_tuning(tune)
+    if device is None:
+        tuning = {"tuned": False, "reason": f"{why}: launch configs are the heuristics of targets/triton/configs.py"}
+    else:
+        tuning = tune_module(m, LAUNCHERS, steps, prefill_chunk=prefill_chunk, decode_batch=decode_batch,
+                             device=device, progress=progress)
+        tuning["device"] = torch.cuda.get_device_name()
+    launch = {"format": LAUNCH_FORMAT, "triton": triton.__version__, "triton_ops": [op for op in used if op in LAUNCHERS],
+              "torch_ops": torch_ops, "steps": steps, "tuning": tuning}
+    files: dict = {f"{PACKAGE}/{p.name}": p for p in sorted(KERNELS_DIR.glob("*.py"))}
+    files[LAUNCH] = (json.dumps(launch, indent=1, sort_keys=True) + "\n").encode()
+    manifest = {"toolchain": {"triton": triton.__version__},
+                "kernels": {"package": PACKAGE, "launch": LAUNCH, "triton_ops": launch["triton_ops"],
+                            "torch_ops": torch_ops, "tuned": tuning["tuned"]}}
+    return Lowered(program, files, manifest)
