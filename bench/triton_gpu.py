@@ -1,0 +1,324 @@
+"""The triton target on a GPU: FP8 GEMM against cuBLAS, sparse decode attention against a copy, and
+end-to-end decode against transformers eager bf16, all in one run on one GPU.
+
+    .venv/bin/python bench/triton_gpu.py              # on a CUDA GPU -> bench/results/triton_gpu.json
+    .venv/bin/python bench/triton_gpu.py --dry-run    # no GPU: tiny shapes under TRITON_INTERPRET=1
+
+1. FP8 GEMM (`linear_fp8`: e4m3 weights, 128x128 fp32 block scales, activations quantized per
+   token group of 128 inside the kernel) at V4-Flash layer shapes, decode (16, 64, 128 tokens) and
+   prefill (4096 tokens), against `torch._scaled_mm` (cuBLAS) on the same shapes with per-tensor
+   scales and pre-quantized activations (cuBLAS's best case: no block scales, no quantization).
+   Each v4c row is the fastest of the compile-time tuning candidates (what `tune: auto` records).
+2. Sparse decode attention (`attention`, CSA, DeepSeek's split FP8 entries: 448 e4m3 + 64 bf16
+   channels + 7 UE8M0 scales = 584 bytes): batch 1..128, 64 heads, head_dim 512, top-k 512 of 4096
+   entries, window 128. Achieved bandwidth = bytes the kernel must read (selected entries, ring,
+   queries) and write, over its time, against a device-to-device copy measured in the same run.
+3. End to end: the `small` and `medium` configurations of issues 6 and 7 (random weights, tid2eid
+   random distinct experts), FP8 (128x128 weights, dynamic activations, FP8 KV), `target: triton`,
+   batch 1, prompt 512, 64 new greedy tokens; decode tokens/s against transformers eager bf16.
+
+Times are medians of `--repeats` runs (CUDA events, after warm-up), with min and max. Without a GPU
+and without --dry-run, every row is recorded as "not measured" (never estimated).
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "triton_gpu.json"
+if "--dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# V4-Flash projection shapes (N, K): hidden 4096, q_lora 1024, 64 heads x 512, o_groups 8 x o_lora 1024,
+# routed experts 256 x moe_intermediate 2048 (gate and up fused).
+FLASH_GEMMS = {"q_a": (1024, 4096), "q_b": (64 * 512, 1024), "kv": (512, 4096), "o_b": (4096, 8 * 1024),
+               "expert_gate_up": (2 * 2048, 4096), "expert_down": (4096, 2048)}
+DECODE_TOKENS, PREFILL_TOKENS = (16, 64, 128), 4096
+ATTN = {"heads": 64, "dim": 512, "rope": 64, "topk": 512, "entries": 4096, "window": 128,
+        "batches": (1, 2, 4, 8, 16, 32, 64, 128)}
+SMALL = dict(vocab_size=8192, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, head_dim=128,
+             q_lora_rank=384, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,
+             o_groups=4, o_lora_rank=256, index_n_heads=8, index_head_dim=64, index_topk=64, sliding_window=128,
+             compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 32},
+             layer_types=["sliding_attention"] + ["compressed_sparse_attention", "heavily_compressed_attention"] * 3
+             + ["compressed_sparse_attention"])
+MEDIUM = dict(vocab_size=16384, hidden_size=2048, num_hidden_layers=12, num_attention_heads=16, head_dim=256,
+              q_lora_rank=768, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=256,
+              o_groups=4, o_lora_rank=512, index_n_heads=16, index_head_dim=128, index_topk=128, sliding_window=128,
+              compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 64},
+              layer_types=["sliding_attention"] + ["compressed_sparse_attention", "heavily_compressed_attention"] * 5
+              + ["compressed_sparse_attention"])
+E2E = {"prompt": 512, "new_tokens": 64, "batch": 1}
+# --dry-run: the same code paths at shapes the interpreter runs in seconds.
+DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3,), "prefill_tokens": 33,
+       "attn": {"heads": 4, "dim": 128, "rope": 64, "topk": 8, "entries": 32, "window": 8, "batches": (1, 2)},
+       "e2e": {"prompt": 20, "new_tokens": 3, "batch": 1}}
+FP8_RECIPE = ("  - fp8:\n      weights: {block: [128, 128], scale_format: fp32}\n"
+              "      activations: {mode: dynamic, group: 128}\n      kv: fp8\n")
+ACT = {"mode": "dynamic", "group": 128, "scale_format": "fp32"}
+
+
+class Timer:
+    """Median / min / max seconds of `fn` over `repeats` runs after `warmup` (CUDA events on a GPU)."""
+
+    def __init__(self, device: str, repeats: int, warmup: int):
+        self.device, self.repeats, self.warmup = device, repeats, warmup
+
+    def __call__(self, fn) -> dict:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def machine(device: str) -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        out.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sm=f"{p.major}.{p.minor}",
+                   cuda=torch.version.cuda)
+    return out
+
+
+def fastest(timer: Timer, call, configs: list[dict], label: str) -> tuple[dict, dict]:
+    """(times, config) of the fastest config of `call(config)`; a config the GPU cannot run (too
+    much shared memory, say) is skipped and said so."""
+    best = None
+    for cfg in configs:
+        try:
+            t = timer(functools.partial(call, cfg))
+        except Exception as exc:
+            print(f"  {label} config {cfg}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        if best is None or t["median_s"] < best[0]["median_s"]:
+            best = (t, cfg)
+    if best is None:
+        raise RuntimeError(f"{label}: no launch config ran")
+    return best
+
+
+def copy_bandwidth(device: str, timer: Timer, nbytes: int) -> dict:
+    """Device-to-device copy: bytes read + written per second."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    return {**t, "bytes": nbytes, "gb_per_s": round(2 * nbytes / t["median_s"] / 1e9, 1)}
+
+
+def _fp8_gemm(x, q, s, config):
+    from v4c.targets.triton.kernels.gemm import linear_fp8
+    return linear_fp8(x, q, s, block=(128, 128), act=ACT, config=config)
+
+
+def bench_gemm(device: str, timer: Timer, dry: bool) -> list[dict]:
+    from v4c.runtime.quant import quant_fp8
+    from v4c.targets.triton.configs import candidates, heuristic
+    shapes = DRY["gemms"] if dry else FLASH_GEMMS
+    calls = [("decode", m) for m in (DRY["decode_tokens"] if dry else DECODE_TOKENS)]
+    calls.append(("prefill", DRY["prefill_tokens"] if dry else PREFILL_TOKENS))
+    rows, g = [], torch.Generator().manual_seed(0)
+    for name, (n, k) in shapes.items():
+        q, s = quant_fp8(torch.randn(n, k, generator=g) * 0.02, (128, 128))
+        q, s = q.to(device), s.to(device)
+        for bucket, m in calls:
+            x = torch.randn(m, k, generator=g).to(device)
+            configs = [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]]
+            if not dry:
+                configs += candidates("linear_fp8", bucket)
+            best = fastest(timer, functools.partial(_fp8_gemm, x, q, s), configs, f"gemm {name} m={m}")
+            row = {"gemm": name, "n": n, "k": k, "tokens": m, "bucket": bucket, "v4c": best[0], "v4c_config": best[1],
+                   "v4c_tflops": round(2 * m * n * k / best[0]["median_s"] / 1e12, 3)}
+            if device == "cuda" and hasattr(torch, "_scaled_mm"):
+                mp = -(-m // 16) * 16  # cuBLAS FP8 needs multiples of 16
+                xq = torch.randn(mp, k, device=device).to(torch.float8_e4m3fn)
+                one = torch.ones((), device=device)
+                t = timer(functools.partial(torch._scaled_mm, xq, q.t(), scale_a=one, scale_b=one,
+                                            out_dtype=torch.bfloat16))
+                row.update(cublas=t, cublas_tokens=mp, cublas_recipe="per-tensor scales, pre-quantized activations",
+                           v4c_over_cublas_throughput=round(t["median_s"] / best[0]["median_s"], 3))
+            else:
+                row["cublas"] = "not measured (needs a CUDA GPU)"
+            rows.append(row)
+            print(f"gemm {name:15} n={n:6} k={k:5} m={m:5}: v4c {best[0]['median_s'] * 1e6:9.1f} us"
+                  + (f", cuBLAS {row['cublas']['median_s'] * 1e6:9.1f} us ({row['v4c_over_cublas_throughput']:.2f}x)"
+                     if isinstance(row["cublas"], dict) else ""))
+    return rows
+
+
+def bench_attention(device: str, timer: Timer, dry: bool, copy: dict) -> list[dict]:
+    from v4c.runtime.quant import encode_entries, entry_layout
+    from v4c.targets.triton.configs import candidates
+
+    from v4c.targets.triton.kernels.attention import attention
+    a = DRY["attn"] if dry else ATTN
+    h, d, rope, topk, cap, window = a["heads"], a["dim"], a["rope"], a["topk"], a["entries"], a["window"]
+    width = entry_layout("fp8_split", d, rope)[1]
+    rows, g = [], torch.Generator().manual_seed(1)
+    for batch in a["batches"]:
+        q = torch.randn(batch, 1, h, d, generator=g).to(device)
+        kv = torch.randn(batch, 1, d, generator=g).to(device)
+        sinks = torch.randn(h, generator=g).to(device)
+        ring = encode_entries(torch.randn(batch, window - 1, d, generator=g), "fp8_split", rope).to(device)
+        entries = encode_entries(torch.randn(batch, cap, d, generator=g), "fp8_split", rope).to(device)
+        selected = torch.stack([torch.randperm(cap, generator=g)[:topk] for _ in range(batch)])[:, None].to(device)
+        pos0 = cap * 4 + 3  # every entry closed at rate 4; the ring full
+        kwargs = {"pos0": pos0, "window": window, "rate": 4, "scale": d ** -0.5, "kv_format": "fp8_split",
+                  "rope_dim": rope}
+        def call(cfg, args=(q, kv, sinks, selected), state=(ring, entries), kwargs=kwargs):
+            return attention(*args, state=state, **kwargs, config=cfg)
+        best = fastest(timer, call, [{}] + ([] if dry else candidates("attention", "decode")), f"attention batch={batch}")
+        # read: top-k entries, the ring, queries, the new KV, selections; written: outputs, the ring row
+        moved = batch * (topk * width + (window - 1) * width + h * d * 4 + d * 4 + topk * 8 + h * d * 4 + width)
+        gbs = moved / best[0]["median_s"] / 1e9
+        rows.append({"batch": batch, "bytes": moved, "v4c": best[0], "v4c_config": best[1], "gb_per_s": float(f"{gbs:.4g}"),
+                     "fraction_of_copy": float(f"{gbs / copy['gb_per_s']:.3g}")})
+        print(f"attention batch={batch:4}: {best[0]['median_s'] * 1e6:9.1f} us, {gbs:8.1f} GB/s "
+              f"({gbs / copy['gb_per_s']:.1%} of copy)")
+    return rows
+
+
+def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int) -> tuple[Path, object]:
+    from oracle import make_model, save_hf
+
+    from v4c.compile import compile_model
+    model = make_model(kwargs, seed=0)
+    ckpt = save_hf(model, tmp / f"{name}-ckpt")
+    (tmp / f"{name}.yaml").write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\npasses:\n{FP8_RECIPE}"
+                                      f"kv:\n  max_context: {prompt + new + 16}\n  prefill_chunk: {prompt}\n")
+    compile_model(tmp / f"{name}.yaml", tmp / name)
+    return tmp / name, model
+
+
+def _decode_rate(step, prompt_ids, new: int, device: str) -> tuple[float, list[int]]:
+    """Tokens/s of `new` greedy steps after a prefill (not timed): step(ids) -> logits [B, S, V]."""
+    logits = step(prompt_ids)[:, -1]
+    out = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(new):
+        token = logits.argmax(-1, keepdim=True)
+        out.append(int(token[0, 0]))
+        logits = step(token)[:, -1]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return new * prompt_ids.shape[0] / (time.perf_counter() - t0), out
+
+
+def bench_e2e(device: str, repeats: int, dry: bool) -> list[dict]:
+    from v4c.runtime.artifact import open_artifact
+    rows, e = [], DRY["e2e"] if dry else E2E
+    configs = {"hc4_mixed (dry run)": "hc4_mixed"} if dry else {"small": SMALL, "medium": MEDIUM}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kwargs in configs.items():
+            path, model = _build(Path(tmp), name.split()[0], kwargs, e["prompt"], e["new_tokens"])
+            rows.append(_e2e_rows(name, open_artifact(path), model, e, device, repeats))
+    return rows
+
+
+def _e2e_rows(name: str, art, model, e: dict, device: str, repeats: int) -> dict:
+    """Decode tokens/s of the artifact and of transformers eager bf16 (same weights), interleaved."""
+    ids = torch.randint(0, model.config.vocab_size, (e["batch"], e["prompt"]),
+                        generator=torch.Generator().manual_seed(2)).to(device)
+    ref = model.to(torch.bfloat16).to(device).eval()
+
+    def v4c_run():
+        session = art.session(e["batch"], device=device, strict=True)
+        return _decode_rate(session.forward, ids, e["new_tokens"], device)
+
+    def hf_run():
+        cache = {"past": None}
+
+        @torch.no_grad()
+        def step(x):
+            out = ref(input_ids=x, past_key_values=cache["past"], use_cache=True)
+            cache["past"] = out.past_key_values
+            return out.logits.float()
+        return _decode_rate(step, ids, e["new_tokens"], device)
+
+    rates = {"v4c": [], "transformers_bf16": []}
+    v4c_run(), hf_run()  # warm-up: Triton compiles every kernel on first use
+    for _ in range(repeats):
+        for key, fn in (("v4c", v4c_run), ("transformers_bf16", hf_run)):
+            rates[key].append(fn()[0])
+    row = {"config": name, **e, "decode_tokens_per_s": {
+        k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
+        for k, v in rates.items()}}
+    row["speedup"] = round(row["decode_tokens_per_s"]["v4c"]["median"]
+                           / row["decode_tokens_per_s"]["transformers_bf16"]["median"], 2)
+    print(f"e2e {name}: v4c {row['decode_tokens_per_s']['v4c']['median']:.1f} tok/s, transformers bf16 "
+          f"{row['decode_tokens_per_s']['transformers_bf16']['median']:.1f} tok/s ({row['speedup']}x)")
+    return row
+
+
+def not_measured(reason: str) -> dict:
+    return {"status": "not measured", "reason": reason,
+            "rows": {"fp8_gemm_vs_cublas": "not measured", "sparse_decode_attention_vs_copy": "not measured",
+                     "e2e_small_vs_transformers_bf16": "not measured", "e2e_medium_vs_transformers_bf16": "not measured"}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks "
+                    "the script, measures nothing meaningful; prints, and writes only with --out")
+    ap.add_argument("--sections", default="gemm,attention,e2e", help="comma-separated subset (default: all)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=None, help=f"results file (default {OUT.relative_to(ROOT)})")
+    args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    gpu = torch.cuda.is_available() and not args.dry_run
+    result = {"benchmark": "triton_gpu", "date": time.strftime("%Y-%m-%d"), "machine": machine("cuda" if gpu else "cpu")}
+    out = args.out or (None if args.dry_run else OUT)
+    if not gpu and not args.dry_run:
+        result.update(not_measured("no CUDA GPU on the machine that ran this script"))
+        print("no CUDA GPU: every row recorded as 'not measured'")
+    else:
+        device = "cuda" if gpu else "cpu"
+        timer = Timer(device, repeats=1 if args.dry_run else args.repeats, warmup=1 if args.dry_run else 3)
+        result["status"] = "dry run (interpreter, tiny shapes: not a measurement)" if args.dry_run else "measured"
+        result["copy"] = copy = copy_bandwidth(device, timer, 2**20 if args.dry_run else 2**30)
+        print(f"device-to-device copy: {copy['gb_per_s']} GB/s")
+        if "gemm" in sections:
+            result["fp8_gemm"] = bench_gemm(device, timer, args.dry_run)
+        if "attention" in sections:
+            result["sparse_decode_attention"] = bench_attention(device, timer, args.dry_run, copy)
+        if "e2e" in sections:
+            result["e2e_decode"] = bench_e2e(device, 1 if args.dry_run else max(5, args.repeats // 2), args.dry_run)
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
