@@ -11,7 +11,7 @@ import click
 
 from v4c import __version__
 from v4c.runtime.errors import V4CError
-from v4c.views import print_description, print_plan, progress_bar
+from v4c.views import print_bench, print_description, print_plan, progress_bar
 
 
 def _user_errors(fn):
@@ -352,6 +352,46 @@ def plan(model_yaml, context, concurrency, as_json):
         click.echo(json.dumps(p, indent=1))
         return
     print_plan(p)
+
+
+@main.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Choice(["none", "transformers"]), default="none", show_default=True,
+              help="Also time transformers' eager DeepseekV4ForCausalLM (fp32 and bf16) on the same checkpoint, "
+                   "in the same run (needs transformers installed and --checkpoint).")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The Hugging Face checkpoint the artifact was compiled from (for --baseline transformers).")
+@click.option("--context", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens per sequence (prefill).")
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1), help="Greedy decode steps.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences decoded together.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Runs per system (each in a fresh process); figures are medians with min and max.")
+@click.option("--kernels", type=click.Choice(["auto", "torch"]), default="auto", show_default=True,
+              help="auto: the artifact's own kernels; torch: the runtime's reference kernels.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON result here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@_user_errors
+def bench_cmd(artifact, baseline, checkpoint, context, new_tokens, batch, runs, kernels, out, as_json):
+    """Time ARTIFACT: prefill tokens/s, time to first token, decode tokens/s, peak RSS, and the bytes
+    a decode step reads per second against this machine's memory bandwidth (a large copy, measured
+    in the same run). Every run is a fresh process with a seeded random prompt.
+
+    \b
+    Example:
+      v4c bench build/small --baseline transformers --checkpoint ckpt/small --context 2048 --new-tokens 64
+    """
+    from v4c.bench import bench
+    result = bench(str(artifact), baseline=None if baseline == "none" else baseline,
+                   checkpoint=str(checkpoint) if checkpoint else None, context=context, new_tokens=new_tokens,
+                   batch=batch, runs=runs, kernels=kernels, progress=lambda m: click.echo(m, err=True))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    print_bench(result)
 
 
 @main.group()

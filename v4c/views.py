@@ -104,3 +104,32 @@ def print_plan(p: dict) -> None:
               f", host {mib(p['totals']['host'])}; worst-case host->device traffic per decode step "
               f"{p['bytes_per_decode_step']:,} bytes"
               + ("" if p["sessions_on_disk"] is None else f"; the disk tier holds {p['sessions_on_disk']:,} saved sessions"))
+
+
+def print_bench(r: dict) -> None:
+    """`v4c bench` as a table: medians (min-max) per system, then bandwidth and ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(s: dict, scale: float = 1.0, fmt: str = "{:,.1f}") -> str:
+        return f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}-{fmt.format(s['max'] * scale)})"
+
+    t = Table("system", "prefill tok/s", "TTFT ms", "decode tok/s", "step ms", "peak RSS MiB",
+              title=f"batch {r['batch']}, context {r['context']:,}, {r['new_tokens']} new tokens: median (min-max) "
+                    f"of {r['runs']} runs")
+    for name, s in r["systems"].items():
+        t.add_row(name, cell(s["prefill_tokens_per_s"]), cell(s["ttft_s"], 1e3), cell(s["decode_tokens_per_s"]),
+                  cell(s["decode_step_s"], 1e3, "{:,.2f}"), cell(s["peak_rss_bytes"], 2**-20, "{:,.0f}"))
+    con = Console(width=max(Console().width, 132))
+    con.print(t)
+    v = r["systems"]["v4c"]
+    moved = r["decode_bytes_per_step"]
+    con.print(f"decode step reads {mib(moved['weight_bytes'])} of weights and {mib(moved['kv_bytes'])} of KV: "
+              f"{v['achieved_bytes_per_s'] / 1e9:.2f} GB/s achieved, {v['fraction_of_bandwidth']:.0%} of the measured "
+              f"{r['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s copy bandwidth")
+    if "decode_speedup_vs_best_transformers" in r:
+        con.print(f"decode {r['decode_speedup_vs_best_transformers']:.2f}x the faster transformers eager dtype; "
+                  f"peak RSS {r['peak_rss_vs_transformers_bf16']:.2f}x transformers bf16")
+    fallbacks = v["kernels"].get("fallbacks") or []
+    if fallbacks:
+        con.print(f"kernel fallbacks (ran as torch kernels): {fallbacks}")
