@@ -28,6 +28,7 @@ from .errors import ArtifactError
 from .executor import Session
 from .kernelset import TorchKernels, triton_kernels
 from .program import Program
+from .tvm_kernels import tvm_kernels
 from .store import DirStore, TarStore, check_member, open_store, pack
 
 FORMAT = "v4c-artifact"
@@ -153,18 +154,23 @@ class Artifact:
     def session(self, batch: int = 1, *, kernels: str = "auto", device: str | None = None,
                 strict: bool = False) -> Session:
         """A fresh session. `kernels`: "auto" runs the artifact's own target's kernels, "torch" the
-        runtime's reference kernels (any artifact). `device`: default cuda for a triton artifact
+        runtime's reference kernels (any artifact). `device`: default cuda for a triton artifact (tvm: cpu)
         on a GPU machine (not under TRITON_INTERPRET), else cpu. `strict`: a Triton launcher that
         refuses its inputs is an error instead of a reported fallback."""
         if kernels not in ("auto", "torch", self.target):
             raise ArtifactError(f"kernels {kernels!r}: this {self.target} artifact runs 'auto' ({self.target}) "
                                 "or 'torch' kernels")
-        use_triton = self.target == "triton" and kernels != "torch"
+        own = kernels != "torch"
+        use_triton = self.target == "triton" and own
         device = device or default_device(use_triton)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ArtifactError(f"device {device}: no CUDA GPU is available to this process")
-        table = triton_kernels(self.store, self.manifest, device=device, strict=strict) if use_triton \
-            else TorchKernels()
+        if use_triton:
+            table = triton_kernels(self.store, self.manifest, device=device, strict=strict)
+        elif self.target == "tvm" and own:
+            table = tvm_kernels(self.store, self.manifest, device=device, strict=strict)
+        else:
+            table = TorchKernels()
         return Session(self.program, self.weights_on(device), batch=batch, kernels=table, device=device)
 
     def tokenizer(self):

@@ -1,5 +1,5 @@
 """Targets: lower an IR module for one kind of kernel. `TARGETS` maps the names model.yaml accepts
-to functions `(module, *, prefill_chunk, tune, decode_batch, progress) -> Lowered` (a target
+to functions `(module, *, prefill_chunk, tune, decode_batch, tvm_target, progress) -> Lowered` (a target
 ignores the options it has no use for)."""
 
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ def _torch(module, *, prefill_chunk: int, **_) -> Lowered:
     return Lowered(lower(module, prefill_chunk=prefill_chunk))
 
 
-def _triton(module, *, prefill_chunk: int, tune: str = "auto", decode_batch: int = 1, progress=None) -> Lowered:
+def _triton(module, *, prefill_chunk: int, tune: str = "auto", decode_batch: int = 1, progress=None, **_) -> Lowered:
     try:
         from .triton import lower  # imports triton: only when this target is asked for
     except ImportError as e:
@@ -32,4 +32,15 @@ def _triton(module, *, prefill_chunk: int, tune: str = "auto", decode_batch: int
     return lower(module, prefill_chunk=prefill_chunk, tune=tune, decode_batch=decode_batch, progress=progress)
 
 
-TARGETS = {"torch": _torch, "triton": _triton}
+def _tvm(module, *, prefill_chunk: int, tvm_target=None, progress=None, **_) -> Lowered:
+    try:
+        from .tvm.lower import lower  # imports tvm: only when this target is asked for
+    except ImportError as e:
+        if e.name is None or not e.name.startswith("tvm"):
+            raise
+        from v4c.runtime.errors import V4CError
+        raise V4CError("target: tvm needs apache-tvm on the compiling machine: pip install 'v4c[tvm]'") from None
+    return lower(module, prefill_chunk=prefill_chunk, target=tvm_target, progress=progress)
+
+
+TARGETS = {"torch": _torch, "triton": _triton, "tvm": _tvm}

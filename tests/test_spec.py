@@ -12,7 +12,7 @@ GOOD = "model:\n  checkpoint: ./ckpt\ntarget: torch\npasses: []\n"
 # name -> (model.yaml text, expected "line:col", a fragment of the message)
 BAD = {
     "unknown_top_key": ("model:\n  checkpoint: ./ckpt\ntarjet: torch\n", "3:1", "unknown key 'tarjet' in the top level; "
-                        "allowed: model, target, tune, passes, kv, calibration, report (did you mean 'target'?)"),
+                        "allowed: model, target, tune, tvm_target, passes, kv, calibration, report (did you mean 'target'?)"),
     "unknown_nested_key": ("model:\n  checkpoint: ./ckpt\n  layuot: hf\n", "3:3", "unknown key 'layuot' in model"),
     "missing_section": ("target: torch\n", "1:1", "model: required key is missing"),
     "missing_key": ("model: {}\n", "1:1", "model.checkpoint: required key is missing"),
@@ -83,6 +83,6 @@ def test_schema_is_published():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"model", "target", "tune", "passes", "kv", "calibration", "report"}
+    assert set(schema["properties"]) == {"model", "target", "tune", "tvm_target", "passes", "kv", "calibration", "report"}
     assert {"const": "dce", "description": "remove unused instructions, parameters and state slots"} in \
         schema["properties"]["passes"]["items"]["anyOf"]

@@ -50,7 +50,8 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
     pipeline = build_pipeline(spec, tokenizer)
     module = run_pipeline(reference, pipeline, dump_dir=dump_ir, progress=progress)
     lowered = TARGETS[spec.target](module, prefill_chunk=spec.kv.prefill_chunk, tune=spec.tune,
-                                   decode_batch=min(spec.kv.concurrency, DECODE_BATCH), progress=progress)
+                                   decode_batch=min(spec.kv.concurrency, DECODE_BATCH), tvm_target=spec.tvm_target,
+                                   progress=progress)
     program = lowered.program
     extra = {f"tokenizer/{f.name}": f for f in ckpt.tokenizer_files}
     extra.update(lowered.files)

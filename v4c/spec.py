@@ -3,7 +3,7 @@ are `SpecError`s that name the file, line and column, the key, what was found an
 
     model:
       checkpoint: ./ckpt      # relative to this file; layout detected
-    target: torch             # or triton (GPU kernels)
+    target: torch             # or triton (GPU kernels) or tvm (CPU kernels; tvm_target: {kind: llvm, mcpu: ...})
     tune: auto                # triton: tune launch configs on the compiling GPU, if any
     passes: []
     kv:
@@ -102,10 +102,12 @@ class PassSpec(_Strict):
 class Spec(_Strict):
     model: ModelSection
     target: Literal[tuple(TARGETS)] = Field("torch", description="Kernel target: torch (the reference kernels, any "
-                                                                 "device) or triton (GPU kernels).")
+                                                                 "device), triton (GPU kernels) or tvm (CPU kernels).")
     tune: Literal["auto", "on", "off"] = Field("auto", description="triton: time candidate launch configs on the "
                                                "compiling machine's GPU and record the fastest in the artifact (auto: "
                                                "when it has one; on: require one; off: record the heuristics).")
+    tvm_target: dict[str, Any] | None = Field(None, description="tvm: the LLVM target as a dict, e.g. {kind: llvm, "
+                                                 "mcpu: znver4, num-cores: 16} (default: this machine's CPU).")
     passes: list[Any] = Field([], description="Passes in order: a name, or {name: {options}}.")
     kv: KVSection = KVSection()
     calibration: CalibrationSection | None = Field(None, description="Calibration data; enables the report.")

@@ -1,0 +1,187 @@
+"""Kernel set of a `tvm` artifact: compiled CPU kernels in one shared library, loaded with
+`tvm_ffi` alone (this module never imports `tvm`).
+
+The artifact carries `kernels/tvm/kernels.so` and `kernels/tvm/kernels.json`:
+
+    {"format": 1, "tvm": "0.27.0", "library": "kernels/tvm/kernels.so",
+     "target": {"kind": "llvm", "mcpu": "znver4", ...}, "machine": "x86_64",
+     "cpu_features": ["avx2", "avx512f", ...],            # what the code was compiled to use
+     "torch_ops": {op: why it runs as the torch kernel},
+     "steps": {"12": {"call": "gemm", "n": 1024, "k": 384, "groups": 1,
+                      "variants": {"1": "fn name", "4": ..., "16": ...}}}}
+
+Kernels have static shapes; a step has variants by tokens per call, and a call with M tokens runs
+the largest variants that fit, in row blocks (37 tokens with variants 1/4/16: 16 + 16 + 4 + 1).
+
+A library built for CPU features this machine lacks, or for another architecture, is refused at
+load with the reason and how to rebuild; so is one that fails to load (an ABI mismatch). Steps
+without a kernel run as the runtime's torch kernel and are reported, as with the triton target.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import ArtifactError
+from .kernels import KERNELS
+from .kernelset import VIEWS, KernelError, cache_root
+from .program import Step
+
+SPEC = "kernels/tvm/kernels.json"
+SPEC_FORMAT = 1
+REBUILD = ("rebuild the artifact for this machine (v4c compile with target: tvm on it, or set tvm.target in "
+           "model.yaml to this CPU's features), or run it with --kernels torch")
+
+
+def cpu_features() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return set()
+    for line in info.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def check_machine(spec: dict, label: str) -> None:
+    """Refuse a library this CPU cannot run, saying why."""
+    machine = platform.machine()
+    if spec.get("machine") and spec["machine"] != machine:
+        raise ArtifactError(f"{label}: its TVM kernels were compiled for {spec['machine']}; this machine is "
+                            f"{machine}: {REBUILD}")
+    have = cpu_features()
+    missing = sorted(set(spec.get("cpu_features", [])) - have) if have else []
+    if missing:
+        raise ArtifactError(f"{label}: its TVM kernels were compiled for {spec.get('target', {}).get('mcpu', '?')} and "
+                            f"use CPU features this machine lacks ({', '.join(missing)}): {REBUILD}")
+
+
+def _library_path(store, rel: str, sha256: str) -> Path:
+    """A file path for the library: in place for a directory artifact, else extracted once to the cache."""
+    root = getattr(store, "root", None)
+    if root is not None:
+        return Path(root) / rel
+    dest = cache_root() / "tvm-kernels" / f"{sha256[:32]}.so"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(store.read(rel))
+        os.replace(tmp, dest)
+    return dest
+
+
+def _arg(t: torch.Tensor) -> torch.Tensor:
+    """Tensors as the kernels take them: FP8 / UE8M0 bytes as uint8, everything contiguous."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu):
+        t = t.view(torch.uint8)
+    return t.contiguous()
+
+
+def _blocks(m: int, sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, variant size) row blocks covering m rows with the largest variants first."""
+    out, start = [], 0
+    for size in sorted(sizes, reverse=True):
+        while m - start >= size:
+            out.append((start, size))
+            start += size
+    if start != m:
+        raise ValueError(f"no kernel variant covers {m - start} remaining rows (variants {sorted(sizes)})")
+    return out
+
+
+class _Gemm:
+    """One linear-family step: x [..., (G,) K] -> fp32 [..., (G,) N] through the step's variants."""
+
+    def __init__(self, lib, entry: dict):
+        self.n, self.k, self.groups = entry["n"], entry["k"], entry.get("groups", 1)
+        self.variants = {int(m): lib[name] for m, name in entry["variants"].items()}
+
+    def __call__(self, x, *weights, **_attrs):
+        g = self.groups
+        lead = x.shape[:-2] if g > 1 else x.shape[:-1]
+        inner = (g, self.k) if g > 1 else (self.k,)
+        rows = x.reshape(-1, *inner).float().contiguous()
+        out = torch.empty(rows.shape[0], *inner[:-1], self.n, dtype=torch.float32)
+        args = [_arg(w) for w in weights]
+        for start, size in _blocks(rows.shape[0], list(self.variants)):
+            self.variants[size](rows[start:start + size], *args, out[start:start + size])
+        return out.view(*lead, *inner[:-1], self.n)
+
+
+CALLS = {"gemm": _Gemm}
+
+
+class TvmKernels:
+    """Steps through the artifact's compiled kernels; the others (reported) as torch kernels."""
+
+    name = "tvm"
+
+    def __init__(self, lib, spec: dict, *, strict: bool = False):
+        self.lib, self.spec, self.strict = lib, spec, strict
+        self.fallbacks: list[dict] = []
+        self.tvm_steps = self.view_steps = 0
+
+    def resolve(self, index: int, step: Step) -> Callable:
+        if step.kernel not in KERNELS:
+            raise ArtifactError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
+        if step.kernel in VIEWS:
+            self.view_steps += 1
+            return KERNELS[step.kernel]
+        entry = self.spec.get("steps", {}).get(str(index))
+        if entry is None:
+            reason = self.spec.get("torch_ops", {}).get(step.kernel, "the artifact has no TVM kernel for this step")
+            if self.strict:
+                raise KernelError(f"step {index} ({step.kernel}): {reason} (strict: no fallback)")
+            self.fallbacks.append({"step": index, "kernel": step.kernel, "reason": reason})
+            return KERNELS[step.kernel]
+        if entry["call"] not in CALLS:
+            raise ArtifactError(f"{SPEC}: step {index} uses call convention {entry['call']!r}, which this runtime "
+                                "does not have (an artifact from a newer v4c?)")
+        self.tvm_steps += 1
+        return CALLS[entry["call"]](self.lib, entry)
+
+    def report(self) -> dict:
+        by_op: dict[str, int] = {}
+        for f in self.fallbacks:
+            by_op[f["kernel"]] = by_op.get(f["kernel"], 0) + 1
+        return {"kernels": self.name, "steps": {"tvm": self.tvm_steps, "torch": len(self.fallbacks),
+                                                "views": self.view_steps},
+                "torch_steps_by_op": by_op, "fallbacks": list(self.fallbacks), "notes": []}
+
+
+def tvm_kernels(store, manifest: dict, *, device: str = "cpu", strict: bool = False) -> TvmKernels:
+    """The kernel set of a tvm artifact (its files already verified against the manifest)."""
+    if device != "cpu":
+        raise ArtifactError(f"this artifact's kernels are TVM CPU kernels; the session's device is {device} "
+                            "(use --device cpu, or --kernels torch)")
+    if not store.exists(SPEC):
+        raise ArtifactError(f"{store.label}: a tvm artifact without {SPEC}")
+    spec = json.loads(store.read(SPEC))
+    if spec.get("format") != SPEC_FORMAT:
+        raise ArtifactError(f"{SPEC}: format {spec.get('format')!r}; this runtime reads format {SPEC_FORMAT}")
+    check_machine(spec, store.label)
+    try:
+        import tvm_ffi
+    except ImportError:
+        raise ArtifactError("this artifact's kernels are TVM kernels and apache-tvm-ffi is not installed: "
+                            "pip install 'v4c[tvm]', or use --kernels torch") from None
+    rel = spec["library"]
+    sha = manifest["files"][rel]["sha256"] if rel in manifest.get("files", {}) else \
+        hashlib.sha256(store.read(rel)).hexdigest()
+    try:
+        lib = tvm_ffi.load_module(str(_library_path(store, rel, sha)))
+    except Exception as e:  # tvm_ffi raises its own error types for a library it cannot load
+        raise ArtifactError(f"{store.label}: cannot load its TVM kernel library ({type(e).__name__}: {e}); "
+                            f"{REBUILD}") from None
+    built = spec.get("tvm_ffi")
+    if built and built != getattr(tvm_ffi, "__version__", built):
+        warnings.warn(f"v4c: the TVM kernels were built against tvm-ffi {built}; this machine has "
+                      f"{tvm_ffi.__version__}", RuntimeWarning, stacklevel=2)
+    return TvmKernels(lib, spec, strict=strict)

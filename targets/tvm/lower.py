@@ -1,0 +1,115 @@
+"""Lower an IR module for the `tvm` target (CPUs).
+
+The program is the torch target's (same steps, same kernel names). Every step whose op has a TVM
+kernel gets compiled functions for its static shapes, one per token-count variant (`VARIANTS`):
+a call with M tokens runs the largest variants that fit, in row blocks (runtime/tvm_kernels.py).
+Steps with the same op, shapes, formats and attributes share their functions. All functions go
+into ONE shared library, `kernels/tvm/kernels.so`, next to `kernels/tvm/kernels.json` (the step
+table, the target, the CPU features the code may use, and the ops that run as torch kernels, with
+the reason).
+"""
+
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+from v4c.ir import Module
+from v4c.runtime.errors import V4CError
+from v4c.runtime.tvm_kernels import SPEC, SPEC_FORMAT, cpu_features
+from v4c.targets import Lowered
+from v4c.targets.torch import lower as torch_lower
+
+LIBRARY = "kernels/tvm/kernels.so"
+VARIANTS = (1, 4, 16)  # tokens per compiled call: decode of 1 / 4 sequences, and blocks of 16 for prefill
+GEMMS = ("linear", "linear_fp8", "grouped_linear", "grouped_linear_fp8")
+# x86 feature flags (as /proc/cpuinfo names them) that LLVM may use when compiling for the host CPU
+ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512dq", "avx512bw",
+             "avx512vl", "avx512cd", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512vbmi", "asimd", "sve")
+WHY_TORCH = "no TVM kernel for this op yet (it runs as the runtime's torch kernel)"
+
+
+def _gemm_signature(program, step) -> tuple | None:
+    """(builder name, kwargs) identifying one linear-family step's kernel; None if the step's
+    weights are not a plain 2-D matrix this target compiles."""
+    weight = program.params[step.inputs[1][1:]]
+    if len(weight.shape) != 2:
+        return None
+    n, k = weight.shape
+    groups = step.attrs.get("groups", 1)
+    if step.kernel in ("linear", "grouped_linear"):
+        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(weight.dtype)
+        if dtype is None:
+            return None
+        return ("dense", {"n": n, "k": k, "groups": groups, "weight_dtype": dtype})
+    if weight.dtype != "f8e4m3":
+        return None
+    scale = program.params[step.inputs[2][1:]]
+    fmt = "ue8m0" if scale.dtype == "f8e8m0" else "fp32"
+    return ("fp8", {"n": n, "k": k, "groups": groups, "block": tuple(step.attrs["block"]), "scale_format": fmt,
+                    "act": json.dumps(step.attrs["act"], sort_keys=True)})
+
+
+def _builder(kind: str, kwargs: dict, m: int, name: str):
+    from . import gemv
+    kw = dict(kwargs)
+    if kind == "dense":
+        return gemv.dense_gemv(kw.pop("n"), kw.pop("k"), m, name=name, **kw)
+    kw["act"] = json.loads(kw["act"])
+    return gemv.fp8_gemv(kw.pop("n"), kw.pop("k"), m, name=name, **kw)
+
+
+def host_target(spec_target=None) -> dict:
+    from . import gemv
+    return spec_target or gemv.host_target()
+
+
+def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> Lowered:
+    from . import gemv
+    import tvm
+
+    program = torch_lower(module, prefill_chunk=prefill_chunk)
+    steps, torch_ops, funcs, names = {}, {}, [], {}
+    for i, step in enumerate(program.steps):
+        if step.kernel == "reshape":
+            continue
+        sig = _gemm_signature(program, step) if step.kernel in GEMMS else None
+        if sig is None:
+            torch_ops.setdefault(step.kernel, WHY_TORCH if step.kernel not in GEMMS else
+                                 "weights in a format this target does not compile")
+            continue
+        key = json.dumps([sig[0], sig[1]], sort_keys=True, default=list)
+        if key not in names:
+            base = f"v4c_{len(names)}_{sig[0]}"
+            try:
+                built = {m: _builder(*sig, m, f"{base}_m{m}") for m in VARIANTS}
+            except ValueError as e:  # a shape / block the kernels do not cover: this step runs as torch
+                torch_ops.setdefault(step.kernel, f"not compiled: {e}")
+                continue
+            funcs.extend(built.values())
+            names[key] = {str(m): f"{base}_m{m}" for m in VARIANTS}
+        n, groups = sig[1]["n"], sig[1]["groups"]
+        steps[str(i)] = {"call": "gemm", "n": n // groups, "k": sig[1]["k"], "groups": groups, "variants": names[key]}
+    tgt = host_target(target)
+    if progress:
+        progress(f"tvm: compiling {len(funcs)} kernels for {len(steps)} steps ({tgt.get('mcpu', tgt)})")
+    tmp = Path(tempfile.mkdtemp(prefix="v4c-tvm-"))
+    lib_path = tmp / "kernels.so"
+    try:
+        gemv.build_library(funcs, lib_path, target=tgt)
+    except Exception as e:
+        raise V4CError(f"target: tvm: compiling the kernels failed ({type(e).__name__}: {e})") from None
+    have = cpu_features()
+    spec = {"format": SPEC_FORMAT, "tvm": tvm.__version__, "library": LIBRARY, "target": tgt,
+            "machine": platform.machine(), "cpu_features": sorted(f for f in ISA_FLAGS if f in have),
+            "torch_ops": torch_ops, "steps": steps}
+    try:
+        import tvm_ffi
+        spec["tvm_ffi"] = tvm_ffi.__version__
+    except ImportError:
+        pass
+    files = {LIBRARY: lib_path.read_bytes(), SPEC: (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode()}
+    manifest = {"toolchain": {"tvm": tvm.__version__}, "tvm": {"target": tgt, "machine": spec["machine"],
+                                                               "kernels": len(funcs), "tvm_steps": len(steps),
+                                                               "torch_ops": sorted(torch_ops)}}
+    return Lowered(program, files, manifest)
