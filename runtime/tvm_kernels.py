@@ -8,7 +8,8 @@ The artifact carries `kernels/tvm/kernels.so` and `kernels/tvm/kernels.json`:
      "cpu_features": ["avx2", "avx512f", ...],            # what the code was compiled to use
      "torch_ops": {op: why it runs as the torch kernel},
      "steps": {"12": {"call": "gemm", "n": 1024, "k": 384, "groups": 1,
-                      "variants": {"1": "fn name", "4": ..., "16": ...}}}}
+                      "variants": {"1": "fn name", "4": ..., "16": ...}},
+               "30": {"call": "experts", "d": 1024, "i": 512, "gate_up": {variants}, "down": {variants}}}}
 
 Kernels have static shapes; a step has variants by tokens per call, and a call with M tokens runs
 the largest variants that fit, in row blocks (37 tokens with variants 1/4/16: 16 + 16 + 4 + 1).
@@ -96,26 +97,64 @@ def _blocks(m: int, sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+class _Variants:
+    """One kernel's compiled token-count variants: rows [M, ...] -> fp32 [M, ..., N] in row blocks."""
+
+    def __init__(self, lib, variants: dict[str, str], n: int):
+        self.fns, self.n = {int(m): lib[name] for m, name in variants.items()}, n
+
+    def __call__(self, rows: torch.Tensor, *weights) -> torch.Tensor:
+        out = torch.empty(*rows.shape[:-1], self.n, dtype=torch.float32)
+        args = [_arg(w) for w in weights]
+        for start, size in _blocks(rows.shape[0], list(self.fns)):
+            self.fns[size](rows[start:start + size], *args, out[start:start + size])
+        return out
+
+
 class _Gemm:
     """One linear-family step: x [..., (G,) K] -> fp32 [..., (G,) N] through the step's variants."""
 
     def __init__(self, lib, entry: dict):
-        self.n, self.k, self.groups = entry["n"], entry["k"], entry.get("groups", 1)
-        self.variants = {int(m): lib[name] for m, name in entry["variants"].items()}
+        self.k, self.groups = entry["k"], entry.get("groups", 1)
+        self.run = _Variants(lib, entry["variants"], entry["n"])
 
     def __call__(self, x, *weights, **_attrs):
         g = self.groups
         lead = x.shape[:-2] if g > 1 else x.shape[:-1]
         inner = (g, self.k) if g > 1 else (self.k,)
-        rows = x.reshape(-1, *inner).float().contiguous()
-        out = torch.empty(rows.shape[0], *inner[:-1], self.n, dtype=torch.float32)
-        args = [_arg(w) for w in weights]
-        for start, size in _blocks(rows.shape[0], list(self.variants)):
-            self.variants[size](rows[start:start + size], *args, out[start:start + size])
-        return out.view(*lead, *inner[:-1], self.n)
+        out = self.run(x.reshape(-1, *inner).float().contiguous(), *weights)
+        return out.view(*lead, *inner[:-1], self.run.n)
 
 
-CALLS = {"gemm": _Gemm}
+class _Experts:
+    """Routed experts (moe_experts / moe_experts_q) with compiled gate_up and down projections, in
+    the reference's order (runtime/kernels/moe.py run_experts: experts ascending, index_add_); the
+    activation quantization of `act_in` / `act_mid` is fused into the projections."""
+
+    def __init__(self, lib, entry: dict):
+        self.gate_up = _Variants(lib, entry["gate_up"], 2 * entry["i"])
+        self.down = _Variants(lib, entry["down"], entry["d"])
+
+    def __call__(self, x, weights, idx, gate_up, *rest, limit=None, **_attrs):
+        from .kernels.basic import swiglu
+        quantized = len(rest) == 3
+        gu_scale, down, down_scale = rest if quantized else (None, rest[0], None)
+        shape = x.shape
+        x = x.float().reshape(-1, shape[-1])
+        idx = idx.reshape(x.shape[0], -1)
+        weights = weights.float().reshape(x.shape[0], -1)
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            token, slot = torch.where(idx == e)
+            w1 = (gate_up[e], gu_scale[e]) if quantized else (gate_up[e],)
+            gate, up = self.gate_up(x[token].contiguous(), *w1).chunk(2, dim=-1)
+            mid = swiglu(gate, up, limit=limit).contiguous()
+            y = self.down(mid, *((down[e], down_scale[e]) if quantized else (down[e],)))
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.view(shape)
+
+
+CALLS = {"gemm": _Gemm, "experts": _Experts}
 
 
 class TvmKernels:

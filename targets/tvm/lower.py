@@ -23,6 +23,7 @@ from v4c.targets.torch import lower as torch_lower
 LIBRARY = "kernels/tvm/kernels.so"
 VARIANTS = (1, 4, 16)  # tokens per compiled call: decode of 1 / 4 sequences, and blocks of 16 for prefill
 GEMMS = ("linear", "linear_fp8", "grouped_linear", "grouped_linear_fp8")
+EXPERTS = ("moe_experts", "moe_experts_q")
 # x86 feature flags (as /proc/cpuinfo names them) that LLVM may use when compiling for the host CPU
 ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512dq", "avx512bw",
              "avx512vl", "avx512cd", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512vbmi", "asimd", "sve")
@@ -50,6 +51,31 @@ def _gemm_signature(program, step) -> tuple | None:
                     "act": json.dumps(step.attrs["act"], sort_keys=True)})
 
 
+def _fp8_kwargs(n, k, scale_dtype: str, block, act) -> dict:
+    return {"n": n, "k": k, "groups": 1, "block": tuple(block), "scale_format": "ue8m0" if scale_dtype == "f8e8m0"
+            else "fp32", "act": json.dumps(act or {"mode": "none"}, sort_keys=True)}
+
+
+def _expert_signatures(program, step) -> tuple[tuple, tuple] | None:
+    """(gate_up, down) kernel signatures of a routed-experts step; None if not compiled (FP4 experts)."""
+    params = [program.params[a[1:]] for a in step.inputs[3:]]
+    a = step.attrs
+    if step.kernel == "moe_experts":
+        gate_up, down = params
+        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(gate_up.dtype)
+        if dtype is None or a.get("act_in") or a.get("act_mid"):
+            return None
+        _, i2, d = gate_up.shape
+        return (("dense", {"n": i2, "k": d, "groups": 1, "weight_dtype": dtype}),
+                ("dense", {"n": d, "k": i2 // 2, "groups": 1, "weight_dtype": dtype}))
+    if a.get("format") != "fp8":
+        return None
+    gate_up, gu_scale, down, down_scale = params
+    _, i2, d = gate_up.shape
+    return (("fp8", _fp8_kwargs(i2, d, gu_scale.dtype, a["block"], a.get("act_in"))),
+            ("fp8", _fp8_kwargs(d, i2 // 2, down_scale.dtype, a["down_block"], a.get("act_mid"))))
+
+
 def _builder(kind: str, kwargs: dict, m: int, name: str):
     from . import gemv
     kw = dict(kwargs)
@@ -70,26 +96,34 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
 
     program = torch_lower(module, prefill_chunk=prefill_chunk)
     steps, torch_ops, funcs, names = {}, {}, [], {}
-    for i, step in enumerate(program.steps):
-        if step.kernel == "reshape":
-            continue
-        sig = _gemm_signature(program, step) if step.kernel in GEMMS else None
-        if sig is None:
-            torch_ops.setdefault(step.kernel, WHY_TORCH if step.kernel not in GEMMS else
-                                 "weights in a format this target does not compile")
-            continue
+    def compiled(sig) -> dict[str, str]:
+        """The variant names of one kernel signature, building them the first time."""
         key = json.dumps([sig[0], sig[1]], sort_keys=True, default=list)
         if key not in names:
             base = f"v4c_{len(names)}_{sig[0]}"
-            try:
-                built = {m: _builder(*sig, m, f"{base}_m{m}") for m in VARIANTS}
-            except ValueError as e:  # a shape / block the kernels do not cover: this step runs as torch
-                torch_ops.setdefault(step.kernel, f"not compiled: {e}")
-                continue
+            built = {m: _builder(*sig, m, f"{base}_m{m}") for m in VARIANTS}  # ValueError: not covered
             funcs.extend(built.values())
             names[key] = {str(m): f"{base}_m{m}" for m in VARIANTS}
-        n, groups = sig[1]["n"], sig[1]["groups"]
-        steps[str(i)] = {"call": "gemm", "n": n // groups, "k": sig[1]["k"], "groups": groups, "variants": names[key]}
+        return names[key]
+
+    for i, step in enumerate(program.steps):
+        if step.kernel == "reshape":
+            continue
+        try:
+            if step.kernel in GEMMS and (sig := _gemm_signature(program, step)) is not None:
+                n, groups = sig[1]["n"], sig[1]["groups"]
+                steps[str(i)] = {"call": "gemm", "n": n // groups, "k": sig[1]["k"], "groups": groups,
+                                 "variants": compiled(sig)}
+                continue
+            if step.kernel in EXPERTS and (sigs := _expert_signatures(program, step)) is not None:
+                steps[str(i)] = {"call": "experts", "d": sigs[1][1]["n"], "i": sigs[1][1]["k"],
+                                 "gate_up": compiled(sigs[0]), "down": compiled(sigs[1])}
+                continue
+        except ValueError as e:  # a shape / block the kernels do not cover: this step runs as torch
+            torch_ops.setdefault(step.kernel, f"not compiled: {e}")
+            continue
+        torch_ops.setdefault(step.kernel, WHY_TORCH if step.kernel not in GEMMS + EXPERTS else
+                             "weights in a format this target does not compile yet (FP4 experts)")
     tgt = host_target(target)
     if progress:
         progress(f"tvm: compiling {len(funcs)} kernels for {len(steps)} steps ({tgt.get('mcpu', tgt)})")
