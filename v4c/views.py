@@ -132,4 +132,8 @@ def print_bench(r: dict) -> None:
                   f"peak RSS {r['peak_rss_vs_transformers_bf16']:.2f}x transformers bf16")
     fallbacks = v["kernels"].get("fallbacks") or []
     if fallbacks:
-        con.print(f"kernel fallbacks (ran as torch kernels): {fallbacks}")
+        by_op: dict[str, int] = {}
+        for f in fallbacks:
+            by_op[f["kernel"]] = by_op.get(f["kernel"], 0) + 1
+        con.print(f"{len(fallbacks)} steps ran as torch kernels (no {v['kernels']['kernels']} kernel): "
+                  + ", ".join(f"{op} x{n}" for op, n in sorted(by_op.items())))
