@@ -39,7 +39,7 @@ if "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(ROOT))
+# v4c itself comes from the installed package (the source folders map onto v4c.* only when installed)
 sys.path.insert(0, str(ROOT / "tests"))
 
 # V4-Flash projection shapes (N, K): hidden 4096, q_lora 1024, 64 heads x 512, o_groups 8 x o_lora 1024,
@@ -69,6 +69,7 @@ DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3,), "prefill_tokens": 33,
 FP8_RECIPE = ("  - fp8:\n      weights: {block: [128, 128], scale_format: fp32}\n"
               "      activations: {mode: dynamic, group: 128}\n      kv: fp8\n")
 ACT = {"mode": "dynamic", "group": 128, "scale_format": "fp32"}
+TUNE = "--heuristic-only" not in sys.argv  # time every tuning candidate (slow: each one compiles) or only the heuristic
 
 
 class Timer:
@@ -141,7 +142,7 @@ def _fp8_gemm(x, q, s, config):
 
 
 def bench_gemm(device: str, timer: Timer, dry: bool) -> list[dict]:
-    from v4c.runtime.quant import quant_fp8
+    from v4c.runtime.quant import dequant_fp8, fake_quant_act, quant_fp8
     from v4c.targets.triton.configs import candidates, heuristic
     shapes = DRY["gemms"] if dry else FLASH_GEMMS
     calls = [("decode", m) for m in (DRY["decode_tokens"] if dry else DECODE_TOKENS)]
@@ -153,10 +154,14 @@ def bench_gemm(device: str, timer: Timer, dry: bool) -> list[dict]:
         for bucket, m in calls:
             x = torch.randn(m, k, generator=g).to(device)
             configs = [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]]
-            if not dry:
+            if not dry and TUNE:
                 configs += candidates("linear_fp8", bucket)
             best = fastest(timer, functools.partial(_fp8_gemm, x, q, s), configs, f"gemm {name} m={m}")
-            row = {"gemm": name, "n": n, "k": k, "tokens": m, "bucket": bucket, "v4c": best[0], "v4c_config": best[1],
+            ours = _fp8_gemm(x, q, s, best[1])
+            ref = torch.nn.functional.linear(fake_quant_act(x, ACT), dequant_fp8(q, s, (128, 128)))
+            err = float((ours - ref).abs().max() / ref.abs().max())
+            row = {"gemm": name, "n": n, "k": k, "tokens": m, "bucket": bucket, "rel_err_vs_reference": err,
+                   "v4c": best[0], "v4c_config": best[1],
                    "v4c_tflops": round(2 * m * n * k / best[0]["median_s"] / 1e12, 3)}
             if device == "cuda" and hasattr(torch, "_scaled_mm"):
                 mp = -(-m // 16) * 16  # cuBLAS FP8 needs multiples of 16
@@ -169,13 +174,14 @@ def bench_gemm(device: str, timer: Timer, dry: bool) -> list[dict]:
             else:
                 row["cublas"] = "not measured (needs a CUDA GPU)"
             rows.append(row)
-            print(f"gemm {name:15} n={n:6} k={k:5} m={m:5}: v4c {best[0]['median_s'] * 1e6:9.1f} us"
+            print(f"gemm {name:15} n={n:6} k={k:5} m={m:5}: err {err:.1e} v4c {best[0]['median_s'] * 1e6:9.1f} us"
                   + (f", cuBLAS {row['cublas']['median_s'] * 1e6:9.1f} us ({row['v4c_over_cublas_throughput']:.2f}x)"
                      if isinstance(row["cublas"], dict) else ""))
     return rows
 
 
 def bench_attention(device: str, timer: Timer, dry: bool, copy: dict) -> list[dict]:
+    from v4c.runtime.kernels.attention import attention as ref_attention
     from v4c.runtime.quant import encode_entries, entry_layout
     from v4c.targets.triton.configs import candidates
 
@@ -196,13 +202,17 @@ def bench_attention(device: str, timer: Timer, dry: bool, copy: dict) -> list[di
                   "rope_dim": rope}
         def call(cfg, args=(q, kv, sinks, selected), state=(ring, entries), kwargs=kwargs):
             return attention(*args, state=state, **kwargs, config=cfg)
-        best = fastest(timer, call, [{}] + ([] if dry else candidates("attention", "decode")), f"attention batch={batch}")
+        best = fastest(timer, call, [{}] + ([] if dry or not TUNE else candidates("attention", "decode")),
+                       f"attention batch={batch}")
+        ours = attention(q, kv, sinks, selected, state=(ring.clone(), entries), **kwargs, config=best[1])
+        ref = ref_attention(q.cpu(), kv.cpu(), sinks.cpu(), selected.cpu(), state=(ring.cpu(), entries.cpu()), **kwargs)
+        err = float((ours.cpu() - ref).abs().max() / ref.abs().max())  # the reference runs on the CPU
         # read: top-k entries, the ring, queries, the new KV, selections; written: outputs, the ring row
         moved = batch * (topk * width + (window - 1) * width + h * d * 4 + d * 4 + topk * 8 + h * d * 4 + width)
         gbs = moved / best[0]["median_s"] / 1e9
-        rows.append({"batch": batch, "bytes": moved, "v4c": best[0], "v4c_config": best[1], "gb_per_s": float(f"{gbs:.4g}"),
+        rows.append({"batch": batch, "rel_err_vs_reference": err, "bytes": moved, "v4c": best[0], "v4c_config": best[1], "gb_per_s": float(f"{gbs:.4g}"),
                      "fraction_of_copy": float(f"{gbs / copy['gb_per_s']:.3g}")})
-        print(f"attention batch={batch:4}: {best[0]['median_s'] * 1e6:9.1f} us, {gbs:8.1f} GB/s "
+        print(f"attention batch={batch:4}: err {err:.1e} {best[0]['median_s'] * 1e6:9.1f} us, {gbs:8.1f} GB/s "
               f"({gbs / copy['gb_per_s']:.1%} of copy)")
     return rows
 
@@ -293,6 +303,8 @@ def main(argv=None):
                     "the script, measures nothing meaningful; prints, and writes only with --out")
     ap.add_argument("--sections", default="gemm,attention,e2e", help="comma-separated subset (default: all)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--heuristic-only", action="store_true", help="time only the heuristic launch configs, not every "
+                    "tuning candidate (each candidate compiles: minutes per shape)")
     ap.add_argument("--out", type=Path, default=None, help=f"results file (default {OUT.relative_to(ROOT)})")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
