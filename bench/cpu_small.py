@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# v4c comes from the installed package (the source folders map onto v4c.* only when installed)
 sys.path.insert(0, str(ROOT / "tests"))
 
 SMALL = dict(vocab_size=8192, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, head_dim=128,

@@ -41,6 +41,9 @@ import torch  # noqa: E402
 
 # v4c itself comes from the installed package (the source folders map onto v4c.* only when installed)
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cpu_small import SMALL  # noqa: E402  (issue 6's `small` configuration, shared with the CPU benchmark)
 
 # V4-Flash projection shapes (N, K): hidden 4096, q_lora 1024, 64 heads x 512, o_groups 8 x o_lora 1024,
 # routed experts 256 x moe_intermediate 2048 (gate and up fused).
@@ -49,12 +52,6 @@ FLASH_GEMMS = {"q_a": (1024, 4096), "q_b": (64 * 512, 1024), "kv": (512, 4096), 
 DECODE_TOKENS, PREFILL_TOKENS = (16, 64, 128), 4096
 ATTN = {"heads": 64, "dim": 512, "rope": 64, "topk": 512, "entries": 4096, "window": 128,
         "batches": (1, 2, 4, 8, 16, 32, 64, 128)}
-SMALL = dict(vocab_size=8192, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, head_dim=128,
-             q_lora_rank=384, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,
-             o_groups=4, o_lora_rank=256, index_n_heads=8, index_head_dim=64, index_topk=64, sliding_window=128,
-             compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 32},
-             layer_types=["sliding_attention"] + ["compressed_sparse_attention", "heavily_compressed_attention"] * 3
-             + ["compressed_sparse_attention"])
 MEDIUM = dict(vocab_size=16384, hidden_size=2048, num_hidden_layers=12, num_attention_heads=16, head_dim=256,
               q_lora_rank=768, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=256,
               o_groups=4, o_lora_rank=512, index_n_heads=16, index_head_dim=128, index_topk=128, sliding_window=128,

@@ -93,15 +93,52 @@ class _Launch:
             return KERNELS[self.kernel](*args, **kwargs)
 
 
-class TritonKernels:
+class ArtifactKernels:
+    """Base of the kernel sets that run an artifact's own kernels (triton, tvm). `own(index, step)`
+    gives the step's kernel, or None: the step then runs as the torch kernel, a fallback that is
+    reported with its reason (`torch_ops` of the artifact, else a generic one), or with `strict`
+    a KernelError. Views run as they are, in every target."""
+
+    name = "artifact"
+
+    def __init__(self, torch_ops: dict, *, strict: bool = False):
+        self.torch_ops, self.strict = torch_ops, strict
+        self.fallbacks: list[dict] = []
+        self.own_steps = self.view_steps = 0
+
+    def own(self, index: int, step: Step) -> Callable | None:
+        raise NotImplementedError
+
+    def resolve(self, index: int, step: Step) -> Callable:
+        if step.kernel not in KERNELS:
+            raise ArtifactError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
+        if step.kernel in VIEWS:
+            self.view_steps += 1
+            return KERNELS[step.kernel]
+        fn = self.own(index, step)
+        if fn is None:
+            reason = self.torch_ops.get(step.kernel, f"the artifact has no {self.name} kernel for this step")
+            if self.strict:
+                raise KernelError(f"step {index} ({step.kernel}): {reason} (strict: no fallback)")
+            self.fallbacks.append({"step": index, "kernel": step.kernel, "reason": reason})
+            return KERNELS[step.kernel]
+        self.own_steps += 1
+        return fn
+
+    def steps(self, refused: int = 0) -> dict:
+        """Steps by where they run (`refused`: own steps that fell back at run time)."""
+        return {self.name: self.own_steps - refused, "torch": len(self.fallbacks), "views": self.view_steps}
+
+
+class TritonKernels(ArtifactKernels):
     """Steps through the artifact's Triton launchers; the others (reported) as torch kernels."""
 
     name = "triton"
 
     def __init__(self, launchers: dict, launch: dict, *, strict: bool = False, toolchain_note: str | None = None):
-        self.launchers, self.launch, self.strict = launchers, launch, strict
-        self.fallbacks: list[dict] = []
-        self.triton_steps = self.view_steps = self.refused = 0
+        super().__init__(launch.get("torch_ops", {}), strict=strict)
+        self.launchers, self.launch = launchers, launch
+        self.refused = 0
         self.notes = [toolchain_note] if toolchain_note else []
 
     def fall_back(self, index: int, kernel: str, reason: str) -> None:
@@ -110,27 +147,16 @@ class TritonKernels:
         self.fallbacks.append({"step": index, "kernel": kernel, "reason": reason})
         warnings.warn(f"v4c: step {index} ({kernel}) runs as the torch kernel: {reason}", RuntimeWarning, stacklevel=3)
 
-    def resolve(self, index: int, step: Step) -> Callable:
-        if step.kernel not in KERNELS:
-            raise ArtifactError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
-        if step.kernel in VIEWS:
-            self.view_steps += 1
-            return KERNELS[step.kernel]
+    def own(self, index: int, step: Step) -> Callable | None:
         launcher = self.launchers.get(step.kernel)
         if launcher is None:
-            reason = self.launch.get("torch_ops", {}).get(step.kernel, "the artifact's kernel package has no launcher")
-            if self.strict:
-                raise KernelError(f"step {index} ({step.kernel}): {reason} (strict: no fallback)")
-            self.fallbacks.append({"step": index, "kernel": step.kernel, "reason": reason})
-            return KERNELS[step.kernel]
-        self.triton_steps += 1
+            return None
         configs = self.launch.get("steps", {}).get(str(index), [{"max_tokens": None, "config": {}}])
         return _Launch(self, index, step, launcher, configs)
 
     def report(self) -> dict:
         """Steps by where they run, and every fallback with its reason."""
-        steps = {"triton": self.triton_steps - self.refused, "torch": len(self.fallbacks), "views": self.view_steps}
-        return {"kernels": self.name, "steps": steps, "tuning": self.launch.get("tuning", {}),
+        return {"kernels": self.name, "steps": self.steps(self.refused), "tuning": self.launch.get("tuning", {}),
                 "fallbacks": list(self.fallbacks), "notes": self.notes}
 
 

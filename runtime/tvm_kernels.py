@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from .errors import ArtifactError
-from .kernels import KERNELS
-from .kernelset import VIEWS, KernelError, cache_root
+from .kernels.basic import swiglu
+from .kernelset import ArtifactKernels, cache_root
 from .program import Step
 
 SPEC = "kernels/tvm/kernels.json"
@@ -86,9 +86,9 @@ def _arg(t: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(m: int, sizes: list[int]) -> list[tuple[int, int]]:
-    """(start, variant size) row blocks covering m rows with the largest variants first."""
+    """(start, variant size) row blocks covering m rows; `sizes` in decreasing order."""
     out, start = [], 0
-    for size in sorted(sizes, reverse=True):
+    for size in sizes:  # largest first
         while m - start >= size:
             out.append((start, size))
             start += size
@@ -102,11 +102,12 @@ class _Variants:
 
     def __init__(self, lib, variants: dict[str, str], n: int):
         self.fns, self.n = {int(m): lib[name] for m, name in variants.items()}, n
+        self.sizes = sorted(self.fns, reverse=True)
 
     def __call__(self, rows: torch.Tensor, *weights) -> torch.Tensor:
         out = torch.empty(*rows.shape[:-1], self.n, dtype=torch.float32)
         args = [_arg(w) for w in weights]
-        for start, size in _blocks(rows.shape[0], list(self.fns)):
+        for start, size in _blocks(rows.shape[0], self.sizes):
             self.fns[size](rows[start:start + size], *args, out[start:start + size])
         return out
 
@@ -136,7 +137,6 @@ class _Experts:
         self.down = _Variants(lib, entry["down"], entry["d"])
 
     def __call__(self, x, weights, idx, gate_up, *rest, limit=None, **_attrs):
-        from .kernels.basic import swiglu
         quantized = len(rest) == 3
         gu_scale, down, down_scale = rest if quantized else (None, rest[0], None)
         shape = x.shape
@@ -157,42 +157,30 @@ class _Experts:
 CALLS = {"gemm": _Gemm, "experts": _Experts}
 
 
-class TvmKernels:
+class TvmKernels(ArtifactKernels):
     """Steps through the artifact's compiled kernels; the others (reported) as torch kernels."""
 
     name = "tvm"
 
     def __init__(self, lib, spec: dict, *, strict: bool = False):
-        self.lib, self.spec, self.strict = lib, spec, strict
-        self.fallbacks: list[dict] = []
-        self.tvm_steps = self.view_steps = 0
+        super().__init__(spec.get("torch_ops", {}), strict=strict)
+        self.lib, self.spec = lib, spec
 
-    def resolve(self, index: int, step: Step) -> Callable:
-        if step.kernel not in KERNELS:
-            raise ArtifactError(f"program uses kernel {step.kernel!r}, which this runtime does not have")
-        if step.kernel in VIEWS:
-            self.view_steps += 1
-            return KERNELS[step.kernel]
+    def own(self, index: int, step: Step) -> Callable | None:
         entry = self.spec.get("steps", {}).get(str(index))
         if entry is None:
-            reason = self.spec.get("torch_ops", {}).get(step.kernel, "the artifact has no TVM kernel for this step")
-            if self.strict:
-                raise KernelError(f"step {index} ({step.kernel}): {reason} (strict: no fallback)")
-            self.fallbacks.append({"step": index, "kernel": step.kernel, "reason": reason})
-            return KERNELS[step.kernel]
+            return None
         if entry["call"] not in CALLS:
             raise ArtifactError(f"{SPEC}: step {index} uses call convention {entry['call']!r}, which this runtime "
                                 "does not have (an artifact from a newer v4c?)")
-        self.tvm_steps += 1
         return CALLS[entry["call"]](self.lib, entry)
 
     def report(self) -> dict:
         by_op: dict[str, int] = {}
         for f in self.fallbacks:
             by_op[f["kernel"]] = by_op.get(f["kernel"], 0) + 1
-        return {"kernels": self.name, "steps": {"tvm": self.tvm_steps, "torch": len(self.fallbacks),
-                                                "views": self.view_steps},
-                "torch_steps_by_op": by_op, "fallbacks": list(self.fallbacks), "notes": []}
+        return {"kernels": self.name, "steps": self.steps(), "torch_steps_by_op": by_op,
+                "fallbacks": list(self.fallbacks), "notes": []}
 
 
 def tvm_kernels(store, manifest: dict, *, device: str = "cpu", strict: bool = False) -> TvmKernels:
