@@ -56,7 +56,10 @@ class Options(_Strict):
         "fp8", description="attention KV (sliding window and compressed entries); fp8: DeepSeek's split layout")
     indexer: Literal["fp8", "fp4", "bf16", "f32"] = Field(
         "fp8", description="indexer keys; fp8: e4m3 + fp32 scale per 128, fp4: e2m1 + UE8M0 scale per 32")
-    skip: list[str] = Field(DEFAULT_SKIP, description="weight-name patterns (fnmatch) kept in their dtype")
+    skip: list[str] = Field(DEFAULT_SKIP, description="weight-name patterns (fnmatch) kept in higher precision")
+    skipped_dtype: Literal["keep", "bf16"] = Field(
+        "keep", description="the skipped float matrices: keep the checkpoint's dtype, or store bf16 (as DeepSeek "
+        "ships them; halves an fp32 checkpoint's lm_head and compressor reads)")
     fake_quant: bool = Field(False, description="reference path: fp32 dequantized weights + explicit fake_quant ops")
 
 
@@ -93,6 +96,9 @@ class _Rewrite:
         if any(fnmatch.fnmatchcase(name, p) for p in self.o.skip):
             if name not in self.skipped:
                 self.skipped.append(name)
+                if self.o.skipped_dtype == "bf16" and t.dtype == "f32" and t.rank >= 2:
+                    src = self.weights[name]
+                    self._set(name, t.shape, torch.bfloat16, lambda: load_weight(src).to(torch.bfloat16))
             return False
         return True
 

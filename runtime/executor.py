@@ -6,6 +6,13 @@ compile-time memory plan (bytes_per_token x batch x prefill_chunk). `forward(tok
 next tokens (a prefill of any length, fed prefill_chunk at a time, or one decode step) and
 returns their next-token logits. Every value the program computes is written into its planned
 buffer in the arena; only the kernels' own temporaries are allocated per call.
+
+The decode loop makes no per-op decisions: for each call shape (tokens per sequence) the session
+plans once a flat list of (function, arguments, keywords) over fixed tensors (arena views, weights,
+state), with views folded away and row blocks chosen, and a call runs that list. A kernel with a
+`bind(inputs, outs, attrs)` method (the tvm kernels) gives its own entries, writing straight into the
+planned buffers; any other kernel's result is copied into its buffer. With an observer (calibration,
+debugging) the steps run one by one as values instead.
 """
 
 from collections.abc import Callable, Mapping
@@ -13,9 +20,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .dtypes import torch_dtype
-from .errors import InputError
+from .errors import ArtifactError, InputError
 from .kernels import STATEFUL
-from .kernelset import TorchKernels
+from .kernelset import VIEWS, TorchKernels
 from .kv_tiers import PagedEntries, PagePool, Prefetcher, TierAllocator, TierStats
 from .program import Program, Step
 
@@ -89,6 +96,7 @@ class Session:
             if step.kernel != "attention":
                 tiered = None  # prefetch the next tiered layer once this layer has read its own
             self._steps.append((fn, step.kernel in STATEFUL, args, step.outputs, outs, attrs, tiered))
+        self._plans: dict[int, _Plan] = {}
         embed = program.params.get("embed_tokens.weight")
         self.vocab_size = embed.shape[0] if embed is not None else None
 
@@ -167,6 +175,54 @@ class Session:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _step(self, tokens: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        if observer is not None:
+            return self._observed_step(tokens, observer)
+        seq = tokens.shape[1]
+        plan = self._plans.get(seq)
+        if plan is None:
+            plan = self._plans[seq] = self._plan(seq)
+        plan.tokens.copy_(tokens)
+        torch.arange(self.pos, self.pos + seq, out=plan.positions)
+        for kw in plan.stateful:
+            kw["pos0"] = self.pos
+        for fn, args, kw in plan.entries:
+            fn(*args, **kw)
+        self.pos += seq
+        return plan.output.clone()  # the arena is reused by the next call
+
+    def _plan(self, seq: int) -> "_Plan":
+        """The flat call list for calls of `seq` tokens per sequence: every value is a fixed tensor."""
+        n = self.batch * seq
+        values: list = [None] * self.program.num_values
+        tokens = torch.zeros(self.batch, seq, dtype=torch.long, device=self.device)
+        positions = torch.zeros(seq, dtype=torch.long, device=self.device)
+        values[self.program.inputs["tokens"]], values[self.program.inputs["positions"]] = tokens, positions
+        entries, stateful, labels = [], [], []
+        for step, (fn, is_stateful, args, outputs, outs, attrs, tiered) in zip(self.program.steps, self._steps):
+            inputs = [values[a] if isinstance(a, int) else a for a in args]
+            if step.kernel in VIEWS:  # a view of a fixed tensor is fixed: folded into the plan
+                values[outputs[0]] = fn(*inputs, **attrs)
+                continue
+            if any(spec is None for spec in outs):
+                raise ArtifactError(f"program step {step.kernel} has an output without a planned buffer "
+                                    "(plans/memory.json): recompile the artifact")
+            buffers = [self._buffer(spec, n, seq) for spec in outs]
+            kw = dict(attrs)
+            if is_stateful:
+                kw["pos0"] = self.pos
+                stateful.append(kw)
+            bind = getattr(fn, "bind", None)
+            bound = bind(inputs, buffers, kw) if bind is not None else None
+            labels.extend([f"bound:{step.kernel}"] * len(bound) if bound is not None else [f"py:{step.kernel}"])
+            entries.extend(bound if bound is not None else [(_into(fn, buffers), inputs, kw)])
+            for slot, buffer in zip(outputs, buffers):
+                values[slot] = buffer
+            if tiered is not None:
+                entries.append((self.prefetcher.after, (tiered,), {}))
+                labels.append("prefetch")
+        return _Plan(entries, stateful, tokens, positions, values[self.program.output], labels)
+
+    def _observed_step(self, tokens: torch.Tensor, observer: Observer) -> torch.Tensor:
         seq = tokens.shape[1]
         n = self.batch * seq
         values: list = [None] * self.program.num_values
@@ -188,3 +244,29 @@ class Session:
                 observer(i, self.program.steps[i], inputs, result)
         self.pos += seq
         return values[self.program.output].clone()  # the arena is reused by the next call
+
+
+class _Plan:
+    """One call shape's flat call list; `stateful`: the keyword dicts whose pos0 each call sets."""
+
+    def __init__(self, entries: list, stateful: list[dict], tokens, positions, output, labels: list[str]):
+        self.entries, self.stateful = entries, stateful
+        self.tokens, self.positions, self.output = tokens, positions, output
+        self.labels = labels  # per entry: "<bound|py>:<op>" (profiling)
+
+
+def _into(fn, buffers: list[torch.Tensor]):
+    """fn, with its results copied into the planned buffers."""
+    if not buffers:
+        return fn
+    if len(buffers) == 1:
+        out = buffers[0]
+
+        def run_one(*args, **kw):
+            out.copy_(fn(*args, **kw))
+        return run_one
+
+    def run(*args, **kw):
+        for buffer, value in zip(buffers, fn(*args, **kw)):
+            buffer.copy_(value)
+    return run

@@ -85,11 +85,8 @@ class _Launch:
         try:
             return self.launcher(*args, config=_pick(self.configs, _tokens(args[0]) if args else 1), **kwargs)
         except ValueError as e:
-            reason = f"the triton launcher refused its inputs: {e}"
-            if self.owner.strict:
-                raise KernelError(f"step {self.index} ({self.kernel}): {reason} (strict: no fallback)") from None
+            self.owner.fall_back(self.index, self.kernel, f"the triton launcher refused its inputs: {e}")
             self.fallen = True
-            self.owner.fall_back(self.index, self.kernel, reason)
             return KERNELS[self.kernel](*args, **kwargs)
 
 
@@ -104,7 +101,16 @@ class ArtifactKernels:
     def __init__(self, torch_ops: dict, *, strict: bool = False):
         self.torch_ops, self.strict = torch_ops, strict
         self.fallbacks: list[dict] = []
-        self.own_steps = self.view_steps = 0
+        self.own_steps = self.view_steps = self.refused = 0
+
+    def fall_back(self, index: int, kernel: str, reason: str) -> None:
+        """An own kernel refused its inputs at run time: the step runs as the torch kernel (reported),
+        or with `strict` that is an error."""
+        if self.strict:
+            raise KernelError(f"step {index} ({kernel}): {reason} (strict: no fallback)")
+        self.refused += 1
+        self.fallbacks.append({"step": index, "kernel": kernel, "reason": reason})
+        warnings.warn(f"v4c: step {index} ({kernel}) runs as the torch kernel: {reason}", RuntimeWarning, stacklevel=3)
 
     def own(self, index: int, step: Step) -> Callable | None:
         raise NotImplementedError
@@ -138,14 +144,7 @@ class TritonKernels(ArtifactKernels):
     def __init__(self, launchers: dict, launch: dict, *, strict: bool = False, toolchain_note: str | None = None):
         super().__init__(launch.get("torch_ops", {}), strict=strict)
         self.launchers, self.launch = launchers, launch
-        self.refused = 0
         self.notes = [toolchain_note] if toolchain_note else []
-
-    def fall_back(self, index: int, kernel: str, reason: str) -> None:
-        """A launcher refused its inputs: the step runs as the torch kernel from now on."""
-        self.refused += 1
-        self.fallbacks.append({"step": index, "kernel": kernel, "reason": reason})
-        warnings.warn(f"v4c: step {index} ({kernel}) runs as the torch kernel: {reason}", RuntimeWarning, stacklevel=3)
 
     def own(self, index: int, step: Step) -> Callable | None:
         launcher = self.launchers.get(step.kernel)

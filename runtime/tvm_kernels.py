@@ -9,7 +9,8 @@ The artifact carries `kernels/tvm/kernels.so` and `kernels/tvm/kernels.json`:
      "torch_ops": {op: why it runs as the torch kernel},
      "steps": {"12": {"call": "gemm", "n": 1024, "k": 384, "groups": 1,
                       "variants": {"1": "fn name", "4": ..., "16": ...}},
-               "30": {"call": "experts", "d": 1024, "i": 512, "gate_up": {variants}, "down": {variants}}}}
+               "30": {"call": "experts", "d": 1024, "i": 512, "gate_up": {variants}, "down": {variants},
+                      "fused": "fn name"}}}          # fused: the few-token kernel (optional)
 
 Kernels have static shapes; a step has variants by tokens per call, and a call with M tokens runs
 the largest variants that fit, in row blocks (37 tokens with variants 1/4/16: 16 + 16 + 4 + 1).
@@ -31,6 +32,7 @@ import torch
 
 from .errors import ArtifactError
 from .kernels.basic import swiglu
+from .kernels import KERNELS
 from .kernelset import ArtifactKernels, cache_root
 from .program import Step
 
@@ -111,6 +113,17 @@ class _Variants:
             self.fns[size](rows[start:start + size], *args, out[start:start + size])
         return out
 
+    def entries(self, rows: torch.Tensor, weights: list, out: torch.Tensor) -> list[tuple]:
+        """The calls of `self(rows, *weights)` writing into `out`, as plan entries (fixed tensors)."""
+        args = [_arg(w) for w in weights]
+        return [(self.fns[size], (rows[start:start + size], *args, out[start:start + size]), {})
+                for start, size in _blocks(rows.shape[0], self.sizes)]
+
+
+def _fixed_f32(*tensors) -> bool:
+    """Tensors a compiled kernel can read or write in place: contiguous fp32 on the CPU."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+
 
 class _Gemm:
     """One linear-family step: x [..., (G,) K] -> fp32 [..., (G,) N] through the step's variants."""
@@ -126,6 +139,14 @@ class _Gemm:
         out = self.run(x.reshape(-1, *inner).float().contiguous(), *weights)
         return out.view(*lead, *inner[:-1], self.run.n)
 
+    def bind(self, inputs: list, outs: list, attrs: dict) -> list[tuple] | None:
+        x, out = inputs[0], outs[0]
+        if not _fixed_f32(x, out):
+            return None
+        inner = (self.groups, self.k) if self.groups > 1 else (self.k,)
+        rows = x.view(-1, *inner)
+        return self.run.entries(rows, inputs[1:], out.view(rows.shape[0], *inner[:-1], self.run.n))
+
 
 class _Experts:
     """Routed experts (moe_experts / moe_experts_q) with compiled gate_up and down projections, in
@@ -135,6 +156,19 @@ class _Experts:
     def __init__(self, lib, entry: dict):
         self.gate_up = _Variants(lib, entry["gate_up"], 2 * entry["i"])
         self.down = _Variants(lib, entry["down"], entry["d"])
+        self.fused = lib[entry["fused"]] if entry.get("fused") else None  # targets/tvm/experts.py
+
+    def bind(self, inputs: list, outs: list, attrs: dict) -> list[tuple] | None:
+        """Calls with at most one (token, slot) pair per expert run as the one fused kernel (each pair
+        reads its expert's weights); larger ones group tokens per expert (__call__)."""
+        x, weights, idx, gate_up = inputs[:4]
+        if self.fused is None or not _fixed_f32(x, weights, outs[0]) or idx.dtype != torch.int64 \
+                or not idx.is_contiguous() or idx.numel() > gate_up.shape[0]:
+            return None
+        d = x.shape[-1]
+        args = (x.view(-1, d), weights.view(-1, weights.shape[-1]), idx.view(-1, idx.shape[-1]),
+                *[_arg(w) for w in inputs[3:]], outs[0].view(-1, d))
+        return [(self.fused, args, {})]
 
     def __call__(self, x, weights, idx, gate_up, *rest, limit=None, **_attrs):
         quantized = len(rest) == 3
@@ -154,6 +188,88 @@ class _Experts:
         return out.view(shape)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [M, C] (a view)."""
+    return t.view(-1, t.shape[-1])
+
+
+def _hc(t: torch.Tensor) -> torch.Tensor:
+    """[..., hc, C] -> [M, hc, C] (a view)."""
+    return t.view(-1, *t.shape[-2:])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1)
+
+
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """RoPE operands as [B, S, H, D] (3-d: H = 1)."""
+    return t if t.dim() == 4 else t.unsqueeze(2)
+
+
+F32, I64 = torch.float32, torch.int64
+# op -> (the compiled function's arguments from (inputs, outputs, attrs), the outputs' (shape, dtype) of an
+# unplanned call from (inputs, attrs)). Stateful ops read attrs["state"] and attrs["pos0"].
+OPS = {
+    "rms_norm": (lambda i, o, a: (_rows(i[0]), *i[1:], _rows(o[0])), lambda i, a: [(i[0].shape, F32)]),
+    "add": (lambda i, o, a: (_flat(i[0]), _flat(i[1]), _flat(o[0])), lambda i, a: [(i[0].shape, F32)]),
+    "swiglu": (lambda i, o, a: (_flat(i[0]), _flat(i[1]), _flat(o[0])), lambda i, a: [(i[0].shape, F32)]),
+    "rope": (lambda i, o, a: (_heads(i[0]), i[1], i[2], _heads(o[0])), lambda i, a: [(i[0].shape, F32)]),
+    "hc_expand": (lambda i, o, a: (_rows(i[0]), _hc(o[0])),
+                  lambda i, a: [((*i[0].shape[:-1], a["hc"], i[0].shape[-1]), F32)]),
+    "hc_pre": (lambda i, o, a: (_hc(i[0]), *i[1:4], _rows(o[0]), _rows(o[1]), _hc(o[2])),
+               lambda i, a: [((*i[0].shape[:-2], i[0].shape[-1]), F32), (i[0].shape[:-1], F32),
+                             ((*i[0].shape[:-1], i[0].shape[-2]), F32)]),
+    "hc_post": (lambda i, o, a: (_rows(i[0]), _hc(i[1]), _rows(i[2]), _hc(i[3]), _hc(o[0])),
+                lambda i, a: [(i[1].shape, F32)]),
+    "hc_head": (lambda i, o, a: (_hc(i[0]), *i[1:4], _rows(o[0])),
+                lambda i, a: [((*i[0].shape[:-2], i[0].shape[-1]), F32)]),
+    "route_topk": (lambda i, o, a: (_rows(i[0]), i[1], i[2], _rows(o[0]), _rows(o[1])),
+                   lambda i, a: [((*i[0].shape[:-1], a["k"]), F32), ((*i[0].shape[:-1], a["k"]), I64)]),
+    "route_hash": (lambda i, o, a: (_rows(i[0]), i[1], i[2], i[3].reshape(-1), _rows(o[0]), _rows(o[1])),
+                   lambda i, a: [((*i[0].shape[:-1], i[2].shape[1]), F32), ((*i[0].shape[:-1], i[2].shape[1]), I64)]),
+    "index_topk": (lambda i, o, a: (i[0], i[1], a["state"][0], a["pos0"], o[0]),
+                   lambda i, a: [((*i[0].shape[:2], a["topk"]), I64)]),
+    # (q, kv, sinks[, selected]) with state (ring[, entries]): sliding / csa / hca (targets/tvm/attention.py)
+    "attention": (lambda i, o, a: (*i[:3], *i[3:4], *a["state"], o[0], a["pos0"]),
+                  lambda i, a: [(i[0].shape, F32)]),
+}
+
+
+class _Op:
+    """One step through its compiled kernel (`OPS` adapts the arguments). Unplanned calls allocate the
+    outputs; inputs the kernel cannot take (a tiered KV store) run the torch kernel, reported."""
+
+    def __init__(self, owner: "TvmKernels", index: int, kernel: str, fn):
+        self.owner, self.index, self.kernel, self.fn = owner, index, kernel, fn
+        self.args, self.out_specs = OPS[kernel]
+
+    def _takes(self, inputs, attrs) -> bool:
+        tensors = [*inputs, *attrs.get("state", ())]
+        return all(isinstance(t, torch.Tensor) and t.is_contiguous() and t.device.type == "cpu" for t in tensors
+                   if not isinstance(t, (int, float)))
+
+    def bind(self, inputs: list, outs: list, attrs: dict) -> list[tuple] | None:
+        if not self._takes(inputs, attrs) or not all(o.is_contiguous() for o in outs):
+            return None
+        if "pos0" not in attrs:
+            return [(self.fn, self.args(inputs, outs, attrs), {})]
+        fn, adapt = self.fn, self.args
+
+        def run(**kw):  # pos0 changes per call
+            fn(*adapt(inputs, outs, kw))
+        return [(run, (), attrs)]
+
+    def __call__(self, *inputs, **attrs):
+        if not self._takes(inputs, attrs):
+            self.owner.fall_back(self.index, self.kernel, "its inputs are not contiguous CPU tensors (a tiered KV "
+                                 "store?)")
+            return KERNELS[self.kernel](*inputs, **attrs)
+        outs = [torch.empty(shape, dtype=dtype) for shape, dtype in self.out_specs(inputs, attrs)]
+        self.fn(*self.args(inputs, outs, attrs))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 CALLS = {"gemm": _Gemm, "experts": _Experts}
 
 
@@ -170,16 +286,18 @@ class TvmKernels(ArtifactKernels):
         entry = self.spec.get("steps", {}).get(str(index))
         if entry is None:
             return None
+        if entry["call"] == "op" and entry.get("op") == step.kernel and step.kernel in OPS:
+            return _Op(self, index, step.kernel, self.lib[entry["fn"]])
         if entry["call"] not in CALLS:
-            raise ArtifactError(f"{SPEC}: step {index} uses call convention {entry['call']!r}, which this runtime "
-                                "does not have (an artifact from a newer v4c?)")
+            raise ArtifactError(f"{SPEC}: step {index} uses call convention {entry['call']!r} ({entry.get('op')}), "
+                                "which this runtime does not have (an artifact from a newer v4c?)")
         return CALLS[entry["call"]](self.lib, entry)
 
     def report(self) -> dict:
         by_op: dict[str, int] = {}
         for f in self.fallbacks:
             by_op[f["kernel"]] = by_op.get(f["kernel"], 0) + 1
-        return {"kernels": self.name, "steps": self.steps(), "torch_steps_by_op": by_op,
+        return {"kernels": self.name, "steps": self.steps(self.refused), "torch_steps_by_op": by_op,
                 "fallbacks": list(self.fallbacks), "notes": []}
 
 

@@ -112,6 +112,21 @@ def test_real_fp8_storage_matches_the_fake_quant_path(hf_checkpoints):
         assert torch.nn.functional.cosine_similarity(out_real.flatten(), plain.flatten(), dim=0) > 0.9
 
 
+def test_skipped_matrices_can_be_stored_in_bf16(hf_checkpoints):
+    module = import_checkpoint(hf_checkpoints[NAME], max_context=256)[0]
+    keep, bf16 = _pipeline(module), _pipeline(module, skipped_dtype="bf16")
+    skipped = bf16.stats["fp8"]["skipped"]
+    assert "lm_head.weight" in skipped and any("compressor.kv_proj" in n for n in skipped)
+    assert all(bf16.params[n].dtype == "bf16" for n in skipped if keep.params[n].dtype == "f32")
+    assert keep.params["lm_head.weight"].dtype == "f32"
+    stored = bf16.weights["lm_head.weight"].load()
+    assert stored.dtype == torch.bfloat16
+    ids = tokens(1, 48, seed=5)
+    out_keep, out_bf16 = interpret(keep).forward(ids), interpret(bf16).forward(ids)
+    assert not torch.equal(out_bf16, out_keep)  # the same model, those weights rounded to bf16
+    assert torch.nn.functional.cosine_similarity(out_bf16.flatten(), out_keep.flatten(), dim=0) > 0.95
+
+
 def test_kv_state_is_stored_in_fp8(hf_checkpoints):
     module = _pipeline(import_checkpoint(hf_checkpoints[NAME], max_context=256)[0])
     entries = {n: t for n, t in module.states.items() if n.endswith("compressor.entries")}

@@ -201,18 +201,19 @@ def _token_blocks(row_macro, m_tokens, nrows, rstride):
     @T.macro
     def blocks(xs, wf, sf, yf, n0):
         for tb in range(m_tokens // mb):
-            full(xs, wf, sf, yf, n0, tb * mb)
+            full(xs, wf, sf, yf, n0, tb * mb, 0)
         if m_tokens % mb > 0:
-            rem(xs, wf, sf, yf, n0, m_tokens // mb * mb)
+            rem(xs, wf, sf, yf, n0, m_tokens // mb * mb, 0)
     return blocks
 
 
-def _rows_kernel(name, n, k, m_tokens, groups, w_args, decode, block, scale_of, act):
+def _rows_kernel(name, n, k, m_tokens, groups, w_args, decode, block, scale_of, act, *, row_macros=False):
     """The template of dense_gemv / fp8_gemv. decode(wf, i) -> fp32 weight element i of the flat weight,
     divided by the format's power of two; scale_of(sf, n, kb) -> block scale * that power for weight
     row n, K block kb (None: unscaled). Per K block, partial dot products, then acc += partial * scale;
     for blocks of <= 2 vectors and several tokens, each weight vector is scaled instead (fewer FMAs).
-    A block covering K (per-channel; dense) runs as 128-wide tiles of scale block 0."""
+    A block covering K (per-channel; dense) runs as 128-wide tiles of scale block 0. `row_macros`: return
+    the row macro factory row_macro(nrows, rstride, mb) -> rows(xs, wf, sf, yf, n0, t0, w0) instead."""
     act = _normalize_act(act)
     if n % groups:
         raise ValueError(f"N={n} is not a multiple of groups={groups}")
@@ -254,20 +255,21 @@ def _rows_kernel(name, n, k, m_tokens, groups, w_args, decode, block, scale_of, 
         per_vec = has_scale and cpb <= 2 and mb > 1  # small blocks, several tokens: scale each vector
 
         @T.macro
-        def vec_chunk(dst, xs, wf, sf, n0, t0, k0, kb, scaled, p):  # dst[p, r, m] += x[t0+m, k0:+VEC] w[row, k0:+VEC]
+        def vec_chunk(dst, xs, wf, sf, n0, t0, k0, kb, scaled, p, w0):  # dst[p, r, m] += x[t0+m, k0:+VEC] w[row, k0:+VEC]
             wv = T.alloc_buffer((nrows, VEC), "float32")
             for r in T.unroll(nrows):
                 for l in T.vectorized(VEC):
                     if scaled:
-                        wv[r, l] = decode(wf, (n0 + r * rstride) * k + k0 + l) * scale(sf, n0 + r * rstride, kb)
+                        wv[r, l] = decode(wf, (w0 + n0 + r * rstride) * k + k0 + l) \
+                            * scale(sf, w0 + n0 + r * rstride, kb)
                     else:
-                        wv[r, l] = decode(wf, (n0 + r * rstride) * k + k0 + l)
+                        wv[r, l] = decode(wf, (w0 + n0 + r * rstride) * k + k0 + l)
             for m, r in T.grid(mb, nrows):
                 for l in T.vectorized(VEC):
                     dst[p, r, m, l] = dst[p, r, m, l] + xs[x_at(n0, r, rstride, t0 + m, k0 + l)] * wv[r, l]
 
         @T.macro
-        def rows(xs, wf, sf, yf, n0, t0):
+        def rows(xs, wf, sf, yf, n0, t0, w0):  # w0: weight row offset (experts)
             acc = T.alloc_buffer((1, nrows, mb, VEC), "float32")
             part = T.alloc_buffer((nparts, nrows, mb, VEC), "float32")
             for r, m, l in T.grid(nrows, mb, VEC):
@@ -275,40 +277,42 @@ def _rows_kernel(name, n, k, m_tokens, groups, w_args, decode, block, scale_of, 
             for kb in range(nfull):
                 for r, line in T.grid(nrows, pf_lines):  # software prefetch, pf_dist elements ahead
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        wf[(n0 + r * rstride) * k + kb * bk + line * (64 // esize) + pf_dist]), 0, 3, 1))
+                        wf[(w0 + n0 + r * rstride) * k + kb * bk + line * (64 // esize) + pf_dist]), 0, 3, 1))
                 if per_vec:
                     for c in T.unroll(cpb):
-                        vec_chunk(acc, xs, wf, sf, n0, t0, kb * bk + c * VEC, kb, True, 0)
+                        vec_chunk(acc, xs, wf, sf, n0, t0, kb * bk + c * VEC, kb, True, 0, w0)
                 else:
                     for p, r, m, l in T.grid(nparts, nrows, mb, VEC):
                         part[p, r, m, l] = T.float32(0)
                     for c in T.unroll(cpb // nparts):
-                        vec_chunk(part, xs, wf, sf, n0, t0, kb * bk + c * nparts * VEC, kb, False, 0)
+                        vec_chunk(part, xs, wf, sf, n0, t0, kb * bk + c * nparts * VEC, kb, False, 0, w0)
                         if nparts == 2:
-                            vec_chunk(part, xs, wf, sf, n0, t0, kb * bk + (c * 2 + 1) * VEC, kb, False, 1)
+                            vec_chunk(part, xs, wf, sf, n0, t0, kb * bk + (c * 2 + 1) * VEC, kb, False, 1, w0)
                     for r, m in T.grid(nrows, mb):
                         for l in T.vectorized(VEC):
                             if nparts == 2:
                                 acc[0, r, m, l] = acc[0, r, m, l] + (part[0, r, m, l] + part[1, r, m, l]) \
-                                    * scale(sf, n0 + r * rstride, kb)
+                                    * scale(sf, w0 + n0 + r * rstride, kb)
                             else:
-                                acc[0, r, m, l] = acc[0, r, m, l] + part[0, r, m, l] * scale(sf, n0 + r * rstride, kb)
+                                acc[0, r, m, l] = acc[0, r, m, l] + part[0, r, m, l] * scale(sf, w0 + n0 + r * rstride, kb)
             if last > 0:  # partial last block (or all of K for a block covering K): vectors, scalar lanes
                 for p, r, m, l in T.grid(nparts, nrows, mb, VEC):
                     part[p, r, m, l] = T.float32(0)
                 for c in range(last // VEC):
-                    vec_chunk(part, xs, wf, sf, n0, t0, nfull * bk + c * VEC, nfull, False, 0)
+                    vec_chunk(part, xs, wf, sf, n0, t0, nfull * bk + c * VEC, nfull, False, 0, w0)
                 for t, r, m in T.grid(last % VEC, nrows, mb):
                     part[0, r, m, t] = part[0, r, m, t] + xs[x_at(n0, r, rstride, t0 + m, k - last % VEC + t)] \
-                        * decode(wf, (n0 + r * rstride) * k + k - last % VEC + t)
+                        * decode(wf, (w0 + n0 + r * rstride) * k + k - last % VEC + t)
                 for r, m in T.grid(nrows, mb):
                     for l in T.vectorized(VEC):
-                        acc[0, r, m, l] = acc[0, r, m, l] + part[0, r, m, l] * scale(sf, n0 + r * rstride, nfull)
+                        acc[0, r, m, l] = acc[0, r, m, l] + part[0, r, m, l] * scale(sf, w0 + n0 + r * rstride, nfull)
             for r in T.unroll(nrows):
                 hsum(acc, r, mb, yf, t0, n0 + r * rstride, n)
 
         return rows
 
+    if row_macros:
+        return row_macro
     rows_main, rows_one = _token_blocks(row_macro, m_tokens, nrows_par, half), _token_blocks(row_macro, m_tokens, 1, 1)
 
     @T.macro
@@ -369,19 +373,25 @@ def fp8_gemv(n, k, m=1, *, block=(128, 128), scale_format="fp32", act=None, grou
     s [ceil(N/bn), ceil(K/bk)] f32 (scale_format fp32) or uint8 (ue8m0: the float8_e8m0fnu bytes),
     y f32 [M, N] | [M, G, N/G])."""
     bn, bk = block
-    sk = cdiv(k, bk)
-    if scale_format == "fp32":
-        def scale_of(sf, row, kb):
-            return sf[row // bn * sk + kb] * T.float32(256.0)
-    elif scale_format == "ue8m0":
-        def scale_of(sf, row, kb):
-            return ue8m0_value(sf[row // bn * sk + kb]) * T.float32(256.0)
-    else:
-        raise ValueError(f"scale_format {scale_format!r}; allowed: fp32, ue8m0")
-    s_dtype = "float32" if scale_format == "fp32" else "uint8"
     act_name = _normalize_act(act)["mode"]
     return _rows_kernel(name or f"fp8_{scale_format}_b{bn}x{bk}_{act_name}_n{n}_k{k}_m{m}_g{groups}", n, k, m, groups,
-                        ("uint8", (cdiv(n, bn), sk), s_dtype), lambda wf, i: e4m3_div256(wf[i]), block, scale_of, act)
+                        *fp8_format(n, k, block, scale_format), block, fp8_scale(k, block, scale_format), act)
+
+
+def fp8_format(n, k, block, scale_format):
+    """(w_args, decode) of e4m3 weights [N, K] with [ceil(N/bn), ceil(K/bk)] block scales."""
+    if scale_format not in ("fp32", "ue8m0"):
+        raise ValueError(f"scale_format {scale_format!r}; allowed: fp32, ue8m0")
+    s_dtype = "float32" if scale_format == "fp32" else "uint8"
+    return ("uint8", (cdiv(n, block[0]), cdiv(k, block[1])), s_dtype), lambda wf, i: e4m3_div256(wf[i])
+
+
+def fp8_scale(k, block, scale_format):
+    """scale_of(sf, row, kb): the block scale of weight row `row`, K block kb, times 256 (e4m3_div256)."""
+    bn, sk = block[0], cdiv(k, block[1])
+    if scale_format == "fp32":
+        return lambda sf, row, kb: sf[row // bn * sk + kb] * T.float32(256.0)
+    return lambda sf, row, kb: ue8m0_value(sf[row // bn * sk + kb]) * T.float32(256.0)
 
 
 @_fast_macros
@@ -414,34 +424,34 @@ def fp4_gemv(n, k, m=1, *, act=None, name=None):
 
     def row_macro(nrows, rstride, mb):  # rows n0 + r * rstride (r < nrows), tokens t0 .. t0 + mb - 1
         @T.macro
-        def block(acc, xd, wf, sf, n0, t0, b, nbytes):  # one 32-block (nbytes <= 16 bytes per row)
+        def block(acc, xd, wf, sf, n0, t0, b, nbytes, w0):  # one 32-block (nbytes <= 16 bytes per row)
             wv = T.alloc_buffer((nrows, 2, VEC), "float32")
             for r in T.unroll(nrows):
                 for l in T.vectorized(hv):
                     wv[r, 0, l] = T.float32(0)
                     wv[r, 1, l] = T.float32(0)
                 for l in T.vectorized(nbytes) if nbytes == hv else T.serial(nbytes):
-                    wv[r, 0, l] = e2m1_div16384(wf[(n0 + r * rstride) * kh + b * hv + l], False) \
-                        * (ue8m0_value(sf[(n0 + r * rstride) * nb + b]) * T.float32(16384.0))
-                    wv[r, 1, l] = e2m1_div16384(wf[(n0 + r * rstride) * kh + b * hv + l], True) \
-                        * (ue8m0_value(sf[(n0 + r * rstride) * nb + b]) * T.float32(16384.0))
+                    wv[r, 0, l] = e2m1_div16384(wf[(w0 + n0 + r * rstride) * kh + b * hv + l], False) \
+                        * (ue8m0_value(sf[(w0 + n0 + r * rstride) * nb + b]) * T.float32(16384.0))
+                    wv[r, 1, l] = e2m1_div16384(wf[(w0 + n0 + r * rstride) * kh + b * hv + l], True) \
+                        * (ue8m0_value(sf[(w0 + n0 + r * rstride) * nb + b]) * T.float32(16384.0))
             for h, i, r in T.grid(2, mb, nrows):
                 for l in T.vectorized(hv):
                     acc[h, r, i, l] = acc[h, r, i, l] + xd[(t0 + i) * nb * FP4_BLOCK + b * FP4_BLOCK + h * hv + l] \
                         * wv[r, h, l]
 
         @T.macro
-        def rows(xd, wf, sf, yf, n0, t0):  # lanes: acc[0] against the low nibbles, acc[1] the high ones
+        def rows(xd, wf, sf, yf, n0, t0, w0):  # lanes: acc[0] against the low nibbles, acc[1] the high ones
             acc = T.alloc_buffer((2, nrows, mb, VEC), "float32")
             for h, r, i, l in T.grid(2, nrows, mb, VEC):
                 acc[h, r, i, l] = T.float32(0)
             for b in range(nfull):
                 for r in T.unroll(nrows):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        wf[(n0 + r * rstride) * kh + b * hv + PREFETCH_BYTES]), 0, 3, 1))
-                block(acc, xd, wf, sf, n0, t0, b, hv)
+                        wf[(w0 + n0 + r * rstride) * kh + b * hv + PREFETCH_BYTES]), 0, 3, 1))
+                block(acc, xd, wf, sf, n0, t0, b, hv, w0)
             if last > 0:
-                block(acc, xd, wf, sf, n0, t0, nfull, last // 2)
+                block(acc, xd, wf, sf, n0, t0, nfull, last // 2, w0)
             for r, i in T.grid(nrows, mb):
                 for l in T.vectorized(VEC):
                     acc[0, r, i, l] = acc[0, r, i, l] + acc[1, r, i, l]

@@ -76,6 +76,126 @@ def _expert_signatures(program, step) -> tuple[tuple, tuple] | None:
             ("fp8", _fp8_kwargs(d, i2 // 2, down_scale.dtype, a["down_block"], a.get("act_mid"))))
 
 
+def _fused_experts(program, step, name: str):
+    """The one-call experts kernel of a routed-experts step (few tokens), or None (FP4, odd sizes)."""
+    from .experts import experts_gemv
+    params = [program.params[a[1:]] for a in step.inputs[3:]]
+    a = step.attrs
+    topk = program.memory["buffers"][str(step.inputs[1])]["shape"][-1]
+    _, i2, d = params[0].shape
+    if step.kernel == "moe_experts":
+        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(params[0].dtype)
+        if dtype is None or params[1].dtype != params[0].dtype:
+            return None
+        fmts = ("dense", dtype), ("dense", dtype)
+    elif a.get("format") == "fp8":
+        fmts = (("fp8", tuple(a["block"]), "ue8m0" if params[1].dtype == "f8e8m0" else "fp32"),
+                ("fp8", tuple(a["down_block"]), "ue8m0" if params[3].dtype == "f8e8m0" else "fp32"))
+    else:
+        return None
+    try:
+        return experts_gemv(d, i2 // 2, topk, gate_up=fmts[0], down=fmts[1], act_in=a.get("act_in"),
+                            act_mid=a.get("act_mid"), limit=a.get("limit"), name=name)
+    except ValueError:
+        return None
+
+
+def _shape(program, slot) -> list:
+    """A value's shape ("B", "S" symbolic): its planned buffer's, or a view's own."""
+    spec = program.memory["buffers"].get(str(slot))
+    if spec is not None:
+        return spec["shape"]
+    step = next(s for s in program.steps if slot in s.outputs)
+    if step.kernel != "reshape":
+        raise ValueError(f"value {slot} has no planned buffer")
+    return step.attrs["shape"]
+
+
+def _router_kwargs(program, step, target) -> dict | None:
+    weight = program.params[step.inputs[1][1:]]
+    if weight.dtype != "f32":
+        return None
+    e, d = weight.shape
+    kw = {"dim": d, "experts": e, "score_func": step.attrs["score_func"], "scale": step.attrs["scale"]}
+    if step.kernel == "route_topk":
+        return {**kw, "k": step.attrs["k"]}
+    vocab, k = program.params[step.inputs[2][1:]].shape
+    return {**kw, "k": k, "vocab": vocab}
+
+
+def _index_kwargs(program, step, target) -> dict | None:
+    _, _, heads, dim = _shape(program, step.inputs[0])
+    a = step.attrs
+    if a.get("key_format", "f32") not in ("f32", "bf16", "fp8_block"):
+        return None
+    return {"heads": heads, "dim": dim, "topk": a["topk"], "rate": a["rate"], "key_format": a.get("key_format", "f32"),
+            "score_scale": a["score_scale"], "weight_scale": a["weight_scale"]}
+
+
+def _attention_kwargs(program, step, target) -> dict:
+    _, _, heads, dim = _shape(program, step.inputs[0])
+    a = step.attrs
+    mode = "sliding" if len(step.state) == 1 else "csa" if len(step.inputs) > 3 else "hca"
+    return {"heads": heads, "dim": dim, "window": a["window"], "kv_format": a.get("kv_format", "f32"),
+            "rope_dim": a.get("rope_dim", 0), "mode": mode, "rate": a.get("rate", 0), "scale": a["scale"],
+            "topk": _shape(program, step.inputs[3])[-1] if mode == "csa" else 0, "cores": target.get("num-cores")}
+
+
+def _f32_params(program, step) -> bool:
+    return all(program.params[a[1:]].dtype == "f32" for a in step.inputs if isinstance(a, str))
+
+
+def _rms_kwargs(program, step, target) -> dict | None:
+    if not _f32_params(program, step):
+        return None
+    return {"d": _shape(program, step.inputs[0])[-1], "eps": step.attrs["eps"], "weight": len(step.inputs) > 1}
+
+
+def _add_kwargs(program, step, target) -> dict | None:  # no broadcasting
+    a, b = (_shape(program, x) for x in step.inputs)
+    return {} if a == b else None
+
+
+def _rope_kwargs(program, step, target) -> dict | None:
+    shape, inv = _shape(program, step.inputs[0]), program.params[step.inputs[2][1:]]
+    if len(shape) not in (3, 4) or inv.dtype != "f32" or step.inputs[1] != program.inputs["positions"]:
+        return None
+    return {"heads": shape[2] if len(shape) == 4 else 1, "d": shape[-1], "rope_dim": 2 * inv.shape[0],
+            "inverse": step.attrs.get("inverse", False), "scale": step.attrs.get("scale", 1.0)}
+
+
+def _hc_kwargs(program, step, target) -> dict | None:
+    if not _f32_params(program, step):
+        return None
+    shape = _shape(program, step.inputs[0 if step.kernel != "hc_post" else 1])
+    hc, d = (step.attrs["hc"], shape[-1]) if step.kernel == "hc_expand" else shape[-2:]
+    return {"hc": hc, "d": d, **{k: v for k, v in step.attrs.items() if k in ("iters", "eps", "norm_eps")}}
+
+
+# op -> (kernel module, builder, its keyword arguments for a step (program, step, target), or None: the
+# step runs as torch)
+OP_KERNELS = {
+    "rms_norm": ("rowwise", "rms_norm", _rms_kwargs),
+    "add": ("rowwise", "add", _add_kwargs),
+    "swiglu": ("rowwise", "swiglu", lambda program, step, target: {"limit": step.attrs.get("limit")}),
+    "rope": ("rowwise", "rope", _rope_kwargs),
+    "hc_expand": ("rowwise", "hc_expand", _hc_kwargs),
+    "hc_pre": ("rowwise", "hc_pre", _hc_kwargs),
+    "hc_post": ("rowwise", "hc_post", _hc_kwargs),
+    "hc_head": ("rowwise", "hc_head", _hc_kwargs),
+    "attention": ("attention", "attention_kernel", _attention_kwargs),
+    "route_topk": ("select", "route_topk", _router_kwargs),
+    "route_hash": ("select", "route_hash", _router_kwargs),
+    "index_topk": ("select", "index_topk", _index_kwargs),
+}
+
+
+def _op_builder(kernel: str, kwargs: dict, name: str):
+    import importlib
+    module, builder, _ = OP_KERNELS[kernel]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), builder)(**kwargs, name=name)
+
+
 def _builder(kind: str, kwargs: dict, m: int, name: str):
     from . import gemv
     kw = dict(kwargs)
@@ -95,6 +215,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     import tvm
 
     program = torch_lower(module, prefill_chunk=prefill_chunk)
+    tgt = host_target(target)
     steps, torch_ops, funcs, names = {}, {}, [], {}
     def compiled(sig) -> dict[str, str]:
         """The variant names of one kernel signature, building them the first time."""
@@ -118,13 +239,24 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
             if step.kernel in EXPERTS and (sigs := _expert_signatures(program, step)) is not None:
                 steps[str(i)] = {"call": "experts", "d": sigs[1][1]["n"], "i": sigs[1][1]["k"],
                                  "gate_up": compiled(sigs[0]), "down": compiled(sigs[1])}
+                if (fused := _fused_experts(program, step, f"v4c_experts_{i}")) is not None:
+                    funcs.append(fused)
+                    steps[str(i)]["fused"] = f"v4c_experts_{i}"
+                continue
+            if step.kernel in OP_KERNELS and (kw := OP_KERNELS[step.kernel][2](program, step, tgt)) is not None:
+                key = json.dumps([step.kernel, kw], sort_keys=True)
+                if key not in names:
+                    names[key] = f"v4c_{len(names)}_{step.kernel}"
+                    funcs.append(_op_builder(step.kernel, kw, names[key]))
+                steps[str(i)] = {"call": "op", "op": step.kernel, "fn": names[key]}
                 continue
         except ValueError as e:  # a shape / block the kernels do not cover: this step runs as torch
             torch_ops.setdefault(step.kernel, f"not compiled: {e}")
             continue
-        torch_ops.setdefault(step.kernel, WHY_TORCH if step.kernel not in GEMMS + EXPERTS else
-                             "weights in a format this target does not compile yet (FP4 experts)")
-    tgt = host_target(target)
+        torch_ops.setdefault(step.kernel, "weights in a format this target does not compile yet (FP4 experts)"
+                             if step.kernel in GEMMS + EXPERTS else "operands in a form its TVM kernel does not take "
+                             "(a router weight that is not fp32, an FP4 indexer key)" if step.kernel in OP_KERNELS
+                             else WHY_TORCH)
     if progress:
         progress(f"tvm: compiling {len(funcs)} kernels for {len(steps)} steps ({tgt.get('mcpu', tgt)})")
     tmp = Path(tempfile.mkdtemp(prefix="v4c-tvm-"))
