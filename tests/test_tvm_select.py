@@ -42,6 +42,8 @@ def _kernels():
     for sf in select.SCORE_FUNCS:
         ks[f"topk_{sf}"] = select.route_topk(D, E, K, score_func=sf, scale=SCALE)
         ks[f"hash_{sf}"] = select.route_hash(D, E, K, V, score_func=sf, scale=SCALE)
+    ks["topk_bf16"] = select.route_topk(D, E, K, score_func="sigmoid", scale=SCALE, weight_dtype="bfloat16")
+    ks["hash_bf16"] = select.route_hash(D, E, K, V, score_func="sigmoid", scale=SCALE, weight_dtype="bfloat16")
     return ks
 
 
@@ -198,6 +200,23 @@ def test_route_hash(lib, sf, m):
     ref_w, ref_i = route_hash(x, weight, table, tokens, score_func=sf, scale=SCALE)
     wo, io = torch.empty(m, K), torch.empty(m, K, dtype=torch.long)
     lib[f"hash_{sf}"](x, weight, table, tokens, wo, io)
+    assert torch.equal(io, ref_i)
+    _close(wo, ref_w)
+
+
+def test_routers_read_bf16_weights(lib):
+    """Routers DeepSeek ships in bf16: the weight is read as stored (exact in fp32)."""
+    x, weight, bias = _router_case(3, seed=21)
+    weight = weight.bfloat16()
+    ref_w, ref_i = route_topk(x, weight, bias, k=K, score_func="sigmoid", scale=SCALE)
+    wo, io = torch.empty(3, K), torch.empty(3, K, dtype=torch.long)
+    lib["topk_bf16"](x, weight, bias, wo, io)
+    assert torch.equal(io, ref_i)
+    _close(wo, ref_w)
+    table = torch.randint(0, E, (V, K), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+    tokens = torch.tensor([0, V - 1, 3])
+    ref_w, ref_i = route_hash(x, weight, table, tokens, score_func="sigmoid", scale=SCALE)
+    lib["hash_bf16"](x, weight, table, tokens, wo, io)
     assert torch.equal(io, ref_i)
     _close(wo, ref_w)
 

@@ -113,12 +113,14 @@ def _shape(program, slot) -> list:
 
 def _router_kwargs(program, step, target) -> dict | None:
     weight = program.params[step.inputs[1][1:]]
-    if weight.dtype != "f32":
+    if weight.dtype not in ("f32", "bf16"):
         return None
     e, d = weight.shape
-    kw = {"dim": d, "experts": e, "score_func": step.attrs["score_func"], "scale": step.attrs["scale"]}
+    kw = {"dim": d, "experts": e, "score_func": step.attrs["score_func"], "scale": step.attrs["scale"],
+          "weight_dtype": {"f32": "float32", "bf16": "bfloat16"}[weight.dtype]}
     if step.kernel == "route_topk":
-        return {**kw, "k": step.attrs["k"]}
+        bias = program.params[step.inputs[2][1:]]
+        return {**kw, "k": step.attrs["k"]} if bias.dtype == "f32" else None
     vocab, k = program.params[step.inputs[2][1:]].shape
     return {**kw, "k": k, "vocab": vocab}
 
@@ -255,7 +257,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
             continue
         torch_ops.setdefault(step.kernel, "weights in a format this target does not compile yet (FP4 experts)"
                              if step.kernel in GEMMS + EXPERTS else "operands in a form its TVM kernel does not take "
-                             "(a router weight that is not fp32, an FP4 indexer key)" if step.kernel in OP_KERNELS
+                             "(a router weight that is not fp32 / bf16, an FP4 indexer key)" if step.kernel in OP_KERNELS
                              else WHY_TORCH)
     if progress:
         progress(f"tvm: compiling {len(funcs)} kernels for {len(steps)} steps ({tgt.get('mcpu', tgt)})")

@@ -252,7 +252,7 @@ def index_topk(heads, dim, topk, rate, *, key_format="fp8_block", score_scale=1.
 
 
 # --- routers ----------------------------------------------------------------------------------
-def _router(name, dim, experts, k, score_func, scale, vocab):
+def _router(name, dim, experts, k, score_func, scale, vocab, weight_dtype="float32"):
     """route_topk (vocab None) / route_hash (a table of `vocab` rows): see the public builders."""
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"score_func {score_func!r}; allowed: {', '.join(SCORE_FUNCS)}")
@@ -271,10 +271,10 @@ def _router(name, dim, experts, k, score_func, scale, vocab):
                 for r, m in T.grid(ne, mb):  # (unrolled by LLVM)
                     for lane in T.vectorized(VEC):
                         acc[0, r, m, lane] = acc[0, r, m, lane] + xf[(t0 + m) * dim + c * VEC + lane] \
-                            * wf[(e0 + r) * dim + c * VEC + lane]
+                            * T.Cast("float32", wf[(e0 + r) * dim + c * VEC + lane])
             for r, m, lane in T.grid(ne, mb, tail):
                 acc[0, r, m, lane] = acc[0, r, m, lane] + xf[(t0 + m) * dim + nfull * VEC + lane] \
-                    * wf[(e0 + r) * dim + nfull * VEC + lane]
+                    * T.Cast("float32", wf[(e0 + r) * dim + nfull * VEC + lane])
             for r in T.unroll(ne):
                 hsum(acc, r, mb, lg, 0, e0 + r, experts)
 
@@ -344,7 +344,7 @@ def _router(name, dim, experts, k, score_func, scale, vocab):
     @T.macro
     def body(x_h, w_h, wo_h, io_h, bf, table, tok, m):  # (table: the bias for route_topk)
         x = T.match_buffer(x_h, (m, dim), "float32", align=4)
-        w = T.match_buffer(w_h, (experts, dim), "float32", align=4)
+        w = T.match_buffer(w_h, (experts, dim), weight_dtype, align=2)
         wo = T.match_buffer(wo_h, (m, k), "float32", align=4)
         io = T.match_buffer(io_h, (m, k), "int64", align=8)
         tf = T.decl_buffer((vocab * k,), "int32", data=table.data) if hashed else table
@@ -355,7 +355,7 @@ def _router(name, dim, experts, k, score_func, scale, vocab):
                     assert 0 <= tf[T.Cast("int32", tok[t]) * k + j] and tf[T.Cast("int32", tok[t]) * k + j] < experts, \
                         "route_hash: table entry outside [0, experts)"
         xf = T.decl_buffer((m * dim,), "float32", data=x.data)
-        wf = T.decl_buffer((experts * dim,), "float32", data=w.data)
+        wf = T.decl_buffer((experts * dim,), weight_dtype, data=w.data)
         wof = T.decl_buffer((m * k,), "float32", data=wo.data)
         iof = T.decl_buffer((m * k,), "int64", data=io.data)
         if m >= 2 * TOKEN_BLOCK:
@@ -386,15 +386,16 @@ def _router(name, dim, experts, k, score_func, scale, vocab):
 
 
 @_fast_macros
-def route_topk(dim, experts, k, *, score_func="sqrtsoftplus", scale=1.0, name=None):
-    """Learned router (moe.route_topk). Compiled: f(x f32 [M, D], weight f32 [E, D], bias f32 [E],
+def route_topk(dim, experts, k, *, score_func="sqrtsoftplus", scale=1.0, weight_dtype="float32", name=None):
+    """Learned router (moe.route_topk). Compiled: f(x f32 [M, D], weight f32 | bf16 [E, D], bias f32 [E],
     weights f32 [M, k], idx int64 [M, k]); M any."""
-    return _router(name or f"route_topk_{score_func}_d{dim}_e{experts}_k{k}", dim, experts, k, score_func, scale, None)
+    return _router(name or f"route_topk_{score_func}_d{dim}_e{experts}_k{k}", dim, experts, k, score_func, scale, None,
+                   weight_dtype)
 
 
 @_fast_macros
-def route_hash(dim, experts, k, vocab, *, score_func="sqrtsoftplus", scale=1.0, name=None):
-    """Hash router (moe.route_hash). Compiled: f(x f32 [M, D], weight f32 [E, D], table int32 [V, k],
+def route_hash(dim, experts, k, vocab, *, score_func="sqrtsoftplus", scale=1.0, weight_dtype="float32", name=None):
+    """Hash router (moe.route_hash). Compiled: f(x f32 [M, D], weight f32 | bf16 [E, D], table int32 [V, k],
     tokens int64 [M], weights f32 [M, k], idx int64 [M, k]); M any; raises on a token outside [0, V)."""
     return _router(name or f"route_hash_{score_func}_d{dim}_e{experts}_k{k}_v{vocab}", dim, experts, k, score_func,
-                   scale, vocab)
+                   scale, vocab, weight_dtype)
