@@ -211,6 +211,11 @@ F32, I64 = torch.float32, torch.int64
 # op -> (the compiled function's arguments from (inputs, outputs, attrs), the outputs' (shape, dtype) of an
 # unplanned call from (inputs, attrs)). Stateful ops read attrs["state"] and attrs["pos0"].
 OPS = {
+    "embed": (lambda i, o, a: (i[0], i[1], o[0]), lambda i, a: [((*i[0].shape, i[1].shape[1]), F32)]),
+    "embed_fp8": (lambda i, o, a: (i[0], _arg(i[1]), _arg(i[2]), o[0]),
+                  lambda i, a: [((*i[0].shape, i[1].shape[1]), F32)]),
+    # (kv, gate, ape, norm weight, inv_freq) with state (buf_kv, buf_gate[, ovl_kv, ovl_gate], entries)
+    "compress": (lambda i, o, a: (*i, *a["state"], a["pos0"]), lambda i, a: []),
     "rms_norm": (lambda i, o, a: (_rows(i[0]), *i[1:], _rows(o[0])), lambda i, a: [(i[0].shape, F32)]),
     "add": (lambda i, o, a: (_flat(i[0]), _flat(i[1]), _flat(o[0])), lambda i, a: [(i[0].shape, F32)]),
     "swiglu": (lambda i, o, a: (_flat(i[0]), _flat(i[1]), _flat(o[0])), lambda i, a: [(i[0].shape, F32)]),

@@ -3,44 +3,53 @@ embedding lookups (basic.embed, quantized.embed_fp8), hand-written loop nests as
 
 compress does the whole op in one call, per batch row b (B, S, T symbolic; pos0 a scalar argument):
   1. every window w < n_win = (pos0 % rate + S) // rate closed by this call becomes entry pos0 // rate + w,
-     one task per (b, w), over the cores when the call has PAR_MIN_WORK position-channels or more (prefill),
-     else on the calling thread (decode: no parallel launch). Per 16-lane vector of channels: the max of
-     the logits gate + ape over the window's positions, then sum exp(logit - max) and sum kv * exp (two
-     sweeps; positions u < pos0 % rate come from buf_*, overlap's previous-window half from ovl_* for
-     w = 0); pooled = acc / sum; rms_norm with weight (rowwise._inv_rms); interleaved RoPE at position
+     one task per (b, w): over the cores from PAR_MIN_WORK (B x n_win x positions x d) on, else on the
+     calling thread (decode: no parallel launch). Per 16-lane vector of channels: the max of the logits
+     gate + ape over the window's positions, then sums of exp(logit - max) and of kv * exp (two sweeps;
+     tokens u < pos0 % rate come from buf_*, overlap's previous-window half of window 0 from ovl_*);
+     pooled = acc / sum; rms_norm with weight (rowwise._inv_rms); interleaved RoPE at position
      (pos0 // rate + w) * rate on the trailing rope_dim channels (rowwise._sin_cos, times rope_scale);
      the row encoded bit-identically to quant.encode_entries (f32 / bf16 / fp8_split: attention._codec;
-     fp8_block: e4m3 x / (max(amax, 1e-4) / 448) per 128 channels, then the fp32 scales little-endian);
-  2. overlap: ovl_kv / ovl_gate <- Ca of the last closed window (its gate + ape), after step 1 read them;
-  3. buf_kv / buf_gate <- the raw rows of the tokens of the window left open.
-Pooling sums and the norm differ from torch's by fp32 order and the exp polynomial (<= 2 ulp); buffers
-and overlap state are exact (copies, one fp32 add).
+     fp8_block: e4m3 of x / (max(amax, 1e-4) / 448) per 128 channels, then the fp32 scales little-endian);
+  2. overlap: ovl_kv / ovl_gate <- Ca of the last closed window (gate + ape), after step 1 has read them;
+  3. buf_kv / buf_gate <- the raw rows of the open window's new tokens.
+Entries differ from torch's by fp32 summation order and the exp / sin / cos polynomials (<= 2 ulp); fp8 /
+bf16 codes only where that moves a value across a rounding boundary. Buffers and overlap state are exact.
+A tiered entry store (kv_tiers) is not handled here: the kernel writes rows of a dense [B, T, row] tensor.
 
   compress   f(kv [B, S, C], gate [B, S, C], ape [rate, C], norm_weight [d], inv_freq [rope_dim/2],
                buf_kv [B, rate, C], buf_gate [B, rate, C], (overlap: ovl_kv [B, rate, d], ovl_gate [B, rate, d],)
                entries [B, T, row], pos0)       C = 2d with overlap, else d; row / dtype: quant.entry_layout
   embed      f(tokens int64 [B, S], weight f32 | bf16 [V, D], out f32 [B, S, D])
   embed_fp8  f(tokens int64 [B, S], weight uint8 [V, D] (e4m3 bits), scale [ceil(V/bv), ceil(D/bd)] f32 |
-               uint8 (ue8m0 bytes), out f32 [B, S, D])          exact: e4m3 / 256 times scale * 256
+               uint8 (ue8m0 bytes), out f32 [B, S, D])          bit-identical: e4m3 / 256 times scale * 256
 
-Inputs fp32 (tokens int64), contiguous; compress raises unless pos0 >= 0 and (pos0 + S) // rate <= T, the
-embeddings on a token id outside [0, V). Measured: see tests/test_tvm_compress.py (tolerances) and the
-report of the timing run (decode / prefill against the torch reference) quoted at the end of this file.
+All fp32 (tokens int64), contiguous; the call updates the state in place. compress raises unless pos0 >= 0
+and (pos0 + S) // rate <= T; the embeddings raise on a token id outside [0, V).
+
+Measured (2-core AMD EPYC znver4, shared, quiet at the time; B = 1, fp8 entries, rope_dim 16 or 64 alike; in a
+process without tvm imported; torch reference in brackets): decode S = 1 appending a token 1.2-1.6 us (14-20),
+closing a window 1.8-2.1 us at rate 4 (CSA d 128, indexer d 64), 2.7-3.6 us at rate 32 (HCA) (225-315 us);
+prefill S = 512 from pos0 0: CSA 28-39 us, indexer keys 17-19 us, HCA 14-17 us (330-720 us); serial windows
+take ~2x that (57 us CSA), but a parallel launch while another process holds a core can cost milliseconds.
+embed: 1.5 us a token (3.3-4.6, fp8 25); 512 tokens x 1024: 30-48 us (50-67; fp8 1300-2200).
 """
 
 from tvm.script import tirx as T
 from v4c.runtime.quant import INDEX_FP8_GROUP, entry_layout
 
-from .attention import STORAGE as SPLIT_STORAGE, _codec, e4m3_byte
+from .attention import STORAGE as SPLIT_STORAGE
+from .attention import _codec, e4m3_byte, neg_inf
 from .gemv import VEC, _fast_macros, cdiv, e4m3_div256, ue8m0_value
 from .rowwise import PAR_MIN_ELEMS, _attrs, _each, _exp, _inv_rms, _rows, _sin_cos
 
 STORAGE = {**SPLIT_STORAGE, "fp8_block": "uint8"}
-PAR_MIN_WORK = 4096  # windows x positions x channels per call from which windows go over the cores
+PAR_MIN_WORK = 16384  # windows x positions x channels from which windows go over the cores (2 cores: even at ~16k)
 
 
-def _neg_inf():
-    return T.reinterpret("float32", T.int32(-8388608))  # 0xFF800000
+def _fma(a, b, c):
+    """a * b + c, rounded once (a fixed choice: LLVM contracts a * b - c * d either way, by its context)."""
+    return T.call_llvm_pure_intrin("float32", "llvm.fma.f32", a, b, c)
 
 
 def _fp8_block_encoder(d):
@@ -120,17 +129,15 @@ def compress(d, rate, rope_dim, *, overlap, eps, rope_scale=1.0, kv_format="f32"
     def sweep(io, m, s, acc, b, seq, nbuf, first, w, c0, lanes, second):  # every position of window w
         kvv = T.alloc_buffer((VEC,), "float32")
         lg = T.alloc_buffer((VEC,), "float32")
-        if overlap:
-            if w > 0:  # Ca of window w - 1, closed in this call
-                for j in range(rate):
-                    token(*io[:5], kvv, lg, b, seq, nbuf, (w - 1) * rate + j, j, c0, lanes)
-                    fold(m, s, acc, kvv, lg, lanes, second)
-            elif first > 0:  # ... closed in an earlier call: saved, ape included
-                for j in range(rate):
-                    for l in T.vectorized(lanes):
-                        kvv[l] = io[5][(b * rate + j) * d + c0 + l]
-                        lg[l] = io[6][(b * rate + j) * d + c0 + l]
-                    fold(m, s, acc, kvv, lg, lanes, second)
+        if overlap:  # (loop extents, not ifs: tvm 0.27's HoistIfThenElse drops loop bodies around nested ifs)
+            for j in range(T.Select(w > 0, rate, 0)):  # Ca of window w - 1, closed in this call
+                token(*io[:5], kvv, lg, b, seq, nbuf, (w - 1) * rate + j, j, c0, lanes)
+                fold(m, s, acc, kvv, lg, lanes, second)
+            for j in range(T.Select(T.And(w == 0, first > 0), rate, 0)):  # ... in an earlier one: saved, ape added
+                for l in T.vectorized(lanes):
+                    kvv[l] = io[5][(b * rate + j) * d + c0 + l]
+                    lg[l] = io[6][(b * rate + j) * d + c0 + l]
+                fold(m, s, acc, kvv, lg, lanes, second)
         for j in range(rate):  # this window's tokens (Cb with overlap)
             token(*io[:5], kvv, lg, b, seq, nbuf, w * rate + j, j, c0 + ch - d, lanes)
             fold(m, s, acc, kvv, lg, lanes, second)
@@ -141,7 +148,7 @@ def compress(d, rate, rope_dim, *, overlap, eps, rope_scale=1.0, kv_format="f32"
         s = T.alloc_buffer((VEC,), "float32")
         acc = T.alloc_buffer((VEC,), "float32")
         for l in T.vectorized(lanes):
-            m[l] = _neg_inf()
+            m[l] = neg_inf()
             s[l] = T.float32(0)
             acc[l] = T.float32(0)
         sweep(io, m, s, acc, b, seq, nbuf, first, w, c0, lanes, False)
@@ -172,11 +179,11 @@ def compress(d, rate, rope_dim, *, overlap, eps, rope_scale=1.0, kv_format="f32"
         _inv_rms(red, pooled, 0, d, eps)
         _each(normed, (pooled, nw, red[0]), d)
         _each(angle, (inv, cs, sn, T.Cast("float32", (first + w) * rate)), half)
-        for i in range(half):  # (a, b) -> (a cos - b sin, b cos + a sin)
+        for i in range(half):  # (a, b) -> (a cos - b sin, b cos + a sin); explicit FMAs: every kernel rounds alike
             a: T.let[T.float32] = pf[nope + 2 * i]
             bb: T.let[T.float32] = pf[nope + 2 * i + 1]
-            pf[nope + 2 * i] = a * cs[i] - bb * sn[i]
-            pf[nope + 2 * i + 1] = bb * cs[i] + a * sn[i]
+            pf[nope + 2 * i] = _fma(a, cs[i], -(bb * sn[i]))
+            pf[nope + 2 * i + 1] = _fma(bb, cs[i], a * sn[i])
         encode(pf, 0, entf, (b * tcap + first + w) * width)
 
     @T.macro
@@ -209,21 +216,22 @@ def compress(d, rate, rope_dim, *, overlap, eps, rope_scale=1.0, kv_format="f32"
         nbuf: T.let[T.int32] = pos0 % rate
         first: T.let[T.int32] = pos0 // rate
         nwin: T.let[T.int32] = (nbuf + seq) // rate
+        keep: T.let[T.int32] = T.max(nwin * rate - nbuf, 0)
         if batch * nwin * (npos * d) >= PAR_MIN_WORK:  # 1. the closed windows' entries
             for i in T.parallel(batch * nwin):
                 window(io, nw, inv, entf, i // nwin, seq, tcap, nbuf, first, i % nwin)
         else:
             for i in range(batch * nwin):
                 window(io, nw, inv, entf, i // nwin, seq, tcap, nbuf, first, i % nwin)
-        for b in range(batch):
-            if overlap and nwin > 0:  # 2. (before 3: may read buffered tokens)
+        if overlap:  # 2. (before 3: may read buffered tokens)
+            for b in range(T.Select(nwin > 0, batch, 0)):
                 for c in range(d // VEC):
                     save_span(io, b, seq, nbuf, nwin, c * VEC, VEC)
                 if d % VEC > 0:
                     save_span(io, b, seq, nbuf, nwin, d // VEC * VEC, d % VEC)
-            for i in range(T.max(nwin * rate - nbuf, 0), seq):  # 3. tokens of the open window
-                _each(copy, (kvf, (b * seq + i) * ch, bkvf, (b * rate + nbuf + i - nwin * rate) * ch), ch)
-                _each(copy, (gf, (b * seq + i) * ch, bgf, (b * rate + nbuf + i - nwin * rate) * ch), ch)
+        for b, i in T.grid(batch, seq - keep):  # 3. new tokens of the open window (from token `keep`)
+            _each(copy, (kvf, (b * seq + keep + i) * ch, bkvf, (b * rate + nbuf + keep + i - nwin * rate) * ch), ch)
+            _each(copy, (gf, (b * seq + keep + i) * ch, bgf, (b * rate + nbuf + keep + i - nwin * rate) * ch), ch)
 
     if overlap:
         @T.prim_func

@@ -174,9 +174,32 @@ def _hc_kwargs(program, step, target) -> dict | None:
     return {"hc": hc, "d": d, **{k: v for k, v in step.attrs.items() if k in ("iters", "eps", "norm_eps")}}
 
 
+def _compress_kwargs(program, step, target) -> dict | None:
+    norm, inv = (program.params[a[1:]] for a in step.inputs[3:5])
+    a = step.attrs
+    if not _f32_params(program, step) or a.get("kv_format", "f32") == "fp4_block":
+        return None
+    return {"d": norm.shape[0], "rate": a["rate"], "rope_dim": 2 * inv.shape[0], "overlap": a["overlap"],
+            "eps": a["eps"], "rope_scale": a.get("rope_scale", 1.0), "kv_format": a.get("kv_format", "f32")}
+
+
+def _embed_kwargs(program, step, target) -> dict | None:
+    weight = program.params[step.inputs[1][1:]]
+    vocab, dim = weight.shape
+    if step.kernel == "embed":
+        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(weight.dtype)
+        return {"dim": dim, "vocab": vocab, "weight_dtype": dtype} if dtype else None
+    scale = program.params[step.inputs[2][1:]]
+    return {"dim": dim, "vocab": vocab, "block": tuple(step.attrs["block"]),
+            "scale_format": "ue8m0" if scale.dtype == "f8e8m0" else "fp32"}
+
+
 # op -> (kernel module, builder, its keyword arguments for a step (program, step, target), or None: the
 # step runs as torch)
 OP_KERNELS = {
+    "embed": ("compress", "embed", _embed_kwargs),
+    "embed_fp8": ("compress", "embed_fp8", _embed_kwargs),
+    "compress": ("compress", "compress", _compress_kwargs),
     "rms_norm": ("rowwise", "rms_norm", _rms_kwargs),
     "add": ("rowwise", "add", _add_kwargs),
     "swiglu": ("rowwise", "swiglu", lambda program, step, target: {"limit": step.attrs.get("limit")}),
@@ -257,7 +280,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
             continue
         torch_ops.setdefault(step.kernel, "weights in a format this target does not compile yet (FP4 experts)"
                              if step.kernel in GEMMS + EXPERTS else "operands in a form its TVM kernel does not take "
-                             "(a router weight that is not fp32 / bf16, an FP4 indexer key)" if step.kernel in OP_KERNELS
+                             "(a router weight that is not fp32 / bf16, FP4 indexer keys)" if step.kernel in OP_KERNELS
                              else WHY_TORCH)
     if progress:
         progress(f"tvm: compiling {len(funcs)} kernels for {len(steps)} steps ({tgt.get('mcpu', tgt)})")
