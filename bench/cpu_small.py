@@ -54,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--suffix", default="", help="appended to the result file's name (e.g. _b1)")
     args = ap.parse_args(argv)
     from v4c.bench import bench
     from v4c.views import print_bench
@@ -66,7 +67,7 @@ def main(argv=None):
                   progress=lambda m: print(m, file=sys.stderr))
         print_bench(r)
         results.append(r)
-    out = ROOT / "bench" / "results" / f"cpu_small_{args.target}.json"
+    out = ROOT / "bench" / "results" / f"cpu_small_{args.target}{args.suffix}.json"
     out.write_text(json.dumps({"benchmark": "cpu_small", "config": SMALL, "recipe": "fp8 128x128, dynamic act, fp8 KV, skipped matrices bf16",
                                "results": results}, indent=1) + "\n")
     print(f"wrote {out}")

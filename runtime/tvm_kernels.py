@@ -4,7 +4,7 @@
 The artifact carries `kernels/tvm/kernels.so` and `kernels/tvm/kernels.json`:
 
     {"format": 1, "tvm": "0.27.0", "library": "kernels/tvm/kernels.so",
-     "target": {"kind": "llvm", "mcpu": "znver4", ...}, "machine": "x86_64",
+     "target": {"kind": "llvm", "mcpu": "znver4", ...}, "triple": "x86_64-...-linux-gnu", "machine": "x86_64",
      "cpu_features": ["avx2", "avx512f", ...],            # what the code was compiled to use
      "torch_ops": {op: why it runs as the torch kernel},
      "steps": {"12": {"call": "gemm", "n": 1024, "k": 384, "groups": 1,
@@ -81,8 +81,8 @@ def _library_path(store, rel: str, sha256: str) -> Path:
 
 
 def _arg(t: torch.Tensor) -> torch.Tensor:
-    """Tensors as the kernels take them: FP8 / UE8M0 bytes as uint8, everything contiguous."""
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu):
+    """Tensors as the kernels take them: FP8 / UE8M0 / packed FP4 bytes as uint8, everything contiguous."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.int8):
         t = t.view(torch.uint8)
     return t.contiguous()
 

@@ -12,7 +12,8 @@ Achieved bandwidth: the bytes a decode step must read over the step time. Weight
 parameter a step reads (the embedding's rows only; of the routed experts, the ones a batch can
 select: min(E, batch x k)). KV: the sliding ring, every indexer key and HCA entry of the context,
 and top-k CSA entries. The memory bandwidth it is compared with is a STREAM-like copy (a 256 MiB
-tensor, read and written) measured in the same run.
+tensor, read and written) measured in the same run: before the first round and after every round,
+the median of those (the fraction of the fastest copy is reported too).
 """
 
 import json
@@ -179,16 +180,19 @@ def bench(artifact: str, *, baseline: str | None, checkpoint: str | None, contex
                            "compiled from")
         who["transformers_fp32"] = ["transformers", checkpoint, "float32", *common]
         who["transformers_bf16"] = ["transformers", checkpoint, "bfloat16", *common]
-    bandwidth = copy_bandwidth()
+    copies = [copy_bandwidth()]  # a shared machine's bandwidth drifts: measured again after every round
     results: dict[str, list[dict]] = {k: [] for k in who}
     for r in range(runs):
         for name, args in who.items():
             progress(f"run {r + 1}/{runs}: {name}")
             results[name].append(_child(args))
+        copies.append(copy_bandwidth())
+    bandwidth = statistics.median(copies)
     moved = decode_bytes(art, batch, context + new_tokens // 2)
     out = {"artifact": str(artifact), "target": art.target, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
            "batch": batch, "context": context, "new_tokens": new_tokens, "runs": runs,
-           "memory_bandwidth_bytes_per_s": bandwidth, "decode_bytes_per_step": moved, "systems": {}}
+           "memory_bandwidth_bytes_per_s": bandwidth, "memory_bandwidth_samples": copies,
+           "decode_bytes_per_step": moved, "systems": {}}
     for name, rows in results.items():
         row = {key: _summary([r[key] for r in rows]) for key in
                ("prefill_tokens_per_s", "ttft_s", "decode_tokens_per_s", "decode_step_s", "peak_rss_bytes")}
@@ -196,6 +200,7 @@ def bench(artifact: str, *, baseline: str | None, checkpoint: str | None, contex
             achieved = (moved["weight_bytes"] + moved["kv_bytes"]) / row["decode_step_s"]["median"]
             row["achieved_bytes_per_s"] = achieved
             row["fraction_of_bandwidth"] = achieved / bandwidth
+            row["fraction_of_best_copy"] = achieved / max(copies)
             row["kernels"] = rows[-1]["kernels"]
         else:
             row["experts_implementation"] = rows[-1]["experts_implementation"]

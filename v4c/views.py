@@ -126,7 +126,8 @@ def print_bench(r: dict) -> None:
     moved = r["decode_bytes_per_step"]
     con.print(f"decode step reads {mib(moved['weight_bytes'])} of weights and {mib(moved['kv_bytes'])} of KV: "
               f"{v['achieved_bytes_per_s'] / 1e9:.2f} GB/s achieved, {v['fraction_of_bandwidth']:.0%} of the measured "
-              f"{r['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s copy bandwidth")
+              f"{r['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s copy bandwidth (median of "
+              f"{len(r.get('memory_bandwidth_samples', [0]))}; {v.get('fraction_of_best_copy', 0):.0%} of the fastest)")
     if "decode_speedup_vs_best_transformers" in r:
         con.print(f"decode {r['decode_speedup_vs_best_transformers']:.2f}x the faster transformers eager dtype; "
                   f"peak RSS {r['peak_rss_vs_transformers_bf16']:.2f}x transformers bf16")

@@ -57,7 +57,7 @@ def _fp8_kwargs(n, k, scale_dtype: str, block, act) -> dict:
 
 
 def _expert_signatures(program, step) -> tuple[tuple, tuple] | None:
-    """(gate_up, down) kernel signatures of a routed-experts step; None if not compiled (FP4 experts)."""
+    """(gate_up, down) kernel signatures of a routed-experts step (grouped per expert); None if not compiled."""
     params = [program.params[a[1:]] for a in step.inputs[3:]]
     a = step.attrs
     if step.kernel == "moe_experts":
@@ -68,9 +68,13 @@ def _expert_signatures(program, step) -> tuple[tuple, tuple] | None:
         _, i2, d = gate_up.shape
         return (("dense", {"n": i2, "k": d, "groups": 1, "weight_dtype": dtype}),
                 ("dense", {"n": d, "k": i2 // 2, "groups": 1, "weight_dtype": dtype}))
+    gate_up, gu_scale, down, down_scale = params
+    if a.get("format") == "fp4":  # e2m1 two per byte, per-32 UE8M0 scales: [E, rows, cols / 2]
+        _, i2, dh = gate_up.shape
+        act_in, act_mid = (json.dumps(a.get(k) or {"mode": "none"}, sort_keys=True) for k in ("act_in", "act_mid"))
+        return (("fp4", {"n": i2, "k": 2 * dh, "act": act_in}), ("fp4", {"n": 2 * dh, "k": i2 // 2, "act": act_mid}))
     if a.get("format") != "fp8":
         return None
-    gate_up, gu_scale, down, down_scale = params
     _, i2, d = gate_up.shape
     return (("fp8", _fp8_kwargs(i2, d, gu_scale.dtype, a["block"], a.get("act_in"))),
             ("fp8", _fp8_kwargs(d, i2 // 2, down_scale.dtype, a["down_block"], a.get("act_mid"))))
@@ -227,6 +231,8 @@ def _builder(kind: str, kwargs: dict, m: int, name: str):
     if kind == "dense":
         return gemv.dense_gemv(kw.pop("n"), kw.pop("k"), m, name=name, **kw)
     kw["act"] = json.loads(kw["act"])
+    if kind == "fp4":
+        return gemv.fp4_gemv(kw.pop("n"), kw.pop("k"), m, name=name, **kw)
     return gemv.fp8_gemv(kw.pop("n"), kw.pop("k"), m, name=name, **kw)
 
 
@@ -278,7 +284,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
         except ValueError as e:  # a shape / block the kernels do not cover: this step runs as torch
             torch_ops.setdefault(step.kernel, f"not compiled: {e}")
             continue
-        torch_ops.setdefault(step.kernel, "weights in a format this target does not compile yet (FP4 experts)"
+        torch_ops.setdefault(step.kernel, "weights in a format this target does not compile"
                              if step.kernel in GEMMS + EXPERTS else "operands in a form its TVM kernel does not take "
                              "(a router weight that is not fp32 / bf16, FP4 indexer keys)" if step.kernel in OP_KERNELS
                              else WHY_TORCH)
@@ -291,7 +297,9 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     except Exception as e:
         raise V4CError(f"target: tvm: compiling the kernels failed ({type(e).__name__}: {e})") from None
     have = cpu_features()
-    spec = {"format": SPEC_FORMAT, "tvm": tvm.__version__, "library": LIBRARY, "target": tgt,
+    from tvm.target import codegen
+    triple = tgt.get("mtriple") or codegen.llvm_get_system_triple()
+    spec = {"format": SPEC_FORMAT, "tvm": tvm.__version__, "library": LIBRARY, "target": tgt, "triple": triple,
             "machine": platform.machine(), "cpu_features": sorted(f for f in ISA_FLAGS if f in have),
             "torch_ops": torch_ops, "steps": steps}
     try:
@@ -300,7 +308,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     except ImportError:
         pass
     files = {LIBRARY: lib_path.read_bytes(), SPEC: (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode()}
-    manifest = {"toolchain": {"tvm": tvm.__version__}, "tvm": {"target": tgt, "machine": spec["machine"],
-                                                               "kernels": len(funcs), "tvm_steps": len(steps),
-                                                               "torch_ops": sorted(torch_ops)}}
+    manifest = {"toolchain": {"tvm": tvm.__version__, "llvm": codegen.llvm_version_major()},
+                "tvm": {"target": tgt, "triple": triple, "machine": spec["machine"], "kernels": len(funcs),
+                        "tvm_steps": len(steps), "torch_ops": sorted(torch_ops)}}
     return Lowered(program, files, manifest)
