@@ -39,7 +39,7 @@ import os
 from tvm.script import tirx as T
 from v4c.runtime.quant import KV_GROUP, entry_layout
 
-from .gemv import VEC, _fast_macros, cdiv, e4m3_div256, pow2_ceil, ue8m0_value
+from .gemv import VEC, _fast_macros, act_scale, cdiv, e4m3_div256, group_amax, ue8m0_value
 
 CHUNK = 16  # keys decoded per online-softmax step
 MODES = ("sliding", "csa", "hca")
@@ -126,16 +126,8 @@ def _codec(kv_format, d, rope):
     @T.macro
     def encode_group(xf, xo, sf, so, g0, glen):  # channels g0 .. g0 + glen - 1 (one scale)
         amax = T.alloc_buffer((VEC,), "float32")
-        for lane in T.vectorized(VEC):
-            amax[lane] = T.float32(0)
-        for c in range(glen // VEC):
-            for lane in T.vectorized(VEC):
-                amax[lane] = T.max(amax[lane], T.abs(xf[xo + g0 + c * VEC + lane]))
-        for lane in range(glen % VEC):
-            amax[lane] = T.max(amax[lane], T.abs(xf[xo + g0 + glen // VEC * VEC + lane]))
-        for h in T.unroll(1, VEC):
-            amax[0] = T.max(amax[0], amax[h])
-        s: T.let[T.float32] = pow2_ceil(T.max(amax[0], T.float32(1e-4)) / T.float32(448.0))
+        group_amax(amax, xf, xo + g0, glen)
+        s: T.let[T.float32] = act_scale(amax[0], True)
         inv: T.let[T.float32] = T.float32(1.0) / s
         for i in T.vectorized(glen):
             sf[so + g0 + i] = e4m3_byte(xf[xo + g0 + i] * inv)

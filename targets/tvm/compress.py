@@ -40,7 +40,7 @@ from v4c.runtime.quant import INDEX_FP8_GROUP, entry_layout
 
 from .attention import STORAGE as SPLIT_STORAGE
 from .attention import _codec, e4m3_byte, neg_inf
-from .gemv import VEC, _fast_macros, cdiv, e4m3_div256, ue8m0_value
+from .gemv import VEC, _fast_macros, act_scale, cdiv, e4m3_div256, group_amax, ue8m0_value
 from .rowwise import PAR_MIN_ELEMS, _attrs, _each, _exp, _inv_rms, _rows, _sin_cos
 
 STORAGE = {**SPLIT_STORAGE, "fp8_block": "uint8"}
@@ -60,16 +60,8 @@ def _fp8_block_encoder(d):
     @T.macro
     def encode_group(xf, xo, sf, so, g0, glen):  # channels g0 .. g0 + glen - 1 (one scale)
         amax = T.alloc_buffer((VEC,), "float32")
-        for lane in T.vectorized(VEC):
-            amax[lane] = T.float32(0)
-        for c in range(glen // VEC):
-            for lane in T.vectorized(VEC):
-                amax[lane] = T.max(amax[lane], T.abs(xf[xo + g0 + c * VEC + lane]))
-        for lane in range(glen % VEC):
-            amax[lane] = T.max(amax[lane], T.abs(xf[xo + g0 + glen // VEC * VEC + lane]))
-        for h in T.unroll(1, VEC):
-            amax[0] = T.max(amax[0], amax[h])
-        s: T.let[T.float32] = T.max(amax[0], T.float32(1e-4)) / T.float32(448.0)
+        group_amax(amax, xf, xo + g0, glen)
+        s: T.let[T.float32] = act_scale(amax[0], False)
         for i in T.vectorized(glen):
             sf[so + g0 + i] = e4m3_byte(xf[xo + g0 + i] / s)
         for k in T.unroll(4):  # the fp32 scale, little endian

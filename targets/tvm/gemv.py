@@ -138,6 +138,19 @@ def _normalize_act(act):
     return act
 
 
+@T.macro
+def group_amax(amax, xf, o, length):  # amax[0] = max |xf[o : o + length]|; amax: a [VEC] scratch buffer
+    for l in T.vectorized(VEC):
+        amax[l] = T.float32(0)
+    for c in range(length // VEC):
+        for l in T.vectorized(VEC):
+            amax[l] = T.max(amax[l], T.abs(xf[o + c * VEC + l]))
+    for t in range(length % VEC):
+        amax[t] = T.max(amax[t], T.abs(xf[o + length // VEC * VEC + t]))
+    for h in T.unroll(1, VEC):
+        amax[0] = T.max(amax[0], amax[h])
+
+
 # --- stage 1: activation quantization ------------------------------------------------------------
 def _act_stage(rows, k, act):
     """A macro writing xq[rows * k] = fake_quant_act(x) for x flat [rows * k] (rows = M * groups), on the
@@ -151,16 +164,9 @@ def _act_stage(rows, k, act):
     @T.macro
     def quant_group(xf, xq, o, length):  # one activation group [o, o + length)
         amax = T.alloc_buffer((VEC,), "float32")
-        for l in T.vectorized(VEC):
-            amax[l] = T.float32(0)
+        amax[0] = T.float32(0)
         if mode == "dynamic":
-            for c in range(length // VEC):
-                for l in T.vectorized(VEC):
-                    amax[l] = T.max(amax[l], T.abs(xf[o + c * VEC + l]))
-            for t in range(length % VEC):
-                amax[t] = T.max(amax[t], T.abs(xf[o + length // VEC * VEC + t]))
-            for h in T.unroll(1, VEC):
-                amax[0] = T.max(amax[0], amax[h])
+            group_amax(amax, xf, o, length)
         s: T.let[T.float32] = act_scale(amax[0], ue8m0) if mode == "dynamic" else T.float32(static_s)
         for c in range(length // VEC):
             for l in T.vectorized(VEC):
