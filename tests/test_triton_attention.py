@@ -78,6 +78,26 @@ def test_matches_reference(fmt, mode, batch, s, window, pos0):
     check_against_reference(args, state, kwargs)
 
 
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("split", [2, 5])
+def test_split_kv_runs_merge_to_the_reference(fmt, mode, split):
+    """Flash-decoding: the key list cut into runs of 16 keys, merged by the combine kernel. Prefill's early
+    queries see fewer keys than the last one, so some of their runs are empty (m = -inf, l = 0)."""
+    for batch, s, window, pos0, seed in [(2, 1, 40, 60, 31), (1, 6, 20, 3, 32)]:
+        args, state, kwargs = make_case(fmt, batch, s, window, pos0, mode, seed=seed, capacity=40)
+        # DOT tf32 only checks the plumbing here: the interpreter computes every dot in fp32
+        config = {"BLOCK_N": 16, "SPLIT_KV": split, "DOT": "tf32" if split == 5 else "ieee"}
+        check_against_reference(args, state, kwargs, config=config)
+
+
+def test_split_kv_with_a_minus_inf_sink():
+    args, state, kwargs = make_case("f32", 1, 1, 40, 60, "hca", seed=33, capacity=40)
+    args[2][0] = float("-inf")  # head 0 has no sink: run 0 starts empty as the others do
+    ours = check_against_reference(args, state, kwargs, config={"BLOCK_N": 16, "SPLIT_KV": 3})
+    assert torch.isfinite(ours).all()
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_prefill_then_decode_chains_state(fmt):
     """A prefill then single-token steps: every output and every ring state matches the reference chain."""
@@ -200,6 +220,14 @@ def bad(**changes):
 def test_rejects_unsupported_input(changes, message):
     with pytest.raises(ValueError, match=message):
         attention(**bad(**changes))
+
+
+def test_rejects_a_bad_split_or_dot():
+    args, state, kwargs = make_case("f32", 1, 1, 3, 3, "sliding")
+    with pytest.raises(ValueError, match="SPLIT_KV"):
+        attention(*args, state=state, **kwargs, config={"SPLIT_KV": -2})
+    with pytest.raises(ValueError, match="DOT"):
+        attention(*args, state=state, **kwargs, config={"DOT": "bf16"})
 
 
 def test_rejects_entries_beyond_capacity():

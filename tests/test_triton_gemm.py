@@ -18,8 +18,8 @@ from v4c.runtime.kernels.quantized import embed_fp8 as ref_embed_fp8
 from v4c.runtime.kernels.quantized import grouped_linear_fp8 as ref_grouped_linear_fp8
 from v4c.runtime.kernels.quantized import linear_fp8 as ref_linear_fp8
 from v4c.runtime.quant import fake_quant_act, quant_fp8
-from v4c.targets.triton.kernels.gemm import (LAUNCHERS, embed, embed_fp8, grouped_linear, grouped_linear_fp8, linear,
-                                             linear_fp8)
+from v4c.targets.triton.kernels.gemm import (FP8_DOT_MIN_K, LAUNCHERS, embed, embed_fp8, fp8_dot_supported,
+                                             grouped_linear, grouped_linear_fp8, linear, linear_fp8)
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=1e-5, atol=2e-5),
        torch.float16: dict(rtol=1e-5, atol=2e-5), torch.float8_e4m3fn: dict(rtol=1e-5, atol=2e-5)}
@@ -117,15 +117,54 @@ def tricky_activations(rows=8, k=64):
     return x
 
 
-@pytest.mark.parametrize("act", [{"mode": "dynamic", "group": 32, "scale_format": "fp32"},
-                                 {"mode": "dynamic", "group": 64, "scale_format": "ue8m0"},
-                                 {"mode": "dynamic", "group": 16, "scale_format": "ue8m0"},
-                                 {"mode": "static", "scale": 1.0}, {"mode": "static", "scale": 0.37}])
-def test_fused_activation_quantization_is_exact(act):
+EXACT_ACTS = [{"mode": "dynamic", "group": 32, "scale_format": "fp32"},
+              {"mode": "dynamic", "group": 64, "scale_format": "ue8m0"},
+              {"mode": "dynamic", "group": 16, "scale_format": "ue8m0"},
+              {"mode": "static", "scale": 1.0}, {"mode": "static", "scale": 0.37}]
+
+
+# The fp8 dot needs K tiles of >= 32, which a group of 16 cannot hold (test_fp8_dot_takes_only_what_it_can).
+@pytest.mark.parametrize("act,fp8_dot", [(a, False) for a in EXACT_ACTS]
+                         + [(a, True) for a in EXACT_ACTS if a.get("group", FP8_DOT_MIN_K) >= FP8_DOT_MIN_K])
+def test_fused_activation_quantization_is_exact(act, fp8_dot):
+    """Both dots: the fp32 one over fake-quantized tiles, and the fp8 one over e4m3 codes (scaled after)."""
     x = tricky_activations()
     eye = torch.eye(x.shape[-1]).to(torch.float8_e4m3fn)  # y = q(x) I, one nonzero term per output
-    y = linear_fp8(x, eye, torch.ones(1, 1), block=list(eye.shape), act=act, config={"BLOCK_K": 16})
+    config = {"BLOCK_K": 32, "FP8_DOT": True} if fp8_dot else {"BLOCK_K": 16, "FP8_DOT": False}
+    y = linear_fp8(x, eye, torch.ones(1, 1), block=list(eye.shape), act=act, config=config)
     assert torch.equal(y, fake_quant_act(x, act))
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: "-".join(str(v) for v in a.values()))
+@pytest.mark.parametrize("split", [1, 2, 3, 64])
+def test_split_k_and_both_dots(act, split):
+    """Split-K partial sums (activation groups divided among programs, then added in order) and the fp8 /
+    fp32 dots agree with the reference; SPLIT_K beyond the number of groups is capped."""
+    m, k, n = 5, 160, 33
+    x = randn(m, k, seed=25) * 2
+    w, s = fp8_weight(n, k, [16, 32], "ue8m0", seed=26)
+    ref = ref_linear_fp8(x, w, s, block=[16, 32], act=act)
+    for fp8_dot in (False, "auto"):
+        config = {"BLOCK_K": 32, "SPLIT_K": split, "FP8_DOT": fp8_dot}
+        close(linear_fp8(x, w, s, block=[16, 32], act=act, config=config), ref, w.dtype)
+    wf = randn(n, k, seed=27, dtype=torch.bfloat16)
+    close(linear(x, wf, config={"BLOCK_K": 32, "SPLIT_K": split}), ref_linear(x, wf), wf.dtype)
+
+
+def test_fp8_dot_takes_only_what_it_can():
+    x = randn(3, 64, seed=28)
+    w, s = fp8_weight(16, 64, [1, 32], "fp32", seed=29)
+    dyn = {"mode": "dynamic", "group": 32}
+    for act, config, missing in [({"mode": "none"}, {}, "quantized activations"),
+                                 ({"mode": "dynamic", "group": 16}, {}, "K tiles of >= 32"),
+                                 (dyn, {"BLOCK_K": 16}, "K tiles of >= 32")]:
+        with pytest.raises(ValueError, match=f"FP8_DOT.*{missing}"):
+            linear_fp8(x, w, s, block=[1, 32], act=act, config={**config, "FP8_DOT": True})
+        ref = ref_linear_fp8(x, w, s, block=[1, 32], act=act)
+        close(linear_fp8(x, w, s, block=[1, 32], act=act, config=config), ref)
+    with pytest.raises(ValueError, match="FP8_DOT.*e4m3 weights"):
+        linear(x, randn(16, 64), config={"FP8_DOT": True})
+    assert fp8_dot_supported(torch.device("cpu"))  # the interpreter runs it
 
 
 @pytest.mark.parametrize("groups,r,k,block", [(1, 5, 33, [16, 32]), (3, 5, 50, [16, 32]), (2, 17, 97, [1, 32]),
@@ -167,6 +206,8 @@ def test_rejects_unsupported_inputs():
         (lambda: linear(x, randn(5, 49)), "does not match x's K"),
         (lambda: linear(x, w, config={"BLOCK_M": 24}), "power of two"),
         (lambda: linear(x, w, config={"BLOCK": 64}), "unknown keys"),
+        (lambda: linear(x, w, config={"SPLIT_K": -1}), "SPLIT_K"),
+        (lambda: linear(x, w, config={"FP8_DOT": "yes"}), "FP8_DOT"),
         (lambda: grouped_linear(randn(2, 3, 50), randn(6, 50), groups=2), "groups=2"),
         (lambda: linear_fp8(x, wq, s, block=[1, 32], act={"mode": "dynamic", "group": 20}), "group 20"),
         (lambda: linear_fp8(x, wq, s24, block=[1, 24], act=dyn), "block input size 24"),

@@ -18,7 +18,7 @@ from v4c.runtime.kernels.moe import route_topk as ref_topk
 from v4c.runtime.kernels.quantized import moe_experts_q as ref_experts_q
 from v4c.runtime.quant import fake_quant_act, quant_fp4, quant_fp8
 from v4c.targets.triton import kernels
-from v4c.targets.triton.kernels import router
+from v4c.targets.triton.kernels import moe, router
 from v4c.targets.triton.kernels.moe import (LAUNCHERS, _act, _load_chunk, _quant_chunk, _segment_scale, moe_experts,
                                             moe_experts_q)
 from v4c.targets.triton.kernels.router import route_hash, route_topk
@@ -146,6 +146,23 @@ def test_moe_experts_q_matches_reference(fmt, block, down_block, scale_format, a
     q = quantized(gate_up, down, fmt, block, down_block, scale_format)
     kw = {"format": fmt, "block": block, "down_block": down_block, "act_in": act_in, "act_mid": act_mid, "limit": limit}
     assert_close(moe_experts_q(x, weights, idx, *q, **kw), ref_experts_q(x, weights, idx, *q, **kw), EXPERTS_RTOL)
+
+
+@pytest.mark.parametrize("act_in,act_mid", [({"mode": "dynamic", "group": 32, "scale_format": "ue8m0"}, STATIC),
+                                            (STATIC, {"mode": "dynamic", "group": 64})])
+def test_fp8_dot_and_fp32_dot_agree(act_in, act_mid):
+    """DeepSeek-like blocks (every K chunk in one block column): both GEMMs take the fp8 tensor-core dot
+    (checked through _fp8_dot_applies), and FP8_DOT false (fp32 dots over dequantized tiles) gives the same."""
+    x, weights, idx, gate_up, down = problem(2, 5, 96, 64, 4, 2, seed=10)
+    q = quantized(gate_up, down, "fp8", [32, 32], [64, 32], "ue8m0")
+    kw = {"format": "fp8", "block": [32, 32], "down_block": [64, 32], "act_in": act_in, "act_mid": act_mid}
+    for w, scale, blk, act, k in ((q[0], q[1], [32, 32], act_in, 96), (q[2], q[3], [64, 32], act_mid, 64)):
+        assert moe._fp8_dot_applies(moe._weight(w, scale, "fp8", blk), moe._act("act", act, k, 32), k)
+    ref = ref_experts_q(x, weights, idx, *q, **kw)
+    for fp8_dot in (True, False):
+        assert_close(moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": fp8_dot}), ref, EXPERTS_RTOL)
+    with pytest.raises(ValueError, match="FP8_DOT"):
+        moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": "auto"})
 
 
 @pytest.mark.slow

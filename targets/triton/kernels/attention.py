@@ -82,28 +82,37 @@ def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D:
 
 # --- attention (device) ------------------------------------------------------------------------
 @triton.jit
-def _online_step(q, k, ok, scale, m_i, l_i, acc):
+def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr):
     """Fold keys k [BN, BD] (ok [BN]) into the running softmax of q [BH, BD]:
-    s = (q k^T) * scale; m' = max(m, max s); l' = l e^(m-m') + sum e^(s-m'); acc' = acc e^(m-m') + e^(s-m') k."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BH, BN]
+    s = (q k^T) * scale; m' = max(m, max s); l' = l e^(m-m') + sum e^(s-m'); acc' = acc e^(m-m') + e^(s-m') k.
+    While nothing is seen (m' = -inf: a split's first masked tile, or a -inf sink) the exponents are taken
+    against 0, so l and acc stay 0 instead of NaN."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale  # [BH, BN]
     s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    p = tl.exp(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
+    acc = acc * alpha[:, None] + tl.dot(p, k, input_precision=DOT)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr,
-                      S, H, D, K, NOPE, ROPE, W, pos0, n_old, slots, window, rate, ent_stride, scale,
-                      MODE: tl.constexpr, FMT: tl.constexpr,
+def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr,
+                      S, H, D, K, NOPE, ROPE, W, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
+                      MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
-    to the keys. Grid: (S, B, cdiv(H, BLOCK_H)). q, out: [B, S, H, D]; ring: [B, slots, W];
-    new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA)."""
-    s, b, hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    to the keys. Grid: (S, B, cdiv(H, BLOCK_H) * SPLIT). q, out: [B, S, H, D]; ring: [B, slots, W];
+    new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA).
+    SPLIT > 1 (flash-decoding): the query's key list (window keys, then entries) is cut into SPLIT runs
+    of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
+    H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges.
+    DOT: the dots' input precision, "ieee" (fp32) or "tf32" (tensor cores: q and the probabilities
+    rounded to 10 mantissa bits; fp8_split and bf16 keys are exact in tf32)."""
+    s, b, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hb, part = pid // SPLIT, pid % SPLIT
     t = pos0 + s  # the query's position
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -112,35 +121,75 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     q_mask = (heads[:, None] < H) & (offs_d[None, :] < D)
     q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)  # [BH, BD]
     m_i = tl.load(sinks_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)  # [BH]
+    if part > 0:
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
     lo = tl.maximum(t - window + 1, pos0 - n_old)  # window positions [lo, t]
-    for start in range(lo, t + 1, BLOCK_N):
+    n_win = t + 1 - lo
+    u0 = part * per_split  # this run's keys: [u0, u1) of [window keys | entries]
+    u1 = u0 + per_split
+    w_hi = lo + tl.minimum(u1, n_win)
+    for start in range(lo + tl.minimum(u0, n_win), w_hi, BLOCK_N):
         p = start + tl.arange(0, BLOCK_N)
-        ok = p <= t
+        ok = p < w_hi
         old = p < pos0
         k_old = _load_rows(ring_ptr, b * slots + p % slots, ok & old, offs_d, D, NOPE, ROPE, W, FMT)
         k_new = _load_rows(new_ptr, b * S + p - pos0, ok & ~old, offs_d, D, NOPE, ROPE, W, FMT)
         k = tl.where(old[:, None], k_old, k_new)
-        m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc)
+        m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT)
 
+    e0 = tl.maximum(u0 - n_win, 0)
+    e1 = tl.maximum(u1 - n_win, 0)
     if MODE == 1:  # CSA: the selected entries, through the row table
-        for start in range(0, K, BLOCK_N):
+        e_hi = tl.minimum(e1, K)
+        for start in range(tl.minimum(e0, K), e_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            rows = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < K, other=-1)
+            rows = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < e_hi, other=-1)
             ok = rows >= 0
             k = _load_rows(ent_ptr, tl.maximum(rows, 0), ok, offs_d, D, NOPE, ROPE, W, FMT)
-            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc)
+            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT)
     elif MODE == 2:  # HCA: every closed window, causally
-        limit = (t + 1) // rate
-        for start in range(0, limit, BLOCK_N):
+        e_hi = tl.minimum(e1, (t + 1) // rate)
+        for start in range(tl.minimum(e0, e_hi), e_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            ok = j < limit
+            ok = j < e_hi
             k = _load_rows(ent_ptr, b * ent_stride + j, ok, offs_d, D, NOPE, ROPE, W, FMT)
-            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc)
+            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT)
 
-    tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
+    if SPLIT == 1:
+        tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
+    else:
+        rows_ml = (part * tl.num_programs(1) * S + token) * H + heads  # [BH] in [SPLIT, B, S, H]
+        n_ml = SPLIT * tl.num_programs(1) * S * H
+        tl.store(ml_ptr + rows_ml, m_i, mask=heads < H)
+        tl.store(ml_ptr + n_ml + rows_ml, l_i, mask=heads < H)
+        tl.store(out_ptr + rows_ml.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, ml_ptr, out_ptr, TH, D, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Merge the SPLIT runs of each (token, head) row r < TH: out[r] = sum_p e^(m_p - M) acc_p /
+    sum_p e^(m_p - M) l_p, M = max_p m_p (0 when every run saw nothing). Grid: (cdiv(TH, BLOCK_R),)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = r < TH
+    mask = r_ok[:, None] & (offs_d[None, :] < D)
+    big = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for p in tl.static_range(SPLIT):
+        big = tl.maximum(big, tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf")))
+    big = tl.where(big == float("-inf"), 0.0, big)
+    num = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for p in tl.static_range(SPLIT):
+        w = tl.exp(tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf")) - big)
+        den += w * tl.load(ml_ptr + (SPLIT + p) * TH + r, mask=r_ok, other=0.0)
+        num += w[:, None] * tl.load(part_ptr + (p * TH + r).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask,
+                                    other=0.0)
+    den = tl.where(r_ok, den, 1.0)  # rows past TH (not stored) divide by 1, not 0
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * D + offs_d[None, :], num / den[:, None], mask=mask)
 
 
 # --- host ------------------------------------------------------------------------------------
@@ -195,9 +244,44 @@ def _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, 
                 entries=state[1] if len(state) > 1 else None)
 
 
-def _config(config, heads):
-    defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64)), "BLOCK_N": 32, "num_warps": 4}
-    return launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
+def _config(config, heads, d):
+    # acc is [BLOCK_H, D] fp32 in registers: 16 heads a program at V4's D = 512
+    defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64 if d <= 128 else 16)), "BLOCK_N": 32, "num_warps": 4,
+                "SPLIT_KV": 0, "DOT": "auto"}
+    cfg = launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
+    split = cfg["SPLIT_KV"]
+    check(isinstance(split, int) and not isinstance(split, bool) and split >= 0,
+          f"attention: config['SPLIT_KV']: expected an int >= 0 (0: chosen from the GPU's SM count), got {split!r}")
+    check(cfg["DOT"] in DOT_PRECISIONS,
+          f"attention: config['DOT']: expected one of {list(DOT_PRECISIONS)}, got {cfg['DOT']!r}")
+    return cfg
+
+
+# "auto": tf32 tensor cores on a GPU (at d 512 and 64 heads a decode step does ~220 flops per KV byte, which
+# fp32 FMA units cannot keep up with at memory speed), fp32 in the interpreter (which computes any dot in fp32).
+DOT_PRECISIONS = ("auto", "ieee", "tf32")
+
+
+def _dot_precision(cfg, device) -> str:
+    if cfg["DOT"] == "auto":
+        return "tf32" if device.type == "cuda" else "ieee"
+    return cfg["DOT"]
+
+
+MIN_KEYS_PER_SPLIT = 64
+
+
+def _split_kv(cfg, device, programs: int, max_keys: int) -> tuple[int, int]:
+    """-> (runs, keys per run, a multiple of BLOCK_N). SPLIT_KV if set; else enough runs of >= 64 keys to
+    give every SM two programs when (query, batch row, head block) programs alone do not (1 off a GPU)."""
+    split = cfg["SPLIT_KV"]
+    if not split:
+        split = 1
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            split = max(1, min(-(-2 * sms // programs), max_keys // MIN_KEYS_PER_SPLIT))
+    per = triton.cdiv(triton.cdiv(max_keys, split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    return triton.cdiv(max_keys, per), per
 
 
 def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
@@ -243,23 +327,35 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, rope_dim)
     q, kv, sinks = q.contiguous(), kv.contiguous(), sinks.contiguous()  # inputs may be views; state may not
     batch, s, heads, d = q.shape
-    cfg = _config(config, heads)
+    cfg = _config(config, heads, d)
     ring = state[0]
     slots = ring.shape[1]
     width = entry_layout(kv_format, d, rope_dim)[1]
     stored = encode_kv(kv, kv_format, rope_dim)  # [B, S, W]
     mode, entries, table, ent_stride = _entry_source(state, selected, batch, s, pos0, rate, kv_format, width)
-    out = torch.empty(batch, s, heads, d, dtype=torch.float32, device=q.device)
     k = table.shape[-1] if table is not None else 0
+    out = torch.empty(batch, s, heads, d, dtype=torch.float32, device=q.device)
     if batch * s:
-        grid = (s, batch, triton.cdiv(heads, cfg["BLOCK_H"]))
+        n_entries = k if mode == CSA else (pos0 + s) // max(rate, 1) if mode == HCA else 0
+        h_blocks = triton.cdiv(heads, cfg["BLOCK_H"])
+        split, per = _split_kv(cfg, q.device, s * batch * h_blocks, min(window, pos0 + s) + n_entries)
+        part, ml = out, out
+        if split > 1:
+            part = torch.empty(split, batch, s, heads, d, dtype=torch.float32, device=q.device)
+            ml = torch.empty(2, split, batch, s, heads, dtype=torch.float32, device=q.device)
         new = _storage_view(stored)
-        _attention_kernel[grid](
+        _attention_kernel[(s, batch, h_blocks * split)](
             q, _storage_view(ring) if slots else new, new, _storage_view(entries) if entries is not None else new,
-            table if table is not None else new, sinks, out,
+            table if table is not None else new, sinks, part, ml,
             s, heads, d, k, d - rope_dim, rope_dim, width, pos0, min(pos0, slots), max(slots, 1), window,
-            max(rate, 1), ent_stride, float(scale), MODE=mode, FMT=FORMATS[kv_format],
+            max(rate, 1), ent_stride, float(scale), per, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
+            DOT=_dot_precision(cfg, q.device),
             BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"])
+        if split > 1:
+            rows = batch * s * heads
+            block_r = 16
+            _combine_kernel[(triton.cdiv(rows, block_r),)](part, ml, out, rows, d, SPLIT=split, BLOCK_R=block_r,
+                                                           BLOCK_D=max(16, next_pow2(d)))
     _write_ring(ring, stored, pos0)
     return out
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, check, check_tensor, decode_scale, fake_quant, group_scale, launch_config, next_pow2,
-                     same_device)
+                     round_e4m3, same_device)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -26,13 +26,19 @@ ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 
 # --- kernels -----------------------------------------------------------------------------------
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, act_scale, bo, bi,
-                 sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn,
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
+                 sxm, sxg, sxk, swn, swk, ssn, ssk, syp, sym, syg, syn,
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G).
-    GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static."""
-    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                 FP8_DOT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
+    GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static.
+    SPLIT > 1 (split-K): program (.., g * SPLIT + p) sums the activation groups [p * spans_per_split,
+    (p + 1) * spans_per_split) into y[p] (the launcher adds the partial sums in split order).
+    FP8_DOT (quantized activations times e4m3 weights): each tile's e4m3 codes meet in an fp8 tensor-core
+    dot (exact products, fp32 sums) and the partial sum is scaled by the activation and weight block
+    scales, as DeepGEMM does; otherwise both tiles are dequantized to fp32 for an IEEE fp32 dot."""
+    pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g, part = pid_g // SPLIT, pid_g % SPLIT
     offs_m = pid_m * BM + tl.arange(0, BM)  # [BM]
     offs_n = pid_n * BN + tl.arange(0, BN)  # [BN] rows of W_g
     m_ok, n_ok = offs_m < M, offs_n < N
@@ -40,7 +46,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, act_scale, bo, bi,
     x_rows = x_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1]
     w_rows = w_ptr + rows_w[None, :] * swn  # [1, BN]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, GS):  # one activation group at a time
+    k_lo = part * spans_per_split * GS
+    k_hi = tl.minimum(k_lo + spans_per_split * GS, K)
+    for k0 in range(k_lo, k_hi, GS):  # one activation group at a time
         k_end = tl.minimum(k0 + GS, K)
         s = act_scale
         if ACT == 1:  # dynamic: per-token amax over the group, then its scale
@@ -55,15 +63,21 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, act_scale, bo, bi,
             k_ok = offs_k < K
             xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             xt = xt.to(tl.float32)  # [BM, BK]
-            if ACT != 0:
-                xt = fake_quant(xt, s)
-            wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            wt = wt.to(tl.float32)  # [BK, BN]
+            wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
             if W_SCALED:  # the tile lies in block column kk // bi; one scale per weight row
-                sw = tl.load(s_ptr + (rows_w // bo) * ssn + (kk // bi) * ssk, mask=n_ok, other=0)
-                wt = wt * decode_scale(sw, S_E8M0)[None, :]
-            acc += tl.dot(xt, wt, input_precision="ieee")
-    y = y_ptr + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
+                sw = decode_scale(tl.load(s_ptr + (rows_w // bo) * ssn + (kk // bi) * ssk, mask=n_ok, other=0),
+                                  S_E8M0)
+            if FP8_DOT:  # e4m3 codes of x / s (round_e4m3 gives exact e4m3 values, so the cast is exact)
+                xq = round_e4m3(tl.div_rn(xt, s)).to(tl.float8e4nv)
+                acc += tl.dot(xq, wt, out_dtype=tl.float32) * s * sw[None, :]
+            else:
+                if ACT != 0:
+                    xt = fake_quant(xt, s)
+                wt = wt.to(tl.float32)
+                if W_SCALED:
+                    wt = wt * sw[None, :]
+                acc += tl.dot(xt, wt, input_precision="ieee")
+    y = y_ptr + part * syp + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
     tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -86,8 +100,49 @@ def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, D, bo, bi, swv, swd, ssv, ssd
 # --- host-side checks and tiling ---------------------------------------------------------------
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
-                "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-    return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
+                "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto"}
+    cfg = launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
+    split = cfg["SPLIT_K"]
+    check(isinstance(split, int) and not isinstance(split, bool) and split >= 0,
+          f"{name}: config['SPLIT_K']: expected an int >= 0 (0: chosen from the GPU's SM count), got {split!r}")
+    check(cfg["FP8_DOT"] in ("auto", True, False),
+          f"{name}: config['FP8_DOT']: expected 'auto', true or false, got {cfg['FP8_DOT']!r}")
+    return cfg
+
+
+# fp8 tensor-core dots need K tiles of at least 32 (mma k32) and an sm_89+ GPU (or the interpreter).
+FP8_DOT_MIN_K = 32
+
+
+def fp8_dot_supported(device: torch.device) -> bool:
+    """Whether `device` runs e4m3 x e4m3 tl.dot: NVIDIA sm_89 (Ada) / sm_90 (Hopper) and newer, and the
+    Triton interpreter (CPU tensors)."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _use_fp8_dot(cfg: dict, device, mode: int, scaled: bool, bk: int, name: str) -> bool:
+    """FP8_DOT 'auto' takes the fp8 dot where it applies (quantized activations, e4m3 weights, BK >= 32,
+    a GPU that has it); True insists on it and names what is missing; False keeps the fp32 dot."""
+    want = cfg["FP8_DOT"]
+    missing = [why for ok, why in ((mode != 0, "quantized activations (act mode none)"),
+                                   (scaled, "e4m3 weights"),
+                                   (bk >= FP8_DOT_MIN_K, f"K tiles of >= {FP8_DOT_MIN_K} (BK is {bk})"),
+                                   (fp8_dot_supported(device), "an sm_89+ GPU")) if not ok]
+    check(want is not True or not missing, f"{name}: config['FP8_DOT'] is true but it needs {', '.join(missing)}")
+    return want is not False and not missing
+
+
+def _split_k(cfg: dict, device, spans: int, tiles: int) -> int:
+    """Split-K factor: SPLIT_K if set (at most the number of activation groups), else enough splits to
+    give every SM of the GPU two programs when the M x N tiles alone do not (1 in the interpreter)."""
+    if cfg["SPLIT_K"]:
+        return min(cfg["SPLIT_K"], spans)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(spans, -(-2 * sms // tiles)))
 
 
 def _pick_block_k(k: int, bi: int, group, max_bk: int) -> int:
@@ -145,20 +200,25 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     r = weight.shape[0] // groups
     mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
     cfg = _gemm_config(config, m, r, name)
-    y = torch.zeros(m, groups, r, dtype=torch.float32, device=x3.device)
     if m == 0 or r == 0 or k == 0:
-        return y
+        return torch.zeros(m, groups, r, dtype=torch.float32, device=x3.device)
     bo, bi = block
     bk = _pick_block_k(k, bi if scale is not None else k, group, cfg["BLOCK_K"])
-    span = group if mode == 1 and group < k else k  # K span of one activation group
+    span = min(group, k) if mode == 1 else bk  # K span of one activation group (static / none: of one tile)
+    spans = triton.cdiv(k, span)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(r, cfg["BLOCK_N"]) * groups
+    per_split = triton.cdiv(spans, _split_k(cfg, x3.device, spans, tiles))
+    split = triton.cdiv(spans, per_split)
+    fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
+    y = torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups)
-    _gemm_kernel[grid](x3, weight, s, y, m, r, k, span, static, bo, bi,
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups * split)
+    _gemm_kernel[grid](x3, weight, s, y, m, r, k, span, per_split, static, bo, bi,
                        *x3.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
-                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
+                       FP8_DOT=fp8_dot, SPLIT=split, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y
+    return y[0] if split == 1 else y.sum(0)
 
 
 def _check_gemm_inputs(x, weight, scale, groups: int) -> None:

@@ -19,13 +19,14 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, check, check_tensor, decode_scale, e2m1_value, fake_quant, group_scale, launch_config,
-                     next_pow2, same_device, swiglu_value)
+                     next_pow2, round_e4m3, same_device, swiglu_value)
+from .gemm import FP8_DOT_MIN_K, fp8_dot_supported
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
 ACT_NONE, ACT_STATIC, ACT_DYNAMIC = 0, 1, 2
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
-EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64}
+EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": True}
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -85,17 +86,42 @@ def _weight_tile(w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_ro
     return w
 
 
+@triton.jit
+def _weight_codes(w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_rows, s_cols, col0,
+                  SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    """e4m3 codes of W_e[rows, cols] -> float8e4nv [BN, BK] (0 where masked; bytes read as uint8, so masked
+    lanes are zero and not NaN) and the rows' block scales of column block col0 // BI -> fp32 [BN]."""
+    e = e.to(tl.int64)
+    byte = tl.load(w_ptr + e * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :],
+                   mask=rmask[:, None] & cmask[None, :], other=0)
+    sc = tl.load(s_ptr + e * s_rows * s_cols + (rows // BO) * s_cols + col0 // BI, mask=rmask, other=0)
+    return byte.to(tl.float8e4nv, bitcast=True), decode_scale(sc, SCALE_E8M0)
+
+
+@triton.jit
+def _fp8_dot(a, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_rows, s_cols, col0,
+             SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    """q(a) W_e[rows, cols]^T with an fp8 tensor-core dot: e4m3 codes of a / s (exact values, so the cast
+    is exact) times the weight codes, then the activation scale s and the weights' block scales."""
+    w, ws = _weight_codes(w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_rows, s_cols, col0,
+                          SCALE_E8M0, BO, BI)
+    aq = round_e4m3(tl.div_rn(a, s)).to(tl.float8e4nv)
+    return tl.dot(aq, tl.trans(w), out_dtype=tl.float32) * s * ws[None, :]
+
+
 # --- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr, N, K,
                          s_rows, s_cols, act_scale, limit, SEG, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
                          ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
-                         SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr):
+                         SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One tile of <= BM pairs p of one expert e x BN outputs n of the grouped GEMM q(A[r_p]) W_e^T over K.
     SWIGLU (gate_up; A = x, r_p = rows[p] its token; W: [E, 2N, K]): out[p, n] =
     silu(min(g, limit)) * clamp(u, +-limit), g / u from W rows n / N + n.
-    else (down; A = mid, r_p = p; W: [E, N, K]): out[p, n] = pw[p] * (q(A[p]) . W_e[n])."""
+    else (down; A = mid, r_p = p; W: [E, N, K]): out[p, n] = pw[p] * (q(A[p]) . W_e[n]).
+    FP8_DOT (e4m3 weights as uint8 bytes, quantized activations, each chunk in one weight block column):
+    fp8 tensor-core dots over the codes, scaled after; else fp32 dots over dequantized tiles."""
     t, pid_n = tl.program_id(0), tl.program_id(1)
     e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
     pairs = lo + tl.arange(0, BM)
@@ -111,14 +137,26 @@ def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_
     for k0 in range(0, K, SEG):
         s = _segment_scale(a_ptr, rows, pmask, k0, K, act_scale, SEG, ACT, NCHUNK, UE8M0, BK)
         for c in tl.static_range(NCHUNK):
-            a = _quant_chunk(_load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK), s, ACT, NCHUNK == 1, UE8M0)
             k = k0 + c * BK + tl.arange(0, BK)
-            w = _weight_tile(w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT, SCALE_E8M0, BO, BI)
-            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            if SWIGLU:
-                w = _weight_tile(w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT,
-                                 SCALE_E8M0, BO, BI)
-                up += tl.dot(a, tl.trans(w), input_precision="ieee")
+            if FP8_DOT:
+                a = _load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK)
+                if ACT == 2 and NCHUNK == 1:  # dynamic, the group in this one chunk
+                    s = group_scale(tl.max(tl.abs(a), axis=1), E4M3_MAX, UE8M0)[:, None]
+                col0 = k0 + c * BK
+                acc += _fp8_dot(a, s, w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
+                                SCALE_E8M0, BO, BI)
+                if SWIGLU:
+                    up += _fp8_dot(a, s, w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
+                                   SCALE_E8M0, BO, BI)
+            else:
+                a = _quant_chunk(_load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK), s, ACT, NCHUNK == 1, UE8M0)
+                w = _weight_tile(w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT, SCALE_E8M0,
+                                 BO, BI)
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+                if SWIGLU:
+                    w = _weight_tile(w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT,
+                                     SCALE_E8M0, BO, BI)
+                    up += tl.dot(a, tl.trans(w), input_precision="ieee")
     if SWIGLU:
         acc = swiglu_value(acc, up, limit, HAS_LIMIT)
     else:
@@ -184,20 +222,36 @@ def _tiles(flat_idx, n_experts, bm):
     return order, tile_e.int(), (starts[tile_e] + nth * bm).int(), (starts[tile_e] + counts[tile_e]).int()
 
 
-def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn):
+def _fp8_dot_applies(weight, act, k: int) -> bool:
+    """The fp8 tensor-core dot serves e4m3 weights with quantized activations when every K chunk lies in
+    one weight block column (bi >= K, or chunks start at multiples of BK and BK divides bi), BK >= 32,
+    and the device has it."""
+    bk, bi, seg = act["BK"], weight["BI"], act["SEG"]
+    aligned = bi >= k or (bi % bk == 0 and (seg % bk == 0 or seg >= k))
+    return (weight["WFMT"] == W_FP8 and act["ACT"] != ACT_NONE and bk >= FP8_DOT_MIN_K and aligned
+            and fp8_dot_supported(weight["w_ptr"].device))
+
+
+def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn, fp8_dot=True):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled."""
     swiglu = rows is not None
+    fp8_dot = fp8_dot and _fp8_dot_applies(weight, act, a.shape[1])
+    if fp8_dot:
+        weight = {**weight, "w_ptr": weight["w_ptr"].view(torch.uint8)}
     _experts_gemm_kernel[(tiles[0].numel(), triton.cdiv(out.shape[1], bn))](
         a, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
         limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None, BM=bm, BN=bn,
-        **weight, **act)
+        FP8_DOT=fp8_dot, **weight, **act)
 
 
 def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config):
     """Body of both expert launchers. gu / down: kernel weight arguments (`_weight`), already checked
     against D = x.shape[-1] and the intermediate size `inter`."""
-    cfg = launch_config(config, EXPERT_CONFIG, name, at_least=dict.fromkeys(EXPERT_CONFIG, 16))
+    cfg = launch_config(config, EXPERT_CONFIG, name,
+                        at_least={k: 16 for k in EXPERT_CONFIG if k.startswith("BLOCK")})
+    check(isinstance(cfg["FP8_DOT"], bool),
+          f"{name}: config['FP8_DOT']: expected true (where it applies) or false, got {cfg['FP8_DOT']!r}")
     check_tensor("weights", weights, dtypes=FLOATS, contiguous=False)
     check_tensor("idx", idx, dtypes=INTS, contiguous=False)
     check(idx.dim() == x.dim() and idx.shape[:-1] == x.shape[:-1] and weights.shape == idx.shape,
@@ -221,9 +275,11 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     mid = torch.empty(order.numel(), inter, dtype=torch.float32, device=x.device)
     y = torch.empty(order.numel(), d, dtype=torch.float32, device=x.device)
     xf = x.reshape(tokens, d).contiguous()
-    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), rows=(order // k).int(), limit=limit, bm=bm, bn=bn)
+    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), rows=(order // k).int(), limit=limit, bm=bm, bn=bn,
+                  fp8_dot=cfg["FP8_DOT"])
     pw = weights.reshape(-1).float()[order].contiguous()
-    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), pw=pw, bm=bm, bn=bn)
+    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), pw=pw, bm=bm, bn=bn,
+                  fp8_dot=cfg["FP8_DOT"])
     _combine_kernel[(tokens, triton.cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return out.view(x.shape)
 
@@ -238,7 +294,8 @@ def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_
     """Routed experts. x: [..., D], weights / idx: [..., k], gate_up: [E, 2I, D] (gate rows first),
     down: [E, D, I] (f32 / bf16 / f16) -> [..., D] f32 = sum_j weights[j] * down_e(swiglu(gate_up_e x)),
     e = idx[j]; `act_in` / `act_mid` fake-quantize the inputs of the two projections.
-    config: BLOCK_M (pairs a tile), BLOCK_N, BLOCK_K, BLOCK_D (combine)."""
+    config: BLOCK_M (pairs a tile), BLOCK_N, BLOCK_K, BLOCK_D (combine), FP8_DOT (moe_experts_q: fp8
+    tensor-core dots where they apply, see _fp8_dot_applies; false: fp32 dots over dequantized tiles)."""
     check_tensor("gate_up", gate_up, dtypes=FLOATS, dim=3)
     check_tensor("down", down, dtypes=FLOATS, dim=3)
     e, two_i, d = gate_up.shape
