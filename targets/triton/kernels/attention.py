@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, ceil_log2, check, check_tensor,
-                     e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, pow2, same_device, ue8m0_value)
+                     e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, pow2, same_device, sm_count,
+                     ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -249,9 +250,6 @@ def _config(config, heads, d):
     defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64 if d <= 128 else 16)), "BLOCK_N": 32, "num_warps": 4,
                 "SPLIT_KV": 0, "DOT": "auto"}
     cfg = launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
-    split = cfg["SPLIT_KV"]
-    check(isinstance(split, int) and not isinstance(split, bool) and split >= 0,
-          f"attention: config['SPLIT_KV']: expected an int >= 0 (0: chosen from the GPU's SM count), got {split!r}")
     check(cfg["DOT"] in DOT_PRECISIONS,
           f"attention: config['DOT']: expected one of {list(DOT_PRECISIONS)}, got {cfg['DOT']!r}")
     return cfg
@@ -274,12 +272,7 @@ MIN_KEYS_PER_SPLIT = 64
 def _split_kv(cfg, device, programs: int, max_keys: int) -> tuple[int, int]:
     """-> (runs, keys per run, a multiple of BLOCK_N). SPLIT_KV if set; else enough runs of >= 64 keys to
     give every SM two programs when (query, batch row, head block) programs alone do not (1 off a GPU)."""
-    split = cfg["SPLIT_KV"]
-    if not split:
-        split = 1
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            split = max(1, min(-(-2 * sms // programs), max_keys // MIN_KEYS_PER_SPLIT))
+    split = cfg["SPLIT_KV"] or max(1, min(-(-2 * sm_count(device) // programs), max_keys // MIN_KEYS_PER_SPLIT))
     per = triton.cdiv(triton.cdiv(max_keys, split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     return triton.cdiv(max_keys, per), per
 

@@ -77,7 +77,8 @@ def launch_config(config, defaults: dict, name: str, *, at_least: dict | None = 
     """`config` (None or a dict) merged over `defaults` (which also lists the allowed keys). Raises
     ValueError, naming `name`, the key and the allowed keys, for: unknown keys; block sizes (keys
     starting with BLOCK / block) and num_warps that are not positive powers of two; num_stages that is
-    not a positive int; values below their `at_least` minimum (e.g. 16 for tl.dot tiles)."""
+    not a positive int; split factors (keys starting with SPLIT) that are not ints >= 0; FP8_DOT not
+    'auto', true or false; values below their `at_least` minimum (e.g. 16 for tl.dot tiles)."""
     allowed = list(defaults)
     check(config is None or isinstance(config, dict),
           f"{name}: config: expected a dict or None, got {type(config).__name__}; keys: {allowed}")
@@ -92,10 +93,55 @@ def launch_config(config, defaults: dict, name: str, *, at_least: dict | None = 
         elif key == "num_stages":
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                   f"{name}: config[{key!r}]: expected a positive int, got {value!r} (keys: {allowed})")
+        elif key.startswith("SPLIT"):
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                  f"{name}: config[{key!r}]: expected an int >= 0 (0: chosen from the GPU's SM count), got {value!r} "
+                  f"(keys: {allowed})")
+        elif key == "FP8_DOT":
+            check(value in ("auto", True, False),
+                  f"{name}: config[{key!r}]: expected 'auto', true or false, got {value!r} (keys: {allowed})")
     for key, low in (at_least or {}).items():
         check(cfg[key] >= low, f"{name}: config[{key!r}]: expected a power of two >= {low}, got {cfg[key]!r} "
                                f"(keys: {allowed})")
     return cfg
+
+
+# --- the GPU a launch runs on (host) -------------------------------------------------------------
+# fp8 tensor-core dots need K tiles of at least 32 (mma k32) and an sm_89+ GPU (or the interpreter).
+FP8_DOT_MIN_K = 32
+
+
+_DEVICE_FACTS: dict = {}  # (device, what) -> value: asked once per device, not on every launch
+
+
+def _device_fact(device: torch.device, what: str, ask):
+    key = (device, what)
+    if key not in _DEVICE_FACTS:
+        _DEVICE_FACTS[key] = ask()
+    return _DEVICE_FACTS[key]
+
+
+def fp8_dot_supported(device: torch.device) -> bool:
+    """Whether `device` runs e4m3 x e4m3 tl.dot: NVIDIA sm_89 (Ada) / sm_90 (Hopper) and newer, and the
+    Triton interpreter (CPU tensors)."""
+    if device.type != "cuda":
+        return True
+    return _device_fact(device, "fp8 dot", lambda: torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 off a GPU (the interpreter: no split pays off)."""
+    if device.type != "cuda":
+        return 0
+    return _device_fact(device, "SMs", lambda: torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def fp8_dot_choice(want, needs, name: str) -> bool:
+    """FP8_DOT `want` ('auto', True, False) against `needs` [(ok, what)]: auto takes the fp8 dot where
+    every need holds, True insists and names what is missing, False keeps the fp32 dot."""
+    missing = [what for ok, what in needs if not ok]
+    check(want is not True or not missing, f"{name}: config['FP8_DOT'] is true but it needs {', '.join(missing)}")
+    return want is not False and not missing
 
 
 # --- powers of two and UE8M0 scales (device) ------------------------------------------------------

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, check, check_tensor, decode_scale, fake_quant, group_scale, launch_config, next_pow2,
-                     round_e4m3, same_device)
+from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, fake_quant, fp8_dot_choice,
+                     fp8_dot_supported, group_scale, launch_config, next_pow2, round_e4m3, same_device, sm_count)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -101,37 +101,16 @@ def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, D, bo, bi, swv, swd, ssv, ssd
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
                 "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto"}
-    cfg = launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
-    split = cfg["SPLIT_K"]
-    check(isinstance(split, int) and not isinstance(split, bool) and split >= 0,
-          f"{name}: config['SPLIT_K']: expected an int >= 0 (0: chosen from the GPU's SM count), got {split!r}")
-    check(cfg["FP8_DOT"] in ("auto", True, False),
-          f"{name}: config['FP8_DOT']: expected 'auto', true or false, got {cfg['FP8_DOT']!r}")
-    return cfg
-
-
-# fp8 tensor-core dots need K tiles of at least 32 (mma k32) and an sm_89+ GPU (or the interpreter).
-FP8_DOT_MIN_K = 32
-
-
-def fp8_dot_supported(device: torch.device) -> bool:
-    """Whether `device` runs e4m3 x e4m3 tl.dot: NVIDIA sm_89 (Ada) / sm_90 (Hopper) and newer, and the
-    Triton interpreter (CPU tensors)."""
-    if device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
 
 
 def _use_fp8_dot(cfg: dict, device, mode: int, scaled: bool, bk: int, name: str) -> bool:
-    """FP8_DOT 'auto' takes the fp8 dot where it applies (quantized activations, e4m3 weights, BK >= 32,
-    a GPU that has it); True insists on it and names what is missing; False keeps the fp32 dot."""
-    want = cfg["FP8_DOT"]
-    missing = [why for ok, why in ((mode != 0, "quantized activations (act mode none)"),
-                                   (scaled, "e4m3 weights"),
-                                   (bk >= FP8_DOT_MIN_K, f"K tiles of >= {FP8_DOT_MIN_K} (BK is {bk})"),
-                                   (fp8_dot_supported(device), "an sm_89+ GPU")) if not ok]
-    check(want is not True or not missing, f"{name}: config['FP8_DOT'] is true but it needs {', '.join(missing)}")
-    return want is not False and not missing
+    """The fp8 dot applies to quantized activations times e4m3 weights, in K tiles of >= 32, on a GPU
+    that has it (common.fp8_dot_choice)."""
+    return fp8_dot_choice(cfg["FP8_DOT"], [(mode != 0, "quantized activations (act mode none)"),
+                                           (scaled, "e4m3 weights"),
+                                           (bk >= FP8_DOT_MIN_K, f"K tiles of >= {FP8_DOT_MIN_K} (BK is {bk})"),
+                                           (fp8_dot_supported(device), "an sm_89+ GPU")], name)
 
 
 def _split_k(cfg: dict, device, spans: int, tiles: int) -> int:
@@ -139,10 +118,7 @@ def _split_k(cfg: dict, device, spans: int, tiles: int) -> int:
     give every SM of the GPU two programs when the M x N tiles alone do not (1 in the interpreter)."""
     if cfg["SPLIT_K"]:
         return min(cfg["SPLIT_K"], spans)
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(spans, -(-2 * sms // tiles)))
+    return max(1, min(spans, -(-2 * sm_count(device) // tiles)))
 
 
 def _pick_block_k(k: int, bi: int, group, max_bk: int) -> int:

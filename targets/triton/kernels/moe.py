@@ -18,15 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, check, check_tensor, decode_scale, e2m1_value, fake_quant, group_scale, launch_config,
-                     next_pow2, round_e4m3, same_device, swiglu_value)
-from .gemm import FP8_DOT_MIN_K, fp8_dot_supported
+from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e2m1_value, fake_quant,
+                     fp8_dot_choice, fp8_dot_supported, group_scale, launch_config, next_pow2, round_e4m3, same_device,
+                     swiglu_value)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
 ACT_NONE, ACT_STATIC, ACT_DYNAMIC = 0, 1, 2
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
-EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": True}
+EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": "auto"}
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -222,21 +222,25 @@ def _tiles(flat_idx, n_experts, bm):
     return order, tile_e.int(), (starts[tile_e] + nth * bm).int(), (starts[tile_e] + counts[tile_e]).int()
 
 
-def _fp8_dot_applies(weight, act, k: int) -> bool:
+def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_q") -> bool:
     """The fp8 tensor-core dot serves e4m3 weights with quantized activations when every K chunk lies in
     one weight block column (bi >= K, or chunks start at multiples of BK and BK divides bi), BK >= 32,
-    and the device has it."""
+    and the device has it (common.fp8_dot_choice)."""
     bk, bi, seg = act["BK"], weight["BI"], act["SEG"]
     aligned = bi >= k or (bi % bk == 0 and (seg % bk == 0 or seg >= k))
-    return (weight["WFMT"] == W_FP8 and act["ACT"] != ACT_NONE and bk >= FP8_DOT_MIN_K and aligned
-            and fp8_dot_supported(weight["w_ptr"].device))
+    return fp8_dot_choice(want, [(weight["WFMT"] == W_FP8, "e4m3 weights"),
+                                 (act["ACT"] != ACT_NONE, "quantized activations (act mode none)"),
+                                 (bk >= FP8_DOT_MIN_K, f"K chunks of >= {FP8_DOT_MIN_K} (BK is {bk})"),
+                                 (aligned, f"each K chunk in one weight block column (block cols {bi}, BK {bk})"),
+                                 (fp8_dot_supported(weight["w_ptr"].device), "an sm_89+ GPU")], name)
 
 
-def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn, fp8_dot=True):
+def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn, fp8_dot, name):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
-    and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled."""
+    and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
+    fp8_dot: the FP8_DOT config value."""
     swiglu = rows is not None
-    fp8_dot = fp8_dot and _fp8_dot_applies(weight, act, a.shape[1])
+    fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], fp8_dot, name)
     if fp8_dot:
         weight = {**weight, "w_ptr": weight["w_ptr"].view(torch.uint8)}
     _experts_gemm_kernel[(tiles[0].numel(), triton.cdiv(out.shape[1], bn))](
@@ -250,8 +254,6 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     against D = x.shape[-1] and the intermediate size `inter`."""
     cfg = launch_config(config, EXPERT_CONFIG, name,
                         at_least={k: 16 for k in EXPERT_CONFIG if k.startswith("BLOCK")})
-    check(isinstance(cfg["FP8_DOT"], bool),
-          f"{name}: config['FP8_DOT']: expected true (where it applies) or false, got {cfg['FP8_DOT']!r}")
     check_tensor("weights", weights, dtypes=FLOATS, contiguous=False)
     check_tensor("idx", idx, dtypes=INTS, contiguous=False)
     check(idx.dim() == x.dim() and idx.shape[:-1] == x.shape[:-1] and weights.shape == idx.shape,
@@ -276,10 +278,10 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     y = torch.empty(order.numel(), d, dtype=torch.float32, device=x.device)
     xf = x.reshape(tokens, d).contiguous()
     _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), rows=(order // k).int(), limit=limit, bm=bm, bn=bn,
-                  fp8_dot=cfg["FP8_DOT"])
+                  fp8_dot=cfg["FP8_DOT"], name=name)
     pw = weights.reshape(-1).float()[order].contiguous()
     _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), pw=pw, bm=bm, bn=bn,
-                  fp8_dot=cfg["FP8_DOT"])
+                  fp8_dot=cfg["FP8_DOT"], name=name)
     _combine_kernel[(tokens, triton.cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return out.view(x.shape)
 
@@ -294,8 +296,8 @@ def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_
     """Routed experts. x: [..., D], weights / idx: [..., k], gate_up: [E, 2I, D] (gate rows first),
     down: [E, D, I] (f32 / bf16 / f16) -> [..., D] f32 = sum_j weights[j] * down_e(swiglu(gate_up_e x)),
     e = idx[j]; `act_in` / `act_mid` fake-quantize the inputs of the two projections.
-    config: BLOCK_M (pairs a tile), BLOCK_N, BLOCK_K, BLOCK_D (combine), FP8_DOT (moe_experts_q: fp8
-    tensor-core dots where they apply, see _fp8_dot_applies; false: fp32 dots over dequantized tiles)."""
+    config: BLOCK_M (pairs a tile), BLOCK_N, BLOCK_K, BLOCK_D (combine), FP8_DOT (as linear_fp8's: auto
+    takes fp8 tensor-core dots where _fp8_dot_applies, true insists, false keeps fp32 dots)."""
     check_tensor("gate_up", gate_up, dtypes=FLOATS, dim=3)
     check_tensor("down", down, dtypes=FLOATS, dim=3)
     e, two_i, d = gate_up.shape
