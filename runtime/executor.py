@@ -168,7 +168,7 @@ class Session:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         """tokens: [B, S] int64 -> logits [B, S, V] float32; advances the session by S tokens."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         self.check_tokens(tokens)
         chunk = self.program.prefill_chunk
         parts = [self._step(tokens[:, i:i + chunk], observer) for i in range(0, tokens.shape[1], chunk)]
@@ -182,7 +182,7 @@ class Session:
         if plan is None:
             plan = self._plans[seq] = self._plan(seq)
         plan.tokens.copy_(tokens)
-        torch.arange(self.pos, self.pos + seq, out=plan.positions)
+        torch.arange(self.pos, self.pos + seq, out=plan.positions, device=plan.positions.device)
         for kw in plan.stateful:
             kw["pos0"] = self.pos
         for fn, args, kw in plan.entries:

@@ -31,7 +31,7 @@ def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, block) -> torch.Tenso
 
 def _block_amax(w: torch.Tensor, block) -> torch.Tensor:
     (o, i), (bo, bi) = w.shape, block
-    padded = torch.zeros(cdiv(o, bo) * bo, cdiv(i, bi) * bi)
+    padded = torch.zeros(cdiv(o, bo) * bo, cdiv(i, bi) * bi, device=w.device)
     padded[:o, :i] = w.abs().float()
     return padded.view(cdiv(o, bo), bo, cdiv(i, bi), bi).amax(dim=(1, 3))
 
@@ -72,7 +72,7 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """int8 [O, I/2] -> float32 code values [O, I] (unscaled)."""
     b = packed.view(torch.uint8).long()
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)  # even column = low nibble
-    return FP4_VALUES[codes]
+    return FP4_VALUES.to(codes.device)[codes]
 
 
 def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ def quant_fp4(w: torch.Tensor):
         raise ValueError(f"FP4 packs two values per byte; input dim {i} is odd")
     scale = fp4_scales(w)
     x = w.float() / expand_scales(scale, w.shape, (1, FP4_BLOCK))
-    codes = (x.unsqueeze(-1) - FP4_VALUES).abs().argmin(dim=-1)  # first (positive-zero) code on ties
+    codes = (x.unsqueeze(-1) - FP4_VALUES.to(x.device)).abs().argmin(dim=-1)  # first (positive-zero) code on ties
     pairs = codes.view(o, i // 2, 2)
     packed = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8).view(torch.int8)
     return packed, scale
@@ -216,7 +216,7 @@ def encode_entries(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
     scale = ue8m0(xn.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4) / E4M3_MAX)
     q = (xn / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(*x.shape[:-1], -1)[..., :nope]
     _, size = entry_layout(fmt, d, rope)
-    out = torch.zeros(*x.shape[:-1], size, dtype=torch.uint8)
+    out = torch.zeros(*x.shape[:-1], size, dtype=torch.uint8, device=x.device)
     out[..., :nope] = q.view(torch.uint8)
     out[..., nope:nope + 2 * rope] = x[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
     out[..., nope + 2 * rope:nope + 2 * rope + groups] = scale.squeeze(-1).view(torch.uint8)

@@ -25,18 +25,18 @@ def _window_keys(ring, kv, pos0, fmt, rope):
     ring: [B, W-1, ...], kv: [B, S, D] -> keys [B, n, D], positions [n]; and the new keys' storage."""
     slots, d = ring.shape[1], kv.shape[-1]
     n_old = min(pos0, slots)
-    old_pos = torch.arange(pos0 - n_old, pos0)
+    old_pos = torch.arange(pos0 - n_old, pos0, device=kv.device)
     stored = encode_entries(kv, fmt, rope)
     old = decode_entries(ring[:, old_pos % slots], fmt, d, rope)
     keys = torch.cat([old, decode_entries(stored, fmt, d, rope)], dim=1)
-    return keys, torch.cat([old_pos, torch.arange(pos0, pos0 + kv.shape[1])]), stored
+    return keys, torch.cat([old_pos, torch.arange(pos0, pos0 + kv.shape[1], device=kv.device)]), stored
 
 
 def _write_ring(ring, stored, pos0):
     slots, s = ring.shape[1], stored.shape[1]
     if slots:
         n = min(s, slots)
-        ring[:, torch.arange(pos0 + s - n, pos0 + s) % slots] = stored[:, s - n:]
+        ring[:, torch.arange(pos0 + s - n, pos0 + s, device=ring.device) % slots] = stored[:, s - n:]
 
 
 def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0):
@@ -49,7 +49,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     entries (so only those are read, on whatever tier they live); HCA reads every closed window."""
     batch, s, heads, d = q.shape
     keys, key_pos, stored = _window_keys(state[0], kv, pos0, kv_format, rope_dim)
-    q_pos = torch.arange(pos0, pos0 + s)
+    q_pos = torch.arange(pos0, pos0 + s, device=q.device)
     visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
     qh = q.float().transpose(1, 2)  # [B, H, S, D]
     logits = torch.matmul(qh, keys.unsqueeze(1).transpose(2, 3)) * scale  # [B, H, S, n]
@@ -63,7 +63,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
         n_entries = (pos0 + s) // rate
         entries = decode_entries(read_rows(state[1], n_entries), kv_format, d, rope_dim)  # [B, T, D]
         e_logits = torch.matmul(qh, entries.unsqueeze(1).transpose(2, 3)) * scale
-        causal = torch.arange(n_entries)[None, :] < ((q_pos + 1) // rate)[:, None]
+        causal = torch.arange(n_entries, device=q.device)[None, :] < ((q_pos + 1) // rate)[:, None]
         e_logits = e_logits.masked_fill(~causal, NEG_INF)
     parts = [logits] if entries is None else [logits, e_logits]
     sink = sinks.float().view(1, heads, 1, 1).expand(batch, heads, s, 1)
@@ -93,14 +93,14 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     `key_format`,).
     -> [B, S, topk] int64 entry indices, best first; ties go to the lower index; -1 pads."""
     batch, s = q.shape[:2]
-    out = torch.full((batch, s, topk), -1, dtype=torch.long)
+    out = torch.full((batch, s, topk), -1, dtype=torch.long, device=q.device)
     n_entries = (pos0 + s) // rate
     if n_entries == 0:
         return out
     keys = decode_entries(read_rows(state[0], n_entries), key_format, q.shape[-1], 0)
     scores = index_scores(q, weights, keys, score_scale=score_scale, weight_scale=weight_scale)
-    limit = ((torch.arange(pos0, pos0 + s) + 1) // rate)[None, :, None]  # entries < limit are causal
-    scores = scores.masked_fill(torch.arange(n_entries)[None, None, :] >= limit, NEG_INF)
+    limit = ((torch.arange(pos0, pos0 + s, device=q.device) + 1) // rate)[None, :, None]  # entries < limit are causal
+    scores = scores.masked_fill(torch.arange(n_entries, device=q.device)[None, None, :] >= limit, NEG_INF)
     k = min(topk, n_entries)
     picks = select_topk(scores, k)
     out[..., :k] = torch.where(picks >= limit, -1, picks)

@@ -56,7 +56,7 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
         win_kv, win_gate = pooled_kv, pooled_gate
     pooled = (win_kv * win_gate.softmax(dim=2)).sum(dim=2)  # [B, n_win, d]
     pooled = rms_norm(pooled, norm_weight, eps=eps)
-    positions = torch.arange(n_win) * rate + first_entry * rate
+    positions = torch.arange(n_win, device=kv.device) * rate + first_entry * rate
     cos, sin = rope_cos_sin(positions, inv_freq, rope_scale)
     write_rows(entries, first_entry, encode_entries(apply_rope(pooled, cos, sin), kv_format, 2 * inv_freq.shape[0]))
     buf_kv[:, :rest] = kv[:, used:]

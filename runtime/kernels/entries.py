@@ -23,6 +23,6 @@ def read_rows(entries, n: int) -> torch.Tensor:
 def gather_rows(entries, idx: torch.Tensor) -> torch.Tensor:
     if not isinstance(entries, torch.Tensor):
         return entries.gather(idx)
-    b = torch.arange(idx.shape[0])[:, None, None]
+    b = torch.arange(idx.shape[0], device=idx.device)[:, None, None]
     out = entries[b, idx.clamp(min=0)]  # [B, S, K, W]
     return out.masked_fill((idx < 0)[..., None], 0)
