@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
+from triton.runtime.errors import OutOfResources
 
 from conftest import rel_err, tokens
 from v4c.cli import main
@@ -198,7 +199,9 @@ def test_a_different_triton_version_is_a_note(builds, tmp_path):
 def test_tuning_keeps_the_fastest_config_for_every_step_of_a_signature(hf_checkpoints, monkeypatch):
     import v4c.targets.triton.tune as tune
     grid = {"decode": [{"BLOCK_M": 16, "BLOCK_N": n} for n in (32, 128, 64)],
-            "prefill": [{"BLOCK_M": 16, "BLOCK_N": n} for n in (256, 32)] + [{"BLOCK_M": 3}]}  # the last is refused
+            "prefill": [{"BLOCK_M": 16, "BLOCK_N": n} for n in (256, 32)]
+            + [{"BLOCK_M": 3},  # refused by the launcher
+               {"BLOCK_M": 16, "BLOCK_N": 1024}]}  # "too much shared memory" (raised below, as a GPU would)
     monkeypatch.setattr(tune, "candidates", lambda op, bucket: grid[bucket] if op == "linear" else [])
     module, _ = import_checkpoint(hf_checkpoints[NAME], max_context=48)
     module = run_pipeline(module, [])
@@ -210,8 +213,13 @@ def test_tuning_keeps_the_fastest_config_for_every_step_of_a_signature(hf_checkp
         return 1.0 / timed_config[0].get("BLOCK_N", 1)
 
     timed_config = [{}]
-    launchers = {op: (lambda *a, _l=LAUNCHERS[op], **kw: (timed_config.__setitem__(0, kw["config"]), _l(*a, **kw))[1])
-                 for op in ("linear",)}
+
+    def launch(*a, **kw):
+        timed_config[0] = kw["config"]
+        if kw["config"].get("BLOCK_N") == 1024:
+            raise OutOfResources(237568, 232448, "shared memory")
+        return LAUNCHERS["linear"](*a, **kw)
+    launchers = {"linear": launch}
     record = tune_module(module, launchers, steps, prefill_chunk=16, decode_batch=2, device="cpu", timer=timer)
     linear = [i for i, ins in enumerate(module.func.body) if ins.op == "linear"]
     assert record["tuned"] and {r["op"] for r in record["signatures"]} == {"linear"}
@@ -221,7 +229,7 @@ def test_tuning_keeps_the_fastest_config_for_every_step_of_a_signature(hf_checkp
         assert [b["config"]["BLOCK_N"] for b in steps[str(i)]] == [128, 256]
     assert all(r["ms"] is not None for r in record["signatures"])
     assert {(r["bucket"], r["tried"], r["rejected"]) for r in record["signatures"]} == {("decode", 3, 0),
-                                                                                       ("prefill", 3, 1)}
+                                                                                       ("prefill", 4, 2)}
 
 
 def test_the_kernel_package_imports_only_torch_triton_and_itself():

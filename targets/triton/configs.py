@@ -12,6 +12,12 @@ BUCKETS = (("decode", DECODE_TOKENS), ("prefill", None))
 
 _GEMM = {
     "decode": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    "prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+}
+# fp32 / bf16 weights: their tiles take 2-4x the shared memory of e4m3 ones, so K tiles of 64
+# (BLOCK_K 128 with 3 stages needs ~237 KB at bf16, over an H100's 227 KB).
+_GEMM_FLOAT = {
+    "decode": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
     "prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 }
 _EXPERTS = {
@@ -19,7 +25,7 @@ _EXPERTS = {
     "prefill": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 128},
 }
 HEURISTIC = {
-    "linear": _GEMM, "linear_fp8": _GEMM, "grouped_linear": _GEMM, "grouped_linear_fp8": _GEMM,
+    "linear": _GEMM_FLOAT, "linear_fp8": _GEMM, "grouped_linear": _GEMM_FLOAT, "grouped_linear_fp8": _GEMM,
     "moe_experts": _EXPERTS, "moe_experts_q": _EXPERTS,
 }
 

@@ -5,13 +5,15 @@ signature is timed once per bucket (decode: `decode_batch` sequences of one toke
 full context; prefill: one chunk of `prefill_chunk` tokens from an empty context) with every
 candidate config from configs.py, on that step's real weights and random activations (routing
 and selections drawn valid at random). The fastest config goes to every step of the signature; a
-candidate the launcher refuses is skipped and counted. The results go into the artifact's
+candidate the launcher refuses, or that needs more shared memory or registers than the GPU has,
+is skipped and counted. The results go into the artifact's
 launch.json, so the machines that run it never re-tune.
 """
 
 from collections.abc import Callable
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from v4c.ir import Module, ParamRef, load_weight
 
@@ -80,7 +82,7 @@ def _time_candidates(launcher, args, kwargs, configs: list[dict], timer: Timer) 
     for config in configs:
         try:
             launcher(*args, config=config, **kwargs)  # compile, and let the launcher check the config
-        except ValueError:
+        except (ValueError, OutOfResources):  # refused by the launcher, or too large for this GPU
             rejected += 1
             continue
         ms = timer(lambda c=config: launcher(*args, config=c, **kwargs))

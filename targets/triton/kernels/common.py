@@ -8,6 +8,7 @@ arithmetic only, so they are bit-exact with torch's casts both on a GPU and in t
   group_scale                            quantization scale max(amax, 1e-4) / qmax, or its pow2_ceil
   round_e4m3, e4m3_code                  float8_e4m3fn rounding (RNE, as torch's cast): value / bits
   e4m3_quant, fake_quant                 e4m3(clamp(x / s, +-448)) as bits / dequantized again
+  to_e4m3                                e4m3 operand of an fp8 dot (hardware cast on a GPU)
   bf16_bits, bf16_value                  bfloat16 encode (RNE) / decode
   e2m1_code, e2m1_value                  FP4 e2m1 encode (as quant.quant_fp4) / decode
   ue8m0_value, decode_scale              UE8M0 scale bytes (float8_e8m0fnu) -> fp32
@@ -129,6 +130,12 @@ def fp8_dot_supported(device: torch.device) -> bool:
     return _device_fact(device, "fp8 dot", lambda: torch.cuda.get_device_capability(device) >= (8, 9))
 
 
+def native_cvt(device: torch.device) -> bool:
+    """Whether kernels on `device` may use the hardware fp32 -> e4m3 conversion (round to nearest even on
+    NVIDIA GPUs) instead of integer rounding (the Triton interpreter's cast rounds ties away from zero)."""
+    return device.type == "cuda"
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 0 off a GPU (the interpreter: no split pays off)."""
     if device.type != "cuda":
@@ -238,6 +245,16 @@ def e4m3_code(x):
 def e4m3_quant(x, s):
     """e4m3 code of clamp(x / s, +-448), x / s correctly rounded (the clamp is round_e4m3's saturation)."""
     return e4m3_code(tl.div_rn(x, s))
+
+
+@triton.jit
+def to_e4m3(x, NATIVE: tl.constexpr):
+    """float8e4nv tensor of clamp(x, +-448) rounded to nearest even. NATIVE (a GPU: cvt.rn.satfinite, one
+    instruction per two values) or the integer rounding of round_e4m3 (the interpreter, whose own cast
+    rounds ties away from zero); both give torch's float8_e4m3fn cast for finite x."""
+    if NATIVE:
+        return tl.clamp(x, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+    return round_e4m3(x).to(tl.float8e4nv)  # an exact e4m3 value: the cast is exact
 
 
 @triton.jit

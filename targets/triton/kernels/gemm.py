@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, fake_quant, fp8_dot_choice,
-                     fp8_dot_supported, group_scale, launch_config, next_pow2, round_e4m3, same_device, sm_count)
+                     fp8_dot_supported, group_scale, launch_config, native_cvt, next_pow2, same_device, sm_count,
+                     to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -26,17 +27,49 @@ ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 
 # --- kernels -----------------------------------------------------------------------------------
 @triton.jit
+def _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk, ssn, ssk,
+               ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
+               FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, TILE_GROUP: tl.constexpr, BK: tl.constexpr):
+    """acc + q(x[:, kk:kk+BK]) dq(W[:, kk:kk+BK])^T. s: the activation scale (scalar or [BM, 1]); with
+    TILE_GROUP (dynamic, the group is this one tile) it is taken here from the tile's row amax."""
+    offs_k = kk + tl.arange(0, BK)  # [BK]
+    k_ok = offs_k < K
+    xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    xt = xt.to(tl.float32)  # [BM, BK]
+    if ACT == 1 and TILE_GROUP:
+        s = group_scale(tl.max(tl.abs(xt), axis=1), E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
+    wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
+    if W_SCALED:  # the tile lies in block column kk // bi; one scale per weight row
+        sw = decode_scale(tl.load(s_ptr + (rows_w // bo) * ssn + (kk // bi) * ssk, mask=n_ok, other=0), S_E8M0)
+    if FP8_DOT:  # e4m3 codes of x / s meet the weight codes; the scales are applied to the partial sum
+        xq = to_e4m3(tl.div_rn(xt, s), NATIVE)
+        acc += tl.dot(xq, wt, out_dtype=tl.float32) * s * sw[None, :]
+    else:
+        if ACT != 0:
+            xt = fake_quant(xt, s)
+        wt = wt.to(tl.float32)
+        if W_SCALED:
+            wt = wt * sw[None, :]
+        acc += tl.dot(xt, wt, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
                  sxm, sxg, sxk, swn, swk, ssn, ssk, syp, sym, syg, syn,
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
-                 FP8_DOT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
     GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static.
+    FLAT (GS == BK: each group is one K tile, or no groups): one loop over K tiles, which Triton software-
+    pipelines (num_stages); else a loop over groups, each an amax pass then its tiles.
     SPLIT > 1 (split-K): program (.., g * SPLIT + p) sums the activation groups [p * spans_per_split,
     (p + 1) * spans_per_split) into y[p] (the launcher adds the partial sums in split order).
     FP8_DOT (quantized activations times e4m3 weights): each tile's e4m3 codes meet in an fp8 tensor-core
     dot (exact products, fp32 sums) and the partial sum is scaled by the activation and weight block
-    scales, as DeepGEMM does; otherwise both tiles are dequantized to fp32 for an IEEE fp32 dot."""
+    scales, as DeepGEMM does; otherwise both tiles are dequantized to fp32 for an IEEE fp32 dot.
+    NATIVE: the hardware e4m3 cast (a GPU) instead of integer rounding (the interpreter)."""
     pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, part = pid_g // SPLIT, pid_g % SPLIT
     offs_m = pid_m * BM + tl.arange(0, BM)  # [BM]
@@ -48,35 +81,25 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, spans_per_split, act_s
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = part * spans_per_split * GS
     k_hi = tl.minimum(k_lo + spans_per_split * GS, K)
-    for k0 in range(k_lo, k_hi, GS):  # one activation group at a time
-        k_end = tl.minimum(k0 + GS, K)
-        s = act_scale
-        if ACT == 1:  # dynamic: per-token amax over the group, then its scale
-            amax = tl.zeros((BM,), dtype=tl.float32)
+    if FLAT:
+        for kk in range(k_lo, k_hi, BK):
+            acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, act_scale, bo, bi, sxk, swk,
+                             ssn, ssk, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, True, BK)
+    else:
+        for k0 in range(k_lo, k_hi, GS):  # one activation group at a time
+            k_end = tl.minimum(k0 + GS, K)
+            s = act_scale
+            if ACT == 1:  # dynamic: per-token amax over the group, then its scale
+                amax = tl.zeros((BM,), dtype=tl.float32)
+                for kk in range(k0, k_end, BK):
+                    offs_k = kk + tl.arange(0, BK)
+                    xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & (offs_k < K)[None, :],
+                                 other=0.0)
+                    amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
+                s = group_scale(amax, E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
             for kk in range(k0, k_end, BK):
-                offs_k = kk + tl.arange(0, BK)
-                xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
-            s = group_scale(amax, E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
-        for kk in range(k0, k_end, BK):
-            offs_k = kk + tl.arange(0, BK)  # [BK]
-            k_ok = offs_k < K
-            xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            xt = xt.to(tl.float32)  # [BM, BK]
-            wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-            if W_SCALED:  # the tile lies in block column kk // bi; one scale per weight row
-                sw = decode_scale(tl.load(s_ptr + (rows_w // bo) * ssn + (kk // bi) * ssk, mask=n_ok, other=0),
-                                  S_E8M0)
-            if FP8_DOT:  # e4m3 codes of x / s (round_e4m3 gives exact e4m3 values, so the cast is exact)
-                xq = round_e4m3(tl.div_rn(xt, s)).to(tl.float8e4nv)
-                acc += tl.dot(xq, wt, out_dtype=tl.float32) * s * sw[None, :]
-            else:
-                if ACT != 0:
-                    xt = fake_quant(xt, s)
-                wt = wt.to(tl.float32)
-                if W_SCALED:
-                    wt = wt * sw[None, :]
-                acc += tl.dot(xt, wt, input_precision="ieee")
+                acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk,
+                                 ssn, ssk, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, False, BK)
     y = y_ptr + part * syp + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
     tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -192,7 +215,7 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     _gemm_kernel[grid](x3, weight, s, y, m, r, k, span, per_split, static, bo, bi,
                        *x3.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
-                       FP8_DOT=fp8_dot, SPLIT=split, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
+                       FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=span == bk or bk >= k, SPLIT=split, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y[0] if split == 1 else y.sum(0)
 

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e2m1_value, fake_quant,
-                     fp8_dot_choice, fp8_dot_supported, group_scale, launch_config, next_pow2, round_e4m3, same_device,
-                     swiglu_value)
+                     fp8_dot_choice, fp8_dot_supported, group_scale, launch_config, native_cvt, next_pow2, same_device,
+                     swiglu_value, to_e4m3)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
@@ -99,13 +99,12 @@ def _weight_codes(w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_r
 
 
 @triton.jit
-def _fp8_dot(a, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_rows, s_cols, col0,
+def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_rows, s_cols, col0,
              SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    """q(a) W_e[rows, cols]^T with an fp8 tensor-core dot: e4m3 codes of a / s (exact values, so the cast
-    is exact) times the weight codes, then the activation scale s and the weights' block scales."""
+    """q(a) W_e[rows, cols]^T with an fp8 tensor-core dot: aq, the e4m3 codes of a / s (common.to_e4m3), times
+    the weight codes, then the activation scale s and the weights' block scales."""
     w, ws = _weight_codes(w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s_rows, s_cols, col0,
                           SCALE_E8M0, BO, BI)
-    aq = round_e4m3(tl.div_rn(a, s)).to(tl.float8e4nv)
     return tl.dot(aq, tl.trans(w), out_dtype=tl.float32) * s * ws[None, :]
 
 
@@ -115,7 +114,7 @@ def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_
                          s_rows, s_cols, act_scale, limit, SEG, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
                          ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
                          SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         NATIVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One tile of <= BM pairs p of one expert e x BN outputs n of the grouped GEMM q(A[r_p]) W_e^T over K.
     SWIGLU (gate_up; A = x, r_p = rows[p] its token; W: [E, 2N, K]): out[p, n] =
     silu(min(g, limit)) * clamp(u, +-limit), g / u from W rows n / N + n.
@@ -143,10 +142,11 @@ def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_
                 if ACT == 2 and NCHUNK == 1:  # dynamic, the group in this one chunk
                     s = group_scale(tl.max(tl.abs(a), axis=1), E4M3_MAX, UE8M0)[:, None]
                 col0 = k0 + c * BK
-                acc += _fp8_dot(a, s, w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
+                aq = to_e4m3(tl.div_rn(a, s), NATIVE)
+                acc += _fp8_dot(aq, s, w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
                                 SCALE_E8M0, BO, BI)
                 if SWIGLU:
-                    up += _fp8_dot(a, s, w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
+                    up += _fp8_dot(aq, s, w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
                                    SCALE_E8M0, BO, BI)
             else:
                 a = _quant_chunk(_load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK), s, ACT, NCHUNK == 1, UE8M0)
@@ -246,7 +246,7 @@ def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None,
     _experts_gemm_kernel[(tiles[0].numel(), triton.cdiv(out.shape[1], bn))](
         a, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
         limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None, BM=bm, BN=bn,
-        FP8_DOT=fp8_dot, **weight, **act)
+        FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act)
 
 
 def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config):
