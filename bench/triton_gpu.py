@@ -17,8 +17,11 @@ end-to-end decode against transformers eager bf16, all in one run on one GPU.
    random distinct experts), FP8 (128x128 weights, dynamic activations, FP8 KV), `target: triton`,
    batch 1, prompt 512, 64 new greedy tokens; decode tokens/s against transformers eager bf16.
 
-Times are medians of `--repeats` runs (CUDA events, after warm-up), with min and max. Without a GPU
-and without --dry-run, every row is recorded as "not measured" (never estimated).
+Kernel times are device times per call: the calls, one per copy of the inputs (rotated so that one
+replay reads >= 256 MB and the weights do not stay in the 50 MB L2), are captured in a CUDA graph and
+its replays timed; medians of `--repeats` replays (CUDA events, after warm-up), with min and max. The
+eager time of one call (host launch overhead included) is recorded beside it. Without a GPU and
+without --dry-run, every row is recorded as "not measured" (never estimated).
 """
 
 import argparse
@@ -66,11 +69,17 @@ DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3,), "prefill_tokens": 33,
 FP8_RECIPE = ("  - fp8:\n      weights: {block: [128, 128], scale_format: fp32}\n"
               "      activations: {mode: dynamic, group: 128}\n      kv: fp8\n")
 ACT = {"mode": "dynamic", "group": 128, "scale_format": "fp32"}
+PROFILE = "--profile" in sys.argv  # e2e: cProfile one v4c decode run (the host side of the decode loop)
 TUNE = "--heuristic-only" not in sys.argv  # time every tuning candidate (slow: each one compiles) or only the heuristic
 
 
 class Timer:
-    """Median / min / max seconds of `fn` over `repeats` runs after `warmup` (CUDA events on a GPU)."""
+    """Median / min / max seconds of `fn` over `repeats` runs after `warmup` (CUDA events on a GPU).
+
+    `timer(fn)` times single eager calls: on a GPU that includes the host's launch overhead whenever the
+    kernel is shorter than it. `timer.graph(fns)` captures the calls `fns` (one per input copy, so that
+    rotating copies keep the inputs out of L2) in one CUDA graph and times its replays: device time per
+    call, without the host. Off a GPU both time the calls on the host clock."""
 
     def __init__(self, device: str, repeats: int, warmup: int):
         self.device, self.repeats, self.warmup = device, repeats, warmup
@@ -93,6 +102,24 @@ class Timer:
                 times.append(time.perf_counter() - t0)
         return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
+    def graph(self, fns: list) -> dict:
+        def run_all():
+            for fn in fns:
+                fn()
+        if self.device != "cuda":
+            t = self(run_all)
+            return {k: v / len(fns) for k, v in t.items()} | {"calls_per_replay": len(fns), "method": "host clock"}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compiles, allocator pools) off the capturing stream
+            run_all()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_all()
+        t = self(graph.replay)
+        return {k: v / len(fns) for k, v in t.items()} | {"calls_per_replay": len(fns), "method": "CUDA graph replay"}
+
 
 def machine(device: str) -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}
@@ -108,13 +135,13 @@ def machine(device: str) -> dict:
     return out
 
 
-def fastest(timer: Timer, call, configs: list[dict], label: str) -> tuple[dict, dict]:
-    """(times, config) of the fastest config of `call(config)`; a config the GPU cannot run (too
+def fastest(time_config, configs: list[dict], label: str) -> tuple[dict, dict]:
+    """(times, config) of the fastest config by `time_config(config)`; a config the GPU cannot run (too
     much shared memory, say) is skipped and said so."""
     best = None
     for cfg in configs:
         try:
-            t = timer(functools.partial(call, cfg))
+            t = time_config(cfg)
         except Exception as exc:
             print(f"  {label} config {cfg}: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
@@ -123,6 +150,11 @@ def fastest(timer: Timer, call, configs: list[dict], label: str) -> tuple[dict, 
     if best is None:
         raise RuntimeError(f"{label}: no launch config ran")
     return best
+
+
+def copies_for(nbytes: int, device: str) -> int:
+    """Input copies to rotate so that one graph replay reads >= 256 MB (L2 is 50 MB on an H100)."""
+    return 1 if device != "cuda" else max(1, min(32, -(-2**28 // max(nbytes, 1))))
 
 
 def copy_bandwidth(device: str, timer: Timer, nbytes: int) -> dict:
@@ -138,7 +170,7 @@ def _fp8_gemm(x, q, s, config):
     return linear_fp8(x, q, s, block=(128, 128), act=ACT, config=config)
 
 
-def bench_gemm(device: str, timer: Timer, dry: bool) -> list[dict]:
+def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[dict]:
     from v4c.runtime.quant import dequant_fp8, fake_quant_act, quant_fp8
     from v4c.targets.triton.configs import candidates, heuristic
     shapes = DRY["gemms"] if dry else FLASH_GEMMS
@@ -148,32 +180,38 @@ def bench_gemm(device: str, timer: Timer, dry: bool) -> list[dict]:
     for name, (n, k) in shapes.items():
         q, s = quant_fp8(torch.randn(n, k, generator=g) * 0.02, (128, 128))
         q, s = q.to(device), s.to(device)
+        weights = [(q, s)] + [(q.clone(), s.clone()) for _ in range(copies_for(q.numel(), device) - 1)]
         for bucket, m in calls:
             x = torch.randn(m, k, generator=g).to(device)
-            configs = [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]]
+            configs = [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]] + extra
             if not dry and TUNE:
                 configs += candidates("linear_fp8", bucket)
-            best = fastest(timer, functools.partial(_fp8_gemm, x, q, s), configs, f"gemm {name} m={m}")
+            def graph_time(cfg, x=x, weights=weights):
+                return timer.graph([functools.partial(_fp8_gemm, x, wq, ws, cfg) for wq, ws in weights])
+            best = fastest(graph_time, configs, f"gemm {name} m={m}")
+            eager = timer(functools.partial(_fp8_gemm, x, q, s, best[1]))
             ours = _fp8_gemm(x, q, s, best[1])
-            ref = torch.nn.functional.linear(fake_quant_act(x, ACT), dequant_fp8(q, s, (128, 128)))
-            err = float((ours - ref).abs().max() / ref.abs().max())
+            ref = torch.nn.functional.linear(fake_quant_act(x.cpu(), ACT), dequant_fp8(q.cpu(), s.cpu(), (128, 128)))
+            err = float((ours.cpu() - ref).abs().max() / ref.abs().max())  # the reference runs on the CPU
             row = {"gemm": name, "n": n, "k": k, "tokens": m, "bucket": bucket, "rel_err_vs_reference": err,
-                   "v4c": best[0], "v4c_config": best[1],
-                   "v4c_tflops": round(2 * m * n * k / best[0]["median_s"] / 1e12, 3)}
+                   "weight_copies": len(weights), "v4c": best[0], "v4c_config": best[1], "v4c_eager_call": eager,
+                   "v4c_tflops": round(2 * m * n * k / best[0]["median_s"] / 1e12, 3),
+                   "v4c_weight_gb_per_s": round(n * k / best[0]["median_s"] / 1e9, 1)}
             if device == "cuda" and hasattr(torch, "_scaled_mm"):
                 mp = -(-m // 16) * 16  # cuBLAS FP8 needs multiples of 16
                 xq = torch.randn(mp, k, device=device).to(torch.float8_e4m3fn)
                 one = torch.ones((), device=device)
-                t = timer(functools.partial(torch._scaled_mm, xq, q.t(), scale_a=one, scale_b=one,
-                                            out_dtype=torch.bfloat16))
+                t = timer.graph([functools.partial(torch._scaled_mm, xq, wq.t(), scale_a=one, scale_b=one,
+                                                   out_dtype=torch.bfloat16) for wq, _ in weights])
                 row.update(cublas=t, cublas_tokens=mp, cublas_recipe="per-tensor scales, pre-quantized activations",
                            v4c_over_cublas_throughput=round(t["median_s"] / best[0]["median_s"], 3))
             else:
                 row["cublas"] = "not measured (needs a CUDA GPU)"
             rows.append(row)
-            print(f"gemm {name:15} n={n:6} k={k:5} m={m:5}: err {err:.1e} v4c {best[0]['median_s'] * 1e6:9.1f} us"
-                  + (f", cuBLAS {row['cublas']['median_s'] * 1e6:9.1f} us ({row['v4c_over_cublas_throughput']:.2f}x)"
-                     if isinstance(row["cublas"], dict) else ""))
+            print(f"gemm {name:15} n={n:6} k={k:5} m={m:5}: err {err:.1e} v4c {best[0]['median_s'] * 1e6:8.1f} us "
+                  f"(eager call {eager['median_s'] * 1e6:6.1f} us)"
+                  + (f", cuBLAS {row['cublas']['median_s'] * 1e6:8.1f} us ({row['v4c_over_cublas_throughput']:.2f}x)"
+                     if isinstance(row["cublas"], dict) else "") + f"  {best[1]}")
     return rows
 
 
@@ -197,20 +235,26 @@ def bench_attention(device: str, timer: Timer, dry: bool, copy: dict) -> list[di
         pos0 = cap * 4 + 3  # every entry closed at rate 4; the ring full
         kwargs = {"pos0": pos0, "window": window, "rate": 4, "scale": d ** -0.5, "kv_format": "fp8_split",
                   "rope_dim": rope}
-        def call(cfg, args=(q, kv, sinks, selected), state=(ring, entries), kwargs=kwargs):
-            return attention(*args, state=state, **kwargs, config=cfg)
-        best = fastest(timer, call, [{}] + ([] if dry or not TUNE else candidates("attention", "decode")),
-                       f"attention batch={batch}")
+        moved = batch * (topk * width + (window - 1) * width + h * d * 4 + d * 4 + topk * 8 + h * d * 4 + width)
+        inputs = [(q, kv, sinks, selected, ring, entries)] + [
+            (q.clone(), kv.clone(), sinks, selected.clone(), ring.clone(), entries.clone())
+            for _ in range(copies_for(moved, device) - 1)]
+
+        def calls(cfg, kwargs=kwargs, inputs=inputs):
+            return [functools.partial(attention, *i[:4], state=i[4:], **kwargs, config=cfg) for i in inputs]
+        best = fastest(lambda cfg: timer.graph(calls(cfg)),
+                       [{}] + ([] if dry or not TUNE else candidates("attention", "decode")), f"attention batch={batch}")
+        eager = timer(calls(best[1])[0])
         ours = attention(q, kv, sinks, selected, state=(ring.clone(), entries), **kwargs, config=best[1])
         ref = ref_attention(q.cpu(), kv.cpu(), sinks.cpu(), selected.cpu(), state=(ring.cpu(), entries.cpu()), **kwargs)
         err = float((ours.cpu() - ref).abs().max() / ref.abs().max())  # the reference runs on the CPU
-        # read: top-k entries, the ring, queries, the new KV, selections; written: outputs, the ring row
-        moved = batch * (topk * width + (window - 1) * width + h * d * 4 + d * 4 + topk * 8 + h * d * 4 + width)
+        # moved (above): read the top-k entries, the ring, queries, the new KV, selections; written: outputs, the ring row
         gbs = moved / best[0]["median_s"] / 1e9
-        rows.append({"batch": batch, "rel_err_vs_reference": err, "bytes": moved, "v4c": best[0], "v4c_config": best[1], "gb_per_s": float(f"{gbs:.4g}"),
+        rows.append({"batch": batch, "rel_err_vs_reference": err, "bytes": moved, "input_copies": len(inputs),
+                     "v4c": best[0], "v4c_config": best[1], "v4c_eager_call": eager, "gb_per_s": float(f"{gbs:.4g}"),
                      "fraction_of_copy": float(f"{gbs / copy['gb_per_s']:.3g}")})
-        print(f"attention batch={batch:4}: err {err:.1e} {best[0]['median_s'] * 1e6:9.1f} us, {gbs:8.1f} GB/s "
-              f"({gbs / copy['gb_per_s']:.1%} of copy)")
+        print(f"attention batch={batch:4}: err {err:.1e} {best[0]['median_s'] * 1e6:9.1f} us (eager call "
+              f"{eager['median_s'] * 1e6:7.1f} us), {gbs:8.1f} GB/s ({gbs / copy['gb_per_s']:.1%} of copy)")
     return rows
 
 
@@ -220,7 +264,8 @@ def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int) -> tuple[P
     from v4c.compile import compile_model
     model = make_model(kwargs, seed=0)
     ckpt = save_hf(model, tmp / f"{name}-ckpt")
-    (tmp / f"{name}.yaml").write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\npasses:\n{FP8_RECIPE}"
+    (tmp / f"{name}.yaml").write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\ntune: {'auto' if TUNE else 'off'}\n"
+                                      f"passes:\n{FP8_RECIPE}"
                                       f"kv:\n  max_context: {prompt + new + 16}\n  prefill_chunk: {prompt}\n")
     compile_model(tmp / f"{name}.yaml", tmp / name)
     return tmp / name, model
@@ -242,10 +287,10 @@ def _decode_rate(step, prompt_ids, new: int, device: str) -> tuple[float, list[i
     return new * prompt_ids.shape[0] / (time.perf_counter() - t0), out
 
 
-def bench_e2e(device: str, repeats: int, dry: bool) -> list[dict]:
+def bench_e2e(device: str, repeats: int, dry: bool, names=("small", "medium")) -> list[dict]:
     from v4c.runtime.artifact import open_artifact
     rows, e = [], DRY["e2e"] if dry else E2E
-    configs = {"hc4_mixed (dry run)": "hc4_mixed"} if dry else {"small": SMALL, "medium": MEDIUM}
+    configs = {"hc4_mixed (dry run)": "hc4_mixed"} if dry else {n: {"small": SMALL, "medium": MEDIUM}[n] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kwargs in configs.items():
             path, model = _build(Path(tmp), name.split()[0], kwargs, e["prompt"], e["new_tokens"])
@@ -275,17 +320,53 @@ def _e2e_rows(name: str, art, model, e: dict, device: str, repeats: int) -> dict
 
     rates = {"v4c": [], "transformers_bf16": []}
     v4c_run(), hf_run()  # warm-up: Triton compiles every kernel on first use
+    check = _e2e_check(art, ids, device)
+    profile = _host_profile(v4c_run) if PROFILE else None
     for _ in range(repeats):
         for key, fn in (("v4c", v4c_run), ("transformers_bf16", hf_run)):
             rates[key].append(fn()[0])
-    row = {"config": name, **e, "decode_tokens_per_s": {
+    row = {"config": name, **e, "prefill_logits_vs_torch_kernels": check, "decode_tokens_per_s": {
         k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
         for k, v in rates.items()}}
     row["speedup"] = round(row["decode_tokens_per_s"]["v4c"]["median"]
                            / row["decode_tokens_per_s"]["transformers_bf16"]["median"], 2)
+    if profile:
+        row["host_profile"] = profile
+    print(f"e2e {name}: prefill logits vs the artifact's torch kernels: {check}")
     print(f"e2e {name}: v4c {row['decode_tokens_per_s']['v4c']['median']:.1f} tok/s, transformers bf16 "
           f"{row['decode_tokens_per_s']['transformers_bf16']['median']:.1f} tok/s ({row['speedup']}x)")
     return row
+
+
+def _e2e_check(art, ids, device: str) -> dict:
+    """The triton artifact's prefill logits against the same artifact run with the runtime's torch reference
+    kernels, on the same device: max |diff| / max |ref| and argmax agreement over the prompt."""
+    try:
+        with torch.no_grad():
+            ours = art.session(ids.shape[0], device=device, strict=True).forward(ids).float().cpu()
+            ref = art.session(ids.shape[0], kernels="torch", device=device).forward(ids).float().cpu()
+    except Exception as exc:  # recorded, so the timing rows of this run are not lost
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"rel_err": float((ours - ref).abs().max() / ref.abs().max()),
+            "argmax_agreement": float((ours.argmax(-1) == ref.argmax(-1)).float().mean())}
+
+
+def _host_profile(run, top: int = 25) -> list[dict]:
+    """cProfile of one decode run: the functions with the most own time (the host side of a decode step)."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.runcall(run)
+    stats = pstats.Stats(prof).sort_stats("tottime")
+    rows = []
+    for (file, line, fn), (_, calls, tottime, cumtime, _) in list(stats.stats.items()):
+        rows.append({"function": f"{Path(file).name}:{line}:{fn}", "calls": calls, "tottime_s": round(tottime, 4),
+                     "cumtime_s": round(cumtime, 4)})
+    rows.sort(key=lambda r: -r["tottime_s"])
+    for r in rows[:top]:
+        print(f"  host: own {r['tottime_s']:8.4f} s, cumulative {r['cumtime_s']:8.4f} s, {r['calls']:7} calls  "
+              f"{r['function']}")
+    return rows[:top]
 
 
 def not_measured(reason: str) -> dict:
@@ -302,6 +383,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--heuristic-only", action="store_true", help="time only the heuristic launch configs, not every "
                     "tuning candidate (each candidate compiles: minutes per shape)")
+    ap.add_argument("--profile", action="store_true", help="e2e: print and record the host functions that take "
+                    "the most time in one v4c decode run (cProfile)")
+    ap.add_argument("--e2e-configs", default="small,medium", help="e2e: which configurations (small, medium)")
+    ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra linear_fp8 launch configs to time "
+                    'beside the heuristic one, e.g. \'[{"BLOCK_N": 256}]\'')
     ap.add_argument("--out", type=Path, default=None, help=f"results file (default {OUT.relative_to(ROOT)})")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -318,11 +404,12 @@ def main(argv=None):
         result["copy"] = copy = copy_bandwidth(device, timer, 2**20 if args.dry_run else 2**30)
         print(f"device-to-device copy: {copy['gb_per_s']} GB/s")
         if "gemm" in sections:
-            result["fp8_gemm"] = bench_gemm(device, timer, args.dry_run)
+            result["fp8_gemm"] = bench_gemm(device, timer, args.dry_run, json.loads(args.gemm_configs))
         if "attention" in sections:
             result["sparse_decode_attention"] = bench_attention(device, timer, args.dry_run, copy)
         if "e2e" in sections:
-            result["e2e_decode"] = bench_e2e(device, 1 if args.dry_run else max(5, args.repeats // 2), args.dry_run)
+            result["e2e_decode"] = bench_e2e(device, 1 if args.dry_run else max(5, args.repeats // 2), args.dry_run,
+                                             args.e2e_configs.split(","))
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")

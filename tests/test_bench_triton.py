@@ -35,3 +35,20 @@ def test_the_dry_run_exercises_every_section(tmp_path):
 def test_without_a_gpu_every_row_is_not_measured(tmp_path):
     result = _load().main(["--out", str(tmp_path / "r.json")])
     assert result["status"] == "not measured" and set(result["rows"].values()) == {"not measured"}
+
+
+@pytest.mark.slow
+def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
+    """bench/triton_gpu_check.py (meant for a GPU) in its interpreter mode: every launch of a tiny triton
+    artifact, prefill and decode, matches its torch kernel on the same inputs, state included."""
+    spec = importlib.util.spec_from_file_location("triton_gpu_check", SCRIPT.parent / "triton_gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--config", "hc4_mixed", "--device", "cpu", "--prompt", "20", "--new", "2",
+                          "--out", str(tmp_path / "check.json")])
+    assert {"linear_fp8", "moe_experts_q", "attention", "index_topk", "hc_pre"} <= set(result["kernels"])
+    assert all(k["calls"] > 0 and k["max_err"] < 1e-5 for k in result["kernels"].values()), result["kernels"]
+    # encoded entries: the compressor's pooled values differ from the reference's in summation order, which
+    # moves a few fp32 indexer-key scales (stored as 4 bytes) by an ulp (measured: 3 of 180 bytes)
+    assert all(k["state_bytes_differ"] < 0.05 for k in result["kernels"].values()), result["kernels"]
+    assert result["logits"]["triton_device_vs_torch_device"]["argmax_agreement"] == 1.0

@@ -1,0 +1,128 @@
+"""Step-by-step check of a triton artifact on a GPU: every Triton launch is compared with the runtime's
+torch kernel run on copies of the same inputs (state included), on the same device.
+
+    python3 bench/triton_gpu_check.py [--config small|medium] [--prompt 64] [--new 4]
+
+Prints, per kernel, the largest error over its calls (max |triton - torch| / max |torch|; integer outputs:
+the fraction of entries that differ) and the first steps above --tol, and the largest fraction of bytes
+that differ in its encoded (uint8) state: FP8 / FP4 entries, where a last-bit difference of an fp32
+block scale (from summation order) changes one byte; then the prefill logits of three
+runs of the whole artifact: torch kernels on the CPU, torch kernels on --device, triton on --device.
+Needs a CUDA GPU. Results go to stdout and, with --out, to a JSON file.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from triton_gpu import MEDIUM, SMALL, _build  # noqa: E402
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def _error(ours, ref) -> float:
+    if ours.shape != ref.shape:
+        return float("inf")
+    if not ref.is_floating_point():
+        return float((ours != ref).float().mean()) if ref.numel() else 0.0
+    scale = ref.float().abs().max()
+    diff = (ours.float() - ref.float()).abs().max()
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="small", choices=["small", "medium", "hc4_mixed"],
+                    help="hc4_mixed: a tiny test config, for a dry run with --device cpu (TRITON_INTERPRET=1)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=4)
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)")
+    from v4c.runtime import kernelset
+    from v4c.runtime.artifact import open_artifact
+    from v4c.runtime.kernels import KERNELS
+
+    worst: dict[str, dict] = {}
+
+    def checked(self, *a, **kw):
+        ref_a, ref_kw = _clone(a), _clone(kw)  # before the launcher updates any state in place
+        ref = KERNELS[self.kernel](*ref_a, **ref_kw)
+        ours = original(self, *a, **kw)
+        errs = [_error(o, r) for o, r in zip(_tensors(ours), _tensors(ref))]
+        pairs = list(zip(_tensors(kw.get("state", ())), _tensors(ref_kw.get("state", ()))))
+        errs += [_error(o, r) for o, r in pairs if o.dtype != torch.uint8]
+        stored = [_error(o, r) for o, r in pairs if o.dtype == torch.uint8]  # encoded entries: bytes that differ
+        err = max(errs + [0.0])
+        w = worst.setdefault(self.kernel, {"calls": 0, "max_err": 0.0, "state_bytes_differ": 0.0, "over_tol": []})
+        w["calls"] += 1
+        w["max_err"] = max(w["max_err"], err)
+        w["state_bytes_differ"] = max([w["state_bytes_differ"]] + stored)
+        if err > args.tol and len(w["over_tol"]) < 5:
+            w["over_tol"].append({"step": self.index, "err": err, "outputs": errs})
+        return ours
+
+    original = kernelset._Launch.__call__
+    kwargs = {"small": SMALL, "medium": MEDIUM}.get(args.config, args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, model = _build(Path(tmp), args.config, kwargs, args.prompt, args.new)
+        art = open_artifact(path)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(2))
+        logits = {}
+        with torch.no_grad():
+            logits["torch_cpu"] = art.session(1, kernels="torch", device="cpu").forward(ids).float()
+            logits["torch_device"] = art.session(1, kernels="torch", device=dev).forward(ids.to(dev)).float().cpu()
+            logits["triton_device"] = art.session(1, device=dev, strict=True).forward(ids.to(dev)).float().cpu()
+            kernelset._Launch.__call__ = checked
+            try:
+                session = art.session(1, device=dev, strict=True)
+                out = session.forward(ids.to(dev))
+                for _ in range(args.new):
+                    out = session.forward(out[:, -1:].argmax(-1))
+            finally:
+                kernelset._Launch.__call__ = original
+    result = {"config": args.config, "prompt": args.prompt, "new": args.new, "tol": args.tol, "kernels": worst,
+              "logits": {}}
+    for a, b in (("torch_device", "torch_cpu"), ("triton_device", "torch_cpu"), ("triton_device", "torch_device")):
+        result["logits"][f"{a}_vs_{b}"] = {"rel_err": _error(logits[a], logits[b]),
+                                           "argmax_agreement": float((logits[a].argmax(-1) == logits[b].argmax(-1))
+                                                                     .float().mean())}
+    for name, w in sorted(worst.items(), key=lambda kv: -kv[1]["max_err"]):
+        print(f"{name:22} {w['calls']:5} calls  max err {w['max_err']:.2e}  state bytes differing "
+              f"{w['state_bytes_differ']:.1%}  first over tol: {w['over_tol'][:2]}")
+    for k, v in result["logits"].items():
+        print(f"logits {k}: {v}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
