@@ -152,6 +152,19 @@ def fastest(time_config, configs: list[dict], label: str) -> tuple[dict, dict]:
     return best
 
 
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|, on the CPU (references are often computed there)."""
+    ours, ref = ours.float().cpu(), ref.float().cpu()
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def logits_agreement(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Logits [..., V] against reference logits: rel_err and the fraction of equal argmaxes."""
+    ours, ref = ours.float().cpu(), ref.float().cpu()
+    agree = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
+    return {"rel_err": rel_err(ours, ref), "argmax_agreement": agree}
+
+
 def copies_for(nbytes: int, device: str) -> int:
     """Input copies to rotate so that one graph replay reads >= 256 MB (L2 is 50 MB on an H100)."""
     return 1 if device != "cuda" else max(1, min(32, -(-2**28 // max(nbytes, 1))))
@@ -192,7 +205,7 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
             eager = timer(functools.partial(_fp8_gemm, x, q, s, best[1]))
             ours = _fp8_gemm(x, q, s, best[1])
             ref = torch.nn.functional.linear(fake_quant_act(x.cpu(), ACT), dequant_fp8(q.cpu(), s.cpu(), (128, 128)))
-            err = float((ours.cpu() - ref).abs().max() / ref.abs().max())  # the reference runs on the CPU
+            err = rel_err(ours, ref)  # the reference runs on the CPU
             row = {"gemm": name, "n": n, "k": k, "tokens": m, "bucket": bucket, "rel_err_vs_reference": err,
                    "weight_copies": len(weights), "v4c": best[0], "v4c_config": best[1], "v4c_eager_call": eager,
                    "v4c_tflops": round(2 * m * n * k / best[0]["median_s"] / 1e12, 3),
@@ -242,13 +255,14 @@ def bench_attention(device: str, timer: Timer, dry: bool, copy: dict) -> list[di
 
         def calls(cfg, kwargs=kwargs, inputs=inputs):
             return [functools.partial(attention, *i[:4], state=i[4:], **kwargs, config=cfg) for i in inputs]
-        best = fastest(lambda cfg: timer.graph(calls(cfg)),
-                       [{}] + ([] if dry or not TUNE else candidates("attention", "decode")), f"attention batch={batch}")
+        configs = [{}] + ([] if dry or not TUNE else candidates("attention", "decode"))
+        best = fastest(lambda cfg: timer.graph(calls(cfg)), configs, f"attention batch={batch}")
         eager = timer(calls(best[1])[0])
         ours = attention(q, kv, sinks, selected, state=(ring.clone(), entries), **kwargs, config=best[1])
         ref = ref_attention(q.cpu(), kv.cpu(), sinks.cpu(), selected.cpu(), state=(ring.cpu(), entries.cpu()), **kwargs)
-        err = float((ours.cpu() - ref).abs().max() / ref.abs().max())  # the reference runs on the CPU
-        # moved (above): read the top-k entries, the ring, queries, the new KV, selections; written: outputs, the ring row
+        err = rel_err(ours, ref)  # the reference runs on the CPU
+        # moved (above): read the top-k entries, the ring, queries, the new KV, selections; written: outputs,
+        # the ring row
         gbs = moved / best[0]["median_s"] / 1e9
         rows.append({"batch": batch, "rel_err_vs_reference": err, "bytes": moved, "input_copies": len(inputs),
                      "v4c": best[0], "v4c_config": best[1], "v4c_eager_call": eager, "gb_per_s": float(f"{gbs:.4g}"),
@@ -264,7 +278,8 @@ def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int) -> tuple[P
     from v4c.compile import compile_model
     model = make_model(kwargs, seed=0)
     ckpt = save_hf(model, tmp / f"{name}-ckpt")
-    (tmp / f"{name}.yaml").write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\ntune: {'auto' if TUNE else 'off'}\n"
+    tune = "auto" if TUNE else "off"
+    (tmp / f"{name}.yaml").write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\ntune: {tune}\n"
                                       f"passes:\n{FP8_RECIPE}"
                                       f"kv:\n  max_context: {prompt + new + 16}\n  prefill_chunk: {prompt}\n")
     compile_model(tmp / f"{name}.yaml", tmp / name)
@@ -343,12 +358,11 @@ def _e2e_check(art, ids, device: str) -> dict:
     kernels, on the same device: max |diff| / max |ref| and argmax agreement over the prompt."""
     try:
         with torch.no_grad():
-            ours = art.session(ids.shape[0], device=device, strict=True).forward(ids).float().cpu()
-            ref = art.session(ids.shape[0], kernels="torch", device=device).forward(ids).float().cpu()
+            ours = art.session(ids.shape[0], device=device, strict=True).forward(ids)
+            ref = art.session(ids.shape[0], kernels="torch", device=device).forward(ids)
     except Exception as exc:  # recorded, so the timing rows of this run are not lost
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"rel_err": float((ours - ref).abs().max() / ref.abs().max()),
-            "argmax_agreement": float((ours.argmax(-1) == ref.argmax(-1)).float().mean())}
+    return logits_agreement(ours, ref)
 
 
 def _host_profile(run, top: int = 25) -> list[dict]:

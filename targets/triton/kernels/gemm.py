@@ -209,13 +209,15 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     per_split = triton.cdiv(spans, _split_k(cfg, x3.device, spans, tiles))
     split = triton.cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
+    flat = span == bk or bk >= k  # every activation group (or span) is one K tile: a single pipelined K loop
     y = torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups * split)
     _gemm_kernel[grid](x3, weight, s, y, m, r, k, span, per_split, static, bo, bi,
                        *x3.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
-                       FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=span == bk or bk >= k, SPLIT=split, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
+                       FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
+                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y[0] if split == 1 else y.sum(0)
 
