@@ -13,7 +13,9 @@ arithmetic only, so they are bit-exact with torch's casts both on a GPU and in t
   e2m1_code, e2m1_value                  FP4 e2m1 encode (as quant.quant_fp4) / decode
   ue8m0_value, decode_scale              UE8M0 scale bytes (float8_e8m0fnu) -> fp32
   swiglu_value                           silu(min(g, limit)) * clamp(u, +-limit)
-and host side: launch_config (config validation), entry_layout (KV entry / indexer key storage).
+and host side: launch_config (config validation), host_values (whether ids may be range-checked on the host),
+once (a value check per tensor contents),
+entry_layout (KV entry / indexer key storage).
 """
 
 import torch
@@ -42,6 +44,31 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, dim=None, contiguou
         check(t.dim() == dim, f"{name}: expected {dim} dimensions, got shape {list(t.shape)}")
     if contiguous:
         check(t.is_contiguous(), f"{name}: must be contiguous (shape {list(t.shape)}, strides {list(t.stride())})")
+
+
+HOST_CHECKS = None  # None: host_values decides by device; True / False: always / never (tests emulate a GPU)
+
+
+def host_values(t: torch.Tensor) -> bool:
+    """Whether a launcher may check `t`'s values (id ranges) on the host: only where reading them costs no
+    wait. On a GPU, reading a value waits for every queued kernel (the host can no longer run ahead) and
+    cannot be captured in a CUDA graph, so there the ids are not read: the runtime's inputs are checked
+    before they reach the device (token ids) or are in range by construction (router outputs), and the
+    kernels mask what they gather."""
+    return t.device.type == "cpu" if HOST_CHECKS is None else HOST_CHECKS
+
+
+_ONCE: dict = {}  # (what, tensor identity and version) -> result of a value check
+
+
+def once(what, t: torch.Tensor, test) -> bool:
+    """`test()` (a check of t's values, e.g. an id range) evaluated once per tensor contents: weights such
+    as the hash-routing table are read on the host at their first use only, not on every launch. A tensor
+    changed in place (its version moves) or a new tensor at the same address is checked again."""
+    key = (what, t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+    if key not in _ONCE:
+        _ONCE[key] = bool(test())
+    return _ONCE[key]
 
 
 def same_device(**tensors) -> None:
@@ -74,7 +101,26 @@ def _is_pow2(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
 
 
+_CONFIGS: dict = {}  # validated configs by (name, config, defaults, at_least): a launch validates a config once
+
+
 def launch_config(config, defaults: dict, name: str, *, at_least: dict | None = None) -> dict:
+    """`_launch_config`, memoized: the same config of the same launcher is validated once (the decode
+    loop launches every step with the same config); a config that fails is not cached."""
+    try:
+        key = (name, tuple(sorted(config.items())) if isinstance(config, dict) else config,
+               tuple(defaults.items()), tuple(sorted((at_least or {}).items())))
+        cfg = _CONFIGS.get(key)
+    except TypeError:  # an unhashable value: validate (and reject) it uncached
+        key = cfg = None
+    if cfg is None:
+        cfg = _launch_config(config, defaults, name, at_least=at_least)
+        if key is not None:
+            _CONFIGS[key] = cfg
+    return dict(cfg)
+
+
+def _launch_config(config, defaults: dict, name: str, *, at_least: dict | None = None) -> dict:
     """`config` (None or a dict) merged over `defaults` (which also lists the allowed keys). Raises
     ValueError, naming `name`, the key and the allowed keys, for: unknown keys; block sizes (keys
     starting with BLOCK / block) and num_warps that are not positive powers of two; num_stages that is

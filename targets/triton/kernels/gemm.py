@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, fake_quant, fp8_dot_choice,
-                     fp8_dot_supported, group_scale, launch_config, native_cvt, next_pow2, same_device, sm_count,
-                     to_e4m3)
+                     fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2, same_device,
+                     sm_count, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -105,14 +105,16 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, spans_per_split, act_s
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, D, bo, bi, swv, swd, ssv, ssd,
+def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, V, D, bo, bi, swv, swd, ssv, ssd,
                   SCALED: tl.constexpr, S_E8M0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """y[t, d] = w[tok[t], d] (* scale[tok[t] // bo, d // bi]).  Grid: (cdiv(T, BT), cdiv(D, BD))."""
+    """y[t, d] = w[tok[t], d] (* scale[tok[t] // bo, d // bi]).  Grid: (cdiv(T, BT), cdiv(D, BD)).
+    An id outside [0, V) reads no memory: its row is zeros."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)  # [BD]
     t_ok, d_ok = offs_t < T, offs_d < D
     mask = t_ok[:, None] & d_ok[None, :]
     tok = tl.load(tok_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BT]
+    mask = mask & ((tok >= 0) & (tok < V))[:, None]
     w = tl.load(w_ptr + tok[:, None] * swv + offs_d[None, :] * swd, mask=mask, other=0.0).to(tl.float32)
     if SCALED:
         sw = tl.load(s_ptr + (tok // bo)[:, None] * ssv + (offs_d // bi)[None, :] * ssd, mask=mask, other=0)
@@ -283,7 +285,7 @@ def _embed(name, tokens, weight, scale, block, config):
     check(weight.dim() == 2, f"weight: expected [V, D], got shape {list(weight.shape)}")
     same_device(tokens=tokens, weight=weight, scale=scale)
     (v, d), flat = weight.shape, tokens.reshape(-1).contiguous()
-    check(flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < v),
+    check(flat.numel() == 0 or not host_values(flat) or (int(flat.min()) >= 0 and int(flat.max()) < v),
           f"tokens: ids must lie in [0, {v}) (the embedding table's rows)")
     cfg = launch_config(config, {"BLOCK_T": min(32, next_pow2(flat.numel())), "BLOCK_D": min(128, next_pow2(d)),
                                  "num_warps": 4}, name)
@@ -291,7 +293,7 @@ def _embed(name, tokens, weight, scale, block, config):
     if y.numel():
         s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
         grid = (triton.cdiv(flat.numel(), cfg["BLOCK_T"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        _embed_kernel[grid](flat, weight, s, y, flat.numel(), d, block[0], block[1], *weight.stride(),
+        _embed_kernel[grid](flat, weight, s, y, flat.numel(), v, d, block[0], block[1], *weight.stride(),
                             s.stride(0), s.stride(-1), SCALED=scale is not None, S_E8M0=s_e8m0,
                             BT=cfg["BLOCK_T"], BD=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return y.reshape(*tokens.shape, d)

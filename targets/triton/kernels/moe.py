@@ -2,7 +2,7 @@
 runtime/kernels/moe.py (moe_experts) and runtime/kernels/quantized.py (moe_experts_q); fp32 math and
 outputs. The routers (route_topk, route_hash) are in router.py.
 
-Experts: a grouped GEMM over the P = T*k (token, slot) pairs, sorted on the host by expert (stable:
+Experts: a grouped GEMM over the P = T*k (token, slot) pairs, sorted by expert on the device (stable:
 each expert's pairs stay in (token, slot) order) and cut into tiles of <= BLOCK_M pairs of one expert:
   gate_up  grid (tiles, I tiles)  mid[p] = swiglu(q_in(x[tok p]) W_gu[e p]^T)       [P, I]
   down     grid (tiles, D tiles)  y[p] = w[p] * q_mid(mid[p]) W_down[e p]^T          [P, D]
@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e2m1_value, fake_quant,
-                     fp8_dot_choice, fp8_dot_supported, group_scale, launch_config, native_cvt, next_pow2, same_device,
-                     swiglu_value, to_e4m3)
+                     fp8_dot_choice, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
+                     same_device, swiglu_value, to_e4m3)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
@@ -133,7 +133,8 @@ def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     up = tl.zeros([BM, BN], dtype=tl.float32)
     n_rows = 2 * N if SWIGLU else N
-    for k0 in range(0, K, SEG):
+    k_end = tl.where(lo < hi, K, 0)  # an empty tile (fixed-size tile list) loads nothing
+    for k0 in range(0, k_end, SEG):
         s = _segment_scale(a_ptr, rows, pmask, k0, K, act_scale, SEG, ACT, NCHUNK, UE8M0, BK)
         for c in tl.static_range(NCHUNK):
             k = k0 + c * BK + tl.arange(0, BK)
@@ -212,14 +213,30 @@ def _weight(w, scale, fmt, block):
 
 def _tiles(flat_idx, n_experts, bm):
     """Sort pairs by expert (stable); cut each expert's run into tiles of <= bm pairs.
-    -> order [P] (pair ids by expert), and per tile: its expert, first pair, end of its expert's run (int32)."""
+    -> order [P] (pair ids by expert), and per tile: its expert, first pair, end of its expert's run (int32).
+    Fixed shapes, no host reads (so a launch neither waits for the GPU nor changes between CUDA-graph
+    replays): max_tiles(P, E, bm) tiles, the ones past the last expert's empty (first pair = end = 0)."""
+    n_tiles = max_tiles(flat_idx.numel(), n_experts, bm)
     order = torch.sort(flat_idx, stable=True).indices
-    counts = torch.bincount(flat_idx, minlength=n_experts)
-    starts = torch.cumsum(counts, 0) - counts
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_idx.device).scatter_add_(
+        0, flat_idx, torch.ones_like(flat_idx))  # not bincount: it reads the largest id on the host
     per = (counts + bm - 1) // bm
-    tile_e = torch.repeat_interleave(torch.arange(n_experts, device=flat_idx.device), per)
-    nth = torch.arange(tile_e.numel(), device=flat_idx.device) - (torch.cumsum(per, 0) - per)[tile_e]
-    return order, tile_e.int(), (starts[tile_e] + nth * bm).int(), (starts[tile_e] + counts[tile_e]).int()
+    ends = torch.cumsum(per, 0)  # tiles before each expert's end
+    t = torch.arange(n_tiles, device=flat_idx.device)
+    tile_e = torch.searchsorted(ends, t, right=True)  # n_experts past the last tile
+    used = tile_e < n_experts
+    tile_e = tile_e.clamp_(max=n_experts - 1)
+    nth = t - (ends - per)[tile_e]
+    starts = torch.cumsum(counts, 0) - counts
+    lo = torch.where(used, starts[tile_e] + nth * bm, 0)
+    hi = torch.where(used, starts[tile_e] + counts[tile_e], 0)
+    return order, tile_e.int(), lo.int(), hi.int()
+
+
+def max_tiles(pairs: int, n_experts: int, bm: int) -> int:
+    """Tiles of <= bm pairs of one expert that P pairs over E experts can need: sum_e ceil(c_e / bm) <=
+    ceil(P / bm) + min(E, P) (each expert with pairs adds at most one partial tile)."""
+    return triton.cdiv(pairs, bm) + min(n_experts, pairs)
 
 
 def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_q") -> bool:
@@ -267,7 +284,8 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     if out.numel() == 0 or k == 0:
         return out.view(x.shape)
     flat = idx.reshape(-1).long()
-    check(0 <= int(flat.min()) and int(flat.max()) < n_experts, f"idx: expert ids must be in [0, {n_experts})")
+    if host_values(flat):  # on a GPU this read would wait for it; the runtime's routers emit ids in range
+        check(0 <= int(flat.min()) and int(flat.max()) < n_experts, f"idx: expert ids must be in [0, {n_experts})")
     bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
     order, tile_e, tile_lo, tile_hi = _tiles(flat, n_experts, bm)
     tiles = (tile_e, tile_lo, tile_hi)

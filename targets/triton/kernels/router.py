@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check, check_tensor, launch_config, next_pow2, same_device
+from .common import check, check_tensor, host_values, launch_config, next_pow2, once, same_device
 
 MAX_EXPERTS = 1024
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -20,11 +20,12 @@ ROUTER_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 32}
 
 # --- kernel --------------------------------------------------------------------------------------
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, b_ptr, tab_ptr, tokens_ptr, wout_ptr, iout_ptr, M, D, E, scale,
+def _router_kernel(x_ptr, w_ptr, b_ptr, tab_ptr, tokens_ptr, wout_ptr, iout_ptr, M, D, E, V, scale,
                    K: tl.constexpr, SCORE: tl.constexpr, HASH: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr,
                    BK: tl.constexpr, KP: tl.constexpr):
     """For BM tokens: scores = f(x W^T) [BM, BE]; experts = top-K of scores + bias (lower index on ties)
-    or table[token]; weights = their scores / (sum + 1e-20) * scale -> wout [M, K] f32, iout [M, K] i64."""
+    or table[token]; weights = their scores / (sum + 1e-20) * scale -> wout [M, K] f32, iout [M, K] i64.
+    A token id outside the table's V rows reads no memory (its row is taken as expert 0's)."""
     m = tl.program_id(0) * BM + tl.arange(0, BM)
     mmask = m < M
     cols = tl.arange(0, BE)
@@ -51,12 +52,13 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, tab_ptr, tokens_ptr, wout_ptr, iout_ptr,
     picked = tl.zeros([BM, KP], dtype=tl.float32)
     if HASH:
         tok = tl.load(tokens_ptr + m, mask=mmask, other=0).to(tl.int64)
+        tok_ok = mmask & (tok >= 0) & (tok < V)
     else:
         biased = scores + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         free = tl.zeros([BM, BE], dtype=tl.int32) + cmask[None, :].to(tl.int32)  # 1 = still selectable
     for j in tl.static_range(K):
         if HASH:
-            sel = tl.load(tab_ptr + tok * K + j, mask=mmask, other=0).to(tl.int32)
+            sel = tl.load(tab_ptr + tok * K + j, mask=tok_ok, other=0).to(tl.int32)
         else:
             cand = tl.where(free != 0, biased, float("-inf"))
             best = tl.max(cand, axis=1)
@@ -90,7 +92,8 @@ def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config):
     check(1 <= n_exp <= MAX_EXPERTS, f"weight: {n_exp} experts; supported: 1..{MAX_EXPERTS}")
     check(isinstance(k, int) and 1 <= k and (table is not None or k <= n_exp),
           f"k = {k!r} must be an int in [1, experts = {n_exp}]")
-    check(table is None or table.numel() == 0 or 0 <= int(table.min()) and int(table.max()) < n_exp,
+    check(table is None or table.numel() == 0 or once(("table ids", n_exp), table,
+                                                      lambda: 0 <= int(table.min()) and int(table.max()) < n_exp),
           f"table: expert ids must be in [0, {n_exp})")
     same_device(x=x, weight=weight, bias=bias, table=table, tokens=tokens)
     xf = x.reshape(-1, d).contiguous()
@@ -100,7 +103,8 @@ def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config):
     if m:
         _router_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
             xf, weight, weight if bias is None else bias, weight if table is None else table,
-            weight if tokens is None else tokens, w_out, i_out, m, d, n_exp, float(scale), K=k,
+            weight if tokens is None else tokens, w_out, i_out, m, d, n_exp, 0 if table is None else table.shape[0],
+            float(scale), K=k,
             SCORE=SCORE_FUNCS[score_func], HASH=table is not None, BM=cfg["BLOCK_M"], BE=max(16, next_pow2(n_exp)),
             BK=cfg["BLOCK_K"], KP=next_pow2(k))
     return w_out.view(*x.shape[:-1], k), i_out.view(*x.shape[:-1], k)
@@ -123,7 +127,8 @@ def route_hash(x, weight, table, tokens, *, score_func, scale, config=None):
     check_tensor("tokens", tokens, dtypes=INTS, contiguous=False)
     check(isinstance(x, torch.Tensor) and tokens.shape == x.shape[:-1],
           f"tokens: expected x's leading shape {list(getattr(x, 'shape', [None])[:-1])}, got {list(tokens.shape)}")
-    check(tokens.numel() == 0 or 0 <= int(tokens.min()) and int(tokens.max()) < table.shape[0],
+    check(tokens.numel() == 0 or not host_values(tokens)
+          or 0 <= int(tokens.min()) and int(tokens.max()) < table.shape[0],
           f"tokens: ids must be in [0, {table.shape[0]})")
     return _route("route_hash", x, weight, None, table, tokens.reshape(-1).contiguous(), table.shape[1], score_func,
                   scale, config)
