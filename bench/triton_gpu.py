@@ -15,7 +15,9 @@ end-to-end decode against transformers eager bf16, all in one run on one GPU.
    queries) and write, over its time, against a device-to-device copy measured in the same run.
 3. End to end: the `small` and `medium` configurations of issues 6 and 7 (random weights, tid2eid
    random distinct experts), FP8 (128x128 weights, dynamic activations, FP8 KV), `target: triton`,
-   batch 1, prompt 512, 64 new greedy tokens; decode tokens/s against transformers eager bf16.
+   batch 1, prompt 512, 64 new greedy tokens; decode tokens/s against transformers eager bf16, for the
+   artifact run eagerly and with CUDA graphs (`Session(graphs=True)`: the position-independent runs of
+   steps replayed as graphs; its greedy tokens are checked against the eager run's).
 
 Kernel times are device times per call: the calls, one per copy of the inputs (rotated so that one
 replay reads >= 256 MB and the weights do not stay in the 50 MB L2), are captured in a CUDA graph and
@@ -319,9 +321,15 @@ def _e2e_rows(name: str, art, model, e: dict, device: str, repeats: int) -> dict
                         generator=torch.Generator().manual_seed(2)).to(device)
     ref = model.to(torch.bfloat16).to(device).eval()
 
-    def v4c_run():
-        session = art.session(e["batch"], device=device, strict=True)
-        return _decode_rate(session.forward, ids, e["new_tokens"], device)
+    graphs = device.startswith("cuda")  # CUDA graphs need a GPU: the dry run times the eager path only
+    reports = {}
+
+    def v4c_run(use_graphs=False):
+        session = art.session(e["batch"], device=device, strict=True, graphs=use_graphs)
+        result = _decode_rate(session.forward, ids, e["new_tokens"], device)
+        if use_graphs:
+            reports["graphs"] = session.graph_report()
+        return result
 
     def hf_run():
         cache = {"past": None}
@@ -333,23 +341,31 @@ def _e2e_rows(name: str, art, model, e: dict, device: str, repeats: int) -> dict
             return out.logits.float()
         return _decode_rate(step, ids, e["new_tokens"], device)
 
-    rates = {"v4c": [], "transformers_bf16": []}
-    v4c_run(), hf_run()  # warm-up: Triton compiles every kernel on first use
+    runs = {"v4c": v4c_run, "transformers_bf16": hf_run}
+    if graphs:
+        runs["v4c_cuda_graphs"] = functools.partial(v4c_run, True)
+    rates = {k: [] for k in runs}
+    tokens = {k: fn()[1] for k, fn in runs.items()}  # warm-up: Triton compiles every kernel on first use
     check = _e2e_check(art, ids, device)
-    profile = _host_profile(v4c_run) if PROFILE else None
+    profile = _host_profile(runs["v4c_cuda_graphs" if graphs else "v4c"]) if PROFILE else None
     for _ in range(repeats):
-        for key, fn in (("v4c", v4c_run), ("transformers_bf16", hf_run)):
+        for key, fn in runs.items():
             rates[key].append(fn()[0])
     row = {"config": name, **e, "prefill_logits_vs_torch_kernels": check, "decode_tokens_per_s": {
         k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
         for k, v in rates.items()}}
-    row["speedup"] = round(row["decode_tokens_per_s"]["v4c"]["median"]
-                           / row["decode_tokens_per_s"]["transformers_bf16"]["median"], 2)
+    hf = row["decode_tokens_per_s"]["transformers_bf16"]["median"]
+    row["speedup"] = round(row["decode_tokens_per_s"]["v4c"]["median"] / hf, 2)
+    if graphs:
+        row["speedup_cuda_graphs"] = round(row["decode_tokens_per_s"]["v4c_cuda_graphs"]["median"] / hf, 2)
+        row["cuda_graphs"] = {**reports["graphs"], "same_greedy_tokens_as_eager": tokens["v4c_cuda_graphs"]
+                              == tokens["v4c"]}
     if profile:
         row["host_profile"] = profile
     print(f"e2e {name}: prefill logits vs the artifact's torch kernels: {check}")
-    print(f"e2e {name}: v4c {row['decode_tokens_per_s']['v4c']['median']:.1f} tok/s, transformers bf16 "
-          f"{row['decode_tokens_per_s']['transformers_bf16']['median']:.1f} tok/s ({row['speedup']}x)")
+    print(f"e2e {name}: " + ", ".join(f"{k} {v['median']:.1f} tok/s" for k, v in row["decode_tokens_per_s"].items())
+          + f" (v4c / transformers: {row['speedup']}x"
+          + (f", with CUDA graphs {row['speedup_cuda_graphs']}x; {row['cuda_graphs']})" if graphs else ")"))
     return row
 
 

@@ -152,11 +152,12 @@ class Artifact:
         return self._moved[device]
 
     def session(self, batch: int = 1, *, kernels: str = "auto", device: str | None = None,
-                strict: bool = False) -> Session:
+                strict: bool = False, graphs: bool = False) -> Session:
         """A fresh session. `kernels`: "auto" runs the artifact's own target's kernels, "torch" the
         runtime's reference kernels (any artifact). `device`: default cuda for a triton artifact (tvm: cpu)
         on a GPU machine (not under TRITON_INTERPRET), else cpu. `strict`: a Triton launcher that
-        refuses its inputs is an error instead of a reported fallback."""
+        refuses its inputs is an error instead of a reported fallback. `graphs`: replay the position-independent
+        runs of a triton artifact's steps as CUDA graphs (executor.Session; needs a CUDA device)."""
         if kernels not in ("auto", "torch", self.target):
             raise ArtifactError(f"kernels {kernels!r}: this {self.target} artifact runs 'auto' ({self.target}) "
                                 "or 'torch' kernels")
@@ -171,7 +172,10 @@ class Artifact:
             table = tvm_kernels(self.store, self.manifest, device=device, strict=strict)
         else:
             table = TorchKernels()
-        return Session(self.program, self.weights_on(device), batch=batch, kernels=table, device=device)
+        if graphs and not device.startswith("cuda"):
+            raise ArtifactError(f"CUDA graphs need a CUDA device; this session's device is {device}")
+        return Session(self.program, self.weights_on(device), batch=batch, kernels=table, device=device,
+                       graphs=graphs)
 
     def tokenizer(self):
         rel = self.manifest.get("tokenizer")

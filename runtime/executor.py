@@ -13,6 +13,13 @@ state), with views folded away and row blocks chosen, and a call runs that list.
 `bind(inputs, outs, attrs)` method (the tvm kernels) gives its own entries, writing straight into the
 planned buffers; any other kernel's result is copied into its buffer. With an observer (calibration,
 debugging) the steps run one by one as values instead.
+
+With `graphs` (CUDA), each run of consecutive entries that make no per-call host decision (every
+own-kernel step but the stateful ones, whose launches depend on the session position; see
+`graph_safe`) is captured once as a CUDA graph and replayed from then on: the first call of a shape
+runs eagerly (Triton compiles its kernels), the second captures and replays, later calls replay. A
+decode step then costs the host one replay per segment plus the stateful launches, instead of one
+Python launch per step. A capture that fails is reported (`graph_report`) and its segment runs eagerly.
 """
 
 from collections.abc import Callable, Mapping
@@ -55,9 +62,14 @@ class Session:
     weights (already there), activations and the device KV tier live."""
 
     def __init__(self, program: Program, weights: Mapping[str, torch.Tensor], batch: int = 1,
-                 kernels=None, tiers: Tiers | None = None, device: str = "cpu"):
+                 kernels=None, tiers: Tiers | None = None, device: str = "cpu", graphs=False):
         if batch < 1:
             raise InputError(f"batch = {batch}: must be at least 1")
+        if graphs is True:
+            if not device.startswith("cuda"):
+                raise InputError(f"CUDA graphs need a CUDA device; the session's device is {device}")
+            graphs = CudaGraphs()
+        self.graphs = graphs or None  # a capturer (CudaGraphs, or a test's stand-in), or None
         self.program = program
         self.batch = batch
         self.pos = 0
@@ -163,13 +175,17 @@ class Session:
     def _buffer(self, spec: dict, tokens: int, seq: int) -> torch.Tensor:
         start = spec["offset"] * tokens
         raw = self.arena[start:start + spec["bytes"] * tokens]
-        return raw.view(torch_dtype(spec["dtype"])).view(_concrete(spec["shape"], B=self.batch, S=seq))
+        with torch.inference_mode(False):  # a plain view of the arena (a dtype view made in inference mode is
+            # an inference tensor, which code outside it, such as tests/graph_emulator.py, may not write)
+            return raw.view(torch_dtype(spec["dtype"])).view(_concrete(spec["shape"], B=self.batch, S=seq))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         """tokens: [B, S] int64 -> logits [B, S, V] float32; advances the session by S tokens."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-        self.check_tokens(tokens)
+        where = tokens.device if isinstance(tokens, torch.Tensor) else "cpu"
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=where)
+        self.check_tokens(tokens)  # where they are: ids from the host are checked before they reach a GPU
+        tokens = tokens.to(self.device)
         chunk = self.program.prefill_chunk
         parts = [self._step(tokens[:, i:i + chunk], observer) for i in range(0, tokens.shape[1], chunk)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -197,7 +213,7 @@ class Session:
         tokens = torch.zeros(self.batch, seq, dtype=torch.long, device=self.device)
         positions = torch.zeros(seq, dtype=torch.long, device=self.device)
         values[self.program.inputs["tokens"]], values[self.program.inputs["positions"]] = tokens, positions
-        entries, stateful, labels = [], [], []
+        entries, stateful, labels, safe = [], [], [], []
         for step, (fn, is_stateful, args, outputs, outs, attrs, tiered) in zip(self.program.steps, self._steps):
             inputs = [values[a] if isinstance(a, int) else a for a in args]
             if step.kernel in VIEWS:  # a view of a fixed tensor is fixed: folded into the plan
@@ -215,12 +231,29 @@ class Session:
             bound = bind(inputs, buffers, kw) if bind is not None else None
             labels.extend([f"bound:{step.kernel}"] * len(bound) if bound is not None else [f"py:{step.kernel}"])
             entries.extend(bound if bound is not None else [(_into(fn, buffers), inputs, kw)])
+            safe.extend([graph_safe(fn) and not is_stateful] * (len(bound) if bound is not None else 1))
             for slot, buffer in zip(outputs, buffers):
                 values[slot] = buffer
             if tiered is not None:
                 entries.append((self.prefetcher.after, (tiered,), {}))
                 labels.append("prefetch")
+                safe.append(False)
+        if self.graphs is not None:
+            entries, labels = _segments(entries, labels, safe, self.graphs, self.arena)
         return _Plan(entries, stateful, tokens, positions, values[self.program.output], labels)
+
+    def graph_report(self) -> dict | None:
+        """With graphs: per planned call shape, the host calls a step makes (graph replays + other
+        entries) against the entries it replaces, and any capture that failed."""
+        if self.graphs is None:
+            return None
+        shapes = {}
+        for seq, plan in self._plans.items():
+            segs = [fn for fn, _, _ in plan.entries if isinstance(fn, _Segment)]
+            shapes[str(seq)] = {"host_calls": len(plan.entries), "graphs": len(segs),
+                                "entries_in_graphs": sum(len(g.entries) for g in segs),
+                                "entries": len(plan.entries) - len(segs) + sum(len(g.entries) for g in segs)}
+        return {"shapes": shapes, "failed": list(self.graphs.failed)}
 
     def _observed_step(self, tokens: torch.Tensor, observer: Observer) -> torch.Tensor:
         seq = tokens.shape[1]
@@ -255,6 +288,72 @@ class _Plan:
         self.labels = labels  # per entry: "<bound|py>:<op>" (profiling)
 
 
+def graph_safe(fn) -> bool:
+    """Whether `fn` (a plan entry's function) makes no per-call host decision, so that replaying what it
+    launched once is the same as calling it again: own kernels that say so (`fn.graph_safe`, e.g. a Triton
+    launch with fixed configs and no host reads of tensor values); never a torch kernel (they read
+    values on the host, e.g. the experts' ids)."""
+    inner = getattr(fn, "wrapped", fn)
+    return bool(getattr(inner, "graph_safe", False))
+
+
+class CudaGraphs:
+    """Captures segments as CUDA graphs sharing one memory pool (segments replay in the order they were
+    captured, never concurrently, so their temporaries may share memory)."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.failed: list[str] = []
+
+    def capture(self, run, arena: torch.Tensor):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            run()
+        return graph.replay
+
+
+class _Segment:
+    """Consecutive graph-safe entries run as one captured graph: eagerly on the first call (kernels compile),
+    captured and replayed on the second, replayed after. A capture that raises is reported and the
+    segment stays eager."""
+
+    def __init__(self, entries: list, graphs, arena: torch.Tensor):
+        self.entries, self.graphs, self.arena = entries, graphs, arena
+        self.replay, self.calls = None, 0
+
+    def run(self):
+        for fn, args, kw in self.entries:
+            fn(*args, **kw)
+
+    def __call__(self):
+        if self.replay is None and self.calls == 1:
+            try:
+                self.replay = self.graphs.capture(self.run, self.arena)
+            except Exception as e:  # noqa: BLE001 - any capture failure: report it, stay eager
+                self.graphs.failed.append(f"{len(self.entries)} entries: {type(e).__name__}: {e}")
+                self.calls = -1  # never again
+        self.calls += self.calls >= 0
+        (self.replay or self.run)()
+
+
+def _segments(entries: list, labels: list[str], safe: list[bool], graphs, arena) -> tuple[list, list[str]]:
+    """The plan's entries with every run of >= 2 consecutive graph-safe ones replaced by one `_Segment`."""
+    out, out_labels, i = [], [], 0
+    while i < len(entries):
+        j = i
+        while j < len(entries) and safe[j]:
+            j += 1
+        if j - i >= 2:
+            out.append((_Segment(entries[i:j], graphs, arena), (), {}))
+            out_labels.append(f"graph:{j - i}")
+            i = j
+        else:
+            out.append(entries[i])
+            out_labels.append(labels[i])
+            i += 1
+    return out, out_labels
+
+
 def _into(fn, buffers: list[torch.Tensor]):
     """fn, with its results copied into the planned buffers."""
     if not buffers:
@@ -264,9 +363,11 @@ def _into(fn, buffers: list[torch.Tensor]):
 
         def run_one(*args, **kw):
             out.copy_(fn(*args, **kw))
+        run_one.wrapped = fn
         return run_one
 
     def run(*args, **kw):
         for buffer, value in zip(buffers, fn(*args, **kw)):
             buffer.copy_(value)
+    run.wrapped = fn
     return run

@@ -79,6 +79,13 @@ class _Launch:
         self.owner, self.index, self.kernel = owner, index, step.kernel
         self.launcher, self.configs, self.fallen = launcher, configs, False
 
+    @property
+    def graph_safe(self) -> bool:
+        """Replayable as captured (executor.graph_safe): the launchers make no per-call host decision
+        from tensor values (they read none on a GPU, common.host_values), and the configs are fixed per
+        call shape; a step that fell back runs a torch kernel, which may read values."""
+        return not self.fallen
+
     def __call__(self, *args, **kwargs):
         if self.fallen:
             return KERNELS[self.kernel](*args, **kwargs)

@@ -38,7 +38,7 @@ def _token_ids(ctx, param, value):
 
 
 def _kernel_options(fn):
-    """--kernels / --device / --strict-kernels, passed on as one dict `run`."""
+    """--kernels / --device / --strict-kernels / --cuda-graphs, passed on as one dict `run`."""
     @click.option("--kernels", type=click.Choice(["auto", "torch"]), default="auto", show_default=True,
                   help="auto: the artifact's own kernels (its target); torch: the runtime's reference kernels "
                        "(any artifact, any device).")
@@ -47,9 +47,14 @@ def _kernel_options(fn):
     @click.option("--strict-kernels", is_flag=True,
                   help="A Triton kernel that refuses its inputs stops the run, instead of running that step as "
                        "the torch kernel (reported).")
+    @click.option("--cuda-graphs", is_flag=True,
+                  help="Triton artifact on a GPU: capture the steps that do not depend on the position as CUDA "
+                       "graphs once and replay them, so a decode step launches a few graphs instead of one kernel "
+                       "per step (less host time per token).")
     @functools.wraps(fn)
-    def wrapper(*args, kernels, device, strict_kernels, **kwargs):
-        return fn(*args, run={"kernels": kernels, "device": device, "strict": strict_kernels}, **kwargs)
+    def wrapper(*args, kernels, device, strict_kernels, cuda_graphs, **kwargs):
+        return fn(*args, run={"kernels": kernels, "device": device, "strict": strict_kernels, "graphs": cuda_graphs},
+                  **kwargs)
     return wrapper
 
 
@@ -62,6 +67,11 @@ def _open_session(art, run: dict):
 def _report_kernels(session) -> dict:
     """Where the steps ran; fallbacks and toolchain notes also go to stderr."""
     report = session.kernels.report()
+    graphs = session.graph_report()
+    if graphs is not None:
+        report["graphs"] = graphs
+        for failure in graphs["failed"]:
+            click.echo(f"v4c: a CUDA graph capture failed, that segment runs eagerly: {failure}", err=True)
     for note in report.get("notes", []):
         click.echo(f"v4c: note: {note}", err=True)
     if report["fallbacks"]:

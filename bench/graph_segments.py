@@ -1,0 +1,77 @@
+"""Host calls of one decode step of a triton artifact, eager and with CUDA graphs (runtime/executor.py).
+
+Eagerly, every entry of the session's flat call list is one Python launcher call on the host (plus its
+Triton launches). With `graphs`, every run of consecutive position-independent entries is one graph
+replay; only the stateful steps (compress, index_topk, attention: their launches depend on the session
+position) stay Python calls. This counts both for the `small` and `medium` configurations of issue 7
+(the FP8 recipe of bench/triton_gpu.py): a structural count of the plan, no timing, so it runs on the
+CPU (TRITON_INTERPRET=1; nothing is launched).
+
+    .venv/bin/python bench/graph_segments.py [--configs small,medium] [--out bench/results/graph_segments.json]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: plans on the CPU
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from triton_gpu import MEDIUM, SMALL, _build  # noqa: E402
+
+
+class PlanOnly:
+    """A capturer that is never asked to capture: the plan is built, not run."""
+    failed: list = []
+
+    def capture(self, run, arena):
+        raise AssertionError("graph_segments.py plans only")
+
+
+def count(path: Path) -> dict:
+    from v4c.runtime.artifact import open_artifact
+    from v4c.runtime.executor import Session
+    from v4c.runtime.kernelset import triton_kernels
+    art = open_artifact(path)
+    kernels = triton_kernels(art.store, art.manifest, device="cpu")
+    eager = Session(art.program, art.weights(), kernels=kernels)._plan(1)
+    graphed = Session(art.program, art.weights(), kernels=kernels, graphs=PlanOnly())
+    graphed._plans[1] = graphed._plan(1)
+    report = graphed.graph_report()["shapes"]["1"]
+    stateful = sum(label.split(":")[1] in ("compress", "index_topk", "attention") for label in eager.labels)
+    return {"eager_host_calls": len(eager.entries), "graph_host_calls": report["host_calls"],
+            "graphs": report["graphs"], "stateful_entries": stateful,
+            "entries_in_graphs": report["entries_in_graphs"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="small,medium")
+    ap.add_argument("--out", help="write the counts as JSON here")
+    args = ap.parse_args(argv)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            path, _ = _build(Path(tmp), name, {"small": SMALL, "medium": MEDIUM}[name], 16, 16)
+            rows[name] = count(path)
+            print(f"{name}: decode step host calls {rows[name]['eager_host_calls']} eager -> "
+                  f"{rows[name]['graph_host_calls']} with CUDA graphs ({rows[name]['graphs']} graphs holding "
+                  f"{rows[name]['entries_in_graphs']} entries; {rows[name]['stateful_entries']} stateful entries "
+                  "stay Python calls)", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "benchmark": "graph_segments", "date": time.strftime("%Y-%m-%d"),
+            "command": ".venv/bin/python bench/graph_segments.py --out " + args.out,
+            "what": "host calls of one decode step (plan count, no timing; CPU, TRITON_INTERPRET=1)",
+            "recipe": "bench/triton_gpu.py FP8_RECIPE", "configs": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

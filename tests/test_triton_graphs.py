@@ -1,0 +1,120 @@
+"""Graph segments of the executor (runtime/executor.py) on a triton artifact, under TRITON_INTERPRET=1 with
+CUDA-graph semantics emulated on the CPU (tests/graph_emulator.py): a segment's device work is recorded
+once and replayed without its host code. Replays must give exactly the eager run's logits (the same
+kernels on the same inputs: bitwise), and no segment may read a tensor value on the host.
+
+The launchers are run as on a GPU, where they do not range-check ids on the host (common.HOST_CHECKS =
+False): on the CPU they do, which would be a host read inside a segment.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import tokens
+from graph_emulator import EmulatedGraphs, HostRead
+from test_triton_target import FP8, NAME, _compile
+from v4c.runtime.artifact import open_artifact
+from v4c.runtime.errors import InputError
+from v4c.runtime.executor import Session, _Segment
+from v4c.runtime.kernelset import triton_kernels
+from v4c.targets.triton.kernels import moe
+
+
+@pytest.fixture(scope="module")
+def fp8_build(tmp_path_factory, hf_checkpoints):
+    return _compile(tmp_path_factory.mktemp("graphs"), hf_checkpoints[NAME], "triton", FP8, name="fp8")
+
+
+def _as_on_a_gpu(monkeypatch):
+    """The artifact's kernel package (imported from its cache copy) skips host value checks."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("_v4c_triton_kernels_") and name.endswith(".common"):
+            monkeypatch.setattr(module, "HOST_CHECKS", False)
+
+
+def _session(art, graphs):
+    kernels = triton_kernels(art.store, art.manifest, device="cpu")
+    return Session(art.program, art.weights(), kernels=kernels, graphs=graphs)
+
+
+def _decode(session, ids, prefill):
+    return torch.cat([session.forward(ids[:, :prefill])] +
+                     [session.forward(ids[:, i:i + 1]) for i in range(prefill, ids.shape[1])], dim=1)
+
+
+def test_replayed_segments_give_the_eager_logits_bit_for_bit(fp8_build, monkeypatch):
+    art = open_artifact(fp8_build)
+    _session(art, None)  # imports the kernel package
+    _as_on_a_gpu(monkeypatch)
+    ids = tokens(1, 22, seed=3)
+    eager = _decode(_session(art, None), ids, 16)
+    graphs = EmulatedGraphs()
+    session = _session(art, graphs)
+    graphed = _decode(session, ids, 16)
+    assert graphs.failed == []
+    assert graphs.captures > 0 and graphs.replays >= 4 * graphs.captures  # 6 decode steps: eager, capture, replays
+    assert torch.equal(graphed, eager)
+    report = session.graph_report()["shapes"]["1"]
+    assert report["entries"] > 2 * report["host_calls"]  # the decode step: fewer host calls than entries
+    assert report["entries_in_graphs"] > report["entries"] // 2
+
+
+def test_a_segment_that_reads_a_value_is_reported_and_runs_eagerly(fp8_build, monkeypatch):
+    art = open_artifact(fp8_build)
+    ids = tokens(1, 20, seed=4)
+    eager = _decode(_session(art, None), ids, 16)
+    _as_on_a_gpu(monkeypatch)
+    graphs = EmulatedGraphs()
+    session = _session(art, graphs)
+    session.forward(ids[:, :16])
+    session.forward(ids[:, 16:17])  # plans the decode shape and warms its segments up
+    segment = next(fn for fn, _, _ in session._plans[1].entries if isinstance(fn, _Segment))
+    first = segment.entries[0][0]
+    segment.entries[0] = (lambda *a, **k: (int(a[0].flatten()[0]), first(*a, **k)), *segment.entries[0][1:])
+    out = torch.cat([session.forward(ids[:, i:i + 1]) for i in range(17, 20)], dim=1)
+    assert len(graphs.failed) == 1 and "HostRead" in graphs.failed[0]
+    assert torch.equal(out, eager[:, 17:])
+
+
+def test_the_emulator_refuses_host_reads_and_value_dependent_shapes():
+    arena = torch.zeros(4)
+    x = torch.tensor([3, 1, 3])
+    for bad in (lambda: int(x.max()), lambda: torch.bincount(x), lambda: x.nonzero(), lambda: x.tolist()):
+        with pytest.raises(HostRead):
+            EmulatedGraphs().capture(bad, arena)
+
+
+def test_graphs_need_a_cuda_device(fp8_build):
+    art = open_artifact(fp8_build)
+    with pytest.raises(InputError, match="CUDA graphs need a CUDA device"):
+        Session(art.program, art.weights(), graphs=True)
+    with pytest.raises(Exception, match="CUDA graphs need a CUDA device"):
+        art.session(graphs=True)
+
+
+@pytest.mark.parametrize("pairs,experts,bm", [(1, 8, 16), (6, 64, 16), (37, 5, 4), (64, 8, 16), (200, 64, 16)])
+def test_the_fixed_size_expert_tiles_cover_every_pair_once(pairs, experts, bm):
+    g = torch.Generator().manual_seed(pairs)
+    flat = torch.randint(0, experts, (pairs,), generator=g)
+    order, tile_e, lo, hi = moe._tiles(flat, experts, bm)
+    assert tile_e.numel() == moe.max_tiles(pairs, experts, bm)
+    assert torch.equal(flat[order], flat.sort(stable=True).values)
+    seen = torch.zeros(pairs, dtype=torch.long)
+    for e, a, b in zip(tile_e.tolist(), lo.tolist(), hi.tolist()):
+        rows = range(a, min(a + bm, b))
+        assert all(int(flat[order[p]]) == e for p in rows)
+        seen[list(rows)] += 1
+    assert torch.equal(seen, torch.ones(pairs, dtype=torch.long))
+    counts = torch.bincount(flat, minlength=experts)
+    assert int((hi > lo).sum()) == int(((counts + bm - 1) // bm).sum())  # no more tiles than needed do work
+
+
+def test_generate_with_cuda_graphs_off_a_gpu_says_why(fp8_build):
+    from click.testing import CliRunner
+
+    from v4c.cli import main
+    result = CliRunner().invoke(main, ["generate", str(fp8_build), "--token-ids", "1,2", "--max-new-tokens", "1",
+                                       "--cuda-graphs"])
+    assert result.exit_code == 2 and "CUDA graphs need a CUDA device" in result.output
