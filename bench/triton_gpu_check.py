@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -26,21 +27,11 @@ from triton_gpu import MEDIUM, SMALL, _build, logits_agreement, rel_err  # noqa:
 
 
 def _clone(x):
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    return x
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, x)
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []
+def _tensors(x) -> list:
+    return [v for v in tree_leaves(x) if isinstance(v, torch.Tensor)]
 
 
 def _error(ours, ref) -> float:

@@ -172,8 +172,6 @@ class Artifact:
             table = tvm_kernels(self.store, self.manifest, device=device, strict=strict)
         else:
             table = TorchKernels()
-        if graphs and not device.startswith("cuda"):
-            raise ArtifactError(f"CUDA graphs need a CUDA device; this session's device is {device}")
         return Session(self.program, self.weights_on(device), batch=batch, kernels=table, device=device,
                        graphs=graphs)
 

@@ -293,8 +293,7 @@ def graph_safe(fn) -> bool:
     launched once is the same as calling it again: own kernels that say so (`fn.graph_safe`, e.g. a Triton
     launch with fixed configs and no host reads of tensor values); never a torch kernel (they read
     values on the host, e.g. the experts' ids)."""
-    inner = getattr(fn, "wrapped", fn)
-    return bool(getattr(inner, "graph_safe", False))
+    return bool(getattr(fn, "graph_safe", False))
 
 
 class CudaGraphs:
@@ -319,20 +318,20 @@ class _Segment:
 
     def __init__(self, entries: list, graphs, arena: torch.Tensor):
         self.entries, self.graphs, self.arena = entries, graphs, arena
-        self.replay, self.calls = None, 0
+        self.replay, self.warm, self.eager = None, False, False  # eager: its capture failed
 
     def run(self):
         for fn, args, kw in self.entries:
             fn(*args, **kw)
 
     def __call__(self):
-        if self.replay is None and self.calls == 1:
+        if self.replay is None and self.warm and not self.eager:
             try:
                 self.replay = self.graphs.capture(self.run, self.arena)
             except Exception as e:  # noqa: BLE001 - any capture failure: report it, stay eager
                 self.graphs.failed.append(f"{len(self.entries)} entries: {type(e).__name__}: {e}")
-                self.calls = -1  # never again
-        self.calls += self.calls >= 0
+                self.eager = True
+        self.warm = True
         (self.replay or self.run)()
 
 
@@ -363,11 +362,9 @@ def _into(fn, buffers: list[torch.Tensor]):
 
         def run_one(*args, **kw):
             out.copy_(fn(*args, **kw))
-        run_one.wrapped = fn
         return run_one
 
     def run(*args, **kw):
         for buffer, value in zip(buffers, fn(*args, **kw)):
             buffer.copy_(value)
-    run.wrapped = fn
     return run

@@ -19,6 +19,7 @@ capture runs nothing, so the arena is restored afterwards. Capture and replay le
 """
 
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from triton.runtime import interpreter
 
@@ -34,12 +35,8 @@ class HostRead(RuntimeError):
     """Host code read a tensor value (or its values decide a shape) inside a graph segment."""
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []
+def _tensors(x) -> list:
+    return [v for v in tree_leaves(x) if isinstance(v, torch.Tensor)]
 
 
 class _Recorder(TorchDispatchMode):
