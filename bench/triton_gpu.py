@@ -137,16 +137,20 @@ def machine(device: str) -> dict:
     return out
 
 
-def fastest(time_config, configs: list[dict], label: str) -> tuple[dict, dict]:
+def fastest(time_config, configs: list[dict], label: str, tried: list | None = None) -> tuple[dict, dict]:
     """(times, config) of the fastest config by `time_config(config)`; a config the GPU cannot run (too
-    much shared memory, say) is skipped and said so."""
+    much shared memory, say) is skipped and said so. `tried` collects {"config", "median_s" or "error"}."""
     best = None
     for cfg in configs:
         try:
             t = time_config(cfg)
         except Exception as exc:
             print(f"  {label} config {cfg}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if tried is not None:
+                tried.append({"config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
+        if tried is not None:
+            tried.append({"config": cfg, "median_s": t["median_s"]})
         if best is None or t["median_s"] < best[0]["median_s"]:
             best = (t, cfg)
     if best is None:
@@ -230,7 +234,7 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
     return rows
 
 
-def bench_attention(device: str, timer: Timer, dry: bool, copy: dict) -> list[dict]:
+def bench_attention(device: str, timer: Timer, dry: bool, copy: dict, extra: list[dict]) -> list[dict]:
     from v4c.runtime.kernels.attention import attention as ref_attention
     from v4c.runtime.quant import encode_entries, entry_layout
     from v4c.targets.triton.configs import candidates
@@ -257,18 +261,22 @@ def bench_attention(device: str, timer: Timer, dry: bool, copy: dict) -> list[di
 
         def calls(cfg, kwargs=kwargs, inputs=inputs):
             return [functools.partial(attention, *i[:4], state=i[4:], **kwargs, config=cfg) for i in inputs]
-        configs = [{}] + ([] if dry or not TUNE else candidates("attention", "decode"))
-        best = fastest(lambda cfg: timer.graph(calls(cfg)), configs, f"attention batch={batch}")
+        configs = [{}] + extra + ([] if dry or not TUNE else candidates("attention", "decode"))
+        tried: list[dict] = []
+        best = fastest(lambda cfg: timer.graph(calls(cfg)), configs, f"attention batch={batch}", tried)
         eager = timer(calls(best[1])[0])
-        ours = attention(q, kv, sinks, selected, state=(ring.clone(), entries), **kwargs, config=best[1])
         ref = ref_attention(q.cpu(), kv.cpu(), sinks.cpu(), selected.cpu(), state=(ring.cpu(), entries.cpu()), **kwargs)
-        err = rel_err(ours, ref)  # the reference runs on the CPU
+        for t in tried:  # the error of each config that ran: DOT (bf16 / tf32 / ieee) trades precision for speed
+            if "median_s" in t:
+                ours = attention(q, kv, sinks, selected, state=(ring.clone(), entries), **kwargs, config=t["config"])
+                t["rel_err_vs_reference"] = rel_err(ours, ref)  # the reference runs on the CPU
+        err = next(t["rel_err_vs_reference"] for t in tried if t["config"] == best[1])
         # moved (above): read the top-k entries, the ring, queries, the new KV, selections; written: outputs,
         # the ring row
         gbs = moved / best[0]["median_s"] / 1e9
         rows.append({"batch": batch, "rel_err_vs_reference": err, "bytes": moved, "input_copies": len(inputs),
                      "v4c": best[0], "v4c_config": best[1], "v4c_eager_call": eager, "gb_per_s": float(f"{gbs:.4g}"),
-                     "fraction_of_copy": float(f"{gbs / copy['gb_per_s']:.3g}")})
+                     "fraction_of_copy": float(f"{gbs / copy['gb_per_s']:.3g}"), "configs_tried": tried})
         print(f"attention batch={batch:4}: err {err:.1e} {best[0]['median_s'] * 1e6:9.1f} us (eager call "
               f"{eager['median_s'] * 1e6:7.1f} us), {gbs:8.1f} GB/s ({gbs / copy['gb_per_s']:.1%} of copy)")
     return rows
@@ -418,6 +426,9 @@ def main(argv=None):
     ap.add_argument("--e2e-configs", default="small,medium", help="e2e: which configurations (small, medium)")
     ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra linear_fp8 launch configs to time "
                     'beside the heuristic one, e.g. \'[{"BLOCK_N": 256}]\'')
+    ap.add_argument("--attention-configs", default="[]", help="JSON list of extra attention launch configs to "
+                    "time beside the default one (each row records every config's time and error), e.g. "
+                    '\'[{"DOT": "tf32"}]\'')
     ap.add_argument("--out", type=Path, default=None, help=f"results file (default {OUT.relative_to(ROOT)})")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -436,7 +447,8 @@ def main(argv=None):
         if "gemm" in sections:
             result["fp8_gemm"] = bench_gemm(device, timer, args.dry_run, json.loads(args.gemm_configs))
         if "attention" in sections:
-            result["sparse_decode_attention"] = bench_attention(device, timer, args.dry_run, copy)
+            result["sparse_decode_attention"] = bench_attention(device, timer, args.dry_run, copy,
+                                                                json.loads(args.attention_configs))
         if "e2e" in sections:
             result["e2e_decode"] = bench_e2e(device, 1 if args.dry_run else max(5, args.repeats // 2), args.dry_run,
                                              args.e2e_configs.split(","))

@@ -21,12 +21,16 @@ def _load():
 @pytest.mark.slow
 def test_the_dry_run_exercises_every_section(tmp_path):
     out = tmp_path / "dry.json"
-    result = _load().main(["--dry-run", "--out", str(out)])
+    result = _load().main(["--dry-run", "--out", str(out), "--attention-configs", '[{"DOT": "bf16"}]'])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["status"].startswith("dry run")
     assert {r["bucket"] for r in result["fp8_gemm"]} == {"decode", "prefill"}
     assert [r["batch"] for r in result["sparse_decode_attention"]] == [1, 2]
     assert all(r["gb_per_s"] > 0 for r in result["sparse_decode_attention"])
+    for row in result["sparse_decode_attention"]:  # the default (fp32 dots off a GPU) and the bf16 one, each checked
+        assert [t["config"] for t in row["configs_tried"]] == [{}, {"DOT": "bf16"}]
+        assert row["configs_tried"][0]["rel_err_vs_reference"] < 1e-5
+        assert row["configs_tried"][1]["rel_err_vs_reference"] < 2.5e-2
     (e2e,) = result["e2e_decode"]
     assert all(v["median"] > 0 for v in e2e["decode_tokens_per_s"].values()) and "speedup" in e2e
 

@@ -91,6 +91,43 @@ def test_split_kv_runs_merge_to_the_reference(fmt, mode, split):
         check_against_reference(args, state, kwargs, config=config)
 
 
+# bf16 dots (a GPU's default): q and the probabilities rounded to bf16 (2^-9 relative), which moves a logit s by
+# up to |s| 2^-8; at these cases' logits (|s| up to ~10) that is up to ~1e-2 of the output scale (measured 1.1e-2)
+BF16_TOL = 2.5e-2
+
+
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_bf16_dots_match_reference(fmt, mode):
+    """DOT bf16, whole and split into runs: decode past the window, a prefill, a small window; the ring
+    state stays bit-identical (the dots' precision does not touch storage)."""
+    for batch, s, window, pos0, seed, cap in [(2, 1, 40, 60, 31, 40), (1, 6, 20, 3, 32, 40), (2, 6, 4, 0, 1, 9)]:
+        args, state, kwargs = make_case(fmt, batch, s, window, pos0, mode, seed=seed, capacity=cap)
+        ref_state = clone(state)
+        ref = ref_attention(*args, state=ref_state, **kwargs)
+        for split in (0, 3):
+            our_state = clone(state)
+            ours = attention(*args, state=our_state, **kwargs, config={"DOT": "bf16", "BLOCK_N": 16, "SPLIT_KV": split})
+            err = float((ours - ref).abs().max() / ref.abs().max())
+            assert err <= BF16_TOL, f"relative error {err} (split {split}, case {batch, s, window, pos0})"
+            assert all(torch.equal(a, b) for a, b in zip(our_state, ref_state) if isinstance(a, torch.Tensor))
+
+
+@pytest.mark.parametrize("dot", ["ieee", "bf16"])
+def test_fp8_split_with_an_odd_nope_width(dot):
+    """67 nope channels: the RoPE bf16 values start at an odd byte, so they are read as byte pairs instead of
+    aligned int16s (the path every even width takes)."""
+    g = torch.Generator().manual_seed(41)
+    d, rope, heads, window = 71, 4, 3, 6
+    q, kv, sinks = randn(g, 2, 3, heads, d), randn(g, 2, 3, d), randn(g, heads)
+    state = [encode_entries(randn(g, 2, window - 1, d), "fp8_split", rope),
+             encode_entries(randn(g, 2, CAPACITY, d), "fp8_split", rope)]
+    kwargs = {"pos0": 20, "window": window, "rate": RATE, "scale": 0.3, "kv_format": "fp8_split", "rope_dim": rope}
+    ref = ref_attention(q, kv, sinks, None, state=clone(state), **kwargs)
+    ours = attention(q, kv, sinks, None, state=clone(state), **kwargs, config={"DOT": dot})
+    assert float((ours - ref).abs().max() / ref.abs().max()) <= (TOL if dot == "ieee" else BF16_TOL)
+
+
 def test_split_kv_with_a_minus_inf_sink():
     args, state, kwargs = make_case("f32", 1, 1, 40, 60, "hca", seed=33, capacity=40)
     args[2][0] = float("-inf")  # head 0 has no sink: run 0 starts empty as the others do
@@ -227,7 +264,7 @@ def test_rejects_a_bad_split_or_dot():
     with pytest.raises(ValueError, match="SPLIT_KV"):
         attention(*args, state=state, **kwargs, config={"SPLIT_KV": -2})
     with pytest.raises(ValueError, match="DOT"):
-        attention(*args, state=state, **kwargs, config={"DOT": "bf16"})
+        attention(*args, state=state, **kwargs, config={"DOT": "fp16"})
 
 
 def test_rejects_entries_beyond_capacity():

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, ceil_log2, check, check_tensor,
-                     e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, pow2, same_device, sm_count,
-                     ue8m0_value)
+                     dot_bf16, e4m3_quant, entry_layout, group_scale, launch_config, native_cvt, next_pow2, pow2,
+                     same_device, sm_count, to_bf16, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,25 +32,37 @@ SLIDING, CSA, HCA = 0, 1, 2
 
 # --- storage codecs (device) -----------------------------------------------------------------
 @triton.jit
-def _load_rows(base, rows, row_ok, offs_d, D, NOPE, ROPE, W, FMT: tl.constexpr):
-    """Decode storage rows `rows` [BN] (int, row_ok [BN]) of width W into fp32 [BN, BD];
-    rows that are not ok read as 0. fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127),
-    channel d >= NOPE = bf16 at bytes NOPE + 2 (d - NOPE) (little endian)."""
-    ptr = base + rows.to(tl.int64)[:, None] * W  # [BN, 1]
-    ok = row_ok[:, None] & (offs_d[None, :] < D)  # [BN, BD]
+def _load_rows(row_ptr, row_ok, offs_d, D, NOPE, ROPE, FMT: tl.constexpr, KDT: tl.constexpr,
+               ROPE16: tl.constexpr, NATIVE: tl.constexpr):
+    """Decode the storage rows that start at `row_ptr` [BN] (pointers; rows not `row_ok` read as 0) into
+    [BN, BD] of KDT (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
+    nearest even). fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
+    the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (ROPE16: NOPE even, so aligned) or as two
+    bytes (little endian)."""
+    ptr = row_ptr[:, None]  # [BN, 1]
+    d = offs_d[None, :]
+    ok = row_ok[:, None] & (d < D)  # [BN, BD]
     if FMT == 0:
-        return tl.load(ptr + offs_d[None, :], mask=ok, other=0.0)
+        x = tl.load(ptr + d, mask=ok, other=0.0)
+        if KDT == tl.float32:
+            return x
+        return to_bf16(x, NATIVE)
     elif FMT == 1:
-        return bf16_value(tl.load(ptr + offs_d[None, :], mask=ok, other=0))
+        return tl.load(ptr + d, mask=ok, other=0).to(tl.bfloat16, bitcast=True).to(KDT)
     else:
-        is_nope = offs_d[None, :] < NOPE
-        byte = tl.load(ptr + offs_d[None, :], mask=ok & is_nope, other=0)
-        sc = tl.load(ptr + NOPE + 2 * ROPE + offs_d[None, :] // 64, mask=ok & is_nope, other=127)
-        nope = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * ue8m0_value(sc)
-        r = NOPE + 2 * tl.maximum(offs_d[None, :] - NOPE, 0)
-        lo = tl.load(ptr + r, mask=ok & ~is_nope, other=0).to(tl.int32)
-        hi = tl.load(ptr + r + 1, mask=ok & ~is_nope, other=0).to(tl.int32)
-        return tl.where(is_nope, nope, bf16_value(lo | (hi << 8)))
+        is_nope = d < NOPE
+        codes = tl.load(ptr + d, mask=ok & is_nope, other=0)
+        sc = tl.load(ptr + NOPE + 2 * ROPE + d // 64, mask=ok & is_nope, other=127)
+        nope = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * ue8m0_value(sc)).to(KDT)  # exact in bf16
+        r = tl.maximum(d - NOPE, 0)
+        if ROPE16:
+            rope = tl.load((ptr + NOPE).to(tl.pointer_type(tl.int16)) + r, mask=ok & ~is_nope, other=0)
+            rope = rope.to(tl.bfloat16, bitcast=True).to(KDT)
+        else:
+            lo = tl.load(ptr + NOPE + 2 * r, mask=ok & ~is_nope, other=0).to(tl.int32)
+            hi = tl.load(ptr + NOPE + 2 * r + 1, mask=ok & ~is_nope, other=0).to(tl.int32)
+            rope = bf16_value(lo | (hi << 8)).to(KDT)
+        return tl.where(is_nope, nope, rope)
 
 
 @triton.jit
@@ -83,19 +95,26 @@ def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D:
 
 # --- attention (device) ------------------------------------------------------------------------
 @triton.jit
-def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr):
+def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.constexpr):
     """Fold keys k [BN, BD] (ok [BN]) into the running softmax of q [BH, BD]:
     s = (q k^T) * scale; m' = max(m, max s); l' = l e^(m-m') + sum e^(s-m'); acc' = acc e^(m-m') + e^(s-m') k.
     While nothing is seen (m' = -inf: a split's first masked tile, or a -inf sink) the exponents are taken
-    against 0, so l and acc stay 0 instead of NaN."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale  # [BH, BN]
+    against 0, so l and acc stay 0 instead of NaN. DOT "bf16": q and k are bf16, the probabilities are
+    rounded to bf16 for the second dot; both dots accumulate in fp32."""
+    if DOT == "bf16":
+        s = dot_bf16(q, tl.trans(k), NATIVE) * scale  # [BH, BN]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
     s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_ref)
     p = tl.exp(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, k, input_precision=DOT)
+    if DOT == "bf16":
+        acc = acc * alpha[:, None] + dot_bf16(to_bf16(p, NATIVE), k, NATIVE)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, k, input_precision=DOT)
     return m_new, l_i, acc
 
 
@@ -103,15 +122,18 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr):
 def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr,
                       S, H, D, K, NOPE, ROPE, W, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
                       MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      ROPE16: tl.constexpr, NATIVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (S, B, cdiv(H, BLOCK_H) * SPLIT). q, out: [B, S, H, D]; ring: [B, slots, W];
     new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA).
     SPLIT > 1 (flash-decoding): the query's key list (window keys, then entries) is cut into SPLIT runs
     of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
     H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges.
-    DOT: the dots' input precision, "ieee" (fp32) or "tf32" (tensor cores: q and the probabilities
-    rounded to 10 mantissa bits; fp8_split and bf16 keys are exact in tf32)."""
+    DOT: the dots' input precision, "ieee" (fp32), "tf32" (tensor cores: q and the probabilities rounded
+    to 10 mantissa bits) or "bf16" (tensor cores: q and the probabilities rounded to 8 bits, key tiles
+    half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three.
+    Each key tile is decoded once: a window key's row pointer is the ring's (p < pos0) or the new keys'."""
     s, b, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hb, part = pid // SPLIT, pid % SPLIT
     t = pos0 + s  # the query's position
@@ -121,6 +143,10 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     q_off = (token * H + heads[:, None]).to(tl.int64) * D + offs_d[None, :]
     q_mask = (heads[:, None] < H) & (offs_d[None, :] < D)
     q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)  # [BH, BD]
+    KDT = tl.float32
+    if DOT == "bf16":
+        KDT = tl.bfloat16
+        q = to_bf16(q, NATIVE)
     m_i = tl.load(sinks_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)  # [BH]
     if part > 0:
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -135,11 +161,10 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     for start in range(lo + tl.minimum(u0, n_win), w_hi, BLOCK_N):
         p = start + tl.arange(0, BLOCK_N)
         ok = p < w_hi
-        old = p < pos0
-        k_old = _load_rows(ring_ptr, b * slots + p % slots, ok & old, offs_d, D, NOPE, ROPE, W, FMT)
-        k_new = _load_rows(new_ptr, b * S + p - pos0, ok & ~old, offs_d, D, NOPE, ROPE, W, FMT)
-        k = tl.where(old[:, None], k_old, k_new)
-        m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT)
+        rows = tl.where(p < pos0, ring_ptr + (b * slots + p % slots).to(tl.int64) * W,
+                        new_ptr + (b * S + p - pos0).to(tl.int64) * W)
+        k = _load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, ROPE16, NATIVE)
+        m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     e0 = tl.maximum(u0 - n_win, 0)
     e1 = tl.maximum(u1 - n_win, 0)
@@ -149,15 +174,17 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             j = start + tl.arange(0, BLOCK_N)
             rows = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < e_hi, other=-1)
             ok = rows >= 0
-            k = _load_rows(ent_ptr, tl.maximum(rows, 0), ok, offs_d, D, NOPE, ROPE, W, FMT)
-            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT)
+            k = _load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
+                           ROPE16, NATIVE)
+            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
     elif MODE == 2:  # HCA: every closed window, causally
         e_hi = tl.minimum(e1, (t + 1) // rate)
         for start in range(tl.minimum(e0, e_hi), e_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             ok = j < e_hi
-            k = _load_rows(ent_ptr, b * ent_stride + j, ok, offs_d, D, NOPE, ROPE, W, FMT)
-            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT)
+            k = _load_rows(ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
+                           ROPE16, NATIVE)
+            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     if SPLIT == 1:
         tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
@@ -248,21 +275,26 @@ def _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, 
 def _config(config, heads, d):
     # acc is [BLOCK_H, D] fp32 in registers: 16 heads a program at V4's D = 512
     defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64 if d <= 128 else 16)), "BLOCK_N": 32, "num_warps": 4,
-                "SPLIT_KV": 0, "DOT": "auto"}
+                "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto"}
     cfg = launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
     check(cfg["DOT"] in DOT_PRECISIONS,
           f"attention: config['DOT']: expected one of {list(DOT_PRECISIONS)}, got {cfg['DOT']!r}")
     return cfg
 
 
-# "auto": tf32 tensor cores on a GPU (at d 512 and 64 heads a decode step does ~220 flops per KV byte, which
-# fp32 FMA units cannot keep up with at memory speed), fp32 in the interpreter (which computes any dot in fp32).
-DOT_PRECISIONS = ("auto", "ieee", "tf32")
+# "auto": bf16 tensor-core dots on a GPU, fp32 in the interpreter (which computes any dot in fp32). At d 512 and
+# 64 heads a decode step does ~220 flops per KV byte, which fp32 FMA units cannot keep up with at memory speed.
+# bf16 rather than tf32: a bf16 key tile takes half the registers of an fp32 one (with tf32 the kernel took
+# ~150 us per [32, 512] key tile on an H100, far more than its memory traffic; spilled fp32 tiles are the
+# likely cause, not yet profiled), and it is the precision of DeepSeek's own decode kernels (FlashMLA: bf16
+# queries and probabilities, fp32 accumulation). fp8_split and bf16 keys are exact in bf16; "tf32" and
+# "ieee" stay available for a closer match to the fp32 reference.
+DOT_PRECISIONS = ("auto", "ieee", "tf32", "bf16")
 
 
 def _dot_precision(cfg, device) -> str:
     if cfg["DOT"] == "auto":
-        return "tf32" if device.type == "cuda" else "ieee"
+        return "bf16" if device.type == "cuda" else "ieee"
     return cfg["DOT"]
 
 
@@ -342,8 +374,9 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
             table if table is not None else new, sinks, part, ml,
             s, heads, d, k, d - rope_dim, rope_dim, width, pos0, min(pos0, slots), max(slots, 1), window,
             max(rate, 1), ent_stride, float(scale), per, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
-            DOT=_dot_precision(cfg, q.device),
-            BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"])
+            DOT=_dot_precision(cfg, q.device), ROPE16=(d - rope_dim) % 2 == 0, NATIVE=native_cvt(q.device),
+            BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
         if split > 1:
             rows = batch * s * heads
             block_r = 16

@@ -10,6 +10,7 @@ arithmetic only, so they are bit-exact with torch's casts both on a GPU and in t
   e4m3_quant, fake_quant                 e4m3(clamp(x / s, +-448)) as bits / dequantized again
   to_e4m3                                e4m3 operand of an fp8 dot (hardware cast on a GPU)
   bf16_bits, bf16_value                  bfloat16 encode (RNE) / decode
+  to_bf16, dot_bf16                      bf16 operand of a dot (hardware cast on a GPU), the bf16 dot
   e2m1_code, e2m1_value                  FP4 e2m1 encode (as quant.quant_fp4) / decode
   ue8m0_value, decode_scale              UE8M0 scale bytes (float8_e8m0fnu) -> fp32
   swiglu_value                           silu(min(g, limit)) * clamp(u, +-limit)
@@ -322,6 +323,25 @@ def bf16_bits(x):
 def bf16_value(bits):
     """bfloat16 bits (any int type, low 16 bits used) -> fp32, exact."""
     return ((bits.to(tl.uint32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_bf16(x, NATIVE: tl.constexpr):
+    """bfloat16 tensor of fp32 x rounded to nearest even, as torch's cast: NATIVE (a GPU: cvt.rn.bf16x2) or
+    through bf16_bits (the interpreter, whose own cast does not round to nearest even)."""
+    if NATIVE:
+        return x.to(tl.bfloat16)
+    return bf16_bits(x).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def dot_bf16(a, b, NATIVE: tl.constexpr):
+    """tl.dot of bf16 tiles with fp32 accumulation. NATIVE: the tensor cores; else (the interpreter, whose
+    tl.dot of bf16 tiles returns garbage in Triton 3.9) an fp32 dot of the same values, which are exact in
+    fp32, so only the order of the fp32 sums can differ."""
+    if NATIVE:
+        return tl.dot(a, b)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 # --- FP4 e2m1 (device) ----------------------------------------------------------------------------
