@@ -18,6 +18,7 @@ from v4c.runtime.kernels.quantized import embed_fp8 as ref_embed_fp8
 from v4c.runtime.kernels.quantized import grouped_linear_fp8 as ref_grouped_linear_fp8
 from v4c.runtime.kernels.quantized import linear_fp8 as ref_linear_fp8
 from v4c.runtime.quant import fake_quant_act, quant_fp8
+from v4c.targets.triton.kernels import gemm as gemm_module
 from v4c.targets.triton.kernels.gemm import (FP8_DOT_MIN_K, LAUNCHERS, embed, embed_fp8, fp8_dot_supported,
                                              grouped_linear, grouped_linear_fp8, linear, linear_fp8)
 
@@ -127,12 +128,48 @@ EXACT_ACTS = [{"mode": "dynamic", "group": 32, "scale_format": "fp32"},
 @pytest.mark.parametrize("act,fp8_dot", [(a, False) for a in EXACT_ACTS]
                          + [(a, True) for a in EXACT_ACTS if a.get("group", FP8_DOT_MIN_K) >= FP8_DOT_MIN_K])
 def test_fused_activation_quantization_is_exact(act, fp8_dot):
-    """Both dots: the fp32 one over fake-quantized tiles, and the fp8 one over e4m3 codes (scaled after)."""
+    """Both dots: the fp32 one over fake-quantized tiles, and the fp8 one over e4m3 codes (scaled after);
+    dynamic activations also quantized once by their own kernel (QUANT_ONCE)."""
     x = tricky_activations()
     eye = torch.eye(x.shape[-1]).to(torch.float8_e4m3fn)  # y = q(x) I, one nonzero term per output
     config = {"BLOCK_K": 32, "FP8_DOT": True} if fp8_dot else {"BLOCK_K": 16, "FP8_DOT": False}
-    y = linear_fp8(x, eye, torch.ones(1, 1), block=list(eye.shape), act=act, config=config)
-    assert torch.equal(y, fake_quant_act(x, act))
+    for once in ([False, True] if act["mode"] == "dynamic" else [False]):
+        y = linear_fp8(x, eye, torch.ones(1, 1), block=list(eye.shape), act=act, config={**config, "QUANT_ONCE": once})
+        assert torch.equal(y, fake_quant_act(x, act)), f"QUANT_ONCE {once}"
+
+
+@pytest.mark.parametrize("m,groups,k,n,block,group", [(70, 1, 160, 33, [16, 32], 32), (5, 3, 50, 17, [1, 32], 16),
+                                                      (9, 2, 97, 40, [128, 128], 128), (66, 1, 64, 70, [1, 32], 64)])
+def test_activations_quantized_once_equal_the_fused_path(m, groups, k, n, block, group):
+    """QUANT_ONCE (a separate quantization kernel, then e4m3 codes in the K loop) gives the fused path's
+    output bit for bit, with both dots, split-K and grouped weights; "auto" takes it from 64 tokens on."""
+    x = randn(m, groups, k, seed=41)
+    w, s = fp8_weight(groups * n, k, block, "ue8m0", seed=42)
+    for fmt in ("fp32", "ue8m0"):
+        act = {"mode": "dynamic", "group": group, "scale_format": fmt}
+        ref = ref_grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act)
+        for extra in ({"FP8_DOT": False}, {"FP8_DOT": "auto", "BLOCK_K": 32}, {"SPLIT_K": 2, "BLOCK_N": 16}):
+            if extra.get("BLOCK_K", 16) > group:
+                continue
+            fused = grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act,
+                                       config={**extra, "QUANT_ONCE": False})
+            once = grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act,
+                                      config={**extra, "QUANT_ONCE": True})
+            assert torch.equal(once, fused), f"{act} {extra}"
+            close(once, ref)
+    assert gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 64, 2)
+    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 63, 2)
+    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 4096, 1)
+
+
+def test_quant_once_needs_dynamic_activations():
+    x = randn(3, 64, seed=43)
+    w, s = fp8_weight(16, 64, [1, 32], "fp32", seed=44)
+    for act in ({"mode": "static", "scale": 0.5}, {"mode": "none"}):
+        with pytest.raises(ValueError, match="QUANT_ONCE needs dynamic"):
+            linear_fp8(x, w, s, block=[1, 32], act=act, config={"QUANT_ONCE": True})
+    with pytest.raises(ValueError, match="QUANT_ONCE"):
+        linear_fp8(x, w, s, block=[1, 32], act={"mode": "dynamic", "group": 32}, config={"QUANT_ONCE": "yes"})
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: "-".join(str(v) for v in a.values()))

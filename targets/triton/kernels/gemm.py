@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, fake_quant, fp8_dot_choice,
-                     fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2, same_device,
-                     sm_count, to_e4m3)
+from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e4m3_quant, fake_quant,
+                     fp8_dot_choice, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
+                     same_device, sm_count, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -27,25 +27,35 @@ ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 
 # --- kernels -----------------------------------------------------------------------------------
 @triton.jit
-def _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk, ssn, ssk,
+def _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk, ssn, ssk, sx_rows, GS,
                ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
                FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, TILE_GROUP: tl.constexpr, BK: tl.constexpr):
     """acc + q(x[:, kk:kk+BK]) dq(W[:, kk:kk+BK])^T. s: the activation scale (scalar or [BM, 1]); with
-    TILE_GROUP (dynamic, the group is this one tile) it is taken here from the tile's row amax."""
+    TILE_GROUP (dynamic, the group is this one tile) it is taken here from the tile's row amax. ACT 3: x
+    holds e4m3 codes already (_act_quant_kernel) and s is read from the rows' group scales `sx_rows`."""
     offs_k = kk + tl.arange(0, BK)  # [BK]
     k_ok = offs_k < K
-    xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    xt = xt.to(tl.float32)  # [BM, BK]
+    xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0)
+    if ACT == 3:
+        xt = xt.to(tl.float8e4nv, bitcast=True)  # [BM, BK] codes
+        s = tl.load(sx_rows + kk // GS, mask=m_ok, other=1.0)[:, None]  # [BM, 1]
+    else:
+        xt = xt.to(tl.float32)  # [BM, BK]
     if ACT == 1 and TILE_GROUP:
         s = group_scale(tl.max(tl.abs(xt), axis=1), E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
     wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
     if W_SCALED:  # the tile lies in block column kk // bi; one scale per weight row
         sw = decode_scale(tl.load(s_ptr + (rows_w // bo) * ssn + (kk // bi) * ssk, mask=n_ok, other=0), S_E8M0)
     if FP8_DOT:  # e4m3 codes of x / s meet the weight codes; the scales are applied to the partial sum
-        xq = to_e4m3(tl.div_rn(xt, s), NATIVE)
+        if ACT == 3:
+            xq = xt
+        else:
+            xq = to_e4m3(tl.div_rn(xt, s), NATIVE)
         acc += tl.dot(xq, wt, out_dtype=tl.float32) * s * sw[None, :]
     else:
-        if ACT != 0:
+        if ACT == 3:
+            xt = xt.to(tl.float32) * s  # = fake_quant(x, s): the same e4m3 value times the same scale
+        elif ACT != 0:
             xt = fake_quant(xt, s)
         wt = wt.to(tl.float32)
         if W_SCALED:
@@ -55,13 +65,14 @@ def _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi,
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
                  sxm, sxg, sxk, swn, swk, ssn, ssk, syp, sym, syg, syn,
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
                  FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
-    GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static.
+    GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
+    3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
     FLAT (GS == BK: each group is one K tile, or no groups): one loop over K tiles, which Triton software-
     pipelines (num_stages); else a loop over groups, each an amax pass then its tiles.
     SPLIT > 1 (split-K): program (.., g * SPLIT + p) sums the activation groups [p * spans_per_split,
@@ -78,13 +89,14 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, spans_per_split, act_s
     rows_w = g * N + offs_n  # [BN] rows of the full weight
     x_rows = x_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1]
     w_rows = w_ptr + rows_w[None, :] * swn  # [1, BN]
+    sx_rows = sx_ptr + (offs_m * (tl.num_programs(2) // SPLIT) + g) * tl.cdiv(K, GS)  # [BM] (ACT 3)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = part * spans_per_split * GS
     k_hi = tl.minimum(k_lo + spans_per_split * GS, K)
     if FLAT:
         for kk in range(k_lo, k_hi, BK):
             acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, act_scale, bo, bi, sxk, swk,
-                             ssn, ssk, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, True, BK)
+                             ssn, ssk, sx_rows, GS, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, True, BK)
     else:
         for k0 in range(k_lo, k_hi, GS):  # one activation group at a time
             k_end = tl.minimum(k0 + GS, K)
@@ -99,9 +111,30 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, GS, spans_per_split, act_s
                 s = group_scale(amax, E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
             for kk in range(k0, k_end, BK):
                 acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk,
-                                 ssn, ssk, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, False, BK)
+                                 ssn, ssk, sx_rows, GS, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, False, BK)
     y = y_ptr + part * syp + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
     tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, GS, NG, sxm, sxg, sxk, UE8M0: tl.constexpr, BR: tl.constexpr,
+                      BG: tl.constexpr):
+    """Dynamic activation quantization, once for all N tiles of a GEMM: for rows m < M (of group g) and
+    activation group j (K span GS): s[m, g, j] = group_scale(amax x[m, g, j GS:(j+1) GS]) and
+    q[m, g, k] = e4m3 code of clamp(x / s, +-448), exactly as the fused path. Grid: (cdiv(M, BR), G * NG)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
+    g, j = tl.program_id(1) // NG, tl.program_id(1) % NG
+    n_groups = tl.num_programs(1) // NG  # G
+    c = tl.arange(0, BG)
+    k = j * GS + c  # [BG]
+    r_ok = rows < M
+    ok = r_ok[:, None] & ((c < GS) & (k < K))[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxm + g * sxg + k[None, :] * sxk, mask=ok, other=0.0)
+    x = x.to(tl.float32)
+    s = group_scale(tl.max(tl.abs(x), axis=1), E4M3_MAX, UE8M0)  # [BR]
+    out_row = rows.to(tl.int64) * n_groups + g  # [BR] rows of [M * G, K]
+    tl.store(q_ptr + out_row[:, None] * K + k[None, :], e4m3_quant(x, s[:, None]).to(tl.uint8), mask=ok)
+    tl.store(s_ptr + out_row * NG + j, s, mask=r_ok)
 
 
 @triton.jit
@@ -125,8 +158,42 @@ def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, V, D, bo, bi, swv, swd, ssv, 
 # --- host-side checks and tiling ---------------------------------------------------------------
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
-                "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto"}
-    return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
+                "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto", "QUANT_ONCE": "auto"}
+    cfg = launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
+    check(cfg["QUANT_ONCE"] in ("auto", True, False),
+          f"{name}: config['QUANT_ONCE']: expected 'auto', true or false, got {cfg['QUANT_ONCE']!r}")
+    return cfg
+
+
+# Dynamic activations are quantized by a separate kernel, once, instead of inside every N tile's K loop, from
+# this many tokens on (QUANT_ONCE "auto"). The fused path re-reads the fp32 activations and redoes the amax, the
+# correctly rounded division and the e4m3 rounding N / BLOCK_N times: at prefill (M = 4096, N = 32768) that is
+# ~1e9 divisions and 4 GB of activation reads per GEMM; once, the GEMM reads 1-byte codes. At decode sizes
+# the fused path saves a launch and its activation tile is small.
+QUANT_ONCE_MIN_TOKENS = 64
+
+
+def _quant_once(cfg: dict, mode: int, m: int, n_tiles: int) -> bool:
+    if mode != 1:  # dynamic activations only
+        check(cfg["QUANT_ONCE"] is not True, "QUANT_ONCE needs dynamic activations (act mode 'dynamic')")
+        return False
+    if cfg["QUANT_ONCE"] == "auto":
+        return m >= QUANT_ONCE_MIN_TOKENS and n_tiles > 1
+    return cfg["QUANT_ONCE"]
+
+
+def _act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x3 [M, G, K] -> (e4m3 codes as uint8 [M, G, K], fp32 scales [M, G, cdiv(K, span)]) by _act_quant_kernel."""
+    m, groups, k = x3.shape
+    n_groups = triton.cdiv(k, span)
+    codes = torch.empty(m, groups, k, dtype=torch.uint8, device=x3.device)
+    scales = torch.empty(m, groups, n_groups, dtype=torch.float32, device=x3.device)
+    block_g = next_pow2(span)
+    block_r = max(1, min(next_pow2(m), 4096 // block_g))
+    _act_quant_kernel[(triton.cdiv(m, block_r), groups * n_groups)](
+        x3, codes, scales, m, k, span, n_groups, *x3.stride(), UE8M0=ue8m0, BR=block_r, BG=block_g,
+        num_warps=4)
+    return codes, scales
 
 
 def _use_fp8_dot(cfg: dict, device, mode: int, scaled: bool, bk: int, name: str) -> bool:
@@ -215,8 +282,12 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     y = torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups * split)
-    _gemm_kernel[grid](x3, weight, s, y, m, r, k, span, per_split, static, bo, bi,
-                       *x3.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),
+    x_arg, x_scales = x3, y  # (y: an unused pointer)
+    if _quant_once(cfg, mode, m, grid[1]):
+        x_arg, x_scales = _act_quant(x3, span, ue8m0)
+        mode, flat = 3, True  # every K tile lies in one group, whose scale is looked up
+    _gemm_kernel[grid](x_arg, weight, s, y, x_scales, m, r, k, span, per_split, static, bo, bi,
+                       *x_arg.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
                        FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
                        BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
