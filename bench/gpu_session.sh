@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 7, one stage per call, in the order a short lent-GPU session should take
+# them (each stage fits one 10-minute command; the whole list about 30 minutes of device time).
+#
+#   bash bench/gpu_session.sh STAGE [OUT_DIR]
+#
+# STAGE, in priority order:
+#   check        bench/triton_gpu_check.py: every launch of a `small` triton artifact against its torch kernel
+#   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16
+#   attention    sparse decode attention, bf16 dots (the default) and tf32 side by side
+#   gemm         FP8 GEMM against cuBLAS (the heuristic config plus three more)
+#   e2e-medium   e2e decode of `medium`
+# OUT_DIR defaults to $OUT (the device tool's output folder), else bench/results/gpu.
+#
+# Nothing is downloaded: where the GPU image lacks a dependency (transformers, pydantic, ...), put its wheels
+# in .whl/ beside this checkout and carry that folder; they and v4c are installed into /tmp/site (--no-deps,
+# so the image's torch and triton stay). Each stage runs under `timeout` so a stuck compile cannot eat the
+# session; a stage that times out leaves what it printed in OUT_DIR/STAGE.log.
+set -euo pipefail
+stage="${1:?usage: bash bench/gpu_session.sh STAGE [OUT_DIR] (STAGE: check e2e-small attention gemm e2e-medium)}"
+case "$stage" in
+    check | e2e-small | attention | gemm | e2e-medium) ;;
+    *) echo "unknown stage '$stage'; expected one of: check e2e-small attention gemm e2e-medium" >&2; exit 2 ;;
+esac
+out="${2:-${OUT:-bench/results/gpu}}"
+mkdir -p "$out"
+site=/tmp/site
+if [ ! -f "$site/.v4c-installed" ]; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    fi
+    python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target "$site" .
+    touch "$site/.v4c-installed"
+fi
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+run() {  # run LIMIT_S CMD...: the command under a time limit, its output in OUT_DIR/STAGE.log
+    local limit=$1
+    shift
+    timeout "$limit" "$@" 2>&1 | tee "$out/$stage.log"
+}
+case "$stage" in
+    check) run 540 python3 bench/triton_gpu_check.py --config small --prompt 32 --new 2 --out "$out/check.json" ;;
+    e2e-small) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs small --heuristic-only --repeats 5 \
+        --out "$out/e2e_small.json" ;;
+    attention) run 540 python3 bench/triton_gpu.py --sections attention --heuristic-only --repeats 7 \
+        --attention-configs '[{"DOT": "tf32"}]' --out "$out/attention.json" ;;
+    gemm) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
+        '[{"BLOCK_M":16,"BLOCK_N":32,"BLOCK_K":128,"num_warps":4,"num_stages":4},{"BLOCK_M":128,"BLOCK_N":128,"BLOCK_K":128,"num_warps":8,"num_stages":3},{"BLOCK_M":64,"BLOCK_N":128,"BLOCK_K":128,"num_warps":8,"num_stages":3}]' \
+        --out "$out/gemm.json" ;;
+    e2e-medium) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs medium --heuristic-only --repeats 5 \
+        --out "$out/e2e_medium.json" ;;
+esac
