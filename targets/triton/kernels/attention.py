@@ -122,8 +122,8 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.c
 def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr,
                       S, H, D, K, NOPE, ROPE, W, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
                       MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-                      ROPE16: tl.constexpr, NATIVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      KDT: tl.constexpr, ROPE16: tl.constexpr, NATIVE: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (S, B, cdiv(H, BLOCK_H) * SPLIT). q, out: [B, S, H, D]; ring: [B, slots, W];
     new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA).
@@ -132,7 +132,8 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges.
     DOT: the dots' input precision, "ieee" (fp32), "tf32" (tensor cores: q and the probabilities rounded
     to 10 mantissa bits) or "bf16" (tensor cores: q and the probabilities rounded to 8 bits, key tiles
-    half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three.
+    half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three. KDT: the key tiles'
+    dtype, bf16 for bf16 dots, else fp32.
     Each key tile is decoded once: a window key's row pointer is the ring's (p < pos0) or the new keys'."""
     s, b, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hb, part = pid // SPLIT, pid % SPLIT
@@ -143,9 +144,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     q_off = (token * H + heads[:, None]).to(tl.int64) * D + offs_d[None, :]
     q_mask = (heads[:, None] < H) & (offs_d[None, :] < D)
     q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)  # [BH, BD]
-    KDT = tl.float32
     if DOT == "bf16":
-        KDT = tl.bfloat16
         q = to_bf16(q, NATIVE)
     m_i = tl.load(sinks_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)  # [BH]
     if part > 0:
@@ -369,12 +368,14 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
             part = torch.empty(split, batch, s, heads, d, dtype=torch.float32, device=q.device)
             ml = torch.empty(2, split, batch, s, heads, dtype=torch.float32, device=q.device)
         new = _storage_view(stored)
+        dot = _dot_precision(cfg, q.device)
         _attention_kernel[(s, batch, h_blocks * split)](
             q, _storage_view(ring) if slots else new, new, _storage_view(entries) if entries is not None else new,
             table if table is not None else new, sinks, part, ml,
             s, heads, d, k, d - rope_dim, rope_dim, width, pos0, min(pos0, slots), max(slots, 1), window,
             max(rate, 1), ent_stride, float(scale), per, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
-            DOT=_dot_precision(cfg, q.device), ROPE16=(d - rope_dim) % 2 == 0, NATIVE=native_cvt(q.device),
+            DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32, ROPE16=(d - rope_dim) % 2 == 0,
+            NATIVE=native_cvt(q.device),
             BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
         if split > 1:

@@ -173,9 +173,12 @@ def _gemm_config(config, m: int, n: int, name: str) -> dict:
 QUANT_ONCE_MIN_TOKENS = 64
 
 
-def _quant_once(cfg: dict, mode: int, m: int, n_tiles: int) -> bool:
+def _quant_once(cfg: dict, mode: int, m: int, n_tiles: int, name: str = "gemm") -> bool:
+    """Whether to quantize the activations once (_act_quant) rather than in every N tile: QUANT_ONCE, where
+    "auto" takes it from QUANT_ONCE_MIN_TOKENS tokens on when there is more than one N tile."""
     if mode != 1:  # dynamic activations only
-        check(cfg["QUANT_ONCE"] is not True, "QUANT_ONCE needs dynamic activations (act mode 'dynamic')")
+        check(cfg["QUANT_ONCE"] is not True,
+              f"{name}: config['QUANT_ONCE'] is true but QUANT_ONCE needs dynamic activations (act mode 'dynamic')")
         return False
     if cfg["QUANT_ONCE"] == "auto":
         return m >= QUANT_ONCE_MIN_TOKENS and n_tiles > 1
@@ -283,7 +286,7 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups * split)
     x_arg, x_scales = x3, y  # (y: an unused pointer)
-    if _quant_once(cfg, mode, m, grid[1]):
+    if _quant_once(cfg, mode, m, grid[1], name):
         x_arg, x_scales = _act_quant(x3, span, ue8m0)
         mode, flat = 3, True  # every K tile lies in one group, whose scale is looked up
     _gemm_kernel[grid](x_arg, weight, s, y, x_scales, m, r, k, span, per_split, static, bo, bi,
