@@ -157,16 +157,16 @@ def test_activations_quantized_once_equal_the_fused_path(m, groups, k, n, block,
                                       config={**extra, "QUANT_ONCE": True})
             assert torch.equal(once, fused), f"{act} {extra}"
             close(once, ref)
-    assert gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 64, 2)
-    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 63, 2)
-    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 4096, 1)
+    assert gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 64, 2, "linear_fp8")
+    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 63, 2, "linear_fp8")
+    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 4096, 1, "linear_fp8")
 
 
 def test_quant_once_needs_dynamic_activations():
     x = randn(3, 64, seed=43)
     w, s = fp8_weight(16, 64, [1, 32], "fp32", seed=44)
     for act in ({"mode": "static", "scale": 0.5}, {"mode": "none"}):
-        with pytest.raises(ValueError, match="QUANT_ONCE needs dynamic"):
+        with pytest.raises(ValueError, match="QUANT_ONCE.*needs dynamic"):
             linear_fp8(x, w, s, block=[1, 32], act=act, config={"QUANT_ONCE": True})
     with pytest.raises(ValueError, match="QUANT_ONCE"):
         linear_fp8(x, w, s, block=[1, 32], act={"mode": "dynamic", "group": 32}, config={"QUANT_ONCE": "yes"})

@@ -102,6 +102,7 @@ def _is_pow2(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
 
 
+SWITCHES = ("FP8_DOT", "QUANT_ONCE")  # config keys that take 'auto', true or false (config_switch)
 _CONFIGS: dict = {}  # validated configs by (name, config, defaults, at_least): a launch validates a config once
 
 
@@ -125,7 +126,7 @@ def _launch_config(config, defaults: dict, name: str, *, at_least: dict | None =
     """`config` (None or a dict) merged over `defaults` (which also lists the allowed keys). Raises
     ValueError, naming `name`, the key and the allowed keys, for: unknown keys; block sizes (keys
     starting with BLOCK / block) and num_warps that are not positive powers of two; num_stages that is
-    not a positive int; split factors (keys starting with SPLIT) that are not ints >= 0; FP8_DOT not
+    not a positive int; split factors (keys starting with SPLIT) that are not ints >= 0; SWITCHES not
     'auto', true or false; values below their `at_least` minimum (e.g. 16 for tl.dot tiles)."""
     allowed = list(defaults)
     check(config is None or isinstance(config, dict),
@@ -145,7 +146,7 @@ def _launch_config(config, defaults: dict, name: str, *, at_least: dict | None =
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                   f"{name}: config[{key!r}]: expected an int >= 0 (0: chosen from the GPU's SM count), got {value!r} "
                   f"(keys: {allowed})")
-        elif key == "FP8_DOT":
+        elif key in SWITCHES:
             check(value in ("auto", True, False),
                   f"{name}: config[{key!r}]: expected 'auto', true or false, got {value!r} (keys: {allowed})")
     for key, low in (at_least or {}).items():
@@ -190,12 +191,13 @@ def sm_count(device: torch.device) -> int:
     return _device_fact(device, "SMs", lambda: torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def fp8_dot_choice(want, needs, name: str) -> bool:
-    """FP8_DOT `want` ('auto', True, False) against `needs` [(ok, what)]: auto takes the fp8 dot where
-    every need holds, True insists and names what is missing, False keeps the fp32 dot."""
+def config_switch(key: str, want, needs, name: str, auto: bool = True) -> bool:
+    """A config switch `key` (one of SWITCHES) set to `want` ('auto', True, False) against `needs`
+    [(ok, what)]: True insists and names what is missing, False is off, 'auto' is on where every need holds
+    and the launcher's own preference `auto` does."""
     missing = [what for ok, what in needs if not ok]
-    check(want is not True or not missing, f"{name}: config['FP8_DOT'] is true but it needs {', '.join(missing)}")
-    return want is not False and not missing
+    check(want is not True or not missing, f"{name}: config[{key!r}] is true but it needs {', '.join(missing)}")
+    return not missing and (want is True or (want == "auto" and auto))
 
 
 # --- powers of two and UE8M0 scales (device) ------------------------------------------------------

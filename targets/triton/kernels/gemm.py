@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e4m3_quant, fake_quant,
-                     fp8_dot_choice, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
+                     config_switch, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
                      same_device, sm_count, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,10 +159,7 @@ def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, V, D, bo, bi, swv, swd, ssv, 
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
                 "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto", "QUANT_ONCE": "auto"}
-    cfg = launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
-    check(cfg["QUANT_ONCE"] in ("auto", True, False),
-          f"{name}: config['QUANT_ONCE']: expected 'auto', true or false, got {cfg['QUANT_ONCE']!r}")
-    return cfg
+    return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
 
 
 # Dynamic activations are quantized by a separate kernel, once, instead of inside every N tile's K loop, from
@@ -173,16 +170,11 @@ def _gemm_config(config, m: int, n: int, name: str) -> dict:
 QUANT_ONCE_MIN_TOKENS = 64
 
 
-def _quant_once(cfg: dict, mode: int, m: int, n_tiles: int, name: str = "gemm") -> bool:
-    """Whether to quantize the activations once (_act_quant) rather than in every N tile: QUANT_ONCE, where
-    "auto" takes it from QUANT_ONCE_MIN_TOKENS tokens on when there is more than one N tile."""
-    if mode != 1:  # dynamic activations only
-        check(cfg["QUANT_ONCE"] is not True,
-              f"{name}: config['QUANT_ONCE'] is true but QUANT_ONCE needs dynamic activations (act mode 'dynamic')")
-        return False
-    if cfg["QUANT_ONCE"] == "auto":
-        return m >= QUANT_ONCE_MIN_TOKENS and n_tiles > 1
-    return cfg["QUANT_ONCE"]
+def _quant_once(cfg: dict, mode: int, m: int, n_tiles: int, name: str) -> bool:
+    """Whether to quantize the activations once (_act_quant) rather than in every N tile (QUANT_ONCE; "auto":
+    from QUANT_ONCE_MIN_TOKENS tokens on, when there is more than one N tile)."""
+    return config_switch("QUANT_ONCE", cfg["QUANT_ONCE"], [(mode == 1, "dynamic activations (act mode 'dynamic')")],
+                         name, auto=m >= QUANT_ONCE_MIN_TOKENS and n_tiles > 1)
 
 
 def _act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,8 +193,8 @@ def _act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, 
 
 def _use_fp8_dot(cfg: dict, device, mode: int, scaled: bool, bk: int, name: str) -> bool:
     """The fp8 dot applies to quantized activations times e4m3 weights, in K tiles of >= 32, on a GPU
-    that has it (common.fp8_dot_choice)."""
-    return fp8_dot_choice(cfg["FP8_DOT"], [(mode != 0, "quantized activations (act mode none)"),
+    that has it (common.config_switch)."""
+    return config_switch("FP8_DOT", cfg["FP8_DOT"], [(mode != 0, "quantized activations (act mode none)"),
                                            (scaled, "e4m3 weights"),
                                            (bk >= FP8_DOT_MIN_K, f"K tiles of >= {FP8_DOT_MIN_K} (BK is {bk})"),
                                            (fp8_dot_supported(device), "an sm_89+ GPU")], name)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e2m1_value, fake_quant,
-                     fp8_dot_choice, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
+                     config_switch, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
                      same_device, swiglu_value, to_e4m3)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -242,10 +242,10 @@ def max_tiles(pairs: int, n_experts: int, bm: int) -> int:
 def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_q") -> bool:
     """The fp8 tensor-core dot serves e4m3 weights with quantized activations when every K chunk lies in
     one weight block column (bi >= K, or chunks start at multiples of BK and BK divides bi), BK >= 32,
-    and the device has it (common.fp8_dot_choice)."""
+    and the device has it (common.config_switch)."""
     bk, bi, seg = act["BK"], weight["BI"], act["SEG"]
     aligned = bi >= k or (bi % bk == 0 and (seg % bk == 0 or seg >= k))
-    return fp8_dot_choice(want, [(weight["WFMT"] == W_FP8, "e4m3 weights"),
+    return config_switch("FP8_DOT", want, [(weight["WFMT"] == W_FP8, "e4m3 weights"),
                                  (act["ACT"] != ACT_NONE, "quantized activations (act mode none)"),
                                  (bk >= FP8_DOT_MIN_K, f"K chunks of >= {FP8_DOT_MIN_K} (BK is {bk})"),
                                  (aligned, f"each K chunk in one weight block column (block cols {bi}, BK {bk})"),
