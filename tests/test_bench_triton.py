@@ -1,8 +1,12 @@
 """bench/triton_gpu.py's code paths, at tiny shapes under the interpreter (`--dry-run`), so the GPU
-benchmark does not rot on machines without a GPU; and its no-GPU record says "not measured"."""
+benchmark does not rot on machines without a GPU; and its no-GPU record says "not measured". And
+bench/sm90_static.py: the attention kernel compiled for an H100 offline, checked for register spills."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,21 @@ def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
     # moves a few fp32 indexer-key scales (stored as 4 bytes) by an ulp (measured: 3 of 180 bytes)
     assert all(k["state_bytes_differ"] < 0.05 for k in result["kernels"].values()), result["kernels"]
     assert result["logits"]["triton_device_vs_torch_device"]["argmax_agreement"] == 1.0
+
+
+def test_the_attention_kernel_compiles_for_an_h100_without_spills(tmp_path):
+    """bench/sm90_static.py compiles the attention launcher's kernels for sm_90a with Triton's bundled ptxas (no GPU
+    needed). At V4-Flash decode shapes the default config must not spill: the config before it spilled ~4 KB a
+    thread (bench/results/sm90_static_before.json), which local memory serves far below the kernel's bandwidth."""
+    out = tmp_path / "sm90.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention", "--batches", "64",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel"}
+    attn = next(r for r in rows if r["kernel"] == "_attention_kernel")
+    assert attn["constexprs"]["DOT"] == "bf16" and attn["constexprs"]["NATIVE"] is True  # decided as on a GPU
+    assert attn["sass"].get("HMMA", 0) + attn["sass"].get("HGMMA", 0) > 0  # tensor-core dots
+    for r in rows:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r

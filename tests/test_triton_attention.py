@@ -19,10 +19,11 @@ def randn(g, *shape):
     return torch.randn(*shape, generator=g)
 
 
-def make_case(fmt, batch, s, window, pos0, mode, seed=0, heads=3, dtype=torch.float32, capacity=CAPACITY):
-    """Inputs and a state for one call; selected has duplicates and -1 picks."""
+def make_case(fmt, batch, s, window, pos0, mode, seed=0, heads=3, dtype=torch.float32, capacity=CAPACITY, dims=None):
+    """Inputs and a state for one call; selected has duplicates and -1 picks. dims: (head dim, rope channels)
+    instead of the format's."""
     g = torch.Generator().manual_seed(seed)
-    d, rope = FORMATS[fmt]
+    d, rope = dims or FORMATS[fmt]
     q, kv, sinks = randn(g, batch, s, heads, d).to(dtype), randn(g, batch, s, d).to(dtype), randn(g, heads).to(dtype)
     state = [encode(randn(g, batch, window - 1, d), fmt, rope)]
     if mode != "sliding":
@@ -126,6 +127,17 @@ def test_fp8_split_with_an_odd_nope_width(dot):
     ref = ref_attention(q, kv, sinks, None, state=clone(state), **kwargs)
     ours = attention(q, kv, sinks, None, state=clone(state), **kwargs, config={"DOT": dot})
     assert float((ours - ref).abs().max() / ref.abs().max()) <= (TOL if dot == "ieee" else BF16_TOL)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("batch, s, window, pos0", CASES)
+def test_fp8_split_with_word_aligned_scales(mode, batch, s, window, pos0):
+    """128 nope + 8 RoPE channels (as V4's 448 + 64): the scale bytes start at an 8-byte boundary, so each row's
+    scales are read as one 8-byte word (FORMATS' 70 / 4 reads them as bytes)."""
+    d, rope = 136, 8
+    assert (d - rope + 2 * rope) % 8 == 0 and entry_layout("fp8_split", d, rope)[1] % 8 == 0
+    args, state, kwargs = make_case("fp8_split", batch, s, window, pos0, mode, seed=7 + s, dims=(d, rope))
+    check_against_reference(args, state, kwargs)
 
 
 def test_split_kv_with_a_minus_inf_sink():

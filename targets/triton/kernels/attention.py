@@ -32,13 +32,16 @@ SLIDING, CSA, HCA = 0, 1, 2
 
 # --- storage codecs (device) -----------------------------------------------------------------
 @triton.jit
-def _load_rows(row_ptr, row_ok, offs_d, D, NOPE, ROPE, FMT: tl.constexpr, KDT: tl.constexpr,
-               ROPE16: tl.constexpr, NATIVE: tl.constexpr):
+def _load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
+               FMT: tl.constexpr, KDT: tl.constexpr, ROPE16: tl.constexpr, NATIVE: tl.constexpr,
+               BLOCK_D: tl.constexpr):
     """Decode the storage rows that start at `row_ptr` [BN] (pointers; rows not `row_ok` read as 0) into
     [BN, BD] of KDT (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
     nearest even). fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
     the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (ROPE16: NOPE even, so aligned) or as two
-    bytes (little endian)."""
+    bytes (little endian). The scales are read as one 8-byte word per row where the layout allows (else as a
+    [BN, groups] tile of bytes) and broadcast over their 64 channels: a per-channel gather of the same bytes
+    was a synchronous load in every iteration, which the pipeliner cannot overlap with the dots."""
     ptr = row_ptr[:, None]  # [BN, 1]
     d = offs_d[None, :]
     ok = row_ok[:, None] & (d < D)  # [BN, BD]
@@ -50,11 +53,20 @@ def _load_rows(row_ptr, row_ok, offs_d, D, NOPE, ROPE, FMT: tl.constexpr, KDT: t
     elif FMT == 1:
         return tl.load(ptr + d, mask=ok, other=0).to(tl.bfloat16, bitcast=True).to(KDT)
     else:
+        BN: tl.constexpr = row_ptr.shape[0]
+        GW: tl.constexpr = 64 if BLOCK_D > 64 else BLOCK_D  # channels per scale (the format's 64, or the whole tile)
+        G: tl.constexpr = BLOCK_D // GW
         is_nope = d < NOPE
         codes = tl.load(ptr + d, mask=ok & is_nope, other=0)
-        sc = tl.load(ptr + NOPE + 2 * ROPE + d // 64, mask=ok & is_nope, other=127)
-        nope = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * ue8m0_value(sc)).to(KDT)  # exact in bf16
-        r = tl.maximum(d - NOPE, 0)
+        g = tl.arange(0, G)[None, :]
+        if (NOPE + 2 * ROPE) % 8 == 0 and G <= 8:  # the scale bytes are one aligned 8-byte word (padding after)
+            word = tl.load((row_ptr + NOPE + 2 * ROPE).to(tl.pointer_type(tl.int64)), mask=row_ok, other=0)
+            sc = (word[:, None] >> (8 * g).to(tl.int64)) & 0xFF  # [BN, G]
+        else:
+            sc = tl.load(ptr + NOPE + 2 * ROPE + g, mask=row_ok[:, None] & (g * GW < NOPE), other=0)  # [BN, G]
+        scale = tl.reshape(tl.broadcast_to(ue8m0_value(sc)[:, :, None], (BN, G, GW)), (BN, BLOCK_D))
+        nope = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(KDT)  # exact in bf16
+        r = d - NOPE  # negative on nope channels, which the mask skips (a plain offset keeps the loads vectorized)
         if ROPE16:
             rope = tl.load((ptr + NOPE).to(tl.pointer_type(tl.int16)) + r, mask=ok & ~is_nope, other=0)
             rope = rope.to(tl.bfloat16, bitcast=True).to(KDT)
@@ -120,13 +132,14 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.c
 
 @triton.jit
 def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr,
-                      S, H, D, K, NOPE, ROPE, W, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
-                      MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-                      KDT: tl.constexpr, ROPE16: tl.constexpr, NATIVE: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
+                      D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr,
+                      FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, KDT: tl.constexpr,
+                      ROPE16: tl.constexpr, NATIVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
-    to the keys. Grid: (S, B, cdiv(H, BLOCK_H) * SPLIT). q, out: [B, S, H, D]; ring: [B, slots, W];
-    new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA).
+    to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
+    ring: [B, slots, W]; new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA).
     SPLIT > 1 (flash-decoding): the query's key list (window keys, then entries) is cut into SPLIT runs
     of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
     H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges.
@@ -135,8 +148,9 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three. KDT: the key tiles'
     dtype, bf16 for bf16 dots, else fp32.
     Each key tile is decoded once: a window key's row pointer is the ring's (p < pos0) or the new keys'."""
-    s, b, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    hb, part = pid // SPLIT, pid % SPLIT
+    pid, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    hb, part = pid % n_hb, pid // n_hb  # head blocks innermost: the programs reading the same keys run together
     t = pos0 + s  # the query's position
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -162,7 +176,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
         ok = p < w_hi
         rows = tl.where(p < pos0, ring_ptr + (b * slots + p % slots).to(tl.int64) * W,
                         new_ptr + (b * S + p - pos0).to(tl.int64) * W)
-        k = _load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, ROPE16, NATIVE)
+        k = _load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, ROPE16, NATIVE, BLOCK_D)
         m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     e0 = tl.maximum(u0 - n_win, 0)
@@ -174,7 +188,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             rows = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < e_hi, other=-1)
             ok = rows >= 0
             k = _load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                           ROPE16, NATIVE)
+                           ROPE16, NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
     elif MODE == 2:  # HCA: every closed window, causally
         e_hi = tl.minimum(e1, (t + 1) // rate)
@@ -182,14 +196,14 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             j = start + tl.arange(0, BLOCK_N)
             ok = j < e_hi
             k = _load_rows(ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                           ROPE16, NATIVE)
+                           ROPE16, NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     if SPLIT == 1:
         tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
     else:
-        rows_ml = (part * tl.num_programs(1) * S + token) * H + heads  # [BH] in [SPLIT, B, S, H]
-        n_ml = SPLIT * tl.num_programs(1) * S * H
+        rows_ml = (part * tl.num_programs(2) * S + token) * H + heads  # [BH] in [SPLIT, B, S, H]
+        n_ml = SPLIT * tl.num_programs(2) * S * H
         tl.store(ml_ptr + rows_ml, m_i, mask=heads < H)
         tl.store(ml_ptr + n_ml + rows_ml, l_i, mask=heads < H)
         tl.store(out_ptr + rows_ml.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=q_mask)
@@ -210,7 +224,7 @@ def _combine_kernel(part_ptr, ml_ptr, out_ptr, TH, D, SPLIT: tl.constexpr, BLOCK
     big = tl.where(big == float("-inf"), 0.0, big)
     num = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     den = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for p in tl.static_range(SPLIT):
+    for p in range(SPLIT):  # a loop, not unrolled: unrolled, every run's [BLOCK_R, BLOCK_D] load was hoisted (spills)
         w = tl.exp(tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf")) - big)
         den += w * tl.load(ml_ptr + (SPLIT + p) * TH + r, mask=r_ok, other=0.0)
         num += w[:, None] * tl.load(part_ptr + (p * TH + r).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask,
@@ -272,9 +286,12 @@ def _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, 
 
 
 def _config(config, heads, d):
-    # acc is [BLOCK_H, D] fp32 in registers: 16 heads a program at V4's D = 512
-    defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64 if d <= 128 else 16)), "BLOCK_N": 32, "num_warps": 4,
-                "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto"}
+    # acc is [BLOCK_H, D] fp32 in registers: 16 heads a program at V4's D = 512, with key tiles of 16 rows. At D 512
+    # ptxas (sm_90a, bench/sm90_static.py) gives BLOCK_N 16 x 4 warps 241 registers and no spills (2 programs per
+    # SM); BLOCK_N 32 x 4 warps spilled 256 bytes a thread. Not yet timed on a GPU: `tune: auto` times the grid.
+    wide = d > 128
+    defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 16 if wide else 64)), "BLOCK_N": 16 if wide else 32,
+                "num_warps": 4, "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto"}
     cfg = launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
     check(cfg["DOT"] in DOT_PRECISIONS,
           f"attention: config['DOT']: expected one of {list(DOT_PRECISIONS)}, got {cfg['DOT']!r}")
@@ -369,11 +386,11 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
             ml = torch.empty(2, split, batch, s, heads, dtype=torch.float32, device=q.device)
         new = _storage_view(stored)
         dot = _dot_precision(cfg, q.device)
-        _attention_kernel[(s, batch, h_blocks * split)](
+        _attention_kernel[(h_blocks * split, s, batch)](
             q, _storage_view(ring) if slots else new, new, _storage_view(entries) if entries is not None else new,
             table if table is not None else new, sinks, part, ml,
-            s, heads, d, k, d - rope_dim, rope_dim, width, pos0, min(pos0, slots), max(slots, 1), window,
-            max(rate, 1), ent_stride, float(scale), per, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
+            s, heads, k, pos0, min(pos0, slots), max(slots, 1), window, max(rate, 1), ent_stride, float(scale), per,
+            D=d, NOPE=d - rope_dim, ROPE=rope_dim, W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
             DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32, ROPE16=(d - rope_dim) % 2 == 0,
             NATIVE=native_cvt(q.device),
             BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"],

@@ -1,0 +1,227 @@
+"""The triton target's kernels compiled for an H100 (sm_90a) on a machine without a GPU: what ptxas says.
+
+Runs the real launchers (FP8 GEMM, sparse decode attention) at the V4-Flash shapes of
+`bench/triton_gpu.py`, with CPU tensors, but every Triton launch is caught before it runs: the kernel
+is specialized exactly as `JITFunction.run` does (argument types, 16-byte alignment, constexprs), then
+compiled for `cuda:90` by Triton's own pipeline and its bundled ptxas. The launchers take their GPU
+decisions as on an H100 (hardware conversions, bf16 attention dots, 132 SMs for the split heuristics).
+Nothing runs, so nothing is timed: this is for reading register pressure and code shape offline.
+
+Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory, CTAs per SM that
+registers and shared memory allow, and the SASS instruction mix (global loads by width, local-memory
+spill traffic, tensor-core instructions, total).
+
+    .venv/bin/python bench/sm90_static.py [--only attention|gemm] [--batches 1,64] [--attention-configs JSON]
+                                          [--gemm-configs JSON] [--out bench/results/sm90_static.json]
+
+The Triton here is the one this project installs (3.9); a lent GPU's image may carry another, whose
+code differs: these numbers guide kernel work, they do not replace a profile on the GPU.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: real JIT functions, compiled not interpreted
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile as triton_compile, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+H100 = {"target": GPUTarget("cuda", 90, 32), "sms": 132, "regs_per_sm": 65536, "smem_per_sm": 228 * 1024,
+        "max_threads_per_sm": 2048}
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+SASS_CLASSES = {  # SASS opcode prefix -> what it is
+    "LDG": "global loads", "LDGSTS": "async global->shared copies", "UTMALDG": "TMA loads", "STG": "global stores", "LDL": "spill loads", "STL": "spill stores",
+    "LDS": "shared loads", "LDSM": "shared matrix loads", "STS": "shared stores", "HMMA": "mma (bf16/tf32)",
+    "HGMMA": "wgmma (bf16/tf32)", "QGMMA": "wgmma (fp8)", "QMMA": "mma (fp8)", "IMMA": "mma (int)",
+}
+
+
+class Catch:
+    """Replaces JITFunction.run: every launch is specialized and compiled for sm_90a, then skipped."""
+
+    def __init__(self):
+        self.target = H100["target"]
+        self.backend = make_backend(self.target)
+        self.compiled: list[dict] = []
+        self.cache: dict = {}
+
+    def __enter__(self):
+        self.saved = JITFunction.run
+        catch = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            catch.compile(fn, args, kwargs, grid)
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        JITFunction.run = self.saved
+
+    def compile(self, fn: JITFunction, args, kwargs, grid):
+        kwargs = {"debug": False, "instrumentation_mode": "", "fpsan_homomorphic_casts": False, **kwargs}
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        key = (fn, str(specialization), str(options))
+        if key not in self.cache:  # one compile per specialization, as Triton's own cache
+            options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization,
+                                                                  options)
+            kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=self.target,
+                                    options=options.__dict__)
+            consts = {k: (str(v) if not isinstance(v, (int, float, str, bool)) else v) for k, v in bound.items()
+                      if signature.get(k) == "constexpr"}
+            self.cache[key] = {"kernel": fn.__name__, "num_warps": options.num_warps, "num_stages": options.num_stages,
+                               "constexprs": consts, **resources(kernel, options.num_warps)}
+        grid = grid(bound) if callable(grid) else grid
+        self.compiled.append({**self.cache[key], "grid": [int(g) for g in grid]})
+
+
+def resources(kernel, warps: int) -> dict:
+    """ptxas -v over the kernel's PTX (registers, spills), its dynamic shared memory, and its SASS mix."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        arch = f"sm_{H100['target'].arch}a"
+        info = _run([_ptxas(), "-v", f"--gpu-name={arch}", str(ptx), "-o", str(Path(tmp) / "v.cubin")])
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = _run([str(BIN / "cuobjdump"), "-sass", str(cubin)])
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spill_st, spill_ld = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info).groups())
+    shared = int(kernel.metadata.shared)
+    threads = 32 * warps
+    by_regs = H100["regs_per_sm"] // (max(regs, 1) * threads)
+    by_smem = H100["smem_per_sm"] // shared if shared else by_regs
+    mix = Counter()
+    for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass):
+        mix["total"] += 1
+        head = op.split(".")[0]
+        if head in SASS_CLASSES:
+            mix[op if head in ("LDG", "LDGSTS", "LDL", "STL") else head] += 1
+    return {"registers": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "shared_bytes": shared,
+            "ctas_per_sm": min(by_regs, by_smem, H100["max_threads_per_sm"] // threads),
+            "sass": dict(sorted(mix.items()))}
+
+
+def _ptxas() -> str:
+    """The bundled ptxas that reads the PTX version this Triton writes (the newer of the two)."""
+    for name in ("ptxas-blackwell", "ptxas"):
+        if (BIN / name).exists() and "release" in _run([str(BIN / name), "--version"]):
+            return str(BIN / name)
+    raise SystemExit(f"no ptxas under {BIN}")
+
+
+def _commit() -> str:
+    """The checkout's commit, '+changes' when the tracked kernel sources differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "targets"], cwd=ROOT).returncode
+    return head + ("+changes" if dirty else "")
+
+
+def _run(cmd: list[str]) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd[:2])} failed: {r.stderr.strip()[-500:]}")
+    return r.stdout + r.stderr
+
+
+def as_h100():
+    """The launchers' device facts, as on an H100 (they read them from the tensors' device, here the CPU)."""
+    from v4c.targets.triton.kernels import attention, common, gemm, moe
+    for mod in (common, attention, gemm, moe):
+        for name, value in (("native_cvt", lambda d: True), ("sm_count", lambda d: H100["sms"]),
+                            ("fp8_dot_supported", lambda d: True)):
+            if hasattr(mod, name):
+                setattr(mod, name, value)
+    attention._dot_precision = lambda cfg, device: "bf16" if cfg["DOT"] == "auto" else cfg["DOT"]
+
+
+def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
+    from triton_gpu import ATTN
+
+    from v4c.runtime.quant import encode_entries
+    from v4c.targets.triton.kernels.attention import attention
+    h, d, rope, topk, cap, window = (ATTN[k] for k in ("heads", "dim", "rope", "topk", "entries", "window"))
+    out = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(0)
+        q, kv, sinks = torch.randn(batch, 1, h, d), torch.randn(batch, 1, d), torch.randn(h)
+        ring = encode_entries(torch.randn(batch, window - 1, d, generator=g), "fp8_split", rope)
+        entries = encode_entries(torch.zeros(batch, cap, d), "fp8_split", rope)
+        selected = torch.stack([torch.randperm(cap, generator=g)[:topk] for _ in range(batch)])[:, None]
+        for cfg in [{}] + extra:
+            out.append({"case": f"attention CSA fp8_split batch={batch}", "config": cfg,
+                        "call": lambda cfg=cfg, a=(q, kv, sinks, selected, ring, entries): attention(
+                            *a[:4], state=a[4:], pos0=cap * 4 + 3, window=window, rate=4, scale=d ** -0.5,
+                            kv_format="fp8_split", rope_dim=rope, config=cfg)})
+    return out
+
+
+def gemm_cases(extra: list[dict]) -> list[dict]:
+    from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
+
+    from v4c.runtime.quant import quant_fp8
+    from v4c.targets.triton.configs import heuristic
+    from v4c.targets.triton.kernels.gemm import linear_fp8
+    n, k = FLASH_GEMMS["expert_gate_up"]
+    q, s = quant_fp8(torch.randn(n, k) * 0.02, (128, 128))
+    out = []
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        x = torch.randn(m, k)
+        for cfg in [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]] + extra:
+            out.append({"case": f"linear_fp8 expert_gate_up n={n} k={k} m={m}", "config": cfg,
+                        "call": lambda cfg=cfg, x=x: linear_fp8(x, q, s, block=(128, 128), act=ACT, config=cfg)})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("attention", "gemm"), help="one family (default: both)")
+    ap.add_argument("--attention-configs", default="[]", help="JSON list of extra attention launch configs")
+    ap.add_argument("--batches", default="1,64", help="attention batch sizes (comma-separated; 1 splits the keys)")
+    ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra FP8 GEMM launch configs")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
+    args = ap.parse_args()
+    as_h100()
+    cases = []
+    if args.only in (None, "attention"):
+        cases += attention_cases(json.loads(args.attention_configs), [int(b) for b in args.batches.split(",")])
+    if args.only in (None, "gemm"):
+        cases += gemm_cases(json.loads(args.gemm_configs))
+    rows = []
+    for case in cases:
+        t0 = time.perf_counter()
+        with Catch() as catch:
+            case["call"]()
+        for k in catch.compiled:
+            rows.append({"case": case["case"], "config": case["config"], **k})
+            sass = k["sass"]
+            print(f"{case['case']:45} {json.dumps(case['config']):40} {k['kernel']:22} warps {k['num_warps']} "
+                  f"regs {k['registers']:3} spill {k['spill_store_bytes']:5}/{k['spill_load_bytes']:<5} "
+                  f"smem {k['shared_bytes'] // 1024:3} KiB ctas/SM {k['ctas_per_sm']} "
+                  f"sass {sass.get('total', 0):6} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    import platform
+    result = {"benchmark": "sm90_static", "date": time.strftime("%Y-%m-%d"),
+              "what": "the triton target's kernels compiled for sm_90a without a GPU (no timing): ptxas -v and SASS",
+              "command": "python bench/sm90_static.py " + " ".join(sys.argv[1:]), "commit": _commit(),
+              "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                          "triton": triton.__version__, "torch": torch.__version__, "ptxas": _ptxas()},
+              "target": {"arch": "sm_90a", "assumed_sms": H100["sms"]}, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
