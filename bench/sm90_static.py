@@ -1,7 +1,8 @@
 """The triton target's kernels compiled for an H100 (sm_90a) on a machine without a GPU: what ptxas says.
 
-Runs the real launchers (FP8 GEMM, sparse decode attention) at the V4-Flash shapes of
-`bench/triton_gpu.py`, with CPU tensors, but every Triton launch is caught before it runs: the kernel
+Runs the real launchers (FP8 GEMM, sparse decode attention, the indexer's top-k) at the V4-Flash shapes of
+`bench/triton_gpu.py`, and with --artifacts every kernel of a prefill and a decode step of the `small` /
+`medium` triton artifacts, with CPU tensors, but every Triton launch is caught before it runs: the kernel
 is specialized exactly as `JITFunction.run` does (argument types, 16-byte alignment, constexprs), then
 compiled for `cuda:90` by Triton's own pipeline and its bundled ptxas. The launchers take their GPU
 decisions as on an H100 (hardware conversions, bf16 attention dots, 132 SMs for the split heuristics).
@@ -11,8 +12,9 @@ Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory,
 registers and shared memory allow, and the SASS instruction mix (global loads by width, local-memory
 spill traffic, tensor-core instructions, total).
 
-    .venv/bin/python bench/sm90_static.py [--only attention|gemm] [--batches 1,64] [--attention-configs JSON]
-                                          [--gemm-configs JSON] [--out bench/results/sm90_static.json]
+    .venv/bin/python bench/sm90_static.py [--only attention,indexer,gemm|none] [--batches 1,64] [--attention-configs JSON]
+                                          [--gemm-configs JSON] [--artifacts small,medium]
+                                          [--out bench/results/sm90_static.json]
 
 The Triton here is the one this project installs (3.9); a lent GPU's image may carry another, whose
 code differs: these numbers guide kernel work, they do not replace a profile on the GPU.
@@ -20,6 +22,7 @@ code differs: these numbers guide kernel work, they do not replace a profile on 
 
 import argparse
 import json
+import platform
 import os
 import re
 import subprocess
@@ -124,9 +127,11 @@ def _ptxas() -> str:
 
 
 def _commit() -> str:
-    """The checkout's commit, '+changes' when the tracked kernel sources differ from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "targets"], cwd=ROOT).returncode
+    """The commit of the checkout the kernels were imported from, '+changes' when its kernel sources differ."""
+    import v4c.targets.triton.kernels as kernels
+    src = Path(kernels.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=src).returncode
     return head + ("+changes" if dirty else "")
 
 
@@ -138,14 +143,17 @@ def _run(cmd: list[str]) -> str:
 
 
 def as_h100():
-    """The launchers' device facts, as on an H100 (they read them from the tensors' device, here the CPU)."""
-    from v4c.targets.triton.kernels import attention, common, gemm, moe
-    for mod in (common, attention, gemm, moe):
+    """The launchers' device facts, as on an H100 (they read them from the tensors' device, here the CPU), in
+    every loaded kernel module: the target's, and an artifact's own copy of them."""
+    import v4c.targets.triton.kernels  # noqa: F401
+    for mod in list(sys.modules.values()):
+        if mod is None or "kernels" not in getattr(mod, "__name__", ""):
+            continue
         for name, value in (("native_cvt", lambda d: True), ("sm_count", lambda d: H100["sms"]),
-                            ("fp8_dot_supported", lambda d: True)):
-            if hasattr(mod, name):
+                            ("fp8_dot_supported", lambda d: True),
+                            ("_dot_precision", lambda cfg, device: "bf16" if cfg["DOT"] == "auto" else cfg["DOT"])):
+            if callable(getattr(mod, name, None)):
                 setattr(mod, name, value)
-    attention._dot_precision = lambda cfg, device: "bf16" if cfg["DOT"] == "auto" else cfg["DOT"]
 
 
 def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
@@ -169,6 +177,23 @@ def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
     return out
 
 
+def indexer_cases(extra: list[dict], batches: list[int]) -> list[dict]:
+    """The Lightning Indexer's scoring and top-k at V4-Flash's sizes: 64 heads x 128, top-512 of 4096 FP8 keys."""
+    from v4c.runtime.quant import encode_entries
+    from v4c.targets.triton.kernels.indexer import index_topk
+    heads, d, topk, cap, rate = 64, 128, 512, 4096, 4
+    out = []
+    for batch in batches:
+        q, w = torch.randn(batch, 1, heads, d), torch.randn(batch, 1, heads)
+        keys = encode_entries(torch.randn(batch, cap, d), "fp8_block", 0)
+        for cfg in [{}] + extra:
+            out.append({"case": f"index_topk fp8_block batch={batch}", "config": cfg,
+                        "call": lambda cfg=cfg, q=q, w=w, keys=keys: index_topk(
+                            q, w, state=(keys,), pos0=cap * rate - 1, topk=topk, rate=rate, score_scale=d ** -0.5,
+                            weight_scale=heads ** -0.5, key_format="fp8_block", config=cfg)})
+    return out
+
+
 def gemm_cases(extra: list[dict]) -> list[dict]:
     from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
 
@@ -186,33 +211,75 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
     return out
 
 
+def artifact_cases(name: str) -> list[dict]:
+    """Every kernel of a prefill (64 tokens) and a decode step of issue 7's `small` / `medium` triton artifact (the
+    FP8 recipe of bench/triton_gpu.py). No kernel runs, so every buffer is zeros: the host code that reads ids
+    (routing, selections) then sees valid ones."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from triton_gpu import MEDIUM, SMALL, _build
+
+    import v4c.runtime.kernelset as kernelset
+    from v4c.runtime.artifact import open_artifact
+    from v4c.runtime.executor import Session
+    path, _ = _build(Path(tempfile.mkdtemp()), name, {"small": SMALL, "medium": MEDIUM}[name], 64, 4)
+    art = open_artifact(path)
+    kernelset.check_triton_device = lambda device: None  # compiled for the GPU, never run: the CPU is fine
+    session = Session(art.program, art.weights(), kernels=kernelset.triton_kernels(art.store, art.manifest))
+    as_h100()  # the artifact's kernel package is loaded now
+    session.arena.zero_()
+
+    def step(tokens):
+        empty, torch.empty = torch.empty, torch.zeros
+        try:
+            session.forward(torch.zeros(1, tokens, dtype=torch.long))
+        finally:
+            torch.empty = empty
+    return [{"case": f"{name} prefill 64 tokens", "config": {}, "call": lambda: step(64)},
+            {"case": f"{name} decode step", "config": {}, "call": lambda: step(1)}]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("attention", "gemm"), help="one family (default: both)")
+    ap.add_argument("--only", help="comma-separated families of attention, indexer, gemm (default: all); none: only "
+                    "--artifacts")
+    ap.add_argument("--artifacts", default="", help="also every kernel of these triton artifacts' prefill and decode "
+                    "steps (comma-separated: small, medium; builds them, needs transformers)")
     ap.add_argument("--attention-configs", default="[]", help="JSON list of extra attention launch configs")
     ap.add_argument("--batches", default="1,64", help="attention batch sizes (comma-separated; 1 splits the keys)")
+    ap.add_argument("--indexer-configs", default="[]", help="JSON list of extra index_topk launch configs")
     ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra FP8 GEMM launch configs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
     args = ap.parse_args()
+    families = set((args.only or "attention,indexer,gemm").split(","))
+    if not families <= {"attention", "indexer", "gemm", "none"}:
+        ap.error(f"--only {args.only}: expected attention, indexer, gemm or none")
     as_h100()
     cases = []
-    if args.only in (None, "attention"):
+    if "attention" in families:
         cases += attention_cases(json.loads(args.attention_configs), [int(b) for b in args.batches.split(",")])
-    if args.only in (None, "gemm"):
+    if "indexer" in families:
+        cases += indexer_cases(json.loads(args.indexer_configs), [int(b) for b in args.batches.split(",")])
+    if "gemm" in families:
         cases += gemm_cases(json.loads(args.gemm_configs))
+    for name in filter(None, args.artifacts.split(",")):
+        cases += artifact_cases(name)
     rows = []
     for case in cases:
         t0 = time.perf_counter()
         with Catch() as catch:
             case["call"]()
+        seen = set()
         for k in catch.compiled:
+            key = json.dumps({x: k[x] for x in ("kernel", "constexprs", "num_warps", "num_stages")}, sort_keys=True)
+            if key in seen:  # an artifact launches the same specialization once per layer
+                continue
+            seen.add(key)
             rows.append({"case": case["case"], "config": case["config"], **k})
             sass = k["sass"]
             print(f"{case['case']:45} {json.dumps(case['config']):40} {k['kernel']:22} warps {k['num_warps']} "
                   f"regs {k['registers']:3} spill {k['spill_store_bytes']:5}/{k['spill_load_bytes']:<5} "
                   f"smem {k['shared_bytes'] // 1024:3} KiB ctas/SM {k['ctas_per_sm']} "
                   f"sass {sass.get('total', 0):6} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    import platform
     result = {"benchmark": "sm90_static", "date": time.strftime("%Y-%m-%d"),
               "what": "the triton target's kernels compiled for sm_90a without a GPU (no timing): ptxas -v and SASS",
               "command": "python bench/sm90_static.py " + " ".join(sys.argv[1:]), "commit": _commit(),

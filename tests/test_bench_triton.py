@@ -62,17 +62,19 @@ def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
     assert result["logits"]["triton_device_vs_torch_device"]["argmax_agreement"] == 1.0
 
 
-def test_the_attention_kernel_compiles_for_an_h100_without_spills(tmp_path):
-    """bench/sm90_static.py compiles the attention launcher's kernels for sm_90a with Triton's bundled ptxas (no GPU
-    needed). At V4-Flash decode shapes the default config must not spill: the config before it spilled ~4 KB a
-    thread (bench/results/sm90_static_before.json), which local memory serves far below the kernel's bandwidth."""
+def test_attention_and_indexer_compile_for_an_h100_without_spills(tmp_path):
+    """bench/sm90_static.py compiles the attention and indexer launchers' kernels for sm_90a with Triton's bundled
+    ptxas (no GPU needed). At V4-Flash decode shapes the default configs must not spill: before, attention spilled
+    ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local memory serves
+    far below the kernels' bandwidth."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention", "--batches", "64",
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention,indexer", "--batches", "64",
                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel"}
+    assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
+                                          "_topk_kernel"}
     attn = next(r for r in rows if r["kernel"] == "_attention_kernel")
     assert attn["constexprs"]["DOT"] == "bf16" and attn["constexprs"]["NATIVE"] is True  # decided as on a GPU
     assert attn["sass"].get("HMMA", 0) + attn["sass"].get("HGMMA", 0) > 0  # tensor-core dots

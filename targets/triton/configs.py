@@ -43,13 +43,13 @@ CANDIDATES = {
         "gemm": _grid(BLOCK_M=[16], BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128, 256], num_warps=[4, 8], num_stages=[3, 4]),
         "experts": _grid(BLOCK_M=[16], BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128], BLOCK_D=[64, 128]),
         "attention": _grid(BLOCK_H=[16, 32, 64], BLOCK_N=[16, 32, 64], num_warps=[4, 8]),
-        "index_topk": _grid(BLOCK_H=[16, 32, 64], BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
+        "index_topk": _grid(BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
     },
     "prefill": {
         "gemm": _grid(BLOCK_M=[64, 128], BLOCK_N=[64, 128, 256], BLOCK_K=[64, 128], num_warps=[4, 8], num_stages=[3, 4]),
         "experts": _grid(BLOCK_M=[16, 32, 64], BLOCK_N=[64, 128], BLOCK_K=[64, 128], BLOCK_D=[64, 128]),
         "attention": _grid(BLOCK_H=[16, 32, 64], BLOCK_N=[16, 32, 64], num_warps=[4, 8]),
-        "index_topk": _grid(BLOCK_H=[16, 32, 64], BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
+        "index_topk": _grid(BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
     },
 }
 FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "grouped_linear": "gemm", "grouped_linear_fp8": "gemm",

@@ -27,10 +27,11 @@ PAD_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every real key
 
 # --- key decoding (device) -----------------------------------------------------------------
 @triton.jit
-def _load_keys(base, rows, row_ok, offs_d, D, W, FMT: tl.constexpr):
+def _load_keys(base, rows, row_ok, offs_d, D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr):
     """Decode key rows `rows` [BT] (row_ok [BT]) of width W into fp32 [BT, BD]; others read 0.
-    fp8_block: e4m3[d] * f32 scale at bytes D + 4 (d // 128); fp4_block: nibble d of byte d // 2
-    times 2^(byte[ceil(D/2) + d // 32] - 127)."""
+    fp8_block: e4m3[d] * f32 scale at bytes D + 4 (d // 128), read as one fp32 where D is a multiple of 4 (so
+    is W: the scales are aligned), else as four bytes; fp4_block: nibble d of byte d // 2 times
+    2^(byte[ceil(D/2) + d // 32] - 127). D and W are constexprs, so the loads vectorize."""
     ptr = base + rows.to(tl.int64)[:, None] * W  # [BT, 1]
     d = offs_d[None, :]
     ok = row_ok[:, None] & (d < D)  # [BT, BD]
@@ -41,11 +42,15 @@ def _load_keys(base, rows, row_ok, offs_d, D, W, FMT: tl.constexpr):
     elif FMT == 2:
         byte = tl.load(ptr + d, mask=ok, other=0)
         s = ptr + D + 4 * (d // 128)
-        sb = tl.load(s, mask=ok, other=0).to(tl.uint32)
-        sb |= tl.load(s + 1, mask=ok, other=0).to(tl.uint32) << 8
-        sb |= tl.load(s + 2, mask=ok, other=0).to(tl.uint32) << 16
-        sb |= tl.load(s + 3, mask=ok, other=0).to(tl.uint32) << 24
-        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sb.to(tl.float32, bitcast=True)
+        if D % 4 == 0:
+            scale = tl.load(s.to(tl.pointer_type(tl.float32)), mask=ok, other=0.0)
+        else:
+            sb = tl.load(s, mask=ok, other=0).to(tl.uint32)
+            sb |= tl.load(s + 1, mask=ok, other=0).to(tl.uint32) << 8
+            sb |= tl.load(s + 2, mask=ok, other=0).to(tl.uint32) << 16
+            sb |= tl.load(s + 3, mask=ok, other=0).to(tl.uint32) << 24
+            scale = sb.to(tl.float32, bitcast=True)
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
     else:
         byte = tl.load(ptr + d // 2, mask=ok, other=0).to(tl.int32)
         code = tl.where(d % 2 == 0, byte & 0xF, byte >> 4)
@@ -54,10 +59,13 @@ def _load_keys(base, rows, row_ok, offs_d, D, W, FMT: tl.constexpr):
 
 
 @triton.jit
-def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, H, D, T, W, pos0, rate, k_stride, score_scale, weight_scale,
-                  FMT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, H, T, pos0, rate, k_stride, score_scale, weight_scale,
+                  D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, s, w] for w in one key tile (w < T), -inf where w >= (pos0 + s + 1) // rate.
-    Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W]."""
+    Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W].
+    One head at a time: its [BT] dots are the key tile times the head's query row, summed over the channels
+    (fp32 FMAs). An fp32 tl.dot over a block of heads lowers, without tensor cores, to operands that hold
+    whole K rows per thread: at V4's 64 x 128 it spilled ~7 KB a thread on sm_90a (bench/sm90_static.py)."""
     s, b, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     limit = (pos0 + s + 1) // rate
     w = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -65,15 +73,12 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, H, D, T, W, pos0, rate, k_str
     keys = _load_keys(k_ptr, b * k_stride + w, w < limit, offs_d, D, W, FMT)  # [BT, BD]
     token = (b * S + s).to(tl.int64)
     acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        hm = heads < H
-        q = tl.load(q_ptr + (token * H + heads[:, None]) * D + offs_d[None, :],
-                    mask=hm[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)  # [BH, BD]
-        wt = tl.load(w_ptr + token * H + heads, mask=hm, other=0.0).to(tl.float32) * weight_scale  # [BH]
-        dots = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [BH, BT]
+    for h in range(0, H):
+        q = tl.load(q_ptr + (token * H + h) * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)  # [BD]
+        wt = tl.load(w_ptr + token * H + h).to(tl.float32) * weight_scale
+        dots = tl.sum(keys * q[None, :], axis=1)  # [BT]
         relu = tl.maximum(dots, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
-        acc += tl.sum(relu * score_scale * wt[:, None], axis=0)
+        acc += relu * score_scale * wt
     tl.store(out_ptr + token * T + w, tl.where(w < limit, acc, float("-inf")), mask=w < T)
 
 
@@ -128,9 +133,9 @@ def _check_inputs(q, weights, state, pos0, topk, rate, key_format):
     same_device(q=q, weights=weights, keys=state[0])
 
 
-def _config(config, heads):
-    defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 64)), "BLOCK_T": 32, "num_warps": 4}
-    return launch_config(config, defaults, "index_topk", at_least={"BLOCK_H": 16, "BLOCK_T": 16})  # tl.dot tiles
+def _config(config):
+    defaults = {"BLOCK_T": 32, "num_warps": 4}
+    return launch_config(config, defaults, "index_topk")
 
 
 def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg):
@@ -142,9 +147,9 @@ def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key
     if batch * s * n_entries:
         view = keys.view(torch.int16) if keys.dtype == torch.bfloat16 else keys
         _score_kernel[(s, batch, triton.cdiv(n_entries, cfg["BLOCK_T"]))](
-            q, weights, view, scores, s, heads, d, n_entries, keys.shape[2], pos0, rate, keys.shape[1],
-            float(score_scale), float(weight_scale), FMT=FORMATS[key_format], BLOCK_H=cfg["BLOCK_H"],
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"])
+            q, weights, view, scores, s, heads, n_entries, pos0, rate, keys.shape[1], float(score_scale),
+            float(weight_scale), D=d, W=keys.shape[2], FMT=FORMATS[key_format], BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_D=next_pow2(d), num_warps=cfg["num_warps"])
     return scores
 
 
@@ -156,7 +161,7 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     _check_inputs(q, weights, state, pos0, topk, rate, key_format)
     q, weights = q.contiguous(), weights.contiguous()  # inputs may be views; the keys may not
     batch, s, heads, d = q.shape
-    cfg = _config(config, heads)
+    cfg = _config(config)
     out = torch.full((batch, s, topk), -1, dtype=torch.long, device=q.device)
     n_entries = (pos0 + s) // rate
     if n_entries == 0 or topk == 0 or batch * s == 0:
