@@ -12,9 +12,9 @@ Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory,
 registers and shared memory allow, and the SASS instruction mix (global loads by width, local-memory
 spill traffic, tensor-core instructions, total).
 
-    .venv/bin/python bench/sm90_static.py [--only attention,indexer,gemm|none] [--batches 1,64] [--attention-configs JSON]
-                                          [--gemm-configs JSON] [--artifacts small,medium]
-                                          [--out bench/results/sm90_static.json]
+    .venv/bin/python bench/sm90_static.py [--only attention,indexer,gemm|none] [--batches 1,64]
+        [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--artifacts small,medium]
+        [--out bench/results/sm90_static.json]
 
 The Triton here is the one this project installs (3.9); a lent GPU's image may carry another, whose
 code differs: these numbers guide kernel work, they do not replace a profile on the GPU.
@@ -47,7 +47,8 @@ H100 = {"target": GPUTarget("cuda", 90, 32), "sms": 132, "regs_per_sm": 65536, "
         "max_threads_per_sm": 2048}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SASS_CLASSES = {  # SASS opcode prefix -> what it is
-    "LDG": "global loads", "LDGSTS": "async global->shared copies", "UTMALDG": "TMA loads", "STG": "global stores", "LDL": "spill loads", "STL": "spill stores",
+    "LDG": "global loads", "LDGSTS": "async global->shared copies", "UTMALDG": "TMA loads", "STG": "global stores",
+    "LDL": "spill loads", "STL": "spill stores",
     "LDS": "shared loads", "LDSM": "shared matrix loads", "STS": "shared stores", "HMMA": "mma (bf16/tf32)",
     "HGMMA": "wgmma (bf16/tf32)", "QGMMA": "wgmma (fp8)", "QMMA": "mma (fp8)", "IMMA": "mma (int)",
 }
@@ -102,7 +103,8 @@ def resources(kernel, warps: int) -> dict:
         cubin.write_bytes(kernel.asm["cubin"])
         sass = _run([str(BIN / "cuobjdump"), "-sass", str(cubin)])
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    spill_st, spill_ld = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info).groups())
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    spill_st, spill_ld = int(spills.group(1)), int(spills.group(2))
     shared = int(kernel.metadata.shared)
     threads = 32 * warps
     by_regs = H100["regs_per_sm"] // (max(regs, 1) * threads)
@@ -130,7 +132,8 @@ def _commit() -> str:
     """The commit of the checkout the kernels were imported from, '+changes' when its kernel sources differ."""
     import v4c.targets.triton.kernels as kernels
     src = Path(kernels.__file__).resolve().parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True)
+    head = head.stdout.strip()
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=src).returncode
     return head + ("+changes" if dirty else "")
 
