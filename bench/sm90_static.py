@@ -5,7 +5,8 @@ Runs the real launchers (FP8 GEMM, sparse decode attention, the indexer's top-k)
 `medium` triton artifacts, with CPU tensors, but every Triton launch is caught before it runs: the kernel
 is specialized exactly as `JITFunction.run` does (argument types, 16-byte alignment, constexprs), then
 compiled for `cuda:90` by Triton's own pipeline and its bundled ptxas. The launchers take their GPU
-decisions as on an H100 (hardware conversions, bf16 attention dots, 132 SMs for the split heuristics).
+decisions as on an H100: `native_cvt` (hardware conversions, and with them bf16 attention dots) is true and
+`sm_count` is 132 (the split heuristics); fp8 dots are allowed off a GPU already.
 Nothing runs, so nothing is timed: this is for reading register pressure and code shape offline.
 
 Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory, CTAs per SM that
@@ -21,6 +22,7 @@ code differs: these numbers guide kernel work, they do not replace a profile on 
 """
 
 import argparse
+import functools
 import json
 import platform
 import os
@@ -120,6 +122,7 @@ def resources(kernel, warps: int) -> dict:
             "sass": dict(sorted(mix.items()))}
 
 
+@functools.cache
 def _ptxas() -> str:
     """The bundled ptxas that reads the PTX version this Triton writes (the newer of the two)."""
     for name in ("ptxas-blackwell", "ptxas"):
@@ -152,9 +155,7 @@ def as_h100():
     for mod in list(sys.modules.values()):
         if mod is None or "kernels" not in getattr(mod, "__name__", ""):
             continue
-        for name, value in (("native_cvt", lambda d: True), ("sm_count", lambda d: H100["sms"]),
-                            ("fp8_dot_supported", lambda d: True),
-                            ("_dot_precision", lambda cfg, device: "bf16" if cfg["DOT"] == "auto" else cfg["DOT"])):
+        for name, value in (("native_cvt", lambda d: True), ("sm_count", lambda d: H100["sms"])):
             if callable(getattr(mod, name, None)):
                 setattr(mod, name, value)
 

@@ -33,12 +33,12 @@ SLIDING, CSA, HCA = 0, 1, 2
 # --- storage codecs (device) -----------------------------------------------------------------
 @triton.jit
 def _load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-               FMT: tl.constexpr, KDT: tl.constexpr, ROPE16: tl.constexpr, NATIVE: tl.constexpr,
+               FMT: tl.constexpr, KDT: tl.constexpr, NATIVE: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """Decode the storage rows that start at `row_ptr` [BN] (pointers; rows not `row_ok` read as 0) into
     [BN, BD] of KDT (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
     nearest even). fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
-    the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (ROPE16: NOPE even, so aligned) or as two
+    the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (NOPE even, so aligned) or as two
     bytes (little endian). The scales are read as one 8-byte word per row where the layout allows (else as a
     [BN, groups] tile of bytes) and broadcast over their 64 channels: a per-channel gather of the same bytes
     was a synchronous load in every iteration, which the pipeliner cannot overlap with the dots."""
@@ -67,7 +67,7 @@ def _load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROP
         scale = tl.reshape(tl.broadcast_to(ue8m0_value(sc)[:, :, None], (BN, G, GW)), (BN, BLOCK_D))
         nope = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(KDT)  # exact in bf16
         r = d - NOPE  # negative on nope channels, which the mask skips (a plain offset keeps the loads vectorized)
-        if ROPE16:
+        if NOPE % 2 == 0:
             rope = tl.load((ptr + NOPE).to(tl.pointer_type(tl.int16)) + r, mask=ok & ~is_nope, other=0)
             rope = rope.to(tl.bfloat16, bitcast=True).to(KDT)
         else:
@@ -135,7 +135,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
                       S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
                       D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr,
                       FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, KDT: tl.constexpr,
-                      ROPE16: tl.constexpr, NATIVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      NATIVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
@@ -176,7 +176,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
         ok = p < w_hi
         rows = tl.where(p < pos0, ring_ptr + (b * slots + p % slots).to(tl.int64) * W,
                         new_ptr + (b * S + p - pos0).to(tl.int64) * W)
-        k = _load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, ROPE16, NATIVE, BLOCK_D)
+        k = _load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D)
         m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     e0 = tl.maximum(u0 - n_win, 0)
@@ -188,7 +188,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             rows = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < e_hi, other=-1)
             ok = rows >= 0
             k = _load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                           ROPE16, NATIVE, BLOCK_D)
+                           NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
     elif MODE == 2:  # HCA: every closed window, causally
         e_hi = tl.minimum(e1, (t + 1) // rate)
@@ -196,7 +196,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             j = start + tl.arange(0, BLOCK_N)
             ok = j < e_hi
             k = _load_rows(ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                           ROPE16, NATIVE, BLOCK_D)
+                           NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     if SPLIT == 1:
@@ -301,16 +301,17 @@ def _config(config, heads, d):
 # "auto": bf16 tensor-core dots on a GPU, fp32 in the interpreter (which computes any dot in fp32). At d 512 and
 # 64 heads a decode step does ~220 flops per KV byte, which fp32 FMA units cannot keep up with at memory speed.
 # bf16 rather than tf32: a bf16 key tile takes half the registers of an fp32 one (with tf32 the kernel took
-# ~150 us per [32, 512] key tile on an H100, far more than its memory traffic; spilled fp32 tiles are the
-# likely cause, not yet profiled), and it is the precision of DeepSeek's own decode kernels (FlashMLA: bf16
-# queries and probabilities, fp32 accumulation). fp8_split and bf16 keys are exact in bf16; "tf32" and
-# "ieee" stay available for a closer match to the fp32 reference.
+# ~150 us per [32, 512] key tile on an H100, far more than its memory traffic; compiled offline for sm_90a it
+# spilled ~3.6 KB a thread, bench/results/sm90_static_before.json; not yet profiled on a GPU), and it is the
+# precision of DeepSeek's own decode kernels (FlashMLA: bf16 queries and probabilities, fp32 accumulation).
+# fp8_split and bf16 keys are exact in bf16; "tf32" and "ieee" stay available for a closer match to the fp32
+# reference.
 DOT_PRECISIONS = ("auto", "ieee", "tf32", "bf16")
 
 
 def _dot_precision(cfg, device) -> str:
-    if cfg["DOT"] == "auto":
-        return "bf16" if device.type == "cuda" else "ieee"
+    if cfg["DOT"] == "auto":  # bf16 where the hardware casts and dots are used (a GPU), not in the interpreter
+        return "bf16" if native_cvt(device) else "ieee"
     return cfg["DOT"]
 
 
@@ -391,7 +392,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
             table if table is not None else new, sinks, part, ml,
             s, heads, k, pos0, min(pos0, slots), max(slots, 1), window, max(rate, 1), ent_stride, float(scale), per,
             D=d, NOPE=d - rope_dim, ROPE=rope_dim, W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
-            DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32, ROPE16=(d - rope_dim) % 2 == 0,
+            DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32,
             NATIVE=native_cvt(q.device),
             BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])

@@ -15,8 +15,7 @@ arithmetic only, so they are bit-exact with torch's casts both on a GPU and in t
   ue8m0_value, decode_scale              UE8M0 scale bytes (float8_e8m0fnu) -> fp32
   swiglu_value                           silu(min(g, limit)) * clamp(u, +-limit)
 and host side: launch_config (config validation), host_values (whether ids may be range-checked on the host),
-once (a value check per tensor contents),
-entry_layout (KV entry / indexer key storage).
+once (a value check per tensor contents), entry_layout (KV entry / indexer key storage).
 """
 
 import torch

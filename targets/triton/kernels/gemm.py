@@ -194,10 +194,10 @@ def _act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, 
 def _use_fp8_dot(cfg: dict, device, mode: int, scaled: bool, bk: int, name: str) -> bool:
     """The fp8 dot applies to quantized activations times e4m3 weights, in K tiles of >= 32, on a GPU
     that has it (common.config_switch)."""
-    return config_switch("FP8_DOT", cfg["FP8_DOT"], [(mode != 0, "quantized activations (act mode none)"),
-                                           (scaled, "e4m3 weights"),
-                                           (bk >= FP8_DOT_MIN_K, f"K tiles of >= {FP8_DOT_MIN_K} (BK is {bk})"),
-                                           (fp8_dot_supported(device), "an sm_89+ GPU")], name)
+    needs = [(mode != 0, "quantized activations (act mode none)"), (scaled, "e4m3 weights"),
+             (bk >= FP8_DOT_MIN_K, f"K tiles of >= {FP8_DOT_MIN_K} (BK is {bk})"),
+             (fp8_dot_supported(device), "an sm_89+ GPU")]
+    return config_switch("FP8_DOT", cfg["FP8_DOT"], needs, name)
 
 
 def _split_k(cfg: dict, device, spans: int, tiles: int) -> int:

@@ -245,11 +245,12 @@ def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_
     and the device has it (common.config_switch)."""
     bk, bi, seg = act["BK"], weight["BI"], act["SEG"]
     aligned = bi >= k or (bi % bk == 0 and (seg % bk == 0 or seg >= k))
-    return config_switch("FP8_DOT", want, [(weight["WFMT"] == W_FP8, "e4m3 weights"),
-                                 (act["ACT"] != ACT_NONE, "quantized activations (act mode none)"),
-                                 (bk >= FP8_DOT_MIN_K, f"K chunks of >= {FP8_DOT_MIN_K} (BK is {bk})"),
-                                 (aligned, f"each K chunk in one weight block column (block cols {bi}, BK {bk})"),
-                                 (fp8_dot_supported(weight["w_ptr"].device), "an sm_89+ GPU")], name)
+    needs = [(weight["WFMT"] == W_FP8, "e4m3 weights"),
+             (act["ACT"] != ACT_NONE, "quantized activations (act mode none)"),
+             (bk >= FP8_DOT_MIN_K, f"K chunks of >= {FP8_DOT_MIN_K} (BK is {bk})"),
+             (aligned, f"each K chunk in one weight block column (block cols {bi}, BK {bk})"),
+             (fp8_dot_supported(weight["w_ptr"].device), "an sm_89+ GPU")]
+    return config_switch("FP8_DOT", want, needs, name)
 
 
 def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn, fp8_dot, name):
