@@ -9,10 +9,17 @@ that differ in its encoded (uint8) state: FP8 / FP4 entries, where a last-bit di
 block scale (from summation order) changes one byte; then the prefill logits of three
 runs of the whole artifact: torch kernels on the CPU, torch kernels on --device, triton on --device.
 Needs a CUDA GPU. Results go to stdout and, with --out, to a JSON file.
+
+Without a GPU, `--device cpu --as-gpu` (under TRITON_INTERPRET=1) runs the same check with every launcher
+deciding as on an H100 (hardware casts, bf16 attention dots, fp8 dots, 132 SMs) and the interpreter computing
+those branches as a GPU does (tests/gpu_semantics.py): what the GPU run should show, up to the order of fp32
+sums and Hopper's fp8 accumulator.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -51,10 +58,43 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=4)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--as-gpu", action="store_true",
+                    help="with --device cpu under TRITON_INTERPRET=1: the launchers' GPU branches, computed as a GPU")
     args = ap.parse_args(argv)
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)")
+    if args.as_gpu and (dev != "cpu" or os.environ.get("TRITON_INTERPRET") != "1"):
+        sys.exit("--as-gpu emulates a GPU in the interpreter: it needs --device cpu and TRITON_INTERPRET=1")
+    with _gpu_emulation() if args.as_gpu else contextlib.nullcontext():
+        return _check(args, dev)
+
+
+@contextlib.contextmanager
+def _gpu_emulation():
+    """Every kernel module's GPU decisions (patched again whenever an artifact loads its own copy) and the
+    interpreter's GPU arithmetic."""
+    import pytest
+    from gpu_semantics import as_gpu, gpu_arithmetic
+
+    from v4c.runtime import kernelset
+    original, patched, mp = kernelset._Launch.__call__, set(), pytest.MonkeyPatch()
+
+    def launch(self, *a, **kw):
+        if len(sys.modules) not in patched:
+            as_gpu(mp, sms=132)
+            patched.add(len(sys.modules))
+        return original(self, *a, **kw)
+    kernelset._Launch.__call__ = launch
+    try:
+        with gpu_arithmetic():
+            yield
+    finally:
+        kernelset._Launch.__call__ = original
+        mp.undo()
+
+
+def _check(args, dev: str) -> dict:
     from v4c.runtime import kernelset
     from v4c.runtime.artifact import open_artifact
     from v4c.runtime.kernels import KERNELS
@@ -97,8 +137,8 @@ def main(argv=None):
                     out = session.forward(out[:, -1:].argmax(-1))
             finally:
                 kernelset._Launch.__call__ = original
-    result = {"config": args.config, "prompt": args.prompt, "new": args.new, "tol": args.tol, "kernels": worst,
-              "logits": {}}
+    result = {"config": args.config, "prompt": args.prompt, "new": args.new, "tol": args.tol, "device": dev,
+              "as_gpu": args.as_gpu, "kernels": worst, "logits": {}}
     for a, b in (("torch_device", "torch_cpu"), ("triton_device", "torch_cpu"), ("triton_device", "torch_device")):
         result["logits"][f"{a}_vs_{b}"] = logits_agreement(logits[a], logits[b])
     for name, w in sorted(worst.items(), key=lambda kv: -kv[1]["max_err"]):
