@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -137,8 +138,9 @@ def _check(args, dev: str) -> dict:
                     out = session.forward(out[:, -1:].argmax(-1))
             finally:
                 kernelset._Launch.__call__ = original
-    result = {"config": args.config, "prompt": args.prompt, "new": args.new, "tol": args.tol, "device": dev,
-              "as_gpu": args.as_gpu, "kernels": worst, "logits": {}}
+    result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "config": args.config,
+              "prompt": args.prompt, "new": args.new, "tol": args.tol, "device": dev, "as_gpu": args.as_gpu,
+              "kernels": worst, "logits": {}}
     for a, b in (("torch_device", "torch_cpu"), ("triton_device", "torch_cpu"), ("triton_device", "torch_device")):
         result["logits"][f"{a}_vs_{b}"] = logits_agreement(logits[a], logits[b])
     for name, w in sorted(worst.items(), key=lambda kv: -kv[1]["max_err"]):

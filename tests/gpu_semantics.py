@@ -77,9 +77,12 @@ def kernel_modules() -> list:
 
 
 def as_gpu(monkeypatch, modules=None, sms: int = 0) -> None:
-    """The launchers' decisions as on a GPU: native_cvt true (hardware casts, bf16 attention dots by default)
-    and, with sms, sm_count (the split heuristics; an H100 has 132) in `modules` (default: kernel_modules())."""
+    """The launchers' decisions as on a GPU in `modules` (default: kernel_modules()): native_cvt true (hardware
+    casts, bf16 attention dots by default), no id range checks on the host (common.HOST_CHECKS false, for the
+    modules that define it) and, with sms, sm_count (the split heuristics; an H100 has 132)."""
     for mod in modules if modules is not None else kernel_modules():
         monkeypatch.setattr(mod, "native_cvt", lambda device: True)
+        if hasattr(mod, "HOST_CHECKS"):
+            monkeypatch.setattr(mod, "HOST_CHECKS", False)
         if sms and callable(getattr(mod, "sm_count", None)):
             monkeypatch.setattr(mod, "sm_count", lambda device: sms)
