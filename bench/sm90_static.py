@@ -44,6 +44,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # gpu_semantics
 
 H100 = {"target": GPUTarget("cuda", 90, 32), "sms": 132, "regs_per_sm": 65536, "smem_per_sm": 228 * 1024,
         "max_threads_per_sm": 2048}
@@ -149,15 +150,13 @@ def _run(cmd: list[str]) -> str:
 
 
 def as_h100():
-    """The launchers' device facts, as on an H100 (they read them from the tensors' device, here the CPU), in
-    every loaded kernel module: the target's, and an artifact's own copy of them."""
+    """The launchers' device facts as on an H100 (they read them from the tensors' device, here the CPU), in
+    every loaded kernel module: the target's, and an artifact's own copy of them (tests/gpu_semantics.py)."""
+    import pytest
+    from gpu_semantics import as_gpu
+
     import v4c.targets.triton.kernels  # noqa: F401
-    for mod in list(sys.modules.values()):
-        if mod is None or "kernels" not in getattr(mod, "__name__", ""):
-            continue
-        for name, value in (("native_cvt", lambda d: True), ("sm_count", lambda d: H100["sms"])):
-            if callable(getattr(mod, name, None)):
-                setattr(mod, name, value)
+    as_gpu(pytest.MonkeyPatch(), sms=H100["sms"])  # never undone: this process only compiles for the H100
 
 
 def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
@@ -219,7 +218,6 @@ def artifact_cases(name: str) -> list[dict]:
     """Every kernel of a prefill (64 tokens) and a decode step of issue 7's `small` / `medium` triton artifact (the
     FP8 recipe of bench/triton_gpu.py). No kernel runs, so every buffer is zeros: the host code that reads ids
     (routing, selections) then sees valid ones."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from triton_gpu import MEDIUM, SMALL, _build
 
     import v4c.runtime.kernelset as kernelset

@@ -23,7 +23,7 @@ import torch
 import triton.language as tl
 from triton.runtime import interpreter
 
-E4M3_MAX = 448.0
+from v4c.runtime.quant import E4M3_MAX
 
 
 def _f32(handle) -> torch.Tensor:

@@ -157,17 +157,13 @@ def test_an_artifact_on_the_gpu_branches(monkeypatch, fp8_build):
         modules = kernel_modules()
         assert any(mod.__name__.startswith("_v4c_triton_kernels_") for mod in modules)  # the artifact's copy
         with monkeypatch.context() as m:
-            if native:
-                as_gpu(m, modules, sms=132)
-            else:
+            as_gpu(m, modules, sms=132)
+            if not native:  # the same decisions, computed by the interpreter branches (DOT auto -> bf16 kept)
                 for mod in modules:
-                    if hasattr(mod, "HOST_CHECKS"):
-                        m.setattr(mod, "HOST_CHECKS", False)
-                    if callable(getattr(mod, "sm_count", None)):
-                        m.setattr(mod, "sm_count", lambda device: 132)
                     if hasattr(mod, "_dot_precision"):
                         m.setattr(mod, "_dot_precision", lambda cfg, device: "bf16" if cfg["DOT"] == "auto"
                                   else cfg["DOT"])
+                    m.setattr(mod, "native_cvt", lambda device: False)
             with gpu_arithmetic() if native else contextlib.nullcontext():
                 return _prefill_then_decode(session, ids, 16)
     assert torch.equal(run(native=True), run(native=False))
