@@ -13,8 +13,9 @@ Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory,
 registers and shared memory allow, and the SASS instruction mix (global loads by width, local-memory
 spill traffic, tensor-core instructions, total).
 
-    .venv/bin/python bench/sm90_static.py [--only attention,indexer,gemm|none] [--batches 1,64]
-        [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--artifacts small,medium]
+    .venv/bin/python bench/sm90_static.py [--only attention,indexer,gemm,moe|none] [--batches 1,64]
+        [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--moe-configs JSON]
+        [--artifacts small,medium]
         [--out bench/results/sm90_static.json]
 
 The Triton here is the one this project installs (3.9); a lent GPU's image may carry another, whose
@@ -214,6 +215,32 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
     return out
 
 
+def moe_cases(extra: list[dict]) -> list[dict]:
+    """The FP8 grouped expert GEMM at V4-Flash's expert shapes (D 4096, moe_intermediate 2048, 128x128 blocks,
+    top-6), decode (16 tokens) and prefill (4096): 16 experts stand in for 256 (the kernels' code does not
+    depend on their number) and the weights are zero codes, since nothing runs."""
+    from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
+
+    from v4c.targets.triton.configs import heuristic
+    from v4c.targets.triton.kernels.moe import moe_experts_q
+    experts, top = 16, 6
+    two_i, d = FLASH_GEMMS["expert_gate_up"]
+    inter = two_i // 2
+    gate_up = torch.zeros(experts, two_i, d, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    down = torch.zeros(experts, d, inter, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    scales = [torch.ones(experts, two_i // 128, d // 128), torch.ones(experts, d // 128, inter // 128)]
+    out = []
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        x, w = torch.randn(m, d), torch.rand(m, top)
+        idx = torch.stack([torch.randperm(experts)[:top] for _ in range(m)])
+        for cfg in [heuristic("moe_experts_q")[0 if bucket == "decode" else 1]["config"]] + extra:
+            out.append({"case": f"moe_experts_q fp8 d={d} inter={inter} top={top} m={m}", "config": cfg,
+                        "call": lambda cfg=cfg, x=x, w=w, idx=idx: moe_experts_q(
+                            x, w, idx, gate_up, scales[0], down, scales[1], format="fp8", block=[128, 128],
+                            down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
+    return out
+
+
 def artifact_cases(name: str) -> list[dict]:
     """Every kernel of a prefill (64 tokens) and a decode step of issue 7's `small` / `medium` triton artifact (the
     FP8 recipe of bench/triton_gpu.py). No kernel runs, so every buffer is zeros: the host code that reads ids
@@ -242,7 +269,7 @@ def artifact_cases(name: str) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated families of attention, indexer, gemm (default: all); none: only "
+    ap.add_argument("--only", help="comma-separated families of attention, indexer, gemm, moe (default: all); none: only "
                     "--artifacts")
     ap.add_argument("--artifacts", default="", help="also every kernel of these triton artifacts' prefill and decode "
                     "steps (comma-separated: small, medium; builds them, needs transformers)")
@@ -250,11 +277,12 @@ def main():
     ap.add_argument("--batches", default="1,64", help="attention batch sizes (comma-separated; 1 splits the keys)")
     ap.add_argument("--indexer-configs", default="[]", help="JSON list of extra index_topk launch configs")
     ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra FP8 GEMM launch configs")
+    ap.add_argument("--moe-configs", default="[]", help="JSON list of extra moe_experts_q launch configs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
     args = ap.parse_args()
-    families = set((args.only or "attention,indexer,gemm").split(","))
-    if not families <= {"attention", "indexer", "gemm", "none"}:
-        ap.error(f"--only {args.only}: expected attention, indexer, gemm or none")
+    families = set((args.only or "attention,indexer,gemm,moe").split(","))
+    if not families <= {"attention", "indexer", "gemm", "moe", "none"}:
+        ap.error(f"--only {args.only}: expected attention, indexer, gemm, moe or none")
     as_h100()
     cases = []
     if "attention" in families:
@@ -263,6 +291,8 @@ def main():
         cases += indexer_cases(json.loads(args.indexer_configs), [int(b) for b in args.batches.split(",")])
     if "gemm" in families:
         cases += gemm_cases(json.loads(args.gemm_configs))
+    if "moe" in families:
+        cases += moe_cases(json.loads(args.moe_configs))
     for name in filter(None, args.artifacts.split(",")):
         cases += artifact_cases(name)
     rows = []

@@ -62,19 +62,24 @@ def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
     assert result["logits"]["triton_device_vs_torch_device"]["argmax_agreement"] == 1.0
 
 
-def test_attention_and_indexer_compile_for_an_h100_without_spills(tmp_path):
-    """bench/sm90_static.py compiles the attention and indexer launchers' kernels for sm_90a with Triton's bundled
-    ptxas (no GPU needed). At V4-Flash decode shapes the default configs must not spill: before, attention spilled
-    ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local memory serves
-    far below the kernels' bandwidth."""
+def test_attention_indexer_and_experts_compile_for_an_h100_without_spills(tmp_path):
+    """bench/sm90_static.py compiles the attention, indexer and MoE launchers' kernels for sm_90a with Triton's
+    bundled ptxas (no GPU needed). At V4-Flash decode shapes the default configs must not spill: before, attention
+    spilled ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local
+    memory serves far below the kernels' bandwidth. The experts' prefill heuristic must take Hopper's fp8 wgmma
+    over activations quantized once, without spills."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention,indexer",
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention,indexer,moe",
                           "--batches", "64", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
-                                          "_topk_kernel"}
+                                          "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel"}
+    experts = [r for r in rows if r["kernel"] == "_experts_gemm_kernel" and r["case"].endswith("m=4096")]
+    assert len(experts) == 2  # gate_up and down
+    for r in experts:
+        assert r["constexprs"]["ACT"] == 3 and r["constexprs"]["FP8_DOT"] is True and r["sass"].get("QGMMA", 0) > 0, r
     attn = next(r for r in rows if r["kernel"] == "_attention_kernel")
     assert attn["constexprs"]["DOT"] == "bf16" and attn["constexprs"]["NATIVE"] is True  # decided as on a GPU
     assert attn["sass"].get("HMMA", 0) + attn["sass"].get("HGMMA", 0) > 0  # tensor-core dots

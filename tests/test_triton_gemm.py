@@ -157,9 +157,9 @@ def test_activations_quantized_once_equal_the_fused_path(m, groups, k, n, block,
                                       config={**extra, "QUANT_ONCE": True})
             assert torch.equal(once, fused), f"{act} {extra}"
             close(once, ref)
-    assert gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 64, 2, "linear_fp8")
-    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 63, 2, "linear_fp8")
-    assert not gemm_module._quant_once({"QUANT_ONCE": "auto"}, 1, 4096, 1, "linear_fp8")
+    assert gemm_module.quant_once("auto", True, 64, 2, "linear_fp8")
+    assert not gemm_module.quant_once("auto", True, 63, 2, "linear_fp8")
+    assert not gemm_module.quant_once("auto", True, 4096, 1, "linear_fp8")
 
 
 def test_quant_once_needs_dynamic_activations():

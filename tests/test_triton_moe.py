@@ -118,7 +118,8 @@ def test_moe_experts_bf16_repeats_and_idle_experts():
 
 
 @pytest.mark.parametrize("config", [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16},
-                                    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}])
+                                    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64},
+                                    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}])
 def test_moe_experts_launch_configs(config):
     x, weights, idx, gate_up, down = problem(3, 11, 50, 36, 4, 2, seed=6)
     ours = moe_experts(x, weights, idx, gate_up, down, act_in=DYN_WIDE, config=config)
@@ -163,6 +164,53 @@ def test_fp8_dot_and_fp32_dot_agree(act_in, act_mid):
         assert_close(moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": fp8_dot}), ref, EXPERTS_RTOL)
     with pytest.raises(ValueError, match="FP8_DOT"):
         moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": "yes"})
+
+
+ONCE_CASES = [  # fmt, block, down_block, act_in, act_mid, config
+    ("fp8", [32, 32], [64, 32], {"mode": "dynamic", "group": 32, "scale_format": "ue8m0"},
+     {"mode": "dynamic", "group": 64}, {"FP8_DOT": True, "BLOCK_K": 32}),
+    ("fp8", [32, 16], [16, 32], DYN, DYN_UE, {"FP8_DOT": False}),
+    ("fp8", [128, 128], [7, 5], DYN_WIDE, {"mode": "dynamic", "group": 7}, {"BLOCK_K": 16}),
+    ("fp4", None, None, DYN_WIDE, DYN, {}),
+    ("float", None, None, DYN_UE, DYN_WIDE, {"BLOCK_N": 16}),
+]
+
+
+@pytest.mark.parametrize("fmt, block, down_block, act_in, act_mid, config", ONCE_CASES)
+def test_activations_quantized_once_equal_the_fused_path(fmt, block, down_block, act_in, act_mid, config):
+    """QUANT_ONCE: dynamic activations quantized once by gemm.act_quant (per token for gate_up, per pair for
+    down), then e4m3 codes in the grouped GEMMs: the fused path's output bit for bit, with both dots, groups
+    of one chunk, of several chunks, and over all of K, and every weight format."""
+    x, weights, idx, gate_up, down = problem(2, 7, 64, 34, 5, 3, seed=12)
+    if fmt == "float":
+        run, q, kw = moe_experts, (gate_up, down), {"act_in": act_in, "act_mid": act_mid, "limit": 0.8}
+        ref = ref_experts(x, weights, idx, *q, **kw)
+    else:
+        run, q = moe_experts_q, quantized(gate_up, down, fmt, block, down_block, "ue8m0")
+        kw = {"format": fmt, "block": block, "down_block": down_block, "act_in": act_in, "act_mid": act_mid}
+        ref = ref_experts_q(x, weights, idx, *q, **kw)
+    fused = run(x, weights, idx, *q, **kw, config={**config, "QUANT_ONCE": False})
+    once = run(x, weights, idx, *q, **kw, config={**config, "QUANT_ONCE": True})
+    assert torch.equal(once, fused)
+    assert_close(once, ref, EXPERTS_RTOL)
+
+
+def test_quant_once_auto_from_64_pairs(monkeypatch):
+    """"auto" quantizes once from 64 (token, expert) pairs on, for both GEMMs; true insists on dynamic
+    activations and names what it needs."""
+    calls = []
+    monkeypatch.setattr(moe, "act_quant", lambda a, *args: calls.append(a.shape) or kernels.gemm.act_quant(a, *args))
+    dyn = {"act_in": DYN, "act_mid": DYN_UE}
+    for tokens, want in ((16, [(16, 1, 48), (64, 1, 40)]), (15, [])):
+        x, weights, idx, gate_up, down = problem(1, tokens, 48, 40, 6, 4, seed=13)
+        calls.clear()
+        ours = moe_experts(x, weights, idx, gate_up, down, **dyn)
+        assert calls == want
+        assert_close(ours, ref_experts(x, weights, idx, gate_up, down, **dyn), EXPERTS_RTOL)
+    with pytest.raises(ValueError, match="QUANT_ONCE.*needs dynamic"):
+        moe_experts(x, weights, idx, gate_up, down, act_in=STATIC, act_mid=DYN, config={"QUANT_ONCE": True})
+    with pytest.raises(ValueError, match="QUANT_ONCE"):
+        moe_experts(x, weights, idx, gate_up, down, **dyn, config={"QUANT_ONCE": "yes"})
 
 
 @pytest.mark.slow
@@ -258,6 +306,7 @@ def test_rejects_unsupported_inputs():
         (lambda: moe_experts(x, weights, idx, gate_up, down, act_mid={"mode": "dynamic", "group": 0}), "^act_mid"),
         (lambda: moe_experts(x, weights, idx, gate_up, down, config={"BLOCK_M": 24}), "BLOCK_M.*power of two"),
         (lambda: moe_experts(x, weights, idx, gate_up, down, config={"TILE": 16}), "unknown keys"),
+        (lambda: moe_experts(x, weights, idx, gate_up, down, config={"num_warps": 3}), "num_warps.*power of two"),
         (lambda: moe_experts_q(x, weights, idx, *q, **{**kw, "format": "int4"}), "^format"),
         (lambda: moe_experts_q(x, weights, idx, *q, **{**kw, "block": [32, 16]}), "^gate_up_scale"),
         (lambda: moe_experts_q(x, weights, idx, q[0].float(), *q[1:], **kw), "^gate_up"),

@@ -23,7 +23,9 @@ _GEMM_FLOAT = {
 }
 _EXPERTS = {
     "decode": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 64},
-    "prefill": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 128},
+    # prefill: pair tiles of 64 take Hopper's fp8 wgmma (tiles of 32 get mma.sync over f16-converted codes), with
+    # no spills at V4-Flash's expert shapes (bench/results/sm90_static.json); not yet timed on a GPU.
+    "prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3},
 }
 HEURISTIC = {
     "linear": _GEMM_FLOAT, "linear_fp8": _GEMM, "grouped_linear": _GEMM_FLOAT, "grouped_linear_fp8": _GEMM,
@@ -47,7 +49,7 @@ CANDIDATES = {
     },
     "prefill": {
         "gemm": _grid(BLOCK_M=[64, 128], BLOCK_N=[64, 128, 256], BLOCK_K=[64, 128], num_warps=[4, 8], num_stages=[3, 4]),
-        "experts": _grid(BLOCK_M=[16, 32, 64], BLOCK_N=[64, 128], BLOCK_K=[64, 128], BLOCK_D=[64, 128]),
+        "experts": _grid(BLOCK_M=[32, 64], BLOCK_N=[64, 128], BLOCK_K=[64, 128], BLOCK_D=[128], num_warps=[4, 8]),
         "attention": _grid(BLOCK_H=[16, 32, 64], BLOCK_N=[16, 32, 64], num_warps=[4, 8]),
         "index_topk": _grid(BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
     },

@@ -170,14 +170,15 @@ def _gemm_config(config, m: int, n: int, name: str) -> dict:
 QUANT_ONCE_MIN_TOKENS = 64
 
 
-def _quant_once(cfg: dict, mode: int, m: int, n_tiles: int, name: str) -> bool:
-    """Whether to quantize the activations once (_act_quant) rather than in every N tile (QUANT_ONCE; "auto":
-    from QUANT_ONCE_MIN_TOKENS tokens on, when there is more than one N tile)."""
-    return config_switch("QUANT_ONCE", cfg["QUANT_ONCE"], [(mode == 1, "dynamic activations (act mode 'dynamic')")],
+def quant_once(want, dynamic: bool, m: int, n_tiles: int, name: str) -> bool:
+    """Whether to quantize the activations once (act_quant) rather than in every N tile: the QUANT_ONCE switch
+    `want` ("auto": from QUANT_ONCE_MIN_TOKENS rows on, when there is more than one N tile). The MoE grouped
+    GEMM decides the same way over its (token, expert) pairs."""
+    return config_switch("QUANT_ONCE", want, [(dynamic, "dynamic activations (act mode 'dynamic')")],
                          name, auto=m >= QUANT_ONCE_MIN_TOKENS and n_tiles > 1)
 
 
-def _act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x3 [M, G, K] -> (e4m3 codes as uint8 [M, G, K], fp32 scales [M, G, cdiv(K, span)]) by _act_quant_kernel."""
     m, groups, k = x3.shape
     n_groups = triton.cdiv(k, span)
@@ -278,8 +279,8 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups * split)
     x_arg, x_scales = x3, y  # (y: an unused pointer)
-    if _quant_once(cfg, mode, m, grid[1], name):
-        x_arg, x_scales = _act_quant(x3, span, ue8m0)
+    if quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
+        x_arg, x_scales = act_quant(x3, span, ue8m0)
         mode, flat = 3, True  # every K tile lies in one group, whose scale is looked up
     _gemm_kernel[grid](x_arg, weight, s, y, x_scales, m, r, k, span, per_split, static, bo, bi,
                        *x_arg.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),

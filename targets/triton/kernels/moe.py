@@ -11,7 +11,9 @@ Weights are dequantized to fp32 in registers (f32 / bf16 / f16; FP8 e4m3 x block
 UE8M0; FP4 e2m1, two codes a byte, x per-32 UE8M0 scale). Activation fake-quant (quant.fake_quant_act)
 is fused into the operand loads: "dynamic" walks K one group at a time (an amax pass, then the dot
 pass), "static" divides by its scale; both round to e4m3 like torch's cast (RTNE) in registers
-(common.fake_quant), with exact UE8M0 scales (common.group_scale).
+(common.fake_quant), with exact UE8M0 scales (common.group_scale). From 64 pairs on (QUANT_ONCE), dynamic
+activations are instead quantized once by gemm.act_quant (the same codes and scales) and the GEMMs read
+1-byte codes: at prefill the fused path would redo each token's quantization k x (N / BLOCK_N) times.
 """
 
 import torch
@@ -21,12 +23,14 @@ import triton.language as tl
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e2m1_value, fake_quant,
                      config_switch, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
                      same_device, swiglu_value, to_e4m3)
+from .gemm import act_quant, quant_once
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
-ACT_NONE, ACT_STATIC, ACT_DYNAMIC = 0, 1, 2
+ACT_NONE, ACT_STATIC, ACT_DYNAMIC, ACT_CODES = 0, 1, 2, 3  # ACT_CODES: dynamic, quantized once (gemm.act_quant)
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
-EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": "auto"}
+EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
+                 "num_warps": 4, "num_stages": 3}  # num_warps / num_stages: the two expert GEMMs' (Triton's defaults)
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -48,6 +52,15 @@ def _load_chunk(ptr, rows, rmask, k0, c, K, SEG, BK: tl.constexpr):
     kk = c * BK + tl.arange(0, BK)
     mask = rmask[:, None] & ((kk < SEG) & (k0 + kk < K))[None, :]
     return tl.load(ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_codes(ptr, rows, rmask, k0, c, K, SEG, BK: tl.constexpr):
+    """As _load_chunk over e4m3 codes stored as uint8 (gemm.act_quant) -> float8e4nv [BM, BK] (code 0 = +0.0
+    where masked)."""
+    kk = c * BK + tl.arange(0, BK)
+    mask = rmask[:, None] & ((kk < SEG) & (k0 + kk < K))[None, :]
+    return tl.load(ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -110,7 +123,8 @@ def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s
 
 # --- kernels -------------------------------------------------------------------------------------
 @triton.jit
-def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr, N, K,
+def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr,
+                         N, K,
                          s_rows, s_cols, act_scale, limit, SEG, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
                          ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
                          SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
@@ -120,7 +134,9 @@ def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_
     silu(min(g, limit)) * clamp(u, +-limit), g / u from W rows n / N + n.
     else (down; A = mid, r_p = p; W: [E, N, K]): out[p, n] = pw[p] * (q(A[p]) . W_e[n]).
     FP8_DOT (e4m3 weights as uint8 bytes, quantized activations, each chunk in one weight block column):
-    fp8 tensor-core dots over the codes, scaled after; else fp32 dots over dequantized tiles."""
+    fp8 tensor-core dots over the codes, scaled after; else fp32 dots over dequantized tiles.
+    ACT 3 (ACT_CODES): A holds the e4m3 codes of the dynamic quantization already (uint8) and sa_ptr their
+    scales [rows of A, cdiv(K, SEG)], so no tile redoes the amax, division and rounding."""
     t, pid_n = tl.program_id(0), tl.program_id(1)
     e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
     pairs = lo + tl.arange(0, BM)
@@ -135,22 +151,31 @@ def _experts_gemm_kernel(a_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_
     n_rows = 2 * N if SWIGLU else N
     k_end = tl.where(lo < hi, K, 0)  # an empty tile (fixed-size tile list) loads nothing
     for k0 in range(0, k_end, SEG):
-        s = _segment_scale(a_ptr, rows, pmask, k0, K, act_scale, SEG, ACT, NCHUNK, UE8M0, BK)
+        if ACT == 3:
+            s = tl.load(sa_ptr + rows * tl.cdiv(K, SEG) + k0 // SEG, mask=pmask, other=1.0)[:, None]  # [BM, 1]
+        else:
+            s = _segment_scale(a_ptr, rows, pmask, k0, K, act_scale, SEG, ACT, NCHUNK, UE8M0, BK)
         for c in tl.static_range(NCHUNK):
             k = k0 + c * BK + tl.arange(0, BK)
             if FP8_DOT:
-                a = _load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK)
-                if ACT == 2 and NCHUNK == 1:  # dynamic, the group in this one chunk
-                    s = group_scale(tl.max(tl.abs(a), axis=1), E4M3_MAX, UE8M0)[:, None]
+                if ACT == 3:
+                    aq = _load_codes(a_ptr, rows, pmask, k0, c, K, SEG, BK)
+                else:
+                    a = _load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK)
+                    if ACT == 2 and NCHUNK == 1:  # dynamic, the group in this one chunk
+                        s = group_scale(tl.max(tl.abs(a), axis=1), E4M3_MAX, UE8M0)[:, None]
+                    aq = to_e4m3(tl.div_rn(a, s), NATIVE)
                 col0 = k0 + c * BK
-                aq = to_e4m3(tl.div_rn(a, s), NATIVE)
                 acc += _fp8_dot(aq, s, w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
                                 SCALE_E8M0, BO, BI)
                 if SWIGLU:
                     up += _fp8_dot(aq, s, w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
                                    SCALE_E8M0, BO, BI)
             else:
-                a = _quant_chunk(_load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK), s, ACT, NCHUNK == 1, UE8M0)
+                if ACT == 3:  # the code's e4m3 value times its scale = fake_quant(a, s)
+                    a = _load_codes(a_ptr, rows, pmask, k0, c, K, SEG, BK).to(tl.float32) * s
+                else:
+                    a = _quant_chunk(_load_chunk(a_ptr, rows, pmask, k0, c, K, SEG, BK), s, ACT, NCHUNK == 1, UE8M0)
                 w = _weight_tile(w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT, SCALE_E8M0,
                                  BO, BI)
                 acc += tl.dot(a, tl.trans(w), input_precision="ieee")
@@ -253,18 +278,26 @@ def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_
     return config_switch("FP8_DOT", want, needs, name)
 
 
-def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn, fp8_dot, name):
+def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn, fp8_dot, once, warps, stages,
+                  name):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
-    fp8_dot: the FP8_DOT config value."""
+    fp8_dot / once: the FP8_DOT / QUANT_ONCE config values. QUANT_ONCE ("auto": from 64 pairs on, with more
+    than one N tile) quantizes dynamic activations once, one row of `a` at a time (gemm.act_quant), instead of
+    in every N tile of every pair: gate_up's input is then quantized once per token, not per (token, expert)."""
     swiglu = rows is not None
     fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], fp8_dot, name)
     if fp8_dot:
         weight = {**weight, "w_ptr": weight["w_ptr"].view(torch.uint8)}
-    _experts_gemm_kernel[(tiles[0].numel(), triton.cdiv(out.shape[1], bn))](
-        a, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
+    n_tiles = triton.cdiv(out.shape[1], bn)
+    a_scales = a  # (an unused pointer)
+    if quant_once(once, act["ACT"] == ACT_DYNAMIC, out.shape[0], n_tiles, name):
+        codes, a_scales = act_quant(a.unsqueeze(1), act["SEG"], act["UE8M0"])
+        a, act = codes.squeeze(1), {**act, "ACT": ACT_CODES}
+    _experts_gemm_kernel[(tiles[0].numel(), n_tiles)](
+        a, a_scales, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
         limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None, BM=bm, BN=bn,
-        FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act)
+        FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act, num_warps=warps, num_stages=stages)
 
 
 def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config):
@@ -297,10 +330,12 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     y = torch.empty(order.numel(), d, dtype=torch.float32, device=x.device)
     xf = x.reshape(tokens, d).contiguous()
     _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), rows=(order // k).int(), limit=limit, bm=bm, bn=bn,
-                  fp8_dot=cfg["FP8_DOT"], name=name)
+                  fp8_dot=cfg["FP8_DOT"], once=cfg["QUANT_ONCE"],
+                  warps=cfg["num_warps"], stages=cfg["num_stages"], name=name)
     pw = weights.reshape(-1).float()[order].contiguous()
     _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), pw=pw, bm=bm, bn=bn,
-                  fp8_dot=cfg["FP8_DOT"], name=name)
+                  fp8_dot=cfg["FP8_DOT"], once=cfg["QUANT_ONCE"],
+                  warps=cfg["num_warps"], stages=cfg["num_stages"], name=name)
     _combine_kernel[(tokens, triton.cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return out.view(x.shape)
 
@@ -316,7 +351,9 @@ def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_
     down: [E, D, I] (f32 / bf16 / f16) -> [..., D] f32 = sum_j weights[j] * down_e(swiglu(gate_up_e x)),
     e = idx[j]; `act_in` / `act_mid` fake-quantize the inputs of the two projections.
     config: BLOCK_M (pairs a tile), BLOCK_N, BLOCK_K, BLOCK_D (combine), FP8_DOT (as linear_fp8's: auto
-    takes fp8 tensor-core dots where _fp8_dot_applies, true insists, false keeps fp32 dots)."""
+    takes fp8 tensor-core dots where _fp8_dot_applies, true insists, false keeps fp32 dots), QUANT_ONCE
+    (dynamic activations quantized once by their own kernel, see _grouped_gemm; auto / true / false), num_warps
+    and num_stages of the two GEMMs."""
     check_tensor("gate_up", gate_up, dtypes=FLOATS, dim=3)
     check_tensor("down", down, dtypes=FLOATS, dim=3)
     e, two_i, d = gate_up.shape
