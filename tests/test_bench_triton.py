@@ -45,6 +45,21 @@ def test_without_a_gpu_every_row_is_not_measured(tmp_path):
     assert result["status"] == "not measured" and set(result["rows"].values()) == {"not measured"}
 
 
+def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
+    """bench/host_overhead.py on a tiny triton artifact: every Triton launch is skipped and counted, every plan
+    entry of a decode step is timed, and the stateful ops are told apart."""
+    spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT.parent / "host_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "host.json"
+    (row,) = module.main(["--configs", "hc4_mixed", "--steps", "3", "--prompt", "8", "--out", str(out)]).values()
+    assert json.loads(out.read_text())["configs"]["hc4_mixed"] == json.loads(json.dumps(row))
+    assert row["triton_launches_per_step"] >= row["entries_per_step"] > row["stateful_entries_per_step"] > 0
+    assert {"attention", "linear_fp8", "moe_experts_q"} <= set(row["ops"])
+    assert all(o["us_per_call"] > 0 for o in row["ops"].values())
+    assert {op for op, o in row["ops"].items() if o["stateful"]} <= {"compress", "index_topk", "attention"}
+
+
 @pytest.mark.slow
 def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
     """bench/triton_gpu_check.py (meant for a GPU) in its interpreter mode: every launch of a tiny triton

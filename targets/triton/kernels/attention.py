@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, ceil_log2, check, check_tensor,
+from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, cdiv, ceil_log2, check, check_tensor,
                      dot_bf16, e4m3_quant, entry_layout, group_scale, launch_config, native_cvt, next_pow2, pow2,
                      same_device, sm_count, to_bf16, ue8m0_value)
 
@@ -322,8 +322,8 @@ def _split_kv(cfg, device, programs: int, max_keys: int) -> tuple[int, int]:
     """-> (runs, keys per run, a multiple of BLOCK_N). SPLIT_KV if set; else enough runs of >= 64 keys to
     give every SM two programs when (query, batch row, head block) programs alone do not (1 off a GPU)."""
     split = cfg["SPLIT_KV"] or max(1, min(-(-2 * sm_count(device) // programs), max_keys // MIN_KEYS_PER_SPLIT))
-    per = triton.cdiv(triton.cdiv(max_keys, split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    return triton.cdiv(max_keys, per), per
+    per = cdiv(cdiv(max_keys, split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    return cdiv(max_keys, per), per
 
 
 def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
@@ -379,7 +379,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     out = torch.empty(batch, s, heads, d, dtype=torch.float32, device=q.device)
     if batch * s:
         n_entries = k if mode == CSA else (pos0 + s) // max(rate, 1) if mode == HCA else 0
-        h_blocks = triton.cdiv(heads, cfg["BLOCK_H"])
+        h_blocks = cdiv(heads, cfg["BLOCK_H"])
         split, per = _split_kv(cfg, q.device, s * batch * h_blocks, min(window, pos0 + s) + n_entries)
         part, ml = out, out
         if split > 1:
@@ -399,7 +399,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
         if split > 1:
             rows = batch * s * heads
             block_r = 16
-            _combine_kernel[(triton.cdiv(rows, block_r),)](part, ml, out, rows, d, SPLIT=split, BLOCK_R=block_r,
+            _combine_kernel[(cdiv(rows, block_r),)](part, ml, out, rows, d, SPLIT=split, BLOCK_R=block_r,
                                                            BLOCK_D=max(16, next_pow2(d)))
     _write_ring(ring, stored, pos0)
     return out

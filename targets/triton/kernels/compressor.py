@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, FP4_BLOCK, FP8_BLOCK, KV_GROUP, bf16_bits, ceil_log2, check, check_tensor, e2m1_code,
-                     e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, pow2, same_device)
+from .common import (E4M3_MAX, FP4_BLOCK, FP8_BLOCK, KV_GROUP, bf16_bits, cdiv, ceil_log2, check, check_tensor,
+                     e2m1_code, e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, pow2, same_device)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 KV_FORMATS = ("f32", "bf16", "fp8_split", "fp8_block", "fp4_block")
@@ -267,13 +267,13 @@ def _launch(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, fir
         out.view(torch.int16) if fmt == FMT_BF16 else out, length, out.stride(0), out.stride(1), first * rate,
         float(eps), float(rope_scale), RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0,
         COL_CUR=d if overlap else 0, HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt, BLOCK_R=block_r,
-        BLOCK_P=next_pow2(triton.cdiv(d + 1, 2)), BLOCK_G=next_pow2(triton.cdiv(d - rope, KV_GROUP)),
+        BLOCK_P=next_pow2(cdiv(d + 1, 2)), BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
         num_warps=cfg["num_warps"])
     if not direct:
         fp4 = kv_format == "fp4_block"
         _encode_blocks_kernel[(n_win, batch)](
             out, rows, n_win, rows.stride(0), rows.stride(1), D=d, FP4=fp4,
-            BLOCK_G=next_pow2(triton.cdiv(d, FP4_BLOCK if fp4 else FP8_BLOCK)), num_warps=cfg["num_warps"])
+            BLOCK_G=next_pow2(cdiv(d, FP4_BLOCK if fp4 else FP8_BLOCK)), num_warps=cfg["num_warps"])
 
 
 def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap, eps, rope_scale=1.0,

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e4m3_quant, fake_quant,
-                     config_switch, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
+from .common import (E4M3_MAX, FP8_DOT_MIN_K, cdiv, check, check_tensor, config_switch, decode_scale, e4m3_quant,
+                     fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
                      same_device, sm_count, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -181,12 +181,12 @@ def quant_once(want, dynamic: bool, m: int, n_tiles: int, name: str) -> bool:
 def act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x3 [M, G, K] -> (e4m3 codes as uint8 [M, G, K], fp32 scales [M, G, cdiv(K, span)]) by _act_quant_kernel."""
     m, groups, k = x3.shape
-    n_groups = triton.cdiv(k, span)
+    n_groups = cdiv(k, span)
     codes = torch.empty(m, groups, k, dtype=torch.uint8, device=x3.device)
     scales = torch.empty(m, groups, n_groups, dtype=torch.float32, device=x3.device)
     block_g = next_pow2(span)
     block_r = max(1, min(next_pow2(m), 4096 // block_g))
-    _act_quant_kernel[(triton.cdiv(m, block_r), groups * n_groups)](
+    _act_quant_kernel[(cdiv(m, block_r), groups * n_groups)](
         x3, codes, scales, m, k, span, n_groups, *x3.stride(), UE8M0=ue8m0, BR=block_r, BG=block_g,
         num_warps=4)
     return codes, scales
@@ -269,15 +269,15 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     bo, bi = block
     bk = _pick_block_k(k, bi if scale is not None else k, group, cfg["BLOCK_K"])
     span = min(group, k) if mode == 1 else bk  # K span of one activation group (static / none: of one tile)
-    spans = triton.cdiv(k, span)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(r, cfg["BLOCK_N"]) * groups
-    per_split = triton.cdiv(spans, _split_k(cfg, x3.device, spans, tiles))
-    split = triton.cdiv(spans, per_split)
+    spans = cdiv(k, span)
+    tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(r, cfg["BLOCK_N"]) * groups
+    per_split = cdiv(spans, _split_k(cfg, x3.device, spans, tiles))
+    split = cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
     flat = span == bk or bk >= k  # every activation group (or span) is one K tile: a single pipelined K loop
     y = torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_N"]), groups * split)
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(r, cfg["BLOCK_N"]), groups * split)
     x_arg, x_scales = x3, y  # (y: an unused pointer)
     if quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
         x_arg, x_scales = act_quant(x3, span, ue8m0)
@@ -359,7 +359,7 @@ def _embed(name, tokens, weight, scale, block, config):
     y = torch.empty(flat.numel(), d, dtype=torch.float32, device=weight.device)
     if y.numel():
         s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
-        grid = (triton.cdiv(flat.numel(), cfg["BLOCK_T"]), triton.cdiv(d, cfg["BLOCK_D"]))
+        grid = (cdiv(flat.numel(), cfg["BLOCK_T"]), cdiv(d, cfg["BLOCK_D"]))
         _embed_kernel[grid](flat, weight, s, y, flat.numel(), v, d, block[0], block[1], *weight.stride(),
                             s.stride(0), s.stride(-1), SCALED=scale is not None, S_E8M0=s_e8m0,
                             BT=cfg["BLOCK_T"], BD=cfg["BLOCK_D"], num_warps=cfg["num_warps"])

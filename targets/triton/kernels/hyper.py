@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check, check_tensor, launch_config, next_pow2, same_device
+from .common import cdiv, check, check_tensor, launch_config, next_pow2, same_device
 
 MAX_HC = 8
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -204,7 +204,7 @@ def hc_expand(x, *, hc, config=None):
     if out.numel() == 0:
         return out
     opts = _options(config, d, d, "hc_expand")
-    grid = (b * s, triton.cdiv(d, opts["BLOCK_D"]))
+    grid = (b * s, cdiv(d, opts["BLOCK_D"]))
     _hc_expand_kernel[grid](x.contiguous(), out, d, HC=hc, HCP=next_pow2(hc), BLOCK_D=opts["BLOCK_D"],
                             num_warps=opts["num_warps"])
     return out
@@ -252,7 +252,7 @@ def hc_post(out, streams, post, comb, *, config=None):
     if new.numel() == 0:
         return new
     opts = _options(config, d, d, "hc_post")
-    grid = (b * s, triton.cdiv(d, opts["BLOCK_D"]))
+    grid = (b * s, cdiv(d, opts["BLOCK_D"]))
     _hc_post_kernel[grid](out.contiguous(), streams.contiguous(), post.contiguous(), comb.contiguous(), new, d,
                           HC=hc, HCP=next_pow2(hc), BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
     return new

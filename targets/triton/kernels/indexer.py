@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (STORAGE_DTYPES, bf16_value, check, check_tensor, e2m1_value, entry_layout, launch_config,
+from .common import (STORAGE_DTYPES, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout, launch_config,
                      next_pow2, same_device, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
@@ -146,7 +146,7 @@ def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key
     scores = torch.empty(batch, s, n_entries, dtype=torch.float32, device=q.device)
     if batch * s * n_entries:
         view = keys.view(torch.int16) if keys.dtype == torch.bfloat16 else keys
-        _score_kernel[(s, batch, triton.cdiv(n_entries, cfg["BLOCK_T"]))](
+        _score_kernel[(s, batch, cdiv(n_entries, cfg["BLOCK_T"]))](
             q, weights, view, scores, s, heads, n_entries, pos0, rate, keys.shape[1], float(score_scale),
             float(weight_scale), D=d, W=keys.shape[2], FMT=FORMATS[key_format], BLOCK_T=cfg["BLOCK_T"],
             BLOCK_D=next_pow2(d), num_warps=cfg["num_warps"])

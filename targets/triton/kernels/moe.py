@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, FP8_DOT_MIN_K, check, check_tensor, decode_scale, e2m1_value, fake_quant,
-                     config_switch, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
+from .common import (E4M3_MAX, FP8_DOT_MIN_K, cdiv, check, check_tensor, config_switch, decode_scale, e2m1_value,
+                     fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
                      same_device, swiglu_value, to_e4m3)
 from .gemm import act_quant, quant_once
 
@@ -221,7 +221,7 @@ def _act(name, act, k, block_k):
     check(fmt in ("fp32", "ue8m0"), f"{name}: scale_format {fmt!r}; supported: fp32, ue8m0")
     seg = min(group, k)  # one group over all of K quantizes like one of exactly K
     width = max(16, min(block_k, next_pow2(seg)))
-    return {**plain, "SEG": seg, "ACT": ACT_DYNAMIC, "NCHUNK": triton.cdiv(seg, width), "UE8M0": fmt == "ue8m0",
+    return {**plain, "SEG": seg, "ACT": ACT_DYNAMIC, "NCHUNK": cdiv(seg, width), "UE8M0": fmt == "ue8m0",
             "BK": width}
 
 
@@ -261,7 +261,7 @@ def _tiles(flat_idx, n_experts, bm):
 def max_tiles(pairs: int, n_experts: int, bm: int) -> int:
     """Tiles of <= bm pairs of one expert that P pairs over E experts can need: sum_e ceil(c_e / bm) <=
     ceil(P / bm) + min(E, P) (each expert with pairs adds at most one partial tile)."""
-    return triton.cdiv(pairs, bm) + min(n_experts, pairs)
+    return cdiv(pairs, bm) + min(n_experts, pairs)
 
 
 def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_q") -> bool:
@@ -289,7 +289,7 @@ def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None,
     fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], fp8_dot, name)
     if fp8_dot:
         weight = {**weight, "w_ptr": weight["w_ptr"].view(torch.uint8)}
-    n_tiles = triton.cdiv(out.shape[1], bn)
+    n_tiles = cdiv(out.shape[1], bn)
     a_scales = a  # (an unused pointer)
     if quant_once(once, act["ACT"] == ACT_DYNAMIC, out.shape[0], n_tiles, name):
         codes, a_scales = act_quant(a.unsqueeze(1), act["SEG"], act["UE8M0"])
@@ -336,7 +336,7 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), pw=pw, bm=bm, bn=bn,
                   fp8_dot=cfg["FP8_DOT"], once=cfg["QUANT_ONCE"],
                   warps=cfg["num_warps"], stages=cfg["num_stages"], name=name)
-    _combine_kernel[(tokens, triton.cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
+    _combine_kernel[(tokens, cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return out.view(x.shape)
 
 
@@ -393,7 +393,7 @@ def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, *, 
     for name, s, (rows, cols), (bo, bi) in (("gate_up_scale", gate_up_scale, (two_i, d), blocks[0]),
                                             ("down_scale", down_scale, (d, inter), blocks[1])):
         check_tensor(name, s, dtypes=scale_types, dim=3)
-        want = (e, triton.cdiv(rows, bo), triton.cdiv(cols, bi))
+        want = (e, cdiv(rows, bo), cdiv(cols, bi))
         check(tuple(s.shape) == want, f"{name}: expected shape {list(want)}, got {list(s.shape)}")
     same_device(gate_up=gate_up, gate_up_scale=gate_up_scale, down=down, down_scale=down_scale)
     return _run_experts("moe_experts_q", x, weights, idx, _weight(gate_up, gate_up_scale, format, blocks[0]),

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, check, check_tensor, e4m3_quant, group_scale, launch_config, next_pow2, same_device,
-                     swiglu_value)
+from .common import (E4M3_MAX, cdiv, check, check_tensor, e4m3_quant, group_scale, launch_config, next_pow2,
+                     same_device, swiglu_value)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
@@ -188,7 +188,7 @@ def swiglu(gate, up, *, limit=None, config=None):
     y = torch.empty(gate.shape, dtype=torch.float32, device=gate.device)
     n, block = gate.numel(), cfg["block"]
     if n:
-        _swiglu_kernel[(triton.cdiv(n, block),)](gate, up, y, n, 0.0 if limit is None else float(limit),
+        _swiglu_kernel[(cdiv(n, block),)](gate, up, y, n, 0.0 if limit is None else float(limit),
                                                  HAS_LIMIT=limit is not None, BLOCK=block, num_warps=cfg["num_warps"])
     return y
 
@@ -207,7 +207,7 @@ def add(a, b, *, config=None):
     y = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     n, block = a.numel(), cfg["block"]
     if n:
-        _add_kernel[(triton.cdiv(n, block),)](a, b, y, n, BLOCK=block, num_warps=cfg["num_warps"])
+        _add_kernel[(cdiv(n, block),)](a, b, y, n, BLOCK=block, num_warps=cfg["num_warps"])
     return y
 
 
@@ -231,7 +231,7 @@ def rope(x, positions, inv_freq, *, inverse=False, scale=1.0, config=None):
         return y
     heads = rows // (batch * seq)
     block_m = cfg["block_m"]
-    _rope_kernel[(triton.cdiv(rows, block_m),)](
+    _rope_kernel[(cdiv(rows, block_m),)](
         x, positions.contiguous(), inv_freq.float().contiguous(), y, rows, seq, heads, float(scale), D=d,
         NOPE=d - 2 * half, HALF=half, INVERSE=bool(inverse), BLOCK_M=block_m, BLOCK_NOPE=next_pow2(d - 2 * half),
         BLOCK_HALF=next_pow2(half), num_warps=cfg["num_warps"])

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check, check_tensor, host_values, launch_config, next_pow2, once, same_device
+from .common import cdiv, check, check_tensor, host_values, launch_config, next_pow2, once, same_device
 
 MAX_EXPERTS = 1024
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -101,7 +101,7 @@ def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config):
     w_out = torch.empty(m, k, dtype=torch.float32, device=x.device)
     i_out = torch.empty(m, k, dtype=torch.int64, device=x.device)
     if m:
-        _router_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        _router_kernel[(cdiv(m, cfg["BLOCK_M"]),)](
             xf, weight, weight if bias is None else bias, weight if table is None else table,
             weight if tokens is None else tokens, w_out, i_out, m, d, n_exp, 0 if table is None else table.shape[0],
             float(scale), K=k,

@@ -1,0 +1,155 @@
+"""The host time of a triton artifact's decode step without its kernels: what v4c's Python costs per step.
+
+On the H100 (results/triton_gpu.json) a `small` decode step was host-bound: 254 launcher calls around kernels of
+microseconds. This measures that host side on any machine, without a GPU: the `small` / `medium` triton artifact
+(the FP8 recipe of bench/triton_gpu.py) runs its decode steps with every launcher deciding as on an H100
+(tests/gpu_semantics.as_gpu: native casts, no host id checks, 132 SMs) but every Triton launch replaced by a
+no-op that counts it. What is left is the executor, the launchers' checks and config lookups, and the torch ops
+they issue (on the CPU here; on a GPU they are asynchronous launches of similar host cost). Triton's own launcher
+(`JITFunction.run`: argument binding, specialization, the driver call) is not in it: it needs a GPU, and comes on
+top, per Triton launch (counted).
+
+Nothing is computed, so buffers are zeros (`torch.empty` is `torch.zeros` during the steps, so gathered ids stay
+in range). Each decode step is timed whole and per plan entry; the entries of the stateful ops (compress,
+index_topk, attention) are those a CUDA-graph session still calls from Python.
+
+    TRITON_INTERPRET=1 .venv/bin/python bench/host_overhead.py [--configs small,medium] [--steps 50]
+        [--out bench/results/host_overhead.json]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors, nothing compiled
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # gpu_semantics
+
+from triton_gpu import MEDIUM, SMALL, _build  # noqa: E402
+
+STATEFUL = ("compress", "index_topk", "attention")
+
+
+class NoLaunch:
+    """Every Triton launch (kernel[grid](...)) counted and skipped."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __enter__(self):
+        self.saved = InterpretedFunction.run
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            self.launches += 1
+        InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        InterpretedFunction.run = self.saved
+
+
+def measure(path: Path, steps: int, prompt: int) -> dict:
+    import pytest
+    from gpu_semantics import as_gpu
+
+    import v4c.runtime.kernelset as kernelset
+    from v4c.runtime.artifact import open_artifact
+    from v4c.runtime.executor import Session
+    art = open_artifact(path)
+    kernels = kernelset.triton_kernels(art.store, art.manifest, device="cpu")
+    session = Session(art.program, art.weights(), kernels=kernels)
+    patch = pytest.MonkeyPatch()
+    as_gpu(patch, sms=132)  # the artifact's kernel package is loaded now
+    empty = torch.empty
+    patch.setattr(torch, "empty", lambda *a, **k: torch.zeros(*a, **k) if "out" not in k else empty(*a, **k))
+    try:
+        with NoLaunch() as counter:
+            session.forward(torch.zeros(1, prompt, dtype=torch.long))  # prefill: plans, first-call caches
+            session.forward(torch.zeros(1, 1, dtype=torch.long))  # the decode plan
+            plan = session._plans[1]
+            per_label = defaultdict(list)
+
+            def timed(fn, label):
+                def call(*args, **kwargs):
+                    t0 = time.perf_counter_ns()
+                    fn(*args, **kwargs)
+                    per_label[label].append(time.perf_counter_ns() - t0)
+                return call
+            plan.entries = [(timed(fn, label), args, kw) for (fn, args, kw), label in zip(plan.entries, plan.labels)]
+            step_ns, launches = [], counter.launches
+            for _ in range(steps):
+                t0 = time.perf_counter_ns()
+                session.forward(torch.zeros(1, 1, dtype=torch.long))
+                step_ns.append(time.perf_counter_ns() - t0)
+            launches = (counter.launches - launches) / steps
+    finally:
+        patch.undo()
+    ops = {}
+    for label, ns in per_label.items():
+        op = label.split(":", 1)[1]
+        calls = len(ns) // steps
+        row = ops.setdefault(op, {"calls_per_step": 0, "us_per_step": 0.0, "stateful": op in STATEFUL})
+        row["calls_per_step"] += calls
+        row["us_per_step"] += sum(ns) / steps / 1e3
+    for row in ops.values():
+        row["us_per_call"] = round(row["us_per_step"] / max(row["calls_per_step"], 1), 1)
+        row["us_per_step"] = round(row["us_per_step"], 1)
+    entries = sum(r["calls_per_step"] for r in ops.values())
+    stateful = [r for r in ops.values() if r["stateful"]]
+    return {"decode_step_us": {"median": round(statistics.median(step_ns) / 1e3, 1),
+                               "min": round(min(step_ns) / 1e3, 1), "max": round(max(step_ns) / 1e3, 1)},
+            "entries_per_step": entries, "triton_launches_per_step": launches,
+            "entries_us_per_step": round(sum(r["us_per_step"] for r in ops.values()), 1),
+            "stateful_entries_per_step": sum(r["calls_per_step"] for r in stateful),
+            "stateful_us_per_step": round(sum(r["us_per_step"] for r in stateful), 1),
+            "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["us_per_step"]))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="small,medium", help="small, medium (issue 7's), or a tiny test config such "
+                    "as hc4_mixed")
+    ap.add_argument("--steps", type=int, default=50, help="decode steps timed per config")
+    ap.add_argument("--prompt", type=int, default=64, help="prefill tokens before the decode steps (not timed)")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            kwargs = {"small": SMALL, "medium": MEDIUM}.get(name, name)  # or a test config (tests/oracle.py)
+            path, _ = _build(Path(tmp), name, kwargs, args.prompt, args.steps + 2)
+            r = rows[name] = measure(path, args.steps, args.prompt)
+            print(f"{name}: decode step {r['decode_step_us']['median']:.0f} us of host time without kernels "
+                  f"({r['entries_per_step']} entries, {r['triton_launches_per_step']:.0f} Triton launches; the "
+                  f"{r['stateful_entries_per_step']} stateful entries {r['stateful_us_per_step']:.0f} us)", flush=True)
+            for op, o in r["ops"].items():
+                print(f"  {op:22} {o['calls_per_step']:4} calls {o['us_per_call']:8.1f} us/call "
+                      f"{o['us_per_step']:9.1f} us/step{'  (stateful)' if o['stateful'] else ''}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "benchmark": "host_overhead", "date": time.strftime("%Y-%m-%d"),
+            "command": "TRITON_INTERPRET=1 .venv/bin/python bench/host_overhead.py " + " ".join(argv or sys.argv[1:]),
+            "what": "host time of one decode step with every Triton launch skipped (launchers deciding as on an "
+                    "H100); Triton's own launcher cost per launch is not included",
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "python": platform.python_version(), "torch": torch.__version__,
+                        "triton": triton.__version__},
+            "recipe": "bench/triton_gpu.py FP8_RECIPE", "steps": args.steps, "configs": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
