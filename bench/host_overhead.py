@@ -32,7 +32,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -43,27 +42,10 @@ from triton_gpu import MEDIUM, SMALL, _build  # noqa: E402
 STATEFUL = ("compress", "index_topk", "attention")
 
 
-class NoLaunch:
-    """Every Triton launch (kernel[grid](...)) counted and skipped."""
-
-    def __init__(self):
-        self.launches = 0
-
-    def __enter__(self):
-        self.saved = InterpretedFunction.run
-
-        def run(fn, *args, grid, warmup, **kwargs):
-            self.launches += 1
-        InterpretedFunction.run = run
-        return self
-
-    def __exit__(self, *exc):
-        InterpretedFunction.run = self.saved
-
-
 def measure(path: Path, steps: int, prompt: int) -> dict:
     import pytest
     from gpu_semantics import as_gpu
+    from triton.runtime.interpreter import InterpretedFunction
 
     import v4c.runtime.kernelset as kernelset
     from v4c.runtime.artifact import open_artifact
@@ -75,26 +57,27 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
     as_gpu(patch, sms=132)  # the artifact's kernel package is loaded now
     empty = torch.empty
     patch.setattr(torch, "empty", lambda *a, **k: torch.zeros(*a, **k) if "out" not in k else empty(*a, **k))
+    launched = []  # every Triton launch (kernel[grid](...)) counted and skipped
+    patch.setattr(InterpretedFunction, "run", lambda fn, *args, grid, warmup, **kwargs: launched.append(fn))
     try:
-        with NoLaunch() as counter:
-            session.forward(torch.zeros(1, prompt, dtype=torch.long))  # prefill: plans, first-call caches
-            session.forward(torch.zeros(1, 1, dtype=torch.long))  # the decode plan
-            plan = session._plans[1]
-            per_label = defaultdict(list)
+        session.forward(torch.zeros(1, prompt, dtype=torch.long))  # prefill: plans, first-call caches
+        session.forward(torch.zeros(1, 1, dtype=torch.long))  # the decode plan
+        plan = session._plans[1]
+        per_label = defaultdict(list)
 
-            def timed(fn, label):
-                def call(*args, **kwargs):
-                    t0 = time.perf_counter_ns()
-                    fn(*args, **kwargs)
-                    per_label[label].append(time.perf_counter_ns() - t0)
-                return call
-            plan.entries = [(timed(fn, label), args, kw) for (fn, args, kw), label in zip(plan.entries, plan.labels)]
-            step_ns, launches = [], counter.launches
-            for _ in range(steps):
+        def timed(fn, label):
+            def call(*args, **kwargs):
                 t0 = time.perf_counter_ns()
-                session.forward(torch.zeros(1, 1, dtype=torch.long))
-                step_ns.append(time.perf_counter_ns() - t0)
-            launches = (counter.launches - launches) / steps
+                fn(*args, **kwargs)
+                per_label[label].append(time.perf_counter_ns() - t0)
+            return call
+        plan.entries = [(timed(fn, label), args, kw) for (fn, args, kw), label in zip(plan.entries, plan.labels)]
+        step_ns, before = [], len(launched)
+        for _ in range(steps):
+            t0 = time.perf_counter_ns()
+            session.forward(torch.zeros(1, 1, dtype=torch.long))
+            step_ns.append(time.perf_counter_ns() - t0)
+        launches = (len(launched) - before) / steps
     finally:
         patch.undo()
     ops = {}

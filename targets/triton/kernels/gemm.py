@@ -270,14 +270,14 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     bk = _pick_block_k(k, bi if scale is not None else k, group, cfg["BLOCK_K"])
     span = min(group, k) if mode == 1 else bk  # K span of one activation group (static / none: of one tile)
     spans = cdiv(k, span)
-    tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(r, cfg["BLOCK_N"]) * groups
-    per_split = cdiv(spans, _split_k(cfg, x3.device, spans, tiles))
+    grid_m, grid_n = cdiv(m, cfg["BLOCK_M"]), cdiv(r, cfg["BLOCK_N"])
+    per_split = cdiv(spans, _split_k(cfg, x3.device, spans, grid_m * grid_n * groups))
     split = cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
     flat = span == bk or bk >= k  # every activation group (or span) is one K tile: a single pipelined K loop
     y = torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
-    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(r, cfg["BLOCK_N"]), groups * split)
+    grid = (grid_m, grid_n, groups * split)
     x_arg, x_scales = x3, y  # (y: an unused pointer)
     if quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
         x_arg, x_scales = act_quant(x3, span, ue8m0)

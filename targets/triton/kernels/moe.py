@@ -124,8 +124,7 @@ def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s
 # --- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr,
-                         N, K,
-                         s_rows, s_cols, act_scale, limit, SEG, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                         N, K, s_rows, s_cols, act_scale, limit, SEG, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
                          ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
                          SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
                          NATIVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -278,26 +277,26 @@ def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_
     return config_switch("FP8_DOT", want, needs, name)
 
 
-def _grouped_gemm(a, out, tiles, weight, act, *, rows=None, pw=None, limit=None, bm, bn, fp8_dot, once, warps, stages,
-                  name):
+def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=None, name):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
-    fp8_dot / once: the FP8_DOT / QUANT_ONCE config values. QUANT_ONCE ("auto": from 64 pairs on, with more
+    cfg: the launch config (`_run_experts`). QUANT_ONCE ("auto": from 64 pairs on, with more
     than one N tile) quantizes dynamic activations once, one row of `a` at a time (gemm.act_quant), instead of
     in every N tile of every pair: gate_up's input is then quantized once per token, not per (token, expert)."""
     swiglu = rows is not None
-    fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], fp8_dot, name)
+    fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], cfg["FP8_DOT"], name)
     if fp8_dot:
         weight = {**weight, "w_ptr": weight["w_ptr"].view(torch.uint8)}
-    n_tiles = cdiv(out.shape[1], bn)
+    n_tiles = cdiv(out.shape[1], cfg["BLOCK_N"])
     a_scales = a  # (an unused pointer)
-    if quant_once(once, act["ACT"] == ACT_DYNAMIC, out.shape[0], n_tiles, name):
+    if quant_once(cfg["QUANT_ONCE"], act["ACT"] == ACT_DYNAMIC, out.shape[0], n_tiles, name):
         codes, a_scales = act_quant(a.unsqueeze(1), act["SEG"], act["UE8M0"])
         a, act = codes.squeeze(1), {**act, "ACT": ACT_CODES}
     _experts_gemm_kernel[(tiles[0].numel(), n_tiles)](
         a, a_scales, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
-        limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None, BM=bm, BN=bn,
-        FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act, num_warps=warps, num_stages=stages)
+        limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None,
+        BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config):
@@ -320,8 +319,8 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     flat = idx.reshape(-1).long()
     if host_values(flat):  # on a GPU this read would wait for it; the runtime's routers emit ids in range
         check(0 <= int(flat.min()) and int(flat.max()) < n_experts, f"idx: expert ids must be in [0, {n_experts})")
-    bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
-    order, tile_e, tile_lo, tile_hi = _tiles(flat, n_experts, bm)
+    bk, bd = cfg["BLOCK_K"], cfg["BLOCK_D"]
+    order, tile_e, tile_lo, tile_hi = _tiles(flat, n_experts, cfg["BLOCK_M"])
     tiles = (tile_e, tile_lo, tile_hi)
     pos = torch.empty_like(order)
     pos[order] = torch.arange(order.numel(), device=x.device)
@@ -329,13 +328,10 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     mid = torch.empty(order.numel(), inter, dtype=torch.float32, device=x.device)
     y = torch.empty(order.numel(), d, dtype=torch.float32, device=x.device)
     xf = x.reshape(tokens, d).contiguous()
-    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), rows=(order // k).int(), limit=limit, bm=bm, bn=bn,
-                  fp8_dot=cfg["FP8_DOT"], once=cfg["QUANT_ONCE"],
-                  warps=cfg["num_warps"], stages=cfg["num_stages"], name=name)
+    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), cfg, rows=(order // k).int(), limit=limit,
+                  name=name)
     pw = weights.reshape(-1).float()[order].contiguous()
-    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), pw=pw, bm=bm, bn=bn,
-                  fp8_dot=cfg["FP8_DOT"], once=cfg["QUANT_ONCE"],
-                  warps=cfg["num_warps"], stages=cfg["num_stages"], name=name)
+    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), cfg, pw=pw, name=name)
     _combine_kernel[(tokens, cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return out.view(x.shape)
 
