@@ -40,6 +40,42 @@ sys.path.insert(0, str(ROOT / "tests"))  # gpu_semantics
 from triton_gpu import MEDIUM, SMALL, _build  # noqa: E402
 
 STATEFUL = ("compress", "index_topk", "attention")
+FACTORIES = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+
+
+def _device_op_counter():
+    """A TorchDispatchMode counting the torch ops that would run a kernel on a GPU: not views (an op whose
+    result aliases its input without writing it), not bare allocations (torch.empty), not scalar reads
+    (`.item()`, counted apart as host syncs: on a GPU each waits for it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.label, self.kernels, self.syncs = None, defaultdict(int), defaultdict(int)
+            self.names = defaultdict(lambda: defaultdict(int))  # label -> aten op -> count
+            self.active, self.hidden = False, 0  # hidden: zero_ calls of the bench's own (torch.empty as zeros)
+
+        def __enter__(self):
+            self.active = True
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            self.active = False
+            return super().__exit__(*exc)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "zero_" and self.hidden:
+                self.hidden -= 1
+            elif name == "_local_scalar_dense":
+                self.syncs[self.label] += 1
+            elif name not in FACTORIES and not any(r.alias_info is not None and not r.alias_info.is_write
+                                                   for r in func._schema.returns):
+                self.kernels[self.label] += 1
+                self.names[self.label][name] += 1
+            return func(*args, **(kwargs or {}))
+    return Counter()
 
 
 def measure(path: Path, steps: int, prompt: int) -> dict:
@@ -55,8 +91,15 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
     session = Session(art.program, art.weights(), kernels=kernels)
     patch = pytest.MonkeyPatch()
     as_gpu(patch, sms=132)  # the artifact's kernel package is loaded now
-    empty = torch.empty
-    patch.setattr(torch, "empty", lambda *a, **k: torch.zeros(*a, **k) if "out" not in k else empty(*a, **k))
+    empty, counter = torch.empty, _device_op_counter()
+
+    def zeroed(*a, **k):  # the bench's, not the launchers': not counted as a kernel
+        t = empty(*a, **k)
+        if "out" not in k:
+            counter.hidden += counter.active
+            t.zero_()
+        return t
+    patch.setattr(torch, "empty", zeroed)
     launched = []  # every Triton launch (kernel[grid](...)) counted and skipped
     patch.setattr(InterpretedFunction, "run", lambda fn, *args, grid, warmup, **kwargs: launched.append(fn))
     try:
@@ -66,10 +109,14 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
         per_label = defaultdict(list)
 
         def timed(fn, label):
+            op = label.split(":", 1)[1]
+
             def call(*args, **kwargs):
+                counter.label = op
                 t0 = time.perf_counter_ns()
                 fn(*args, **kwargs)
                 per_label[label].append(time.perf_counter_ns() - t0)
+                counter.label = None  # the executor's own ops, between entries
             return call
         plan.entries = [(timed(fn, label), args, kw) for (fn, args, kw), label in zip(plan.entries, plan.labels)]
         step_ns, before = [], len(launched)
@@ -78,8 +125,15 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
             session.forward(torch.zeros(1, 1, dtype=torch.long))
             step_ns.append(time.perf_counter_ns() - t0)
         launches = (len(launched) - before) / steps
+        timed_calls = {label: len(ns) for label, ns in per_label.items()}
+        counted = 2  # then a few steps untimed, counting the torch ops each entry issues
+        with counter:
+            for _ in range(counted):
+                session.forward(torch.zeros(1, 1, dtype=torch.long))
     finally:
         patch.undo()
+    for label, ns in per_label.items():
+        del ns[timed_calls[label]:]  # the counted steps' times (under the mode) are not kept
     ops = {}
     for label, ns in per_label.items():
         op = label.split(":", 1)[1]
@@ -87,7 +141,10 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
         row = ops.setdefault(op, {"calls_per_step": 0, "us_per_step": 0.0, "stateful": op in STATEFUL})
         row["calls_per_step"] += calls
         row["us_per_step"] += sum(ns) / steps / 1e3
-    for row in ops.values():
+    for op, row in ops.items():
+        per = counted * max(row["calls_per_step"], 1)
+        row["torch_kernels_per_call"] = round(counter.kernels[op] / per, 1)
+        row["torch_kernel_ops"] = {name: round(n / per, 1) for name, n in sorted(counter.names[op].items())}
         row["us_per_call"] = round(row["us_per_step"] / max(row["calls_per_step"], 1), 1)
         row["us_per_step"] = round(row["us_per_step"], 1)
     entries = sum(r["calls_per_step"] for r in ops.values())
@@ -96,6 +153,9 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
                                "min": round(min(step_ns) / 1e3, 1), "max": round(max(step_ns) / 1e3, 1)},
             "entries_per_step": entries, "triton_launches_per_step": launches,
             "entries_us_per_step": round(sum(r["us_per_step"] for r in ops.values()), 1),
+            "torch_kernels_per_step": sum(counter.kernels.values()) / counted,
+            "host_syncs_per_step": sum(counter.syncs.values()) / counted,
+            "executor_torch_kernels_per_step": counter.kernels[None] / counted,
             "stateful_entries_per_step": sum(r["calls_per_step"] for r in stateful),
             "stateful_us_per_step": round(sum(r["us_per_step"] for r in stateful), 1),
             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["us_per_step"]))}
@@ -116,11 +176,12 @@ def main(argv=None):
             path, _ = _build(Path(tmp), name, kwargs, args.prompt, args.steps + 2)
             r = rows[name] = measure(path, args.steps, args.prompt)
             print(f"{name}: decode step {r['decode_step_us']['median']:.0f} us of host time without kernels "
-                  f"({r['entries_per_step']} entries, {r['triton_launches_per_step']:.0f} Triton launches; the "
+                  f"({r['entries_per_step']} entries, {r['triton_launches_per_step']:.0f} Triton launches, "
+                  f"{r['torch_kernels_per_step']:.0f} torch kernels, {r['host_syncs_per_step']:.0f} host syncs; the "
                   f"{r['stateful_entries_per_step']} stateful entries {r['stateful_us_per_step']:.0f} us)", flush=True)
             for op, o in r["ops"].items():
                 print(f"  {op:22} {o['calls_per_step']:4} calls {o['us_per_call']:8.1f} us/call "
-                      f"{o['us_per_step']:9.1f} us/step{'  (stateful)' if o['stateful'] else ''}")
+                      f"{o['us_per_step']:9.1f} us/step {o['torch_kernels_per_call']:5.1f} torch kernels/call{'  (stateful)' if o['stateful'] else ''}")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "benchmark": "host_overhead", "date": time.strftime("%Y-%m-%d"),

@@ -217,12 +217,13 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
 
 def moe_cases(extra: list[dict]) -> list[dict]:
     """The FP8 grouped expert GEMM at V4-Flash's expert shapes (D 4096, moe_intermediate 2048, 128x128 blocks,
-    top-6), decode (16 tokens) and prefill (4096): 16 experts stand in for 256 (the kernels' code does not
-    depend on their number) and the weights are zero codes, since nothing runs."""
+    top-6), decode (16 tokens) and prefill (4096): 16 experts stand in for 256 (the GEMMs' code does not
+    depend on their number) and the weights are zero codes, since nothing runs; and the decode pair bookkeeping
+    (moe._pairs) over 256 experts."""
     from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
 
     from v4c.targets.triton.configs import heuristic
-    from v4c.targets.triton.kernels.moe import moe_experts_q
+    from v4c.targets.triton.kernels.moe import _pairs, moe_experts_q
     experts, top = 16, 6
     two_i, d = FLASH_GEMMS["expert_gate_up"]
     inter = two_i // 2
@@ -238,6 +239,10 @@ def moe_cases(extra: list[dict]) -> list[dict]:
                         "call": lambda cfg=cfg, x=x, w=w, idx=idx: moe_experts_q(
                             x, w, idx, gate_up, scales[0], down, scales[1], format="fp8", block=[128, 128],
                             down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
+    for m in (DECODE_TOKENS[0], 256):  # the decode bookkeeping over V4-Flash's 256 experts (its code does depend)
+        idx = torch.stack([torch.randperm(256)[:top] for _ in range(m)])
+        out.append({"case": f"moe pairs experts=256 top={top} m={m}", "config": {},
+                    "call": lambda idx=idx: _pairs(idx, torch.rand(idx.shape), 256, 16)})
     return out
 
 

@@ -17,6 +17,7 @@ refused its inputs at run time. With `strict`, a refusal is an error instead.
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -86,15 +87,42 @@ class _Launch:
         call shape; a step that fell back runs a torch kernel, which may read values."""
         return not self.fallen
 
+    def _run(self, args, kwargs, config: dict, **into):
+        if not self.fallen:
+            try:
+                return self.launcher(*args, config=config, **into, **kwargs)
+            except ValueError as e:
+                self.owner.fall_back(self.index, self.kernel, f"the triton launcher refused its inputs: {e}")
+                self.fallen = True
+        return KERNELS[self.kernel](*args, **kwargs)
+
     def __call__(self, *args, **kwargs):
-        if self.fallen:
-            return KERNELS[self.kernel](*args, **kwargs)
-        try:
-            return self.launcher(*args, config=_pick(self.configs, _tokens(args[0]) if args else 1), **kwargs)
-        except ValueError as e:
-            self.owner.fall_back(self.index, self.kernel, f"the triton launcher refused its inputs: {e}")
-            self.fallen = True
-            return KERNELS[self.kernel](*args, **kwargs)
+        return self._run(args, kwargs, _pick(self.configs, _tokens(args[0]) if args else 1))
+
+    def bind(self, inputs: list, outs: list, attrs: dict) -> list[tuple] | None:
+        """This step's plan entry (executor): the launcher writes its results straight into the planned
+        buffers `outs` (its `into`: no copy after it, on a GPU one kernel fewer a step), with the config of
+        the plan's call shape picked once. A result elsewhere (a torch fallback, or a buffer the launcher
+        could not write) is copied in. None, so the executor runs and copies as for any kernel, for a step
+        without results or a launcher without `into` (an artifact packaged before it)."""
+        if not outs or "into" not in _parameters(self.launcher):
+            return None
+        into = outs[0] if len(outs) == 1 else tuple(outs)
+        config = _pick(self.configs, _tokens(inputs[0]) if inputs else 1)
+
+        def run(*args, **kwargs):
+            got = self._run(args, kwargs, config, into=into)
+            for buffer, value in zip(outs, (got,) if len(outs) == 1 else got):
+                if value.data_ptr() != buffer.data_ptr():
+                    buffer.copy_(value)
+        return [(run, inputs, attrs)]
+
+
+def _parameters(fn: Callable) -> frozenset:
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # no signature to read
+        return frozenset()
 
 
 class ArtifactKernels:

@@ -82,7 +82,8 @@ def test_attention_indexer_and_experts_compile_for_an_h100_without_spills(tmp_pa
     bundled ptxas (no GPU needed). At V4-Flash decode shapes the default configs must not spill: before, attention
     spilled ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local
     memory serves far below the kernels' bandwidth. The experts' prefill heuristic must take Hopper's fp8 wgmma
-    over activations quantized once, without spills."""
+    over activations quantized once, without spills; their decode bookkeeping (one program, a one-hot over 256
+    experts) must not spill either."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention,indexer,moe",
@@ -90,7 +91,7 @@ def test_attention_indexer_and_experts_compile_for_an_h100_without_spills(tmp_pa
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
-                                          "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel"}
+                                          "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel"}
     experts = [r for r in rows if r["kernel"] == "_experts_gemm_kernel" and r["case"].endswith("m=4096")]
     assert len(experts) == 2  # gate_up and down
     for r in experts:

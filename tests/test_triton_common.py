@@ -229,3 +229,74 @@ def test_entry_layout_is_quants():
             assert common.entry_layout(fmt, d, rope) == (names[dtype], width), (fmt, d, rope)
     with pytest.raises(ValueError, match="KV format 'fp8' is not supported"):
         common.entry_layout("fp8", 8, 0)
+
+
+def _into_cases():
+    """(launcher name, args, keywords) of every launcher with results, at tiny sizes."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+    w8 = r(12, 16).to(torch.float8_e4m3fn)
+    streams, hc, d = r(1, 3, 2, 8), 2, 8
+    state = (torch.zeros(1, 3, 8),)
+    return [
+        ("rms_norm", (r(1, 3, 16), r(16)), {"eps": 1e-6}),
+        ("rms_norm_quant", (r(1, 3, 16), r(16)), {"eps": 1e-6, "group": 8}),
+        ("swiglu", (r(1, 3, 16), r(1, 3, 16)), {"limit": 7.0}),
+        ("add", (r(1, 3, 16), r(16)), {}),
+        ("rope", (r(1, 3, 2, 16), torch.arange(3), r(4).abs()), {}),
+        ("linear", (r(1, 3, 16), r(12, 16)), {}),
+        ("grouped_linear", (r(1, 3, 2, 16), r(12, 16)), {"groups": 2}),
+        ("linear_fp8", (r(1, 3, 16), w8, r(1, 1).abs()), {"block": [128, 128], "act": {"mode": "dynamic", "group": 16}}),
+        ("linear_fp8", (r(1, 3, 64), r(12, 64).to(torch.float8_e4m3fn), r(1, 1).abs()),  # split K, summed into it
+         {"block": [128, 128], "act": {"mode": "dynamic", "group": 16}, "config": {"SPLIT_K": 4}}),
+        ("grouped_linear_fp8", (r(1, 3, 2, 16), w8, r(1, 1).abs()), {"groups": 2, "block": [128, 128],
+                                                                     "act": {"mode": "none"}}),
+        ("embed", (torch.tensor([[1, 4, 2]]), r(6, 16)), {}),
+        ("embed_fp8", (torch.tensor([[1, 4, 2]]), w8, r(1, 1).abs()), {"block": [128, 128]}),
+        ("route_topk", (r(1, 3, 16), r(6, 16), r(6)), {"k": 2, "score_func": "sigmoid", "scale": 1.5}),
+        ("route_hash", (r(1, 3, 16), r(6, 16), torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.tensor([[0, 2, 1]])),
+         {"score_func": "softmax", "scale": 1.0}),
+        ("moe_experts", (r(1, 3, 16), r(1, 3, 2).abs(), torch.tensor([[[0, 1], [2, 0], [1, 2]]]), r(3, 8, 16),
+                         r(3, 16, 4)), {}),
+        ("hc_expand", (r(1, 3, d),), {"hc": hc}),
+        ("hc_pre", (streams, r((2 + hc) * hc, hc * d), r((2 + hc) * hc), r(3)), {"iters": 3, "eps": 1e-6,
+                                                                                "norm_eps": 1e-6}),
+        ("hc_post", (r(1, 3, d), streams, r(1, 3, hc), r(1, 3, hc, hc)), {}),
+        ("hc_head", (streams, r(hc, hc * d), r(hc), r(1)), {"eps": 1e-6, "norm_eps": 1e-6}),
+        ("attention", (r(1, 3, 2, 8), r(1, 3, 8), r(2)), {"state": state, "pos0": 0, "window": 4, "scale": 0.3}),
+    ]
+
+
+@pytest.mark.parametrize("name,args,kwargs", _into_cases(),
+                         ids=[c[0] + ("-split-k" if "config" in c[2] else "") for c in _into_cases()])
+def test_launchers_write_into_a_fitting_buffer_and_leave_another_alone(name, args, kwargs):
+    """`into` (common.result): a buffer of exactly the result's shape and dtype is written and returned; one of
+    another dtype is left as it was and the result comes back as a new tensor, the same values either way."""
+    from v4c.targets.triton.kernels import LAUNCHERS
+    launcher = LAUNCHERS[name]
+    state = kwargs.get("state")
+    fresh = {**kwargs, "state": tuple(s.clone() for s in state)} if state else kwargs
+    want = launcher(*args, **fresh)
+    single = isinstance(want, torch.Tensor)
+    want = (want,) if single else want
+    into = tuple(torch.full_like(w, 3) if w.dtype.is_floating_point and w.element_size() == 4 else torch.zeros_like(w)
+                 for w in want)
+    fresh = {**kwargs, "state": tuple(s.clone() for s in state)} if state else kwargs
+    got = launcher(*args, **fresh, into=into[0] if single else into)
+    got = (got,) if single else got
+    for g, buffer, w in zip(got, into, want):
+        assert g is buffer and torch.equal(g.view(torch.uint8), w.view(torch.uint8))
+    other = tuple(torch.zeros(w.shape, dtype=torch.float64) for w in want)
+    fresh = {**kwargs, "state": tuple(s.clone() for s in state)} if state else kwargs
+    got = launcher(*args, **fresh, into=other[0] if single else other)
+    got = (got,) if single else got
+    for g, buffer, w in zip(got, other, want):
+        assert g is not buffer and not buffer.any() and torch.equal(g.view(torch.uint8), w.view(torch.uint8))
+
+
+def test_results_wants_one_buffer_per_result():
+    assert common.results(None, 2) == (None, None)
+    with pytest.raises(ValueError, match="into: expected 2 tensors"):
+        common.results(torch.zeros(3), 2)

@@ -86,6 +86,47 @@ def test_the_emulator_refuses_host_reads_and_value_dependent_shapes():
             EmulatedGraphs().capture(bad, arena)
 
 
+def _arena_copies(session, ids) -> int:
+    """Copies into the session's arena (a kernel's result copied into its planned buffer) during forward(ids),
+    with the Triton launches skipped (the interpreter copies its arguments back after each launch) and so no
+    host checks of the values they leave (the session's state is garbage after it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    arena = session.arena.untyped_storage().data_ptr()
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.copy_ and args[0].untyped_storage().data_ptr() == arena:
+                Copies.n += 1
+            return func(*args, **(kwargs or {}))
+    with pytest.MonkeyPatch.context() as patch, Copies():
+        patch.setattr(InterpretedFunction, "run", lambda *args, **kwargs: None)
+        _as_on_a_gpu(patch)
+        session.forward(ids)
+    return Copies.n
+
+
+def test_launchers_write_their_planned_buffers_without_a_copy(fp8_build, monkeypatch):
+    """Every triton step's plan entry hands the launcher its arena buffer (`into`): a decode step copies no result,
+    where the entries of launchers without `into` copy each one; the logits are the same bit for bit."""
+    art = open_artifact(fp8_build)
+    ids = tokens(1, 13, seed=4)
+    bound = _session(art, None)
+    bound.forward(ids[:, :10])
+    labels = bound._plans[10].labels
+    assert {label for label in labels if not label.startswith("bound:")} == {"py:compress"}  # (it has no result)
+    assert _arena_copies(bound, ids[:, 10:11]) == 0
+    monkeypatch.setattr("v4c.runtime.kernelset._parameters", lambda fn: frozenset())  # as launchers without it
+    copying = _session(art, None)
+    copying.forward(ids[:, :10])
+    assert _arena_copies(copying, ids[:, 10:11]) >= len(labels) // 2
+    want = _decode(_session(art, None), ids, 10)
+    monkeypatch.undo()
+    assert torch.equal(_decode(_session(art, None), ids, 10), want)
+
+
 def test_graphs_need_a_cuda_device(fp8_build):
     art = open_artifact(fp8_build)
     with pytest.raises(InputError, match="CUDA graphs need a CUDA device"):
@@ -94,13 +135,20 @@ def test_graphs_need_a_cuda_device(fp8_build):
         art.session(graphs=True)
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("pairs,experts,bm", [(1, 8, 16), (6, 64, 16), (37, 5, 4), (64, 8, 16), (200, 64, 16)])
-def test_the_fixed_size_expert_tiles_cover_every_pair_once(pairs, experts, bm):
+def test_the_fixed_size_expert_tiles_cover_every_pair_once(pairs, experts, bm, path):
+    """The experts' pair bookkeeping (moe._pairs; decode sizes in one kernel, more pairs with torch ops): pairs
+    sorted stably by expert, each in exactly one tile of its expert, and no more working tiles than needed."""
     g = torch.Generator().manual_seed(pairs)
     flat = torch.randint(0, experts, (pairs,), generator=g)
-    order, tile_e, lo, hi = moe._tiles(flat, experts, bm)
+    weights = torch.rand(pairs, generator=g)
+    pairs_of = moe._pairs if path == "kernel" else moe._pairs_torch
+    rows, pw, slot_rows, (tile_e, lo, hi) = pairs_of(flat.view(pairs, 1), weights.view(pairs, 1), experts, bm)
     assert tile_e.numel() == moe.max_tiles(pairs, experts, bm)
-    assert torch.equal(flat[order], flat.sort(stable=True).values)
+    order = flat.sort(stable=True).indices
+    assert torch.equal(rows.long(), order) and torch.equal(pw, weights[order])  # k = 1: a pair's token is itself
+    assert torch.equal(order[slot_rows.view(-1).long()], torch.arange(pairs))
     seen = torch.zeros(pairs, dtype=torch.long)
     for e, a, b in zip(tile_e.tolist(), lo.tolist(), hi.tolist()):
         rows = range(a, min(a + bm, b))
@@ -109,6 +157,24 @@ def test_the_fixed_size_expert_tiles_cover_every_pair_once(pairs, experts, bm):
     assert torch.equal(seen, torch.ones(pairs, dtype=torch.long))
     counts = torch.bincount(flat, minlength=experts)
     assert int((hi > lo).sum()) == int(((counts + bm - 1) // bm).sum())  # no more tiles than needed do work
+
+
+@pytest.mark.parametrize("tokens,k,experts,bm,ids", [(1, 6, 64, 16, "distinct"), (3, 6, 256, 16, "distinct"),
+                                                     (37, 2, 5, 4, "distinct"), (200, 6, 64, 64, "distinct"),
+                                                     (50, 3, 300, 32, "repeats"), (1, 1, 1, 16, "distinct")])
+def test_the_pairs_kernel_equals_the_torch_bookkeeping(tokens, k, experts, bm, ids):
+    """_pairs_kernel (one program, a counting sort) gives exactly the torch path's rows, weights, slot rows and
+    tiles: distinct experts per token (the top-k router) or repeated ones (a hash table may), bf16 weights."""
+    g = torch.Generator().manual_seed(tokens * k)
+    if ids == "distinct":
+        idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    else:
+        idx = torch.randint(0, experts, (tokens, k), generator=g)
+    weights = torch.rand(tokens, k, generator=g).to(torch.bfloat16)
+    assert tokens * k <= moe.PAIRS_KERNEL_MAX
+    got, want = moe._pairs(idx, weights, experts, bm), moe._pairs_torch(idx, weights, experts, bm)
+    for a, b in zip((*got[:3], *got[3]), (*want[:3], *want[3])):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_generate_with_cuda_graphs_off_a_gpu_says_why(fp8_build):

@@ -41,8 +41,9 @@ def test_launchers_match_the_reference_signatures():
     assert set(tri.LAUNCHERS) == {"hc_expand", "hc_pre", "hc_post", "hc_head"}
     for name, launcher in tri.LAUNCHERS.items():
         params = dict(inspect.signature(launcher).parameters)
-        config = params.pop("config")
-        assert config.kind is inspect.Parameter.KEYWORD_ONLY and config.default is None
+        for extra in ("config", "into"):  # launch parameters, and the runtime's buffer to write (common.result)
+            param = params.pop(extra)
+            assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None
         assert list(params.values()) == list(inspect.signature(getattr(ref, name)).parameters.values())
 
 

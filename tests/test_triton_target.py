@@ -152,13 +152,20 @@ def test_ops_without_a_triton_kernel_are_reported_and_strict_refuses_them(tmp_pa
         open_artifact(art).session(strict=True)
 
 
-def test_a_launcher_that_refuses_its_inputs_falls_back_reported_or_fails_strict(builds):
+@pytest.mark.parametrize("into", [True, False], ids=["launcher-with-into", "launcher-without-into"])
+def test_a_launcher_that_refuses_its_inputs_falls_back_reported_or_fails_strict(builds, into):
+    """Bound to its planned buffer (a launcher with `into`) or not, a refusing launcher's step runs as the torch
+    kernel, whose result lands in the buffer."""
     art = open_artifact(builds["f32"])
     ids = tokens(1, 6, seed=2)
     ref = art.session(kernels="torch").forward(ids)
 
-    def refuse(*args, **kwargs):
+    def refuse_into(*args, into=None, **kwargs):
         raise ValueError("x: this GPU has no such thing")
+
+    def refuse_plain(*args, **kwargs):
+        raise ValueError("x: this GPU has no such thing")
+    refuse = refuse_into if into else refuse_plain
 
     session = art.session()
     victim = next(fn for fn, *_ in session._steps if getattr(fn, "kernel", None) == "rms_norm")

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, cdiv, ceil_log2, check, check_tensor,
                      dot_bf16, e4m3_quant, entry_layout, group_scale, launch_config, native_cvt, next_pow2, pow2,
-                     same_device, sm_count, to_bf16, ue8m0_value)
+                     result, same_device, sm_count, to_bf16, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -361,7 +361,7 @@ def _write_ring(ring, stored, pos0):
 
 
 def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0,
-              config=None):
+              config=None, into=None):
     """q: [B, S, H, D] roped queries, kv: [B, S, D] roped keys (= values) of the new tokens, sinks: [H],
     selected: [B, S, K] entry indices (-1 = none) or None; state: (ring [B, window-1, W],) or
     (ring, entries [B, T, W] or a tiered store), stored in `kv_format` with `rope_dim` RoPE channels.
@@ -376,7 +376,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     stored = encode_kv(kv, kv_format, rope_dim)  # [B, S, W]
     mode, entries, table, ent_stride = _entry_source(state, selected, batch, s, pos0, rate, kv_format, width)
     k = table.shape[-1] if table is not None else 0
-    out = torch.empty(batch, s, heads, d, dtype=torch.float32, device=q.device)
+    out = result(into, (batch, s, heads, d), torch.float32, q.device)
     if batch * s:
         n_entries = k if mode == CSA else (pos0 + s) // max(rate, 1) if mode == HCA else 0
         h_blocks = cdiv(heads, cfg["BLOCK_H"])

@@ -14,7 +14,8 @@ arithmetic only, so they are bit-exact with torch's casts both on a GPU and in t
   e2m1_code, e2m1_value                  FP4 e2m1 encode (as quant.quant_fp4) / decode
   ue8m0_value, decode_scale              UE8M0 scale bytes (float8_e8m0fnu) -> fp32
   swiglu_value                           silu(min(g, limit)) * clamp(u, +-limit)
-and host side: launch_config (config validation), host_values (whether ids may be range-checked on the host),
+and host side: launch_config (config validation), result / results (a launcher's output tensors: the caller's
+`into` buffers where they fit), host_values (whether ids may be range-checked on the host),
 once (a value check per tensor contents), entry_layout (KV entry / indexer key storage).
 """
 
@@ -54,6 +55,25 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, dim=None, contiguou
         raise ValueError(f"{name}: expected {dim} dimensions, got shape {list(t.shape)}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (shape {list(t.shape)}, strides {list(t.stride())})")
+
+
+def result(into, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The tensor a launcher writes a result of this shape and dtype into: `into` (the runtime's planned buffer)
+    where it is exactly that, contiguous, on `device`; else a new one, which the caller then copies into its
+    buffer (the runtime does, when the launcher returns another tensor). `into` must not overlap the inputs."""
+    if (into is not None and into.dtype == dtype and into.shape == shape and into.device == device
+            and into.is_contiguous()):
+        return into
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def results(into, n: int) -> tuple:
+    """`into` of a launcher with n results: None, or a tuple / list of n tensors (None where not given)."""
+    if into is None:
+        return (None,) * n
+    if not isinstance(into, (tuple, list)) or len(into) != n:
+        raise ValueError(f"into: expected {n} tensors for this launcher's {n} results, got {into!r}")
+    return tuple(into)
 
 
 HOST_CHECKS = None  # None: host_values decides by device; True / False: always / never (tests emulate a GPU)

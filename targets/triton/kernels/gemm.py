@@ -11,13 +11,15 @@ torch's float8_e4m3fn cast (round to nearest, ties to even) both on a GPU and in
 interpreter (whose own fp8 cast rounds ties away from zero).
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, cdiv, check, check_tensor, config_switch, decode_scale, e4m3_quant,
                      fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
-                     same_device, sm_count, to_e4m3)
+                     result, same_device, sm_count, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -258,14 +260,15 @@ def _check_act(act) -> tuple[int, int | None, bool, float]:
     return mode, None, False, 1.0
 
 
-def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
-    """x3 [M, G, K] (any strides), weight [G*R, K] -> fp32 [M, G, R]."""
+def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None):
+    """x3 [M, G, K] (any strides), weight [G*R, K] -> out, fp32 [M, G, R] (a contiguous view of the result)."""
     m, groups, k = x3.shape
     r = weight.shape[0] // groups
     mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
     cfg = _gemm_config(config, m, r, name)
     if m == 0 or r == 0 or k == 0:
-        return torch.zeros(m, groups, r, dtype=torch.float32, device=x3.device)
+        out.zero_()
+        return
     bo, bi = block
     bk = _pick_block_k(k, bi if scale is not None else k, group, cfg["BLOCK_K"])
     span = min(group, k) if mode == 1 else bk  # K span of one activation group (static / none: of one tile)
@@ -275,7 +278,7 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
     split = cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
     flat = span == bk or bk >= k  # every activation group (or span) is one K tile: a single pipelined K loop
-    y = torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
+    y = out.unsqueeze(0) if split == 1 else torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (grid_m, grid_n, groups * split)
     x_arg, x_scales = x3, y  # (y: an unused pointer)
@@ -288,7 +291,8 @@ def _gemm(name, x3, weight, scale=None, block=(1, 1), act=None, config=None):
                        FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
                        BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y[0] if split == 1 else y.sum(0)
+    if split > 1:
+        torch.sum(y, 0, out=out)
 
 
 def _check_gemm_inputs(x, weight, scale, groups: int) -> None:
@@ -311,43 +315,57 @@ def _check_grouped_x(x, groups: int) -> None:
 
 
 # --- launchers -----------------------------------------------------------------------------------
-def linear(x, weight, *, config=None):
+def _result(into, x, lead, groups, weight):
+    """The launcher's result [*lead, (G,) R] (common.result) and its [M, G, R] view for _gemm."""
+    r = weight.shape[0] // groups
+    y = result(into, (*lead, groups, r) if x.dim() == len(lead) + 2 else (*lead, r), torch.float32, x.device)
+    return y, y.view(math.prod(lead), groups, r)
+
+
+def linear(x, weight, *, config=None, into=None):
     """x [..., K] (f32/bf16/f16), weight [N, K] (f32/bf16/f16) -> fp32 [..., N];  y = x W^T."""
     _check_gemm_inputs(x, weight, None, 1)
     lead, k = x.shape[:-1], x.shape[-1]
-    return _gemm("linear", x.reshape(-1, 1, k), weight, config=config).reshape(*lead, weight.shape[0])
+    y, y3 = _result(into, x, lead, 1, weight)
+    _gemm("linear", x.reshape(-1, 1, k), weight, y3, config=config)
+    return y
 
 
-def grouped_linear(x, weight, *, groups, config=None):
+def grouped_linear(x, weight, *, groups, config=None, into=None):
     """Block-diagonal projection. x [..., G, K], weight [G*R, K] -> fp32 [..., G, R];
     y[..., g, :] = x[..., g, :] W_g^T with W_g = weight[g*R:(g+1)*R]."""
     _check_gemm_inputs(x, weight, None, groups)
     _check_grouped_x(x, groups)
     lead, k = x.shape[:-2], x.shape[-1]
-    return _gemm("grouped_linear", x.reshape(-1, groups, k), weight, config=config).reshape(*lead, groups, -1)
+    y, y3 = _result(into, x, lead, groups, weight)
+    _gemm("grouped_linear", x.reshape(-1, groups, k), weight, y3, config=config)
+    return y
 
 
-def linear_fp8(x, weight, scale, *, block, act, config=None):
+def linear_fp8(x, weight, scale, *, block, act, config=None, into=None):
     """x [..., K], weight e4m3 [N, K] with block scales [ceil(N/bo), ceil(K/bi)] (fp32 or UE8M0)
     -> fp32 [..., N] = q(x) dq(W)^T, dq(W)[n, k] = W[n, k] * scale[n // bo, k // bi], q = `act`."""
     _check_gemm_inputs(x, weight, scale, 1)
     bo_bi = _check_block(block, weight, scale)
     lead, k = x.shape[:-1], x.shape[-1]
-    return _gemm("linear_fp8", x.reshape(-1, 1, k), weight, scale, bo_bi, act, config).reshape(*lead, weight.shape[0])
+    y, y3 = _result(into, x, lead, 1, weight)
+    _gemm("linear_fp8", x.reshape(-1, 1, k), weight, y3, scale, bo_bi, act, config)
+    return y
 
 
-def grouped_linear_fp8(x, weight, scale, *, groups, block, act, config=None):
+def grouped_linear_fp8(x, weight, scale, *, groups, block, act, config=None, into=None):
     """grouped_linear over q(x) (`act`) and the dequantized e4m3 weight [G*R, K] (block scales as in
     linear_fp8; blocks may straddle groups). x [..., G, K] -> fp32 [..., G, R]."""
     _check_gemm_inputs(x, weight, scale, groups)
     _check_grouped_x(x, groups)
     bo_bi = _check_block(block, weight, scale)
     lead, k = x.shape[:-2], x.shape[-1]
-    return _gemm("grouped_linear_fp8", x.reshape(-1, groups, k), weight, scale, bo_bi, act, config).reshape(
-        *lead, groups, -1)
+    y, y3 = _result(into, x, lead, groups, weight)
+    _gemm("grouped_linear_fp8", x.reshape(-1, groups, k), weight, y3, scale, bo_bi, act, config)
+    return y
 
 
-def _embed(name, tokens, weight, scale, block, config):
+def _embed(name, tokens, weight, scale, block, config, into):
     check_tensor("tokens", tokens, dtypes=TOKEN_DTYPES, contiguous=False)
     check(weight.dim() == 2, f"weight: expected [V, D], got shape {list(weight.shape)}")
     same_device(tokens=tokens, weight=weight, scale=scale)
@@ -356,28 +374,29 @@ def _embed(name, tokens, weight, scale, block, config):
           f"tokens: ids must lie in [0, {v}) (the embedding table's rows)")
     cfg = launch_config(config, {"BLOCK_T": min(32, next_pow2(flat.numel())), "BLOCK_D": min(128, next_pow2(d)),
                                  "num_warps": 4}, name)
-    y = torch.empty(flat.numel(), d, dtype=torch.float32, device=weight.device)
+    full = result(into, (*tokens.shape, d), torch.float32, weight.device)
+    y = full.view(flat.numel(), d)
     if y.numel():
         s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
         grid = (cdiv(flat.numel(), cfg["BLOCK_T"]), cdiv(d, cfg["BLOCK_D"]))
         _embed_kernel[grid](flat, weight, s, y, flat.numel(), v, d, block[0], block[1], *weight.stride(),
                             s.stride(0), s.stride(-1), SCALED=scale is not None, S_E8M0=s_e8m0,
                             BT=cfg["BLOCK_T"], BD=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
-    return y.reshape(*tokens.shape, d)
+    return full
 
 
-def embed(tokens, weight, *, config=None):
+def embed(tokens, weight, *, config=None, into=None):
     """tokens [B, S] int, weight [V, D] (f32/bf16/f16) -> fp32 [B, S, D];  y[b, s] = weight[tokens[b, s]]."""
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
-    return _embed("embed", tokens, weight, None, (1, 1), config)
+    return _embed("embed", tokens, weight, None, (1, 1), config, into)
 
 
-def embed_fp8(tokens, weight, scale, *, block, config=None):
+def embed_fp8(tokens, weight, scale, *, block, config=None, into=None):
     """tokens [B, S] int, weight e4m3 [V, D], scale [ceil(V/bo), ceil(D/bi)] (fp32 or UE8M0)
     -> fp32 [B, S, D];  y[b, s, d] = weight[t, d] * scale[t // bo, d // bi], t = tokens[b, s]."""
     check_tensor("weight", weight, dtypes=(torch.float8_e4m3fn,), dim=2, contiguous=False)
     check_tensor("scale", scale, dtypes=SCALE_DTYPES, contiguous=False)
-    return _embed("embed_fp8", tokens, weight, scale, _check_block(block, weight, scale), config)
+    return _embed("embed_fp8", tokens, weight, scale, _check_block(block, weight, scale), config, into)
 
 
 LAUNCHERS = {

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, check, check_tensor, launch_config, next_pow2, same_device
+from .common import cdiv, check, check_tensor, launch_config, next_pow2, result, results, same_device
 
 MAX_HC = 8
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -194,13 +194,13 @@ def _check_float(name, value):
     check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name}: expected a number, got {value!r}")
 
 
-def hc_expand(x, *, hc, config=None):
+def hc_expand(x, *, hc, config=None, into=None):
     """x: [B, S, D] -> [B, S, hc, D] fp32 (the same stream hc times)."""
     check_tensor("x", x, dtypes=FLOATS, dim=3, contiguous=False)
     check(isinstance(hc, int) and not isinstance(hc, bool) and 1 <= hc <= MAX_HC,
           f"hc: expected an int with 1 <= hc <= {MAX_HC}, got {hc!r}")
     b, s, d = x.shape
-    out = torch.empty(b, s, hc, d, dtype=torch.float32, device=x.device)
+    out = result(into, (b, s, hc, d), torch.float32, x.device)
     if out.numel() == 0:
         return out
     opts = _options(config, d, d, "hc_expand")
@@ -210,7 +210,7 @@ def hc_expand(x, *, hc, config=None):
     return out
 
 
-def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None):
+def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None, into=None):
     """streams: [B, S, hc, D], fn: [(2+hc)*hc, hc*D], base: [(2+hc)*hc], scale: [3]
     -> collapsed [B, S, D], post [B, S, hc], comb [B, S, hc, hc] (all fp32).
     mixes = fn @ rms_norm(streams.flatten), split [hc | hc | hc*hc];
@@ -227,9 +227,10 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None):
     _check_float("norm_eps", norm_eps)
     same_device(streams=streams, fn=fn, base=base, scale=scale)
     dev = streams.device
-    collapsed = torch.empty(b, s, d, dtype=torch.float32, device=dev)
-    post = torch.empty(b, s, hc, dtype=torch.float32, device=dev)
-    comb = torch.empty(b, s, hc, hc, dtype=torch.float32, device=dev)
+    into_c, into_p, into_m = results(into, 3)
+    collapsed = result(into_c, (b, s, d), torch.float32, dev)
+    post = result(into_p, (b, s, hc), torch.float32, dev)
+    comb = result(into_m, (b, s, hc, hc), torch.float32, dev)
     if b * s == 0:
         return collapsed, post, comb
     opts = _options(config, d, hc * d, "hc_pre")
@@ -240,7 +241,7 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None):
     return collapsed, post, comb
 
 
-def hc_post(out, streams, post, comb, *, config=None):
+def hc_post(out, streams, post, comb, *, config=None, into=None):
     """out: [B, S, D], streams: [B, S, hc, D], post: [B, S, hc], comb: [B, S, hc, hc] -> [B, S, hc, D] fp32;
     new[j] = post[j] * out + sum_i comb[i, j] * streams[i]."""
     b, s, hc, d = _check_streams(streams)
@@ -248,7 +249,7 @@ def hc_post(out, streams, post, comb, *, config=None):
     _check_param("post", post, (b, s, hc))
     _check_param("comb", comb, (b, s, hc, hc))
     same_device(out=out, streams=streams, post=post, comb=comb)
-    new = torch.empty(b, s, hc, d, dtype=torch.float32, device=streams.device)
+    new = result(into, (b, s, hc, d), torch.float32, streams.device)
     if new.numel() == 0:
         return new
     opts = _options(config, d, d, "hc_post")
@@ -258,7 +259,7 @@ def hc_post(out, streams, post, comb, *, config=None):
     return new
 
 
-def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None):
+def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None, into=None):
     """streams: [B, S, hc, D], fn: [hc, hc*D], base: [hc], scale: [1] -> [B, S, D] fp32;
     pre = sigmoid((fn @ rms_norm(streams.flatten)) * scale + base) + eps; out = sum_i pre[i] * streams[i]."""
     b, s, hc, d = _check_streams(streams)
@@ -268,7 +269,7 @@ def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None):
     _check_float("eps", eps)
     _check_float("norm_eps", norm_eps)
     same_device(streams=streams, fn=fn, base=base, scale=scale)
-    collapsed = torch.empty(b, s, d, dtype=torch.float32, device=streams.device)
+    collapsed = result(into, (b, s, d), torch.float32, streams.device)
     if b * s == 0:
         return collapsed
     opts = _options(config, d, hc * d, "hc_head")

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (STORAGE_DTYPES, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout, launch_config,
-                     next_pow2, same_device, ue8m0_value)
+                     next_pow2, result, same_device, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -153,7 +153,8 @@ def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key
     return scores
 
 
-def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale, key_format="f32", config=None):
+def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale, key_format="f32", config=None,
+               into=None):
     """Pick up to `topk` causal compressed entries per query by indexer score.
     q: [B, S, H, Di] roped indexer queries, weights: [B, S, H]; state: (indexer keys [B, T, W] in
     `key_format`, or a tiered store,). -> [B, S, topk] int64 entry indices, best first; ties go to
@@ -162,10 +163,10 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     q, weights = q.contiguous(), weights.contiguous()  # inputs may be views; the keys may not
     batch, s, heads, d = q.shape
     cfg = _config(config)
-    out = torch.full((batch, s, topk), -1, dtype=torch.long, device=q.device)
+    out = result(into, (batch, s, topk), torch.long, q.device)  # the top-k kernel writes every slot
     n_entries = (pos0 + s) // rate
     if n_entries == 0 or topk == 0 or batch * s == 0:
-        return out
+        return out.fill_(-1)
     keys = state[0]
     width = entry_layout(key_format, d)[1]
     if not isinstance(keys, torch.Tensor):  # a tiered store: its first n_entries rows, on the host

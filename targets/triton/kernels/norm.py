@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, cdiv, check, check_tensor, e4m3_quant, group_scale, launch_config, next_pow2,
-                     same_device, swiglu_value)
+                     result, results, same_device, swiglu_value)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
@@ -137,7 +137,7 @@ def _weight(weight, k: int):
     return weight.contiguous()
 
 
-def rms_norm(x, weight=None, *, eps, config=None):
+def rms_norm(x, weight=None, *, eps, config=None, into=None):
     """x: [..., K] -> fp32 [..., K];  y = x / sqrt(mean(x^2) + eps) [* weight]."""
     cfg = launch_config(config, {"num_warps": 4}, "rms_norm")
     x = _float_input("x", x)
@@ -145,7 +145,7 @@ def rms_norm(x, weight=None, *, eps, config=None):
     block_k = _row_size("x", k)
     w = _weight(weight, k)
     same_device(x=x, weight=w)
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    y = result(into, x.shape, torch.float32, x.device)
     rows = x.numel() // k
     if rows:
         _rms_norm_kernel[(rows,)](x, x if w is None else w, y, k, float(eps), HAS_W=w is not None,
@@ -153,7 +153,7 @@ def rms_norm(x, weight=None, *, eps, config=None):
     return y
 
 
-def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", config=None):
+def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", config=None, into=None):
     """RMSNorm fused with dynamic per-token-group FP8 quantization.
     x: [..., K] -> (q float8_e4m3fn [..., K], scales fp32 [..., ceil(K/group)]) with
     q.float() * scales (each over its group) == fake_quant_groups(rms_norm(x, weight, eps), group, scale_format)."""
@@ -168,8 +168,9 @@ def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", config=No
     n_groups = -(-k // group)
     block_g, block_ng = next_pow2(min(group, k)), next_pow2(n_groups)
     check(block_g * block_ng <= 2 * MAX_ROW, f"group: {group} does not tile rows of {k} channels")
-    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(*x.shape[:-1], n_groups, dtype=torch.float32, device=x.device)
+    into_q, into_s = results(into, 2)
+    q = result(into_q, x.shape, torch.float8_e4m3fn, x.device)
+    scales = result(into_s, (*x.shape[:-1], n_groups), torch.float32, x.device)
     rows = x.numel() // k
     if rows:
         _rms_norm_quant_kernel[(rows,)](x, x if w is None else w, q.view(torch.uint8), scales, k, n_groups,
@@ -179,13 +180,13 @@ def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", config=No
     return q, scales
 
 
-def swiglu(gate, up, *, limit=None, config=None):
+def swiglu(gate, up, *, limit=None, config=None, into=None):
     """gate, up: same shape -> fp32;  silu(min(gate, limit)) * clamp(up, -limit, limit) (no clamp if limit is None)."""
     cfg = launch_config(config, {"block": 1024, "num_warps": 4}, "swiglu")
     gate, up = _float_input("gate", gate), _float_input("up", up)
     check(gate.shape == up.shape, f"gate, up: shapes {list(gate.shape)} and {list(up.shape)} differ (no broadcasting)")
     same_device(gate=gate, up=up)
-    y = torch.empty(gate.shape, dtype=torch.float32, device=gate.device)
+    y = result(into, gate.shape, torch.float32, gate.device)
     n, block = gate.numel(), cfg["block"]
     if n:
         _swiglu_kernel[(cdiv(n, block),)](gate, up, y, n, 0.0 if limit is None else float(limit),
@@ -193,7 +194,7 @@ def swiglu(gate, up, *, limit=None, config=None):
     return y
 
 
-def add(a, b, *, config=None):
+def add(a, b, *, config=None, into=None):
     """a + b in fp32 -> fp32. Broadcast shapes are materialized on the host first."""
     cfg = launch_config(config, {"block": 1024, "num_warps": 4}, "add")
     check_tensor("a", a, dtypes=FLOATS, contiguous=False)
@@ -204,14 +205,14 @@ def add(a, b, *, config=None):
     except RuntimeError:
         raise ValueError(f"a, b: shapes {list(a.shape)} and {list(b.shape)} do not broadcast") from None
     a, b = a.contiguous(), b.contiguous()
-    y = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    y = result(into, a.shape, torch.float32, a.device)
     n, block = a.numel(), cfg["block"]
     if n:
         _add_kernel[(cdiv(n, block),)](a, b, y, n, BLOCK=block, num_warps=cfg["num_warps"])
     return y
 
 
-def rope(x, positions, inv_freq, *, inverse=False, scale=1.0, config=None):
+def rope(x, positions, inv_freq, *, inverse=False, scale=1.0, config=None, into=None):
     """x: [B, S, ..., D], positions: [S] int, inv_freq: [R/2] -> fp32 [B, S, ..., D]: interleaved RoPE on
     the trailing R channels at angle positions[s] * inv_freq[i]; `inverse` rotates by -angle."""
     cfg = launch_config(config, {"block_m": 16, "num_warps": 4}, "rope")
@@ -225,7 +226,7 @@ def rope(x, positions, inv_freq, *, inverse=False, scale=1.0, config=None):
     check(half >= 1, "inv_freq: must be non-empty (the reference's rope needs at least one frequency)")
     check(2 * half <= d, f"inv_freq: {half} frequencies rotate {2 * half} channels, more than x's {d}")
     same_device(x=x, positions=positions, inv_freq=inv_freq)
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    y = result(into, x.shape, torch.float32, x.device)
     rows = x.numel() // d if d else 0
     if rows == 0:
         return y

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, check, check_tensor, host_values, launch_config, next_pow2, once, same_device
+from .common import (cdiv, check, check_tensor, host_values, launch_config, next_pow2, once, result, results,
+                     same_device)
 
 MAX_EXPERTS = 1024
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -81,7 +82,7 @@ def _check_x(x, d, what):
           f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
 
 
-def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config):
+def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config, into):
     """Checks shared by the routers, then the router kernel -> (weights [..., k] f32, experts [..., k] i64)."""
     cfg = launch_config(config, ROUTER_CONFIG, name, at_least=dict.fromkeys(ROUTER_CONFIG, 16))
     check_tensor("weight", weight, dtypes=FLOATS, dim=2)
@@ -98,8 +99,10 @@ def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config):
     same_device(x=x, weight=weight, bias=bias, table=table, tokens=tokens)
     xf = x.reshape(-1, d).contiguous()
     m = xf.shape[0]
-    w_out = torch.empty(m, k, dtype=torch.float32, device=x.device)
-    i_out = torch.empty(m, k, dtype=torch.int64, device=x.device)
+    into_w, into_i = results(into, 2)
+    w_res = result(into_w, (*x.shape[:-1], k), torch.float32, x.device)
+    i_res = result(into_i, (*x.shape[:-1], k), torch.int64, x.device)
+    w_out, i_out = w_res.view(m, k), i_res.view(m, k)
     if m:
         _router_kernel[(cdiv(m, cfg["BLOCK_M"]),)](
             xf, weight, weight if bias is None else bias, weight if table is None else table,
@@ -107,20 +110,20 @@ def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config):
             float(scale), K=k,
             SCORE=SCORE_FUNCS[score_func], HASH=table is not None, BM=cfg["BLOCK_M"], BE=max(16, next_pow2(n_exp)),
             BK=cfg["BLOCK_K"], KP=next_pow2(k))
-    return w_out.view(*x.shape[:-1], k), i_out.view(*x.shape[:-1], k)
+    return w_res, i_res
 
 
-def route_topk(x, weight, bias, *, k, score_func, scale, config=None):
+def route_topk(x, weight, bias, *, k, score_func, scale, config=None, into=None):
     """x: [..., D], weight: [E, D], bias: [E] -> weights [..., k] f32, experts [..., k] i64:
     experts = top-k of score(x W^T) + bias (equal values: lower index first), weights = their scores
     (without bias) / (sum + 1e-20) * scale. config: BLOCK_M (tokens a program), BLOCK_K."""
     check_tensor("bias", bias, dtypes=FLOATS, dim=1)
     check(isinstance(weight, torch.Tensor) and bias.shape[0] == weight.shape[0],
           f"bias: expected one value per expert ({getattr(weight, 'shape', ['?'])[0]}), got {list(bias.shape)}")
-    return _route("route_topk", x, weight, bias, None, None, k, score_func, scale, config)
+    return _route("route_topk", x, weight, bias, None, None, k, score_func, scale, config, into)
 
 
-def route_hash(x, weight, table, tokens, *, score_func, scale, config=None):
+def route_hash(x, weight, table, tokens, *, score_func, scale, config=None, into=None):
     """Hash routing: experts = table[tokens] ([V, k] int table, tokens [...] int), weights as in
     route_topk. x: [..., D], weight: [E, D] -> weights [..., k] f32, experts [..., k] i64."""
     check_tensor("table", table, dtypes=INTS, dim=2)
@@ -131,7 +134,7 @@ def route_hash(x, weight, table, tokens, *, score_func, scale, config=None):
           or 0 <= int(tokens.min()) and int(tokens.max()) < table.shape[0],
           f"tokens: ids must be in [0, {table.shape[0]})")
     return _route("route_hash", x, weight, None, table, tokens.reshape(-1).contiguous(), table.shape[1], score_func,
-                  scale, config)
+                  scale, config, into)
 
 
 LAUNCHERS = {"route_topk": route_topk, "route_hash": route_hash}
