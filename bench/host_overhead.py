@@ -9,6 +9,9 @@ they issue (on the CPU here; on a GPU they are asynchronous launches of similar 
 (`JITFunction.run`: argument binding, specialization, the driver call) is not in it: it needs a GPU, and comes on
 top, per Triton launch (counted).
 
+A few more steps, untimed, count the torch ops each entry issues that would run a kernel on a GPU (besides its
+Triton launches; in a CUDA graph too): in-place ops and ops with new results, not views or allocations.
+
 Nothing is computed, so buffers are zeros (`torch.empty` is `torch.zeros` during the steps, so gathered ids stay
 in range). Each decode step is timed whole and per plan entry; the entries of the stateful ops (compress,
 index_topk, attention) are those a CUDA-graph session still calls from Python.
@@ -43,10 +46,18 @@ STATEFUL = ("compress", "index_topk", "attention")
 FACTORIES = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
 
 
+def _views(out, inputs) -> bool:
+    """Whether every tensor `out` holds shares the storage of an input tensor (a view: no kernel runs)."""
+    from torch.utils._pytree import tree_leaves
+    storages = {t.untyped_storage().data_ptr() for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+    results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return bool(results) and all(t.untyped_storage().data_ptr() in storages for t in results)
+
+
 def _device_op_counter():
-    """A TorchDispatchMode counting the torch ops that would run a kernel on a GPU: not views (an op whose
-    result aliases its input without writing it), not bare allocations (torch.empty), not scalar reads
-    (`.item()`, counted apart as host syncs: on a GPU each waits for it)."""
+    """A TorchDispatchMode counting the torch ops that would run a kernel on a GPU: in-place ops and ops with new
+    results, not views (results that share their inputs' storage), bare allocations (torch.empty) or scalar
+    reads (`.item()`, counted apart as host syncs: on a GPU each waits for it)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -66,15 +77,18 @@ def _device_op_counter():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
+            out = func(*args, **(kwargs or {}))
             if name == "zero_" and self.hidden:
                 self.hidden -= 1
-            elif name == "_local_scalar_dense":
+                return out
+            if name == "_local_scalar_dense":
                 self.syncs[self.label] += 1
-            elif name not in FACTORIES and not any(r.alias_info is not None and not r.alias_info.is_write
-                                                   for r in func._schema.returns):
+                return out
+            writes = any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns)
+            if name not in FACTORIES and (writes or not _views(out, (args, kwargs))):
                 self.kernels[self.label] += 1
                 self.names[self.label][name] += 1
-            return func(*args, **(kwargs or {}))
+            return out
     return Counter()
 
 
@@ -126,7 +140,7 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
             step_ns.append(time.perf_counter_ns() - t0)
         launches = (len(launched) - before) / steps
         timed_calls = {label: len(ns) for label, ns in per_label.items()}
-        counted = 2  # then a few steps untimed, counting the torch ops each entry issues
+        counted = 4  # then a few steps untimed (a CSA window), counting the torch ops each entry issues
         with counter:
             for _ in range(counted):
                 session.forward(torch.zeros(1, 1, dtype=torch.long))

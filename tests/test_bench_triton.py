@@ -58,6 +58,12 @@ def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
     assert {"attention", "linear_fp8", "moe_experts_q"} <= set(row["ops"])
     assert all(o["us_per_call"] > 0 for o in row["ops"].values())
     assert {op for op, o in row["ops"].items() if o["stateful"]} <= {"compress", "index_topk", "attention"}
+    # torch kernels besides the Triton launches: no result copied into its buffer, the experts' bookkeeping in
+    # its own kernel; the split-K GEMMs' sums and the stateful ops' few are what is left
+    per_op = sum(o["torch_kernels_per_call"] * o["calls_per_step"] for o in row["ops"].values())
+    assert row["torch_kernels_per_step"] == pytest.approx(per_op + row["executor_torch_kernels_per_step"], abs=1)
+    assert row["ops"]["moe_experts_q"]["torch_kernels_per_call"] == 0
+    assert all(set(o["torch_kernel_ops"]) <= {"sum"} for o in row["ops"].values() if not o["stateful"]), row["ops"]
 
 
 @pytest.mark.slow
