@@ -64,6 +64,7 @@ def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
     assert row["torch_kernels_per_step"] == pytest.approx(per_op + row["executor_torch_kernels_per_step"], abs=1)
     assert row["ops"]["moe_experts_q"]["torch_kernels_per_call"] == 0
     assert all(set(o["torch_kernel_ops"]) <= {"sum"} for o in row["ops"].values() if not o["stateful"]), row["ops"]
+    assert set(row["ops"]["attention"]["torch_kernel_ops"]) <= {"copy_"}  # the ring's rows; ids read in the kernel
 
 
 @pytest.mark.slow

@@ -63,11 +63,12 @@ def check_against_reference(args, state, kwargs, config=None, ours_state=None):
     return ours
 
 
-CASES = [  # (batch, S, window, pos0): decode at the start, decode past the window, prefill, prefill continuing
-    (1, 1, 1, 0),
+CASES = [  # (batch, S, window, pos0): decode at the start, decode past the window, prefill, prefill continuing,
+    (1, 1, 1, 0),  # and a continuing prefill whose new rows wrap around the end of the ring (rows 3, 0, 1 of 4)
     (2, 1, 5, 11),
     (2, 6, 4, 0),
     (1, 5, 3, 9),
+    (2, 3, 5, 3),
 ]
 
 

@@ -3,9 +3,8 @@
 One program per (query token, batch row, block of heads) runs an online softmax over
   (a) the window keys the query sees: positions (t - window, t], read from the ring (position p
       lives in row p % (window - 1)) for p < pos0 and from this call's new keys otherwise;
-  (b) compressed entries: CSA reads the query's selected entries through a row table (global rows
-      of the entries viewed as [B * capacity, W], -1 = none: paged KV), HCA reads every closed
-      window w < (t + 1) // rate;
+  (b) compressed entries: CSA reads the query's selected entries (row b * capacity + k of the entries
+      viewed as [B * capacity, W], -1 = none: paged KV), HCA reads every closed window w < (t + 1) // rate;
   (c) the head's sink logit, which seeds the running max (m = sink, l = 1, acc = 0).
 K = V (one KV head shared by all query heads); logits = (q . k) * scale.
 
@@ -80,8 +79,8 @@ def _load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROP
 @triton.jit
 def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One storage row per program: x [R, D] float -> out [R, W] (f32 / bf16 bits / fp8_split bytes;
-    fp8_split's padding bytes are left as allocated, zero). fp8_split per 64-channel nope group:
+    """One storage row per program: x [R, D] float -> out [R, W] (f32 / bf16 bits / fp8_split bytes, its
+    padding bytes zero). fp8_split per 64-channel nope group:
     e = ceil_log2(max(amax, 1e-4) / 448) (exact), byte e + 127, codes e4m3(clamp(x / 2^e, +-448))."""
     row = tl.program_id(0).to(tl.int64)
     x_row, out_row = x_ptr + row * D, out_ptr + row * W
@@ -103,6 +102,8 @@ def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D:
         bits = bf16_bits(tl.load(x_row + NOPE + r, mask=r < ROPE, other=0.0).to(tl.float32))
         tl.store(out_row + NOPE + 2 * r, (bits & 0xFF).to(tl.uint8), mask=r < ROPE)
         tl.store(out_row + NOPE + 2 * r + 1, (bits >> 8).to(tl.uint8), mask=r < ROPE)
+        pad = NOPE + 2 * ROPE + (NOPE + 63) // 64 + tl.arange(0, 8)  # to a multiple of 8 bytes
+        tl.store(out_row + pad, tl.zeros([8], dtype=tl.uint8), mask=pad < W)
 
 
 # --- attention (device) ------------------------------------------------------------------------
@@ -139,7 +140,9 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
                       BLOCK_D: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
-    ring: [B, slots, W]; new: [B, S, W]; table: [B, S, K] global entry rows (CSA); entries: [B, ent_stride, W] (HCA).
+    ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
+    (CSA: -1 none; row b * ent_stride + k of the entries, or with ent_stride 0 (rows gathered per pick) the
+    pick's own row)
     SPLIT > 1 (flash-decoding): the query's key list (window keys, then entries) is cut into SPLIT runs
     of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
     H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges.
@@ -181,12 +184,14 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
 
     e0 = tl.maximum(u0 - n_win, 0)
     e1 = tl.maximum(u1 - n_win, 0)
-    if MODE == 1:  # CSA: the selected entries, through the row table
+    if MODE == 1:  # CSA: the selected entries
         e_hi = tl.minimum(e1, K)
         for start in range(tl.minimum(e0, K), e_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            rows = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < e_hi, other=-1)
-            ok = rows >= 0
+            sel = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < e_hi, other=-1)
+            ok = sel >= 0
+            own = token.to(tl.int64) * K + j  # ent_stride 0: the picks were gathered, each into its own row
+            rows = tl.where(ent_stride > 0, b.to(tl.int64) * ent_stride + sel, own)
             k = _load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
                            NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
@@ -240,7 +245,7 @@ def encode_kv(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
     nope = d - rope
     dtype, width = entry_layout(fmt, d, rope)
     rows = x.reshape(-1, d)
-    out = torch.zeros(rows.shape[0], width, dtype=dtype, device=x.device)
+    out = torch.empty(rows.shape[0], width, dtype=dtype, device=x.device)  # every byte written
     if rows.shape[0]:
         dest = out.view(torch.int16) if fmt == "bf16" else out
         _encode_kernel[(rows.shape[0],)](rows, dest, d, nope, rope, width, FMT=FORMATS[fmt], BLOCK_D=next_pow2(d),
@@ -327,23 +332,20 @@ def _split_kv(cfg, device, programs: int, max_keys: int) -> tuple[int, int]:
 
 
 def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
-    """-> (mode, entry rows, row table, rows per batch). CSA: table[b, s, k] = b * capacity +
-    selected[b, s, k] (-1 kept) into the entries viewed as [B * capacity, W]; a tiered store gathers
-    the picks on the host and the table is the identity over them. HCA: the first (pos0 + S) // rate rows."""
+    """-> (mode, entry rows, selected or None, rows per batch). CSA: the kernel reads selected[b, s, k] (-1 =
+    none) as row b * capacity + selected of the entries viewed as [B * capacity, W]; a tiered store gathers the
+    picks on the host into rows [B * S * K, W], and rows per batch is then 0: the kernel reads the pick's own
+    row (b * S + s) * K + k. HCA: the first (pos0 + S) // rate rows of each batch row's entries."""
     if len(state) == 1:
         return SLIDING, None, None, 0
     entries = state[1]
     if selected is not None:
-        sel = selected.long()
         if isinstance(entries, torch.Tensor):
-            base = torch.arange(batch, device=sel.device).view(batch, 1, 1) * entries.shape[1]
-            return CSA, entries, torch.where(sel >= 0, base + sel, -1).contiguous(), 0
-        rows = entries.gather(sel)  # [B, S, K, W]
+            return CSA, entries, selected.contiguous(), entries.shape[1]
+        rows = entries.gather(selected.long())  # [B, S, K, W]
         check(rows.dtype == STORAGE_DTYPES[fmt] and rows.shape[-1] == width,
               f"gathered entries: expected {STORAGE_DTYPES[fmt]} rows of {width}, got {rows.dtype} {list(rows.shape)}")
-        rows = rows.reshape(-1, width)
-        ident = torch.arange(sel.numel(), device=sel.device).view(sel.shape)
-        return CSA, rows.contiguous(), torch.where(sel >= 0, ident, -1), 0
+        return CSA, rows.reshape(-1, width).contiguous(), selected.contiguous(), 0
     n_entries = (pos0 + s) // rate
     if not isinstance(entries, torch.Tensor):
         entries = entries.read(n_entries).contiguous()
@@ -353,11 +355,16 @@ def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
 
 
 def _write_ring(ring, stored, pos0):
-    """The ring keeps the last window-1 tokens: position p in row p % (window - 1)."""
+    """The ring keeps the last window-1 tokens: position p in row p % (window - 1). The new rows land in at
+    most two runs of ring rows (the ring wraps once at most): slices, not an index tensor."""
     slots, s = ring.shape[1], stored.shape[1]
     if slots:
         n = min(s, slots)
-        ring[:, torch.arange(pos0 + s - n, pos0 + s, device=ring.device) % slots] = stored[:, s - n:]
+        start = (pos0 + s - n) % slots
+        first = min(n, slots - start)
+        ring[:, start:start + first] = stored[:, s - n:s - n + first]
+        if first < n:
+            ring[:, :n - first] = stored[:, s - n + first:]
 
 
 def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0,

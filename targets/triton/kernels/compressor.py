@@ -285,9 +285,13 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
     cfg = launch_config(config, {"block_r": 16, "num_warps": 4}, "compress")
     buf_kv, buf_gate, ovl_kv, ovl_gate, entries = _check_inputs(kv, gate, ape, norm_weight, inv_freq, state, pos0,
                                                                 rate, overlap, kv_format)
-    batch, _, width = kv.shape
+    batch, s, width = kv.shape
     d = width // 2 if overlap else width
     n_buf = pos0 % rate
+    if n_buf + s < rate:  # no window closes (most decode steps): the new tokens only join the window buffer
+        buf_kv[:, n_buf:n_buf + s] = kv
+        buf_gate[:, n_buf:n_buf + s] = gate
+        return
     kv = torch.cat([buf_kv[:, :n_buf].float(), kv.float()], dim=1).contiguous()  # [B, L = n_buf + S, C]
     gate = torch.cat([buf_gate[:, :n_buf].float(), gate.float()], dim=1).contiguous()
     n_win = kv.shape[1] // rate
@@ -304,10 +308,11 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
             entries.write(first, rows)
         if overlap:  # Ca of the last closed window (gate with ape added) pools into the next entry
             ovl_kv.copy_(kv[:, used - rate:used, :d])
-            ovl_gate.copy_(gate[:, used - rate:used, :d] + ape[:, :d].float())
+            torch.add(gate[:, used - rate:used, :d], ape[:, :d], out=ovl_gate)
     rest = kv.shape[1] - used
-    buf_kv[:, :rest] = kv[:, used:]
-    buf_gate[:, :rest] = gate[:, used:]
+    if rest:
+        buf_kv[:, :rest] = kv[:, used:]
+        buf_gate[:, :rest] = gate[:, used:]
 
 
 LAUNCHERS = {"compress": compress}
