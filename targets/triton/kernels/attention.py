@@ -26,7 +26,7 @@ from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
-SLIDING, CSA, HCA = 0, 1, 2
+SLIDING, CSA, HCA, CSA_GATHERED = 0, 1, 2, 3  # CSA_GATHERED: CSA over picks gathered from a tiered store
 
 
 # --- storage codecs (device) -----------------------------------------------------------------
@@ -141,8 +141,8 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
     ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
-    (CSA: -1 none; row b * ent_stride + k of the entries, or with ent_stride 0 (rows gathered per pick) the
-    pick's own row)
+    (CSA: -1 none; row b * ent_stride + k of the entries; CSA_GATHERED, rows gathered per pick: the pick's own
+    row)
     SPLIT > 1 (flash-decoding): the query's key list (window keys, then entries) is cut into SPLIT runs
     of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
     H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges.
@@ -184,14 +184,16 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
 
     e0 = tl.maximum(u0 - n_win, 0)
     e1 = tl.maximum(u1 - n_win, 0)
-    if MODE == 1:  # CSA: the selected entries
+    if MODE == 1 or MODE == 3:  # CSA: the selected entries
         e_hi = tl.minimum(e1, K)
         for start in range(tl.minimum(e0, K), e_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             sel = tl.load(table_ptr + token.to(tl.int64) * K + j, mask=j < e_hi, other=-1)
             ok = sel >= 0
-            own = token.to(tl.int64) * K + j  # ent_stride 0: the picks were gathered, each into its own row
-            rows = tl.where(ent_stride > 0, b.to(tl.int64) * ent_stride + sel, own)
+            if MODE == 3:
+                rows = token.to(tl.int64) * K + j
+            else:
+                rows = b.to(tl.int64) * ent_stride + sel
             k = _load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
                            NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
@@ -334,8 +336,8 @@ def _split_kv(cfg, device, programs: int, max_keys: int) -> tuple[int, int]:
 def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
     """-> (mode, entry rows, selected or None, rows per batch). CSA: the kernel reads selected[b, s, k] (-1 =
     none) as row b * capacity + selected of the entries viewed as [B * capacity, W]; a tiered store gathers the
-    picks on the host into rows [B * S * K, W], and rows per batch is then 0: the kernel reads the pick's own
-    row (b * S + s) * K + k. HCA: the first (pos0 + S) // rate rows of each batch row's entries."""
+    picks on the host into rows [B * S * K, W] (CSA_GATHERED): the kernel reads the pick's own row
+    (b * S + s) * K + k. HCA: the first (pos0 + S) // rate rows of each batch row's entries."""
     if len(state) == 1:
         return SLIDING, None, None, 0
     entries = state[1]
@@ -345,7 +347,7 @@ def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
         rows = entries.gather(selected.long())  # [B, S, K, W]
         check(rows.dtype == STORAGE_DTYPES[fmt] and rows.shape[-1] == width,
               f"gathered entries: expected {STORAGE_DTYPES[fmt]} rows of {width}, got {rows.dtype} {list(rows.shape)}")
-        return CSA, rows.reshape(-1, width).contiguous(), selected.contiguous(), 0
+        return CSA_GATHERED, rows.reshape(-1, width).contiguous(), selected.contiguous(), 0
     n_entries = (pos0 + s) // rate
     if not isinstance(entries, torch.Tensor):
         entries = entries.read(n_entries).contiguous()
@@ -385,7 +387,7 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     k = table.shape[-1] if table is not None else 0
     out = result(into, (batch, s, heads, d), torch.float32, q.device)
     if batch * s:
-        n_entries = k if mode == CSA else (pos0 + s) // max(rate, 1) if mode == HCA else 0
+        n_entries = k if mode in (CSA, CSA_GATHERED) else (pos0 + s) // max(rate, 1) if mode == HCA else 0
         h_blocks = cdiv(heads, cfg["BLOCK_H"])
         split, per = _split_kv(cfg, q.device, s * batch * h_blocks, min(window, pos0 + s) + n_entries)
         part, ml = out, out
