@@ -10,9 +10,9 @@ buffer in the arena; only the kernels' own temporaries are allocated per call.
 The decode loop makes no per-op decisions: for each call shape (tokens per sequence) the session
 plans once a flat list of (function, arguments, keywords) over fixed tensors (arena views, weights,
 state), with views folded away and row blocks chosen, and a call runs that list. A kernel with a
-`bind(inputs, outs, attrs)` method (the tvm kernels; the triton launchers, through their `into`) gives its own
-entries, writing straight into the planned buffers; any other kernel's result is copied into its buffer. With an observer (calibration,
-debugging) the steps run one by one as values instead.
+`bind(inputs, outs, attrs)` method (the tvm kernels; the triton launchers, through their `into`) gives its
+own entries, writing straight into the planned buffers; any other kernel's result is copied into its
+buffer. With an observer (calibration, debugging) the steps run one by one as values instead.
 
 With `graphs` (CUDA), each run of consecutive entries that make no per-call host decision (every
 own-kernel step but the stateful ones, whose launches depend on the session position; see

@@ -107,12 +107,13 @@ class _Launch:
         without results or a launcher without `into` (an artifact packaged before it)."""
         if not outs or "into" not in _parameters(self.launcher):
             return None
-        into = outs[0] if len(outs) == 1 else tuple(outs)
+        single = len(outs) == 1
+        into = outs[0] if single else tuple(outs)
         config = _pick(self.configs, _tokens(inputs[0]) if inputs else 1)
 
         def run(*args, **kwargs):
             got = self._run(args, kwargs, config, into=into)
-            for buffer, value in zip(outs, (got,) if len(outs) == 1 else got):
+            for buffer, value in zip(outs, (got,) if single else got):
                 if value.data_ptr() != buffer.data_ptr():
                     buffer.copy_(value)
         return [(run, inputs, attrs)]

@@ -248,7 +248,8 @@ def _into_cases():
         ("rope", (r(1, 3, 2, 16), torch.arange(3), r(4).abs()), {}),
         ("linear", (r(1, 3, 16), r(12, 16)), {}),
         ("grouped_linear", (r(1, 3, 2, 16), r(12, 16)), {"groups": 2}),
-        ("linear_fp8", (r(1, 3, 16), w8, r(1, 1).abs()), {"block": [128, 128], "act": {"mode": "dynamic", "group": 16}}),
+        ("linear_fp8", (r(1, 3, 16), w8, r(1, 1).abs()),
+         {"block": [128, 128], "act": {"mode": "dynamic", "group": 16}}),
         ("linear_fp8", (r(1, 3, 64), r(12, 64).to(torch.float8_e4m3fn), r(1, 1).abs()),  # split K, summed into it
          {"block": [128, 128], "act": {"mode": "dynamic", "group": 16}, "config": {"SPLIT_K": 4}}),
         ("grouped_linear_fp8", (r(1, 3, 2, 16), w8, r(1, 1).abs()), {"groups": 2, "block": [128, 128],

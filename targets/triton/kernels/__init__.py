@@ -7,8 +7,8 @@ name (runtime/kernels/), plus an optional `config` dict of launch parameters cho
 time, and an optional `into`: the tensor (a tuple for several results) to write the result into, the
 runtime's planned buffer (common.result: used where it has exactly the result's shape, dtype and device,
 else the result is a new tensor, as without `into`). Launchers check their inputs and raise `ValueError`
-naming what is unsupported; they never fall back silently. `LAUNCHERS` maps op names to launchers; ops missing here run as the torch
-kernel, and the runtime reports them as fallbacks.
+naming what is unsupported; they never fall back silently. `LAUNCHERS` maps op names to launchers; ops
+missing here run as the torch kernel, and the runtime reports them as fallbacks.
 """
 
 import importlib

@@ -315,18 +315,17 @@ def _check_grouped_x(x, groups: int) -> None:
 
 
 # --- launchers -----------------------------------------------------------------------------------
-def _result(into, x, lead, groups, weight):
-    """The launcher's result [*lead, (G,) R] (common.result) and its [M, G, R] view for _gemm."""
-    r = weight.shape[0] // groups
-    y = result(into, (*lead, groups, r) if x.dim() == len(lead) + 2 else (*lead, r), torch.float32, x.device)
-    return y, y.view(math.prod(lead), groups, r)
+def _result(into, shape, groups: int, device):
+    """The launcher's fp32 result of `shape` [..., (G,) R] (common.result) and its [M, G, R] view for _gemm."""
+    y = result(into, shape, torch.float32, device)
+    return y, y.view(math.prod(shape[:-1]) // groups, groups, shape[-1])
 
 
 def linear(x, weight, *, config=None, into=None):
     """x [..., K] (f32/bf16/f16), weight [N, K] (f32/bf16/f16) -> fp32 [..., N];  y = x W^T."""
     _check_gemm_inputs(x, weight, None, 1)
     lead, k = x.shape[:-1], x.shape[-1]
-    y, y3 = _result(into, x, lead, 1, weight)
+    y, y3 = _result(into, (*lead, weight.shape[0]), 1, x.device)
     _gemm("linear", x.reshape(-1, 1, k), weight, y3, config=config)
     return y
 
@@ -337,7 +336,7 @@ def grouped_linear(x, weight, *, groups, config=None, into=None):
     _check_gemm_inputs(x, weight, None, groups)
     _check_grouped_x(x, groups)
     lead, k = x.shape[:-2], x.shape[-1]
-    y, y3 = _result(into, x, lead, groups, weight)
+    y, y3 = _result(into, (*lead, groups, weight.shape[0] // groups), groups, x.device)
     _gemm("grouped_linear", x.reshape(-1, groups, k), weight, y3, config=config)
     return y
 
@@ -348,7 +347,7 @@ def linear_fp8(x, weight, scale, *, block, act, config=None, into=None):
     _check_gemm_inputs(x, weight, scale, 1)
     bo_bi = _check_block(block, weight, scale)
     lead, k = x.shape[:-1], x.shape[-1]
-    y, y3 = _result(into, x, lead, 1, weight)
+    y, y3 = _result(into, (*lead, weight.shape[0]), 1, x.device)
     _gemm("linear_fp8", x.reshape(-1, 1, k), weight, y3, scale, bo_bi, act, config)
     return y
 
@@ -360,7 +359,7 @@ def grouped_linear_fp8(x, weight, scale, *, groups, block, act, config=None, int
     _check_grouped_x(x, groups)
     bo_bi = _check_block(block, weight, scale)
     lead, k = x.shape[:-2], x.shape[-1]
-    y, y3 = _result(into, x, lead, groups, weight)
+    y, y3 = _result(into, (*lead, groups, weight.shape[0] // groups), groups, x.device)
     _gemm("grouped_linear_fp8", x.reshape(-1, groups, k), weight, y3, scale, bo_bi, act, config)
     return y
 

@@ -245,7 +245,7 @@ def _pairs_kernel(idx_ptr, w_ptr, rows_ptr, pw_ptr, slot_ptr, tile_e_ptr, tile_l
         ids, tok, mask = _pair_ids(idx_ptr, t0, T, K, KP, BT)
         hit = (tl.reshape(ids, [BT * KP])[:, None] == experts[None, :]).to(tl.int32)
         rank = tl.cumsum(hit, axis=0)  # 1-based rank among this block's pairs of the same expert
-        pos = tl.sum(hit * (starts + seen)[None, :] + hit * (rank - 1), axis=1)
+        pos = tl.sum(hit * ((starts + seen)[None, :] + rank - 1), axis=1)
         seen += tl.sum(hit, axis=0)
         pos = tl.reshape(pos, [BT, KP])
         pairs = tok[:, None].to(tl.int64) * K + tl.arange(0, KP)[None, :]
