@@ -2,10 +2,11 @@
 
 Eagerly, every entry of the session's flat call list is one Python launcher call on the host (plus its
 Triton launches). With `graphs`, every run of consecutive position-independent entries is one graph
-replay; only the stateful steps (compress, index_topk, attention: their launches depend on the session
-position) stay Python calls. This counts both for the `small` and `medium` configurations of issue 7
-(the FP8 recipe of bench/triton_gpu.py): a structural count of the plan, no timing, so it runs on the
-CPU (TRITON_INTERPRET=1; nothing is launched).
+replay. The stateful steps (compress, index_topk, attention) read the session position on the device in a
+decode step (executor._device_position), so a decode step over dense KV state is one replay; before they
+did (commit 08a9988), they stayed Python calls between the graphs. This counts both for the `small` and
+`medium` configurations of issue 7 (the FP8 recipe of bench/triton_gpu.py): a structural count of the plan,
+no timing, so it runs on the CPU (TRITON_INTERPRET=1; nothing is launched).
 
     .venv/bin/python bench/graph_segments.py [--configs small,medium] [--out bench/results/graph_segments.json]
 """
@@ -62,8 +63,8 @@ def main(argv=None):
             rows[name] = count(path)
             print(f"{name}: decode step host calls {rows[name]['eager_host_calls']} eager -> "
                   f"{rows[name]['graph_host_calls']} with CUDA graphs ({rows[name]['graphs']} graphs holding "
-                  f"{rows[name]['entries_in_graphs']} entries; {rows[name]['stateful_entries']} stateful entries "
-                  "stay Python calls)", flush=True)
+                  f"{rows[name]['entries_in_graphs']} entries, {rows[name]['stateful_entries']} of them stateful)",
+                  flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({
             "benchmark": "graph_segments", "date": time.strftime("%Y-%m-%d"),

@@ -12,6 +12,11 @@ top, per Triton launch (counted).
 A few more steps, untimed, count the torch ops each entry issues that would run a kernel on a GPU (besides its
 Triton launches; in a CUDA graph too): in-place ops and ops with new results, not views or allocations.
 
+Then a session with CUDA graphs (a stand-in capturer: a "replay" runs the segment's entries, so what is
+counted is what a graph would hold) plans the decode step: `graphs` gives the host calls a step makes (graph
+replays plus the entries outside graphs), the entries in graphs, and the Triton launches and torch kernels
+per step there (the stateful steps at a device position launch a few more kernels, sized by capacity).
+
 Nothing is computed, so buffers are zeros (`torch.empty` is `torch.zeros` during the steps, so gathered ids stay
 in range). Each decode step is timed whole and per plan entry; the entries of the stateful ops (compress,
 index_topk, attention) are those a CUDA-graph session still calls from Python.
@@ -84,6 +89,35 @@ def _device_op_counter():
     return Counter()
 
 
+class _Replays:
+    """A stand-in for executor.CudaGraphs: "captures" a segment by keeping its entries, replayed as they are."""
+
+    def __init__(self):
+        self.failed: list[str] = []
+
+    def capture(self, run, arena):
+        return run
+
+
+def _graph_step(art, kernels, prompt: int, launched: list, counter) -> dict:
+    """Host calls, entries in graphs, Triton launches and torch kernels of a decode step with graphs."""
+    from v4c.runtime.executor import Session
+    session = Session(art.program, art.weights(), kernels=kernels, graphs=_Replays())
+    session.forward(torch.zeros(1, prompt, dtype=torch.long))
+    for _ in range(2):  # the decode plan: eager, then captured
+        session.forward(torch.zeros(1, 1, dtype=torch.long))
+    steps, before = 4, len(launched)  # a CSA window
+    counter.hidden = 0
+    with counter:
+        for _ in range(steps):
+            session.forward(torch.zeros(1, 1, dtype=torch.long))
+    report = session.graph_report()["shapes"]["1"]
+    return {"host_calls_per_step": report["host_calls"], "graphs": report["graphs"],
+            "entries_in_graphs": report["entries_in_graphs"], "entries": report["entries"],
+            "triton_launches_per_step": (len(launched) - before) / steps,
+            "torch_kernels_per_step": sum(counter.kernels.values()) / steps}
+
+
 def measure(path: Path, steps: int, prompt: int) -> dict:
     import pytest
     from gpu_semantics import as_gpu
@@ -137,6 +171,7 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
         with counter:
             for _ in range(counted):
                 session.forward(torch.zeros(1, 1, dtype=torch.long))
+        graphs = _graph_step(art, kernels, prompt, launched, _device_op_counter())
     finally:
         patch.undo()
     for label, ns in per_label.items():
@@ -165,6 +200,7 @@ def measure(path: Path, steps: int, prompt: int) -> dict:
             "executor_torch_kernels_per_step": counter.kernels[None] / counted,
             "stateful_entries_per_step": sum(r["calls_per_step"] for r in stateful),
             "stateful_us_per_step": round(sum(r["us_per_step"] for r in stateful), 1),
+            "graphs": graphs,
             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["us_per_step"]))}
 
 
@@ -186,6 +222,10 @@ def main(argv=None):
                   f"({r['entries_per_step']} entries, {r['triton_launches_per_step']:.0f} Triton launches, "
                   f"{r['torch_kernels_per_step']:.0f} torch kernels, {r['host_syncs_per_step']:.0f} host syncs; the "
                   f"{r['stateful_entries_per_step']} stateful entries {r['stateful_us_per_step']:.0f} us)", flush=True)
+            g = r["graphs"]
+            print(f"  with CUDA graphs: {g['host_calls_per_step']} host calls a step ({g['graphs']} graphs holding "
+                  f"{g['entries_in_graphs']} of {g['entries']} entries), {g['triton_launches_per_step']:.0f} Triton "
+                  f"launches, {g['torch_kernels_per_step']:.0f} torch kernels", flush=True)
             for op, o in r["ops"].items():
                 print(f"  {op:22} {o['calls_per_step']:4} calls {o['us_per_call']:8.1f} us/call "
                       f"{o['us_per_step']:9.1f} us/step {o['torch_kernels_per_call']:5.1f} torch kernels/call"

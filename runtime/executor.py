@@ -15,11 +15,13 @@ own entries, writing straight into the planned buffers; any other kernel's resul
 buffer. With an observer (calibration, debugging) the steps run one by one as values instead.
 
 With `graphs` (CUDA), each run of consecutive entries that make no per-call host decision (every
-own-kernel step but the stateful ones, whose launches depend on the session position; see
-`graph_safe`) is captured once as a CUDA graph and replayed from then on: the first call of a shape
-runs eagerly (Triton compiles its kernels), the second captures and replays, later calls replay. A
-decode step then costs the host one replay per segment plus the stateful launches, instead of one
-Python launch per step. A capture that fails is reported (`graph_report`) and its segment runs eagerly.
+own-kernel step; see `graph_safe`) is captured once as a CUDA graph and replayed from then on: the first
+call of a shape runs eagerly (Triton compiles its kernels), the second captures and replays, later calls
+replay. The stateful steps (attention, compress, index_topk) depend on the session position: in a decode
+step their triton launchers read it on the device from the plan's positions tensor (`_device_position`),
+so their launches are the same at every position and a decode step over dense state is one graph replay;
+otherwise (prefill chunks, tiered stores, kernels that cannot) the host hands them `pos0` each call and
+they run between segments. A capture that fails is reported (`graph_report`) and its segment runs eagerly.
 """
 
 from collections.abc import Callable, Mapping
@@ -224,14 +226,17 @@ class Session:
                                     "(plans/memory.json): recompile the artifact")
             buffers = [self._buffer(spec, n, seq) for spec in outs]
             kw = dict(attrs)
-            if is_stateful:
+            on_device = is_stateful and self._device_position(fn, kw, seq)
+            if on_device:
+                kw["pos0"] = positions  # its first element is the call's position, read by the kernels
+            elif is_stateful:
                 kw["pos0"] = self.pos
                 stateful.append(kw)
             bind = getattr(fn, "bind", None)
             bound = bind(inputs, buffers, kw) if bind is not None else None
             labels.extend([f"bound:{step.kernel}"] * len(bound) if bound is not None else [f"py:{step.kernel}"])
             entries.extend(bound if bound is not None else [(_into(fn, buffers), inputs, kw)])
-            safe.extend([graph_safe(fn) and not is_stateful] * (len(bound) if bound is not None else 1))
+            safe.extend([graph_safe(fn) and (on_device or not is_stateful)] * (len(bound) if bound is not None else 1))
             for slot, buffer in zip(outputs, buffers):
                 values[slot] = buffer
             if tiered is not None:
@@ -241,6 +246,15 @@ class Session:
         if self.graphs is not None:
             entries, labels = _segments(entries, labels, safe, self.graphs, self.arena)
         return _Plan(entries, stateful, tokens, positions, values[self.program.output], labels)
+
+    def _device_position(self, fn, kw: dict, seq: int) -> bool:
+        """Whether a stateful step of a call of `seq` tokens a sequence reads its position on the device (the
+        plan's positions tensor) instead of being handed `pos0` by the host each call: with graphs, for a
+        decode step (seq 1), where the kernel can (`device_position`: the triton launchers size their grids by
+        the state's capacity, so their launches are the same at every position and the step joins a graph)
+        and its state is dense (a tiered store is read and written from the host)."""
+        return (self.graphs is not None and seq == 1 and bool(getattr(fn, "device_position", False))
+                and all(isinstance(t, torch.Tensor) for t in kw["state"]))
 
     def graph_report(self) -> dict | None:
         """With graphs: per planned call shape, the host calls a step makes (graph replays + other

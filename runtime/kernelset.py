@@ -87,6 +87,11 @@ class _Launch:
         call shape; a step that fell back runs a torch kernel, which may read values."""
         return not self.fallen
 
+    @property
+    def device_position(self) -> bool:
+        """A stateful launcher that takes `pos0` as a device tensor (executor._device_position)."""
+        return bool(getattr(self.launcher, "device_position", False))
+
     def _run(self, args, kwargs, config: dict, **into):
         if not self.fallen:
             try:
@@ -94,6 +99,9 @@ class _Launch:
             except ValueError as e:
                 self.owner.fall_back(self.index, self.kernel, f"the triton launcher refused its inputs: {e}")
                 self.fallen = True
+        pos0 = kwargs.get("pos0")
+        if pos0 is not None and not isinstance(pos0, int):  # a device position: the torch kernels take an int
+            kwargs = dict(kwargs, pos0=int(pos0.reshape(-1)[0]))
         return KERNELS[self.kernel](*args, **kwargs)
 
     def __call__(self, *args, **kwargs):

@@ -13,7 +13,8 @@ catches it. Reading a value or an op whose output shape depends on values (nonze
 ...) is refused outright, as a capture on a GPU would refuse it (or stall on a sync).
 
 The capture also runs the work once (it must, to get shapes and values for the host code); a CUDA
-capture runs nothing, so the arena is restored afterwards. Capture and replay leave inference mode
+capture runs nothing, so every tensor the recorded work touched (the arena, the KV state that stateful
+steps at a device position update in place, ...) is restored afterwards. Capture and replay leave inference mode
 (the executor's forward runs in it): there, composite ops such as `.to(dtype)`, `.contiguous()` and
 `.reshape()` reach the dispatcher below the Python mode, so the recorder would miss their copies.
 """
@@ -39,16 +40,37 @@ def _tensors(x) -> list:
     return [v for v in tree_leaves(x) if isinstance(v, torch.Tensor)]
 
 
+class _Snapshots:
+    """The contents of every storage the recorded work touches, taken before its first use, to undo the
+    capture's run (a CUDA capture runs nothing)."""
+
+    def __init__(self):
+        self.saved: dict[int, tuple] = {}
+
+    def take(self, *values) -> None:
+        with _disable_current_modes():
+            for t in _tensors(values):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.saved and storage.nbytes():
+                    self.saved[storage.data_ptr()] = (storage, storage.clone())
+
+    def restore(self) -> None:
+        with _disable_current_modes():
+            for storage, copy in self.saved.values():
+                storage.copy_(copy)
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self, ops: list):
+    def __init__(self, ops: list, snapshots: _Snapshots):
         super().__init__()
-        self.ops = ops
+        self.ops, self.snapshots = ops, snapshots
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name in DATA_DEPENDENT:
             raise HostRead(f"{func} inside a graph segment: its result depends on tensor values read on the host")
+        self.snapshots.take(args, kwargs)
         out = func(*args, **kwargs)
         if func.is_view:  # an alias of a recorded tensor: nothing to redo
             return out
@@ -73,7 +95,8 @@ class EmulatedGraphs:
         self.captures = self.replays = 0
 
     def capture(self, run, arena: torch.Tensor):
-        snapshot = arena.clone()
+        snapshots = _Snapshots()
+        snapshots.take(arena)
         ops: list = []
         original = interpreter.InterpretedFunction.run
         reads = {name: getattr(torch.Tensor, name) for name in HOST_COPIES}
@@ -82,6 +105,7 @@ class EmulatedGraphs:
         def recorded_run(fn, *args, grid, warmup, **kwargs):
             if not warmup:
                 ops.append(("triton", fn, args, {"grid": grid, **kwargs}, None))
+                snapshots.take(args, kwargs)
             # the interpreter's own tensor work is not device work (and it writes every argument back,
             # inference tensors such as the plan's positions included)
             inside[0] = True
@@ -102,13 +126,13 @@ class EmulatedGraphs:
         for name in HOST_COPIES:
             setattr(torch.Tensor, name, refused(name))
         try:
-            with torch.inference_mode(False), _Recorder(ops):
+            with torch.inference_mode(False), _Recorder(ops, snapshots):
                 run()
         finally:
             interpreter.InterpretedFunction.run = original
             for name, fn in reads.items():
                 setattr(torch.Tensor, name, fn)
-        arena.copy_(snapshot)
+        snapshots.restore()
         self.captures += 1
 
         def replay():

@@ -47,7 +47,7 @@ def test_without_a_gpu_every_row_is_not_measured(tmp_path):
 
 def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
     """bench/host_overhead.py on a tiny triton artifact: every Triton launch is skipped and counted, every plan
-    entry of a decode step is timed, and the stateful ops are told apart."""
+    entry of a decode step is timed, and the stateful ops are told apart; and the decode step with graphs."""
     spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT.parent / "host_overhead.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -65,6 +65,13 @@ def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
     assert row["ops"]["moe_experts_q"]["torch_kernels_per_call"] == 0
     assert all(set(o["torch_kernel_ops"]) <= {"sum"} for o in row["ops"].values() if not o["stateful"]), row["ops"]
     assert set(row["ops"]["attention"]["torch_kernel_ops"]) <= {"copy_"}  # the ring's rows; ids read in the kernel
+    # with CUDA graphs the decode step is one replay, its stateful steps reading the position on the device (with
+    # kernels of their own for the ring and window buffers: fewer torch kernels, a few more Triton launches)
+    graphs = row["graphs"]
+    assert graphs["host_calls_per_step"] == graphs["graphs"] == 1
+    assert graphs["entries_in_graphs"] == graphs["entries"] == row["entries_per_step"]
+    assert graphs["torch_kernels_per_step"] < row["torch_kernels_per_step"]
+    assert graphs["triton_launches_per_step"] > row["triton_launches_per_step"]
 
 
 @pytest.mark.slow

@@ -170,6 +170,30 @@ def test_a_call_that_closes_no_window_only_buffers():
     assert ours[-1].float().abs().sum() == 0 and ours[2].abs().sum() == 0
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_decode_step_at_a_device_position_equals_the_host_positions(fmt, overlap):
+    """pos0 as an int64 tensor, read by the kernels (a decode step replayed as a CUDA graph): token by token
+    from position 1 over three windows, the state after every step is the int-position launcher's, bit for
+    bit (which test_compress_token_by_token_matches_reference holds to the reference), but for the window
+    buffers' stale rows. bf16 tokens, strided."""
+    b, rate, d, half, n = 2, 3, 70, 3, 9
+    kv, gate, ape, w, inv = make_inputs(b, n, d, rate, half, overlap)
+    kv, gate = kv.bfloat16(), gate.transpose(0, 1).contiguous().transpose(0, 1)  # gate: a strided view
+    host, dev = make_state(b, d, rate, half, overlap, fmt), make_state(b, d, rate, half, overlap, fmt)
+    kw = dict(rate=rate, overlap=overlap, eps=1e-6, rope_scale=0.9, kv_format=fmt)
+    for i in range(n):
+        args = (kv[:, i:i + 1], gate[:, i:i + 1], ape, w, inv)
+        compressor.compress(*args, state=host, pos0=1 + i, **kw)
+        compressor.compress(*args, state=dev, pos0=torch.tensor([1 + i, 0]), **kw)
+        held = (2 + i) % rate  # the buffers' rows past those of the open window are never read
+        for name, a, c in zip(("buf_kv", "buf_gate"), host, dev):
+            assert torch.equal(a[:, :held], c[:, :held]), f"step {i}: state {name}"
+        for name, a, c in zip(("ovl_kv", "ovl_gate", "entries") if overlap else ("entries",), host[2:], dev[2:]):
+            assert torch.equal(a, c), f"step {i}: state {name}"
+    assert host[-1].view(torch.uint8)[:, (1 + n) // rate:].sum() == 0  # nothing written past the closed windows
+
+
 def test_compress_without_norm_weight():
     b, rate, d, half = 2, 3, 9, 2
     kv, gate, ape, _, inv = make_inputs(b, 8, d, rate, half, False)
@@ -251,8 +275,8 @@ def test_block_encodings_are_bit_exact_on_code_boundaries(fmt, amax, codes):
     ours = torch.empty_like(ref)
     fp4 = fmt == "fp4_block"
     block_g = triton.next_power_of_2(-(-d // (32 if fp4 else 128)))
-    compressor._encode_blocks_kernel[(x.shape[1], 1)](x, ours, x.shape[1], ours.stride(0), ours.stride(1), D=d,
-                                                      FP4=fp4, BLOCK_G=block_g)
+    compressor._encode_blocks_kernel[(x.shape[1], 1)](x, ours, x, x.shape[1], ours.stride(0), ours.stride(1), 1,
+                                                      D=d, FP4=fp4, DEVICE_POS=False, BLOCK_G=block_g)
     assert torch.equal(ours, ref)
 
 
@@ -314,7 +338,13 @@ def bad_call(**changes):
     (bad_call(state=(torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), torch.zeros(1, 1, 8)), pos0=3), "capacity 1"),
     (bad_call(state=(torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), object())), "store with write"),
     (bad_call(rate=0), "rate: expected a positive int"),
-    (bad_call(pos0=-1), "pos0: expected a non-negative int"),
+    (bad_call(pos0=-1), "pos0: expected an int >= 0"),
+    (bad_call(pos0=torch.tensor([0])), "one token a call"),
+    (bad_call(pos0=torch.tensor([0], dtype=torch.int32)), "int64"),
+    (bad_call(kv=torch.ones(1, 1, 8), gate=torch.ones(1, 1, 8), pos0=torch.tensor([0]),
+              state=(torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), Store(torch.zeros(1, 4, 8)))), "tiered store"),
+    (bad_call(kv=torch.ones(1, 1, 8), gate=torch.ones(1, 1, 8), pos0=torch.tensor([0]),
+              state=(torch.zeros(1, 3, 8).double(), torch.zeros(1, 3, 8), torch.zeros(1, 4, 8))), "state buf_kv"),
     (bad_call(config={"block_m": 4}), "config: unknown keys"),
 ])
 def test_unsupported_inputs_raise_value_errors(call, match):

@@ -45,11 +45,14 @@ def assert_distinct(q, w, keys, fmt, pos0, rate, topk):
 
 
 def run_both(q, w, keys, *, pos0, topk, rate, fmt, config=None, store=None):
+    """The launcher against the reference, with pos0 an int and (dense keys) a device position: the same
+    indices, though the latter scores the keys' whole capacity, the kernels masking what is not causal."""
     ref = ref_topk(q, w, state=(keys,), pos0=pos0, topk=topk, rate=rate, key_format=fmt, **SCALES)
-    ours = index_topk(q, w, state=(store if store is not None else keys,), pos0=pos0, topk=topk, rate=rate,
-                      key_format=fmt, config=config, **SCALES)
-    assert ours.dtype == torch.int64 and ours.shape == ref.shape
-    assert torch.equal(ours, ref), f"\nours {ours.tolist()}\nref  {ref.tolist()}"
+    for where in (pos0, torch.tensor([pos0, 99])) if store is None else (pos0,):
+        ours = index_topk(q, w, state=(store if store is not None else keys,), pos0=where, topk=topk, rate=rate,
+                          key_format=fmt, config=config, **SCALES)
+        assert ours.dtype == torch.int64 and ours.shape == ref.shape
+        assert torch.equal(ours, ref), f"pos0 {where}\nours {ours.tolist()}\nref  {ref.tolist()}"
     return ours
 
 
@@ -132,6 +135,12 @@ def test_tiered_keys_and_low_precision_inputs():
              config={"BLOCK_T": 16, "num_warps": 2})
 
 
+def test_a_device_position_needs_dense_keys():
+    q, w, keys = make_case("f32", 1, 1, 2, 8, 4, seed=0)
+    with pytest.raises(ValueError, match="tiered store"):
+        index_topk(q, w, state=(make_store(keys),), pos0=torch.tensor([5]), topk=2, rate=2, **SCALES)
+
+
 def test_launcher_is_registered():
     assert module.LAUNCHERS == {"index_topk": index_topk}
 
@@ -153,6 +162,8 @@ def bad(**changes):
     ({"rate": 0}, "rate"),
     ({"topk": -1}, "topk"),
     ({"pos0": 40}, "capacity"),
+    ({"pos0": torch.tensor([4], dtype=torch.int32)}, "int64"),
+    ({"pos0": -1}, "pos0"),
     ({"config": {"BLOCK_T": 24}}, "BLOCK_T"),
     ({"config": {"BLOCK_N": 16}}, "unknown keys"),
 ])

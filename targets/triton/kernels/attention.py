@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, cdiv, ceil_log2, check, check_tensor,
-                     dot_bf16, e4m3_quant, entry_layout, group_scale, launch_config, native_cvt, next_pow2, pow2,
-                     result, same_device, sm_count, to_bf16, ue8m0_value)
+                     dot_bf16, e4m3_quant, entry_layout, group_scale, launch_config, native_cvt, next_pow2, position,
+                     pow2, result, same_device, sm_count, to_bf16, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -132,12 +132,12 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.c
 
 
 @triton.jit
-def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr,
+def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, pos_ptr,
                       S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
                       D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr,
                       FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, KDT: tl.constexpr,
-                      NATIVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
     ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
@@ -150,8 +150,14 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     to 10 mantissa bits) or "bf16" (tensor cores: q and the probabilities rounded to 8 bits, key tiles
     half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three. KDT: the key tiles'
     dtype, bf16 for bf16 dots, else fp32.
-    Each key tile is decoded once: a window key's row pointer is the ring's (p < pos0) or the new keys'."""
+    Each key tile is decoded once: a window key's row pointer is the ring's (p < pos0) or the new keys'.
+    The ring holds min(pos0, n_old) old keys. DEVICE_POS: pos0 is read from pos_ptr (n_old is then the ring's
+    size), and the runs of a split cover the most keys any position has: runs past this position's keys
+    store an empty (max -inf, sum 0) result, which the combine weighs 0."""
     pid, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if DEVICE_POS:
+        pos0 = tl.load(pos_ptr).to(tl.int32)
+    n_old = tl.minimum(n_old, pos0)
     n_hb = tl.cdiv(H, BLOCK_H)
     hb, part = pid % n_hb, pid // n_hb  # head blocks innermost: the programs reading the same keys run together
     t = pos0 + s  # the query's position
@@ -217,6 +223,20 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
 
 
 @triton.jit
+def _ring_kernel(new_ptr, ring_ptr, pos_ptr, S, slots, W: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The ring update at a device position p (read from pos_ptr): new row i (of S) goes to ring row
+    (p + i) % slots if it is among the last `slots` rows. Grid: (S, B); new: [B, S, W], ring: [B, slots, W]."""
+    i = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if i < S - slots:
+        return
+    row = (tl.load(pos_ptr) + i) % slots
+    c = tl.arange(0, BLOCK_W)
+    m = c < W
+    tl.store(ring_ptr + (b * slots + row) * W + c, tl.load(new_ptr + (b * S + i) * W + c, mask=m), mask=m)
+
+
+@triton.jit
 def _combine_kernel(part_ptr, ml_ptr, out_ptr, TH, D, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     """Merge the SPLIT runs of each (token, head) row r < TH: out[r] = sum_p e^(m_p - M) acc_p /
@@ -266,7 +286,7 @@ def _check_entries(name, t, batch, fmt, width):
           f"{name}: expected [{batch}, T, {width}] ({fmt} storage), got {list(t.shape)}")
 
 
-def _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, rope_dim):
+def _check_inputs(q, kv, sinks, selected, state, window, rate, kv_format, rope_dim):
     check(kv_format in FORMATS, f"kv_format {kv_format!r} is not supported; expected one of {list(FORMATS)}")
     check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=4, contiguous=False)
     batch, s, heads, d = q.shape
@@ -275,7 +295,6 @@ def _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, 
     check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, dim=1, contiguous=False)
     check(sinks.shape[0] == heads, f"sinks: expected [{heads}], got {list(sinks.shape)}")
     check(isinstance(window, int) and window >= 1, f"window: expected an int >= 1, got {window!r}")
-    check(isinstance(pos0, int) and pos0 >= 0, f"pos0: expected an int >= 0, got {pos0!r}")
     check(isinstance(rope_dim, int) and 0 <= rope_dim <= d, f"rope_dim: expected 0 <= rope_dim <= {d}, got {rope_dim!r}")
     check(isinstance(state, (tuple, list)) and len(state) in (1, 2), "state: expected (ring,) or (ring, entries)")
     width = entry_layout(kv_format, d, rope_dim)[1]
@@ -337,17 +356,24 @@ def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
     """-> (mode, entry rows, selected or None, rows per batch). CSA: the kernel reads selected[b, s, k] (-1 =
     none) as row b * capacity + selected of the entries viewed as [B * capacity, W]; a tiered store gathers the
     picks on the host into rows [B * S * K, W] (CSA_GATHERED): the kernel reads the pick's own row
-    (b * S + s) * K + k. HCA: the first (pos0 + S) // rate rows of each batch row's entries."""
+    (b * S + s) * K + k. HCA: the first (pos0 + S) // rate rows of each batch row's entries (pos0 None, a
+    device position: the kernel bounds them)."""
     if len(state) == 1:
         return SLIDING, None, None, 0
     entries = state[1]
     if selected is not None:
         if isinstance(entries, torch.Tensor):
             return CSA, entries, selected.contiguous(), entries.shape[1]
+        check(pos0 is not None, "pos0: a device position needs the entries as a tensor, not a tiered store (whose "
+                                "picks are gathered on the host)")
         rows = entries.gather(selected.long())  # [B, S, K, W]
         check(rows.dtype == STORAGE_DTYPES[fmt] and rows.shape[-1] == width,
               f"gathered entries: expected {STORAGE_DTYPES[fmt]} rows of {width}, got {rows.dtype} {list(rows.shape)}")
         return CSA_GATHERED, rows.reshape(-1, width).contiguous(), selected.contiguous(), 0
+    if pos0 is None:
+        check(isinstance(entries, torch.Tensor), "pos0: a device position needs the entries as a tensor, not a "
+                                                 "tiered store (which reads the entries written so far on the host)")
+        return HCA, entries, None, entries.shape[1]
     n_entries = (pos0 + s) // rate
     if not isinstance(entries, torch.Tensor):
         entries = entries.read(n_entries).contiguous()
@@ -358,9 +384,14 @@ def _entry_source(state, selected, batch, s, pos0, rate, fmt, width):
 
 def _write_ring(ring, stored, pos0):
     """The ring keeps the last window-1 tokens: position p in row p % (window - 1). The new rows land in at
-    most two runs of ring rows (the ring wraps once at most): slices, not an index tensor."""
+    most two runs of ring rows (the ring wraps once at most): slices, not an index tensor; at a device
+    position, `_ring_kernel`."""
     slots, s = ring.shape[1], stored.shape[1]
-    if slots:
+    if slots and isinstance(pos0, torch.Tensor):
+        batch, _, width = stored.shape
+        _ring_kernel[(s, batch)](_storage_view(stored), _storage_view(ring), pos0, s, slots, W=width,
+                                 BLOCK_W=next_pow2(width))
+    elif slots:
         n = min(s, slots)
         start = (pos0 + s - n) % slots
         first = min(n, slots - start)
@@ -374,8 +405,11 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     """q: [B, S, H, D] roped queries, kv: [B, S, D] roped keys (= values) of the new tokens, sinks: [H],
     selected: [B, S, K] entry indices (-1 = none) or None; state: (ring [B, window-1, W],) or
     (ring, entries [B, T, W] or a tiered store), stored in `kv_format` with `rope_dim` RoPE channels.
-    -> [B, S, H, D] fp32. The ring is updated in place after attention."""
-    _check_inputs(q, kv, sinks, selected, state, pos0, window, rate, kv_format, rope_dim)
+    -> [B, S, H, D] fp32. The ring is updated in place after attention. pos0: an int, or a device position
+    (common.position): the launches are then the same at every position, the key runs of a split sized
+    for the most keys a query can have (window - 1 + S, plus top-k or the HCA entries' capacity)."""
+    _check_inputs(q, kv, sinks, selected, state, window, rate, kv_format, rope_dim)
+    host_pos = position(pos0, q.device)
     q, kv, sinks = q.contiguous(), kv.contiguous(), sinks.contiguous()  # inputs may be views; state may not
     batch, s, heads, d = q.shape
     cfg = _config(config, heads, d)
@@ -383,13 +417,18 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     slots = ring.shape[1]
     width = entry_layout(kv_format, d, rope_dim)[1]
     stored = encode_kv(kv, kv_format, rope_dim)  # [B, S, W]
-    mode, entries, table, ent_stride = _entry_source(state, selected, batch, s, pos0, rate, kv_format, width)
+    mode, entries, table, ent_stride = _entry_source(state, selected, batch, s, host_pos, rate, kv_format, width)
     k = table.shape[-1] if table is not None else 0
     out = result(into, (batch, s, heads, d), torch.float32, q.device)
     if batch * s:
-        n_entries = k if mode in (CSA, CSA_GATHERED) else (pos0 + s) // max(rate, 1) if mode == HCA else 0
+        if host_pos is None:  # the most any position has
+            n_entries = k if mode in (CSA, CSA_GATHERED) else ent_stride if mode == HCA else 0
+            n_keys = min(window, slots + s) + n_entries
+        else:
+            n_entries = k if mode in (CSA, CSA_GATHERED) else (host_pos + s) // max(rate, 1) if mode == HCA else 0
+            n_keys = min(window, host_pos + s) + n_entries
         h_blocks = cdiv(heads, cfg["BLOCK_H"])
-        split, per = _split_kv(cfg, q.device, s * batch * h_blocks, min(window, pos0 + s) + n_entries)
+        split, per = _split_kv(cfg, q.device, s * batch * h_blocks, n_keys)
         part, ml = out, out
         if split > 1:
             part = torch.empty(split, batch, s, heads, d, dtype=torch.float32, device=q.device)
@@ -398,11 +437,11 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
         dot = _dot_precision(cfg, q.device)
         _attention_kernel[(h_blocks * split, s, batch)](
             q, _storage_view(ring) if slots else new, new, _storage_view(entries) if entries is not None else new,
-            table if table is not None else new, sinks, part, ml,
-            s, heads, k, pos0, min(pos0, slots), max(slots, 1), window, max(rate, 1), ent_stride, float(scale), per,
+            table if table is not None else new, sinks, part, ml, pos0 if host_pos is None else new,
+            s, heads, k, host_pos or 0, slots, max(slots, 1), window, max(rate, 1), ent_stride, float(scale), per,
             D=d, NOPE=d - rope_dim, ROPE=rope_dim, W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
             DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32,
-            NATIVE=native_cvt(q.device),
+            NATIVE=native_cvt(q.device), DEVICE_POS=host_pos is None,
             BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
         if split > 1:
@@ -414,4 +453,5 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
     return out
 
 
+attention.device_position = True  # takes pos0 as a device tensor (common.position)
 LAUNCHERS = {"attention": attention}

@@ -112,6 +112,22 @@ def same_device(**tensors) -> None:
                 raise ValueError(f"tensors on different devices: {devices}")
 
 
+def position(pos0, device: torch.device) -> int | None:
+    """A stateful launcher's `pos0`: an int, the tokens the session held before this call, from which the host
+    sizes grids and slices; or an int64 tensor on `device` whose first element is that count, read by the
+    kernels themselves ("device position"). The launches are then the same at every position (grids sized by
+    the state's capacity, programs past the causal range exit at once), so a decode step can be captured
+    once as a CUDA graph and replayed (runtime/executor.py). -> the int, or None for a device position."""
+    if isinstance(pos0, torch.Tensor):
+        check(pos0.dtype == torch.int64 and pos0.numel() >= 1 and pos0.is_contiguous(),
+              f"pos0: a device position must be a contiguous int64 tensor, got {pos0.dtype} {list(pos0.shape)}")
+        check(pos0.device == device, f"pos0: on {pos0.device}, the kernels' inputs on {device}")
+        return None
+    check(isinstance(pos0, int) and not isinstance(pos0, bool) and pos0 >= 0,
+          f"pos0: expected an int >= 0 or an int64 device tensor, got {pos0!r}")
+    return pos0
+
+
 # KV entry / indexer key storage formats, as runtime/quant.py: fp8_split's UE8M0 scale covers KV_GROUP nope
 # channels, fp8_block's fp32 scale FP8_BLOCK values, fp4_block's UE8M0 scale FP4_BLOCK values.
 KV_GROUP, FP8_BLOCK, FP4_BLOCK = 64, 128, 32

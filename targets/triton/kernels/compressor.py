@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP4_BLOCK, FP8_BLOCK, KV_GROUP, bf16_bits, cdiv, ceil_log2, check, check_tensor,
-                     e2m1_code, e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, pow2, same_device)
+                     e2m1_code, e4m3_quant, entry_layout, group_scale, launch_config, next_pow2, position, pow2,
+                     same_device)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 KV_FORMATS = ("f32", "bf16", "fp8_split", "fp8_block", "fp4_block")
@@ -34,12 +35,13 @@ FMT_F32, FMT_BF16, FMT_FP8_SPLIT = 0, 1, 2  # formats the main kernel stores its
 
 # --- device helpers -----------------------------------------------------------------------------
 @triton.jit
-def _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, r0, cols, cmask, RATE: tl.constexpr,
+def _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, r0, cols, cmask, RATE: tl.constexpr,
            C: tl.constexpr, D: tl.constexpr, OFF: tl.constexpr, COL_CUR: tl.constexpr, HAS_PREV: tl.constexpr,
            BLOCK_R: tl.constexpr):
     """Positions t = r0 .. r0+BLOCK_R of entry w's window -> (kv, logits) [BLOCK_R, BLOCK_P].
     t in [OFF, OFF+RATE): the window's own tokens, channels COL_CUR + cols, logit gate + ape[t - OFF];
-    t < OFF (overlap): Ca of window w-1, or the saved ovl_kv / ovl_gate (ape included) when w == 0.
+    t < OFF (overlap): Ca of window w-1, or the saved ovl_kv / ovl_gate (ape included) when w == 0 (and the
+    call's first entry `first` is not the first of all, which has no window before it).
     Rows outside the window get logit -inf; padded channels get logit 0 and kv 0."""
     t = r0 + tl.arange(0, BLOCK_R)
     row = w * RATE + t - OFF  # token row in kv [L, C], for both the window and its predecessor
@@ -52,7 +54,7 @@ def _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, r0, cols, cma
     g += tl.load(ape_ptr + (t % RATE)[:, None] * C + col, mask=src, other=0.0)
     valid = is_cur | is_prev
     if HAS_PREV:
-        is_ovl = (t < OFF) & (row < 0)  # w == 0: the saved Ca of the window before this call
+        is_ovl = (t < OFF) & (row < 0) & (row + first * RATE >= 0)  # w == 0: the saved Ca of the window before
         saved = is_ovl[:, None] & cmask[None, :]
         kv += tl.load(ovl_kv_ptr + t[:, None] * D + cols[None, :], mask=saved, other=0.0)
         g += tl.load(ovl_gate_ptr + t[:, None] * D + cols[None, :], mask=saved, other=0.0)
@@ -62,24 +64,24 @@ def _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, r0, cols, cma
 
 
 @triton.jit
-def _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, cols, cmask, RATE: tl.constexpr,
+def _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, cols, cmask, RATE: tl.constexpr,
           C: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, OFF: tl.constexpr, COL_CUR: tl.constexpr,
           HAS_PREV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     """Channels `cols` of entry w: sum_t softmax_t(logit) * kv over the WIN window positions -> [BLOCK_P].
     Softmax as torch: p = exp(l - max) / sum exp(l - max), in three passes over chunks of BLOCK_R."""
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for r0 in range(0, WIN, BLOCK_R):
-        _, g = _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, r0, cols, cmask, RATE, C, D, OFF,
+        _, g = _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, r0, cols, cmask, RATE, C, D, OFF,
                       COL_CUR, HAS_PREV, BLOCK_R)
         m = tl.maximum(m, tl.max(g, axis=0))
     s = tl.zeros([BLOCK_P], tl.float32)
     for r0 in range(0, WIN, BLOCK_R):
-        _, g = _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, r0, cols, cmask, RATE, C, D, OFF,
+        _, g = _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, r0, cols, cmask, RATE, C, D, OFF,
                       COL_CUR, HAS_PREV, BLOCK_R)
         s += tl.sum(tl.exp(g - m[None, :]), axis=0)
     acc = tl.zeros([BLOCK_P], tl.float32)
     for r0 in range(0, WIN, BLOCK_R):
-        kv, g = _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, r0, cols, cmask, RATE, C, D, OFF,
+        kv, g = _chunk(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, r0, cols, cmask, RATE, C, D, OFF,
                        COL_CUR, HAS_PREV, BLOCK_R)
         acc += tl.sum(kv * (tl.exp(g - m[None, :]) / s[None, :]), axis=0)
     return acc
@@ -120,16 +122,26 @@ def _store_fp8_split(out_row, y0, y1, c0, c1, m0, m1, D: tl.constexpr, NOPE: tl.
 
 # --- kernels ------------------------------------------------------------------------------------
 @triton.jit
-def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr, out_ptr, L,
-                     stride_ob, stride_ot, pos_base, eps, rope_scale, RATE: tl.constexpr, C: tl.constexpr,
+def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr, out_ptr, pos_ptr, L,
+                     stride_ob, stride_ot, stride_first, first, eps, rope_scale, RATE: tl.constexpr, C: tl.constexpr,
                      D: tl.constexpr, NOPE: tl.constexpr, WIN: tl.constexpr, OFF: tl.constexpr,
                      COL_CUR: tl.constexpr, HAS_PREV: tl.constexpr, HAS_W: tl.constexpr, FMT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Program (w, b): entry w of batch row b. kv, gate: [B, L, C] fp32; ape: [RATE, C]; ovl_*: [B, RATE, D];
-    out row: out_ptr + b*stride_ob + w*stride_ot. Channels are handled as pairs (c0, c1 = c0 + 1) aligned
-    with the RoPE pairs (NOPE + 2i, NOPE + 2i + 1), so c0 = 2p - NOPE % 2."""
+                     DEVICE_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
+    """Program (w, b): entry first + w of batch row b. kv, gate: [B, L, C] fp32; ape: [RATE, C]; ovl_*: [B, RATE,
+    D]; out row: out_ptr + b*stride_ob + w*stride_ot. Channels are handled as pairs (c0, c1 = c0 + 1) aligned
+    with the RoPE pairs (NOPE + 2i, NOPE + 2i + 1), so c0 = 2p - NOPE % 2.
+    DEVICE_POS (a decode step, kv = the window buffer, L = RATE): the position p is read from pos_ptr; the
+    program writes entry p // RATE at out_ptr + (p // RATE) * stride_first (0: a scratch row) if token p closes
+    its window, else nothing."""
     w = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    if DEVICE_POS:
+        pos = tl.load(pos_ptr).to(tl.int32)
+        if (pos + 1) % RATE != 0:
+            return
+        first = pos // RATE
+        out_ptr += first.to(tl.int64) * stride_first
     kv_ptr += b * L * C
     gate_ptr += b * L * C
     ovl_kv_ptr += b * RATE * D
@@ -137,9 +149,9 @@ def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr,
     c0 = 2 * tl.arange(0, BLOCK_P) - NOPE % 2
     c1 = c0 + 1
     m0, m1 = (c0 >= 0) & (c0 < D), c1 < D
-    x0 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, c0, m0, RATE, C, D, WIN, OFF, COL_CUR,
+    x0 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c0, m0, RATE, C, D, WIN, OFF, COL_CUR,
                HAS_PREV, BLOCK_R, BLOCK_P)
-    x1 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, c1, m1, RATE, C, D, WIN, OFF, COL_CUR,
+    x1 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c1, m1, RATE, C, D, WIN, OFF, COL_CUR,
                HAS_PREV, BLOCK_R, BLOCK_P)
     # RMSNorm over the D channels: y = x / sqrt(mean(x^2) + eps) * weight
     rstd = tl.math.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / D + eps)
@@ -150,7 +162,7 @@ def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr,
     # interleaved RoPE on channels >= NOPE at position (first entry + w) * RATE
     rot = m0 & (c0 >= NOPE)
     freq = tl.load(inv_ptr + (c0 - NOPE) // 2, mask=rot, other=0.0)
-    angle = (pos_base + w * RATE).to(tl.float32) * freq
+    angle = ((first + w) * RATE).to(tl.float32) * freq
     cos, sin = tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
     y0, y1 = tl.where(rot, y0 * cos - y1 * sin, y0), tl.where(rot, y1 * cos + y0 * sin, y1)
     out_row = out_ptr + b * stride_ob + w * stride_ot
@@ -165,13 +177,19 @@ def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr,
 
 
 @triton.jit
-def _encode_blocks_kernel(x_ptr, out_ptr, n_win, stride_ob, stride_ot, D: tl.constexpr, FP4: tl.constexpr,
-                          BLOCK_G: tl.constexpr):
+def _encode_blocks_kernel(x_ptr, out_ptr, pos_ptr, n_win, stride_ob, stride_ot, RATE, D: tl.constexpr,
+                          FP4: tl.constexpr, DEVICE_POS: tl.constexpr, BLOCK_G: tl.constexpr):
     """Program (w, b): f32 row x[b, w, :D] -> fp8_block bytes [e4m3 codes | fp32 scale per 128, little endian]
     (scale = max(amax, 1e-4) / 448) or fp4_block bytes [e2m1 pairs, even channel low | UE8M0 per 32]
-    (scale = 2^e, e = ceil_log2(max(amax, 1e-4) / 6), exact)."""
+    (scale = 2^e, e = ceil_log2(max(amax, 1e-4) / 6), exact). DEVICE_POS: as _compress_kernel's, writing
+    row pos // RATE of out if the token at pos (read from pos_ptr) closes its window."""
     w = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    if DEVICE_POS:
+        pos = tl.load(pos_ptr).to(tl.int32)
+        if (pos + 1) % RATE != 0:
+            return
+        out_ptr += (pos // RATE).to(tl.int64) * stride_ot
     x_row = x_ptr + (b * n_win + w) * D
     out_row = out_ptr + b * stride_ob + w * stride_ot
     grp = tl.arange(0, BLOCK_G)[:, None]
@@ -200,11 +218,43 @@ def _encode_blocks_kernel(x_ptr, out_ptr, n_win, stride_ob, stride_ot, D: tl.con
         tl.store(out_row + D + 4 * grp + byte, ((sbits >> (8 * byte)) & 255).to(tl.uint8), mask=gmask)
 
 
+@triton.jit
+def _push_kernel(kv_ptr, gate_ptr, buf_kv_ptr, buf_gate_ptr, pos_ptr, kv_sb, kv_sc, gate_sb, gate_sc,
+                 RATE: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A decode step with a device position p (read from pos_ptr): the token's kv[b, 0] and gate[b, 0] join the
+    window buffers buf_* [B, RATE, C] at row p % RATE. Grid: (B,)."""
+    b = tl.program_id(0).to(tl.int64)
+    slot = tl.load(pos_ptr) % RATE
+    c = tl.arange(0, BLOCK_C)
+    m = c < C
+    dst = (b * RATE + slot) * C + c
+    tl.store(buf_kv_ptr + dst, tl.load(kv_ptr + b * kv_sb + c * kv_sc, mask=m).to(tl.float32), mask=m)
+    tl.store(buf_gate_ptr + dst, tl.load(gate_ptr + b * gate_sb + c * gate_sc, mask=m).to(tl.float32), mask=m)
+
+
+@triton.jit
+def _carry_kernel(buf_kv_ptr, buf_gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, pos_ptr, RATE: tl.constexpr,
+                  C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Overlap, a decode step with a device position p whose token closed its window (else nothing): the window's
+    Ca, ovl_kv[b, r] = buf_kv[b, r, :D] and ovl_gate[b, r] = buf_gate[b, r, :D] + ape[r, :D] (one fp32 add, as
+    the host path), pools into the next entry. Runs after _compress_kernel read the previous ovl_*. Grid: (RATE, B)."""
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if (tl.load(pos_ptr) + 1) % RATE != 0:
+        return
+    c = tl.arange(0, BLOCK_D)
+    m = c < D
+    src = (b * RATE + r) * C + c
+    dst = (b * RATE + r) * D + c
+    tl.store(ovl_kv_ptr + dst, tl.load(buf_kv_ptr + src, mask=m), mask=m)
+    ape = tl.load(ape_ptr + r * C + c, mask=m).to(tl.float32)
+    tl.store(ovl_gate_ptr + dst, tl.load(buf_gate_ptr + src, mask=m) + ape, mask=m)
+
+
 # --- host side ----------------------------------------------------------------------------------
-def _check_inputs(kv, gate, ape, norm_weight, inv_freq, state, pos0, rate, overlap, kv_format):
+def _check_inputs(kv, gate, ape, norm_weight, inv_freq, state, rate, overlap, kv_format):
     """Validate everything compress() relies on; returns the state tuple unpacked to 5 (ovl_* None)."""
     check(isinstance(rate, int) and rate >= 1, f"rate: expected a positive int, got {rate!r}")
-    check(isinstance(pos0, int) and pos0 >= 0, f"pos0: expected a non-negative int, got {pos0!r}")
     check(kv_format in KV_FORMATS, f"kv_format {kv_format!r} is not supported; expected one of {list(KV_FORMATS)}")
     check_tensor("kv", kv, dtypes=FLOATS, dim=3, contiguous=False)
     check_tensor("gate", gate, dtypes=FLOATS, dim=3, contiguous=False)
@@ -250,30 +300,34 @@ def _entry_target(entries, first: int, n_win: int, batch: int, dtype, width: int
 
 
 def _launch(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, first, n_win, rate, overlap, eps,
-            rope_scale, kv_format, cfg):
-    """Pool, normalize, rotate and encode entries first .. first+n_win-1 into `rows` [B, n_win, W]."""
+            rope_scale, kv_format, cfg, pos=None):
+    """Pool, normalize, rotate and encode entries first .. first+n_win-1 into `rows` [B, n_win, W]. With a device
+    position `pos` (a decode step, kv = the window buffers): entry pos // rate into its row of `rows` (the
+    whole entries tensor), if the token at pos closes its window."""
     batch, length, width = kv.shape
     d = width // 2 if overlap else width
     rope = 2 * inv_freq.shape[0]
     direct = kv_format in ("f32", "bf16", "fp8_split")
     out = rows if direct else torch.empty(batch, n_win, d, dtype=torch.float32, device=kv.device)
     fmt = {"f32": FMT_F32, "bf16": FMT_BF16, "fp8_split": FMT_FP8_SPLIT}.get(kv_format, FMT_F32)
-    has_prev = overlap and first > 0
+    device_pos = pos is not None
+    has_prev = overlap and (first > 0 or device_pos)  # a device position's `first` is the kernel's to read
     win = 2 * rate if overlap else rate
     block_r = min(cfg["block_r"], next_pow2(win))
     _compress_kernel[(n_win, batch)](
         kv, gate, ape.float().contiguous(), ovl_kv if has_prev else kv, ovl_gate if has_prev else gate,
         kv if norm_weight is None else norm_weight.float().contiguous(), inv_freq.float().contiguous(),
-        out.view(torch.int16) if fmt == FMT_BF16 else out, length, out.stride(0), out.stride(1), first * rate,
-        float(eps), float(rope_scale), RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0,
-        COL_CUR=d if overlap else 0, HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt, BLOCK_R=block_r,
-        BLOCK_P=next_pow2(cdiv(d + 1, 2)), BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
-        num_warps=cfg["num_warps"])
+        out.view(torch.int16) if fmt == FMT_BF16 else out, pos if device_pos else kv, length, out.stride(0),
+        out.stride(1), out.stride(1) if direct else 0, 0 if device_pos else first, float(eps), float(rope_scale),
+        RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0, COL_CUR=d if overlap else 0,
+        HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt, DEVICE_POS=device_pos, BLOCK_R=block_r,
+        BLOCK_P=next_pow2(cdiv(d + 1, 2)), BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)), num_warps=cfg["num_warps"])
     if not direct:
         fp4 = kv_format == "fp4_block"
         _encode_blocks_kernel[(n_win, batch)](
-            out, rows, n_win, rows.stride(0), rows.stride(1), D=d, FP4=fp4,
-            BLOCK_G=next_pow2(cdiv(d, FP4_BLOCK if fp4 else FP8_BLOCK)), num_warps=cfg["num_warps"])
+            out, rows, pos if device_pos else out, n_win, rows.stride(0), rows.stride(1), rate, D=d, FP4=fp4,
+            DEVICE_POS=device_pos, BLOCK_G=next_pow2(cdiv(d, FP4_BLOCK if fp4 else FP8_BLOCK)),
+            num_warps=cfg["num_warps"])
 
 
 def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap, eps, rope_scale=1.0,
@@ -281,12 +335,18 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
     """kv, gate: [B, S, C] projections of the new tokens; ape: [rate, C]; norm_weight: [d]; inv_freq: [R/2].
     state (mutated in place): buf_kv, buf_gate [B, rate, C], (ovl_kv, ovl_gate [B, rate, d] with overlap),
     entries [B, T, W] or a store with write(start, rows). Writes the entries of the windows closed by the
-    new tokens (pos0 is the position of kv[:, 0])."""
+    new tokens (pos0 is the position of kv[:, 0]: an int, or for one token a call a device position,
+    common.position, the launches then being the same at every position)."""
     cfg = launch_config(config, {"block_r": 16, "num_warps": 4}, "compress")
-    buf_kv, buf_gate, ovl_kv, ovl_gate, entries = _check_inputs(kv, gate, ape, norm_weight, inv_freq, state, pos0,
+    buf_kv, buf_gate, ovl_kv, ovl_gate, entries = _check_inputs(kv, gate, ape, norm_weight, inv_freq, state,
                                                                 rate, overlap, kv_format)
     batch, s, width = kv.shape
     d = width // 2 if overlap else width
+    if position(pos0, kv.device) is None:
+        _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, buf_gate, ovl_kv, ovl_gate,
+                                     entries, pos0, rate=rate, overlap=overlap, eps=eps, rope_scale=rope_scale,
+                                     kv_format=kv_format, cfg=cfg)
+        return
     n_buf = pos0 % rate
     if n_buf + s < rate:  # no window closes (most decode steps): the new tokens only join the window buffer
         buf_kv[:, n_buf:n_buf + s] = kv
@@ -315,4 +375,31 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
         buf_gate[:, :rest] = gate[:, used:]
 
 
+def _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, buf_gate, ovl_kv, ovl_gate, entries,
+                                 pos, *, rate, overlap, eps, rope_scale, kv_format, cfg):
+    """One token a sequence at a device position p: it joins the window buffers (`_push_kernel`); the
+    compress kernel pools the buffers into entry p // rate if p closes a window (its programs exit at once
+    otherwise); with overlap, `_carry_kernel` then saves that window's Ca. Three launches whatever p is."""
+    batch, s, width = kv.shape
+    d = width // 2 if overlap else width
+    check(s == 1, f"pos0: a device position serves one token a call (a decode step), got {s}")
+    dtype, entry_width = entry_layout(kv_format, d, 2 * inv_freq.shape[0])
+    check(isinstance(entries, torch.Tensor) and entries.dtype == dtype and entries.stride(-1) == 1,
+          f"pos0: a device position needs the entries as a {dtype} tensor with unit channel stride (written in "
+          "place), not a tiered store or another dtype")
+    check(entries.dim() == 3 and entries.shape[0] == batch and entries.shape[2] == entry_width,
+          f"state entries: expected shape [{batch}, T, {entry_width}], got {list(entries.shape)}")
+    for name, t in (("buf_kv", buf_kv), ("buf_gate", buf_gate), ("ovl_kv", ovl_kv), ("ovl_gate", ovl_gate)):
+        if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
+            raise ValueError(f"state {name}: a device position needs it float32 and contiguous, got {t.dtype}")
+    _push_kernel[(batch,)](kv, gate, buf_kv, buf_gate, pos, kv.stride(0), kv.stride(2), gate.stride(0),
+                           gate.stride(2), RATE=rate, C=width, BLOCK_C=next_pow2(width))
+    _launch(buf_kv, buf_gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, entries, first=0, n_win=1, rate=rate,
+            overlap=overlap, eps=eps, rope_scale=rope_scale, kv_format=kv_format, cfg=cfg, pos=pos)
+    if overlap:
+        _carry_kernel[(rate, batch)](buf_kv, buf_gate, ape, ovl_kv, ovl_gate, pos, RATE=rate, C=width, D=d,
+                                     BLOCK_D=next_pow2(d))
+
+
+compress.device_position = True  # takes pos0 as a device tensor (common.position)
 LAUNCHERS = {"compress": compress}

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (STORAGE_DTYPES, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout, launch_config,
-                     next_pow2, result, same_device, ue8m0_value)
+                     next_pow2, position, result, same_device, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,15 +59,23 @@ def _load_keys(base, rows, row_ok, offs_d, D: tl.constexpr, W: tl.constexpr, FMT
 
 
 @triton.jit
-def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, H, T, pos0, rate, k_stride, score_scale, weight_scale,
-                  D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, S, H, T, pos0, rate, k_stride, score_scale, weight_scale,
+                  D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr, DEVICE_POS: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, s, w] for w in one key tile (w < T), -inf where w >= (pos0 + s + 1) // rate.
     Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W].
+    DEVICE_POS: pos0 is read from pos_ptr, T is the keys' capacity, and a tile past the causal entries
+    writes nothing (the top-k kernel reads only causal scores).
     One head at a time: its [BT] dots are the key tile times the head's query row, summed over the channels
     (fp32 FMAs). An fp32 tl.dot over a block of heads lowers, without tensor cores, to operands that hold
     whole K rows per thread: at V4's 64 x 128 it spilled ~7 KB a thread on sm_90a (bench/sm90_static.py)."""
     s, b, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if DEVICE_POS:
+        pos0 = tl.load(pos_ptr).to(tl.int32)
     limit = (pos0 + s + 1) // rate
+    if DEVICE_POS:
+        if tb * BLOCK_T >= limit:
+            return
     w = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     keys = _load_keys(k_ptr, b * k_stride + w, w < limit, offs_d, D, W, FMT)  # [BT, BD]
@@ -94,10 +102,13 @@ def _sort_key(score, w):
 
 
 @triton.jit
-def _topk_kernel(scores_ptr, out_ptr, S, T, TOPK, pos0, rate, KP: tl.constexpr):
+def _topk_kernel(scores_ptr, out_ptr, pos_ptr, S, T, TOPK, pos0, rate, DEVICE_POS: tl.constexpr, KP: tl.constexpr):
     """out[b, s, :TOPK] = the causal entries' indices by score, best first, lower index on ties,
-    -1 past the causal ones. Grid: (S, B). scores: [B, S, T], out: [B, S, TOPK] int64."""
+    -1 past the causal ones. Grid: (S, B). scores: [B, S, T], out: [B, S, TOPK] int64.
+    DEVICE_POS: pos0 is read from pos_ptr."""
     s, b = tl.program_id(0), tl.program_id(1)
+    if DEVICE_POS:
+        pos0 = tl.load(pos_ptr).to(tl.int32)
     token = (b * S + s).to(tl.int64)
     limit = tl.minimum((pos0 + s + 1) // rate, T)
     best = tl.full([KP], PAD_KEY, dtype=tl.int64)
@@ -124,13 +135,17 @@ def _check_inputs(q, weights, state, pos0, topk, rate, key_format):
     batch, s, heads, _ = q.shape
     check_tensor("weights", weights, dtypes=FLOAT_DTYPES, dim=3, contiguous=False)
     check(tuple(weights.shape) == (batch, s, heads), f"weights: expected [{batch}, {s}, {heads}], got {list(weights.shape)}")
-    check(isinstance(pos0, int) and pos0 >= 0, f"pos0: expected an int >= 0, got {pos0!r}")
     check(isinstance(topk, int) and topk >= 0, f"topk: expected an int >= 0, got {topk!r}")
     check(isinstance(rate, int) and rate > 0, f"rate: expected an int > 0, got {rate!r}")
     check(isinstance(state, (tuple, list)) and len(state) == 1, "state: expected (indexer keys,)")
     if isinstance(state[0], torch.Tensor):
         _check_keys("state[0] (indexer keys)", state[0], batch, key_format, entry_layout(key_format, q.shape[-1])[1])
     same_device(q=q, weights=weights, keys=state[0])
+    host_pos = position(pos0, q.device)
+    check(host_pos is not None or isinstance(state[0], torch.Tensor),
+          "pos0: a device position needs the indexer keys as a tensor, not a tiered store (which reads the keys "
+          "written so far on the host)")
+    return host_pos
 
 
 def _config(config):
@@ -140,16 +155,19 @@ def _config(config):
 
 def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg):
     """q: [B, S, H, Di], weights: [B, S, H], keys: [B, >= T, W] storage -> scores [B, S, T] fp32,
-    T = (pos0 + S) // rate, -inf where not causal (`_score_kernel`)."""
+    T = (pos0 + S) // rate, -inf where not causal (`_score_kernel`). With a device position (pos0 a tensor)
+    T is the keys' capacity and only the causal scores are written."""
     batch, s, heads, d = q.shape
-    n_entries = (pos0 + s) // rate
+    device_pos = isinstance(pos0, torch.Tensor)
+    n_entries = keys.shape[1] if device_pos else (pos0 + s) // rate
     scores = torch.empty(batch, s, n_entries, dtype=torch.float32, device=q.device)
     if batch * s * n_entries:
         view = keys.view(torch.int16) if keys.dtype == torch.bfloat16 else keys
         _score_kernel[(s, batch, cdiv(n_entries, cfg["BLOCK_T"]))](
-            q, weights, view, scores, s, heads, n_entries, pos0, rate, keys.shape[1], float(score_scale),
-            float(weight_scale), D=d, W=keys.shape[2], FMT=FORMATS[key_format], BLOCK_T=cfg["BLOCK_T"],
-            BLOCK_D=next_pow2(d), num_warps=cfg["num_warps"])
+            q, weights, view, scores, pos0 if device_pos else scores, s, heads, n_entries, 0 if device_pos else pos0,
+            rate, keys.shape[1], float(score_scale), float(weight_scale), D=d, W=keys.shape[2],
+            FMT=FORMATS[key_format], DEVICE_POS=device_pos, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=next_pow2(d),
+            num_warps=cfg["num_warps"])
     return scores
 
 
@@ -158,16 +176,17 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     """Pick up to `topk` causal compressed entries per query by indexer score.
     q: [B, S, H, Di] roped indexer queries, weights: [B, S, H]; state: (indexer keys [B, T, W] in
     `key_format`, or a tiered store,). -> [B, S, topk] int64 entry indices, best first; ties go to
-    the lower index; -1 pads."""
-    _check_inputs(q, weights, state, pos0, topk, rate, key_format)
+    the lower index; -1 pads. pos0: an int, or a device position (common.position): the launches then do
+    not depend on it (a decode step captured as a CUDA graph), and the entries' count is the kernels' to read."""
+    host_pos = _check_inputs(q, weights, state, pos0, topk, rate, key_format)
     q, weights = q.contiguous(), weights.contiguous()  # inputs may be views; the keys may not
     batch, s, heads, d = q.shape
     cfg = _config(config)
     out = result(into, (batch, s, topk), torch.long, q.device)  # the top-k kernel writes every slot
-    n_entries = (pos0 + s) // rate
+    keys = state[0]
+    n_entries = keys.shape[1] if host_pos is None else (host_pos + s) // rate
     if n_entries == 0 or topk == 0 or batch * s == 0:
         return out.fill_(-1)
-    keys = state[0]
     width = entry_layout(key_format, d)[1]
     if not isinstance(keys, torch.Tensor):  # a tiered store: its first n_entries rows, on the host
         keys = keys.read(n_entries).contiguous()
@@ -175,9 +194,13 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     check(keys.shape[1] >= n_entries, f"state[0] (indexer keys): {n_entries} closed windows but capacity {keys.shape[1]}")
     scores = index_scores(q, weights, keys, pos0=pos0, rate=rate, score_scale=score_scale,
                           weight_scale=weight_scale, key_format=key_format, cfg=cfg)  # [B, S, T]
-    _topk_kernel[(s, batch)](scores, out, s, n_entries, topk, pos0, rate, KP=next_pow2(topk),
-                             num_warps=cfg["num_warps"])
+    device_pos = host_pos is None
+    _topk_kernel[(s, batch)](scores, out, pos0 if device_pos else out, s, n_entries, topk, 0 if device_pos else pos0,
+                             rate, DEVICE_POS=device_pos, KP=next_pow2(topk), num_warps=cfg["num_warps"])
     return out
+
+
+index_topk.device_position = True  # takes pos0 as a device tensor (common.position)
 
 
 LAUNCHERS = {"index_topk": index_topk}
