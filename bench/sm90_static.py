@@ -173,10 +173,11 @@ def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
         ring = encode_entries(torch.randn(batch, window - 1, d, generator=g), "fp8_split", rope)
         entries = encode_entries(torch.zeros(batch, cap, d), "fp8_split", rope)
         selected = torch.stack([torch.randperm(cap, generator=g)[:topk] for _ in range(batch)])[:, None]
-        for cfg in [{}] + extra:
-            out.append({"case": f"attention CSA fp8_split batch={batch}", "config": cfg,
-                        "call": lambda cfg=cfg, a=(q, kv, sinks, selected, ring, entries): attention(
-                            *a[:4], state=a[4:], pos0=cap * 4 + 3, window=window, rate=4, scale=d ** -0.5,
+        for cfg, pos0 in [({}, cap * 4 + 3)] + [(c, cap * 4 + 3) for c in extra] + [({}, torch.tensor([cap * 4 + 3]))]:
+            where = " at a device position" if isinstance(pos0, torch.Tensor) else ""  # a decode step in a CUDA graph
+            out.append({"case": f"attention CSA fp8_split batch={batch}{where}", "config": cfg,
+                        "call": lambda cfg=cfg, pos0=pos0, a=(q, kv, sinks, selected, ring, entries): attention(
+                            *a[:4], state=a[4:], pos0=pos0, window=window, rate=4, scale=d ** -0.5,
                             kv_format="fp8_split", rope_dim=rope, config=cfg)})
     return out
 
@@ -190,10 +191,12 @@ def indexer_cases(extra: list[dict], batches: list[int]) -> list[dict]:
     for batch in batches:
         q, w = torch.randn(batch, 1, heads, d), torch.randn(batch, 1, heads)
         keys = encode_entries(torch.randn(batch, cap, d), "fp8_block", 0)
-        for cfg in [{}] + extra:
-            out.append({"case": f"index_topk fp8_block batch={batch}", "config": cfg,
-                        "call": lambda cfg=cfg, q=q, w=w, keys=keys: index_topk(
-                            q, w, state=(keys,), pos0=cap * rate - 1, topk=topk, rate=rate, score_scale=d ** -0.5,
+        for cfg, pos0 in [({}, cap * rate - 1)] + [(c, cap * rate - 1) for c in extra] + [
+                ({}, torch.tensor([cap * rate - 1]))]:
+            where = " at a device position" if isinstance(pos0, torch.Tensor) else ""
+            out.append({"case": f"index_topk fp8_block batch={batch}{where}", "config": cfg,
+                        "call": lambda cfg=cfg, pos0=pos0, q=q, w=w, keys=keys: index_topk(
+                            q, w, state=(keys,), pos0=pos0, topk=topk, rate=rate, score_scale=d ** -0.5,
                             weight_scale=heads ** -0.5, key_format="fp8_block", config=cfg)})
     return out
 
