@@ -135,6 +135,14 @@ def test_tiered_keys_and_low_precision_inputs():
              config={"BLOCK_T": 16, "num_warps": 2})
 
 
+def test_at_a_device_position_a_few_programs_score_every_causal_tile():
+    """The score grid at a device position does not grow with the keys' capacity: off a GPU 2 programs a query,
+    each looping over every other causal tile (here 5 tiles of 16 keys, 4 of them causal)."""
+    q, w, keys = make_case("fp8_block", 2, 2, 3, 24, 80, seed=21)
+    assert_distinct(q, w, keys, "fp8_block", 119, 2, 5)
+    run_both(q, w, keys, pos0=119, topk=5, rate=2, fmt="fp8_block", config={"BLOCK_T": 16, "num_warps": 2})
+
+
 def test_a_device_position_needs_dense_keys():
     q, w, keys = make_case("f32", 1, 1, 2, 8, 4, seed=0)
     with pytest.raises(ValueError, match="tiered store"):

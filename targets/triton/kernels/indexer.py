@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .common import (STORAGE_DTYPES, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout, launch_config,
-                     next_pow2, position, result, same_device, ue8m0_value)
+                     next_pow2, position, result, same_device, sm_count,
+                     ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -64,18 +65,28 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, S, H, T, pos0, rate, k_
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, s, w] for w in one key tile (w < T), -inf where w >= (pos0 + s + 1) // rate.
     Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W].
-    DEVICE_POS: pos0 is read from pos_ptr, T is the keys' capacity, and a tile past the causal entries
-    writes nothing (the top-k kernel reads only causal scores).
-    One head at a time: its [BT] dots are the key tile times the head's query row, summed over the channels
-    (fp32 FMAs). An fp32 tl.dot over a block of heads lowers, without tensor cores, to operands that hold
-    whole K rows per thread: at V4's 64 x 128 it spilled ~7 KB a thread on sm_90a (bench/sm90_static.py)."""
+    DEVICE_POS: pos0 is read from pos_ptr, T is the keys' capacity, the grid's third axis is a fixed number of
+    programs (not one per tile of the capacity), each scoring every num_programs-th tile of the causal
+    entries; tiles past them are not written (the top-k kernel reads only causal scores)."""
     s, b, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if DEVICE_POS:
         pos0 = tl.load(pos_ptr).to(tl.int32)
-    limit = (pos0 + s + 1) // rate
-    if DEVICE_POS:
-        if tb * BLOCK_T >= limit:
-            return
+        limit = (pos0 + s + 1) // rate
+        for tile in range(tb, tl.cdiv(limit, BLOCK_T), tl.num_programs(2)):
+            _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tile, limit, S, H, T, k_stride, score_scale,
+                        weight_scale, D, W, FMT, BLOCK_T, BLOCK_D)
+    else:
+        _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tb, (pos0 + s + 1) // rate, S, H, T, k_stride, score_scale,
+                    weight_scale, D, W, FMT, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tb, limit, S, H, T, k_stride, score_scale, weight_scale,
+                D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key tile tb of query (b, s), whose causal entries are w < limit.
+    One head at a time: its [BT] dots are the key tile times the head's query row, summed over the channels
+    (fp32 FMAs). An fp32 tl.dot over a block of heads lowers, without tensor cores, to operands that hold
+    whole K rows per thread: at V4's 64 x 128 it spilled ~7 KB a thread on sm_90a (bench/sm90_static.py)."""
     w = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     keys = _load_keys(k_ptr, b * k_stride + w, w < limit, offs_d, D, W, FMT)  # [BT, BD]
@@ -153,6 +164,10 @@ def _config(config):
     return launch_config(config, defaults, "index_topk")
 
 
+SCORE_PROGRAMS_PER_SM = 8  # a device position's score grid: (query, batch row) programs times this many per SM (2 off a
+# GPU, so the tests loop); a capacity-sized grid would launch ~8k programs a query at V4's 1M context, most idle
+
+
 def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg):
     """q: [B, S, H, Di], weights: [B, S, H], keys: [B, >= T, W] storage -> scores [B, S, T] fp32,
     T = (pos0 + S) // rate, -inf where not causal (`_score_kernel`). With a device position (pos0 a tensor)
@@ -163,7 +178,10 @@ def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key
     scores = torch.empty(batch, s, n_entries, dtype=torch.float32, device=q.device)
     if batch * s * n_entries:
         view = keys.view(torch.int16) if keys.dtype == torch.bfloat16 else keys
-        _score_kernel[(s, batch, cdiv(n_entries, cfg["BLOCK_T"]))](
+        tiles = cdiv(n_entries, cfg["BLOCK_T"])
+        if device_pos:  # a fixed number of programs looping over the causal tiles, whatever the capacity
+            tiles = min(tiles, max(2, cdiv(SCORE_PROGRAMS_PER_SM * sm_count(q.device), s * batch)))
+        _score_kernel[(s, batch, tiles)](
             q, weights, view, scores, pos0 if device_pos else scores, s, heads, n_entries, 0 if device_pos else pos0,
             rate, keys.shape[1], float(score_scale), float(weight_scale), D=d, W=keys.shape[2],
             FMT=FORMATS[key_format], DEVICE_POS=device_pos, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=next_pow2(d),
