@@ -13,7 +13,7 @@ Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory,
 registers and shared memory allow, and the SASS instruction mix (global loads by width, local-memory
 spill traffic, tensor-core instructions, total).
 
-    .venv/bin/python bench/sm90_static.py [--only attention,indexer,gemm,moe|none] [--batches 1,64]
+    .venv/bin/python bench/sm90_static.py [--only attention,indexer,compress,gemm,moe|none] [--batches 1,64]
         [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--moe-configs JSON]
         [--artifacts small,medium]
         [--out bench/results/sm90_static.json]
@@ -201,6 +201,31 @@ def indexer_cases(extra: list[dict], batches: list[int]) -> list[dict]:
     return out
 
 
+def compress_cases(batches: list[int]) -> list[dict]:
+    """The compressors of a V4-Flash decode step, a token that closes its window: CSA (d 512, 64 RoPE channels,
+    rate 4 with overlap, fp8_split entries), HCA (rate 128, no overlap) and the indexer's keys (d 128, rate 4 with
+    overlap, fp8_block), at an int position and at a device position (the push / pool / carry kernels)."""
+    from v4c.runtime.quant import entry_layout
+    from v4c.targets.triton.kernels.compressor import compress
+    out = []
+    for batch in batches:
+        for name, d, rope, rate, overlap, fmt in (("CSA", 512, 64, 4, True, "fp8_split"),
+                                                  ("HCA", 512, 64, 128, False, "fp8_split"),
+                                                  ("indexer keys", 128, 64, 4, True, "fp8_block")):
+            c = 2 * d if overlap else d
+            dtype, width = entry_layout(fmt, d, rope)
+            state = tuple(torch.zeros(batch, rate, w) for w in ([c, c, d, d] if overlap else [c, c])) + (
+                torch.zeros(batch, 64, width, dtype=getattr(torch, {"u8": "uint8"}.get(dtype, dtype))),)
+            args = (torch.randn(batch, 1, c), torch.randn(batch, 1, c), torch.randn(rate, c), torch.ones(d),
+                    torch.rand(rope // 2))
+            for pos0 in (8 * rate - 1, torch.tensor([8 * rate - 1])):
+                where = " at a device position" if isinstance(pos0, torch.Tensor) else ""
+                out.append({"case": f"compress {name} {fmt} batch={batch}{where}", "config": {},
+                            "call": lambda a=args, st=state, p=pos0, r=rate, o=overlap, f=fmt: compress(
+                                *a, state=st, pos0=p, rate=r, overlap=o, eps=1e-6, kv_format=f)})
+    return out
+
+
 def gemm_cases(extra: list[dict]) -> list[dict]:
     from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
 
@@ -277,8 +302,8 @@ def artifact_cases(name: str) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated families of attention, indexer, gemm, moe (default: all); none: only "
-                    "--artifacts")
+    ap.add_argument("--only", help="comma-separated families of attention, indexer, compress, gemm, moe (default: all); "
+                    "none: only --artifacts")
     ap.add_argument("--artifacts", default="", help="also every kernel of these triton artifacts' prefill and decode "
                     "steps (comma-separated: small, medium; builds them, needs transformers)")
     ap.add_argument("--attention-configs", default="[]", help="JSON list of extra attention launch configs")
@@ -288,15 +313,17 @@ def main():
     ap.add_argument("--moe-configs", default="[]", help="JSON list of extra moe_experts_q launch configs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
     args = ap.parse_args()
-    families = set((args.only or "attention,indexer,gemm,moe").split(","))
-    if not families <= {"attention", "indexer", "gemm", "moe", "none"}:
-        ap.error(f"--only {args.only}: expected attention, indexer, gemm, moe or none")
+    families = set((args.only or "attention,indexer,compress,gemm,moe").split(","))
+    if not families <= {"attention", "indexer", "compress", "gemm", "moe", "none"}:
+        ap.error(f"--only {args.only}: expected attention, indexer, compress, gemm, moe or none")
     as_h100()
     cases = []
     if "attention" in families:
         cases += attention_cases(json.loads(args.attention_configs), [int(b) for b in args.batches.split(",")])
     if "indexer" in families:
         cases += indexer_cases(json.loads(args.indexer_configs), [int(b) for b in args.batches.split(",")])
+    if "compress" in families:
+        cases += compress_cases([int(b) for b in args.batches.split(",")])
     if "gemm" in families:
         cases += gemm_cases(json.loads(args.gemm_configs))
     if "moe" in families:

@@ -97,17 +97,18 @@ def test_attention_indexer_and_experts_compile_for_an_h100_without_spills(tmp_pa
     spilled ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local
     memory serves far below the kernels' bandwidth. The experts' prefill heuristic must take Hopper's fp8 wgmma
     over activations quantized once, without spills; their decode bookkeeping (one program, a one-hot over 256
-    experts) must not spill either, nor the attention and indexer kernels at a device position (a decode step in
-    a CUDA graph)."""
+    experts) must not spill either, nor the attention, indexer and compressor kernels at a device position (a
+    decode step in a CUDA graph)."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention,indexer,moe",
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention,indexer,compress,moe",
                           "--batches", "64", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
                                           "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
-                                          "_ring_kernel"}
+                                          "_ring_kernel", "_compress_kernel", "_encode_blocks_kernel", "_push_kernel",
+                                          "_carry_kernel"}
     assert {r["case"] for r in rows if r["kernel"] in ("_attention_kernel", "_score_kernel")} >= {
         "attention CSA fp8_split batch=64 at a device position", "index_topk fp8_block batch=64 at a device position"}
     experts = [r for r in rows if r["kernel"] == "_experts_gemm_kernel" and r["case"].endswith("m=4096")]
