@@ -108,6 +108,50 @@ def test_a_stateful_launcher_refusing_a_device_position_falls_back_at_the_host_p
     assert float((graphed - eager).abs().max() / eager.abs().max()) <= 1e-5
 
 
+def _tiered_build(root, ckpt, device_budget=None):
+    """The FP8 triton artifact with pages of 8 tokens and, given a budget, the KV tiers planned under it."""
+    from click.testing import CliRunner
+
+    from v4c.cli import main
+    name = "tiered" if device_budget else "paged"
+    yaml = root / f"{name}.yaml"
+    tiers = f"{{device: {device_budget}}}" if device_budget else "{}"
+    yaml.write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\npasses:\n{FP8}\n"
+                    f"kv:\n  max_context: 48\n  prefill_chunk: 16\n  page_tokens: 8\n  tiers: {tiers}\n")
+    result = CliRunner().invoke(main, ["compile", str(yaml), "-o", str(root / name), "-q"])
+    assert result.exit_code == 0, result.output
+    return open_artifact(root / name)
+
+
+def test_tiered_layers_stay_between_graphs_and_the_rest_replays(tmp_path, hf_checkpoints, monkeypatch):
+    """With the CSA entries on the host tier (a device budget of all else plus 2 pages a CSA layer), a decode step's
+    steps over tiered state keep host positions and run between graphs (with the prefetch), the other stateful
+    steps replay at device positions; the logits equal the eager run's bit for bit."""
+    import json
+
+    from v4c.runtime.kv_tiers import PagedEntries
+    full = _tiered_build(tmp_path, hf_checkpoints[NAME])
+    plan = json.loads((full.store.root / "plans" / "kv.json").read_text())
+    csa = [slot for slot in plan["slots"].values() if slot["family"] == "CSA entries"]
+    budget = plan["session_bytes"] - sum(slot["bytes"] for slot in csa) + 2 * sum(
+        max(1, 8 // slot["tokens_per_entry"]) * slot["entry_bytes"] for slot in csa)
+    art = _tiered_build(tmp_path, hf_checkpoints[NAME], budget)
+    ids = tokens(1, 40, seed=6)
+    eager_session = _session(art, None)
+    assert any(isinstance(t, PagedEntries) for t in eager_session.state.values())
+    eager = _decode(eager_session, ids, 30)
+    _as_on_a_gpu(monkeypatch)
+    graphs = EmulatedGraphs()
+    session = _session(art, graphs)
+    graphed = _decode(session, ids, 30)
+    assert graphs.failed == [] and graphs.replays > 0
+    assert torch.equal(graphed, eager)
+    # outside the graphs: the CSA layer's compress (writing its tiered entries), its attention (reading them) and
+    # the prefetch after it; its index_topk (the indexer keys stay on the device) and every other layer's replay
+    outside = [label for label in session._plans[1].labels if not label.startswith("graph")]
+    assert sorted(outside) == ["bound:attention", "prefetch", "py:compress"]
+
+
 def test_the_emulator_refuses_host_reads_and_value_dependent_shapes():
     arena = torch.zeros(4)
     x = torch.tensor([3, 1, 3])
