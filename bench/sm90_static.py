@@ -302,8 +302,8 @@ def artifact_cases(name: str) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated families of attention, indexer, compress, gemm, moe (default: all); "
-                    "none: only --artifacts")
+    ap.add_argument("--only", help="comma-separated families of attention, indexer, compress, gemm, moe (default: "
+                    "all); none: only --artifacts")
     ap.add_argument("--artifacts", default="", help="also every kernel of these triton artifacts' prefill and decode "
                     "steps (comma-separated: small, medium; builds them, needs transformers)")
     ap.add_argument("--attention-configs", default="[]", help="JSON list of extra attention launch configs")

@@ -101,8 +101,9 @@ def test_attention_indexer_and_experts_compile_for_an_h100_without_spills(tmp_pa
     decode step in a CUDA graph)."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "attention,indexer,compress,moe",
-                          "--batches", "64", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only",
+                          "attention,indexer,compress,moe", "--batches", "64", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
