@@ -39,13 +39,20 @@ def _session(art, graphs):
     return Session(art.program, art.weights(), kernels=kernels, graphs=graphs)
 
 
+def _graphed(art, monkeypatch):
+    """-> (emulated graphs, a session replaying its segments through them), the launchers deciding as on a GPU."""
+    _as_on_a_gpu(monkeypatch)
+    graphs = EmulatedGraphs()
+    return graphs, _session(art, graphs)
+
+
 def _decode(session, ids, prefill):
     return torch.cat([session.forward(ids[:, :prefill])] +
                      [session.forward(ids[:, i:i + 1]) for i in range(prefill, ids.shape[1])], dim=1)
 
 
 def test_replayed_segments_give_the_eager_logits_bit_for_bit(fp8_build, monkeypatch):
-    """Decode steps 28 .. 34 (the ring of 15 wraps, CSA windows of 4 close at 31 and 35, the HCA window of 32 at
+    """Decode steps 28 .. 35 (the ring of 15 wraps, CSA windows of 4 close at 31 and 35, the HCA window of 32 at
     31) replayed: a decode step is one graph, its stateful steps reading the position on the device."""
     art = open_artifact(fp8_build)
     _session(art, None)  # imports the kernel package
@@ -70,9 +77,7 @@ def test_a_segment_that_reads_a_value_is_reported_and_runs_eagerly(fp8_build, mo
     art = open_artifact(fp8_build)
     ids = tokens(1, 20, seed=4)
     eager = _decode(_session(art, None), ids, 16)
-    _as_on_a_gpu(monkeypatch)
-    graphs = EmulatedGraphs()
-    session = _session(art, graphs)
+    graphs, session = _graphed(art, monkeypatch)
     session.forward(ids[:, :16])
     session.forward(ids[:, 16:17])  # plans the decode shape and warms its segments up
     segment = next(fn for fn, _, _ in session._plans[1].entries if isinstance(fn, _Segment))
@@ -90,9 +95,7 @@ def test_a_stateful_launcher_refusing_a_device_position_falls_back_at_the_host_p
     art = open_artifact(fp8_build)
     ids = tokens(1, 20, seed=5)
     eager = _decode(_session(art, None), ids, 16)
-    _as_on_a_gpu(monkeypatch)
-    graphs = EmulatedGraphs()
-    session = _session(art, graphs)
+    graphs, session = _graphed(art, monkeypatch)
     victim = next(fn for fn, *_ in session._steps if getattr(fn, "kernel", None) == "attention")
     launcher = victim.launcher
 
@@ -140,9 +143,7 @@ def test_tiered_layers_stay_between_graphs_and_the_rest_replays(tmp_path, hf_che
     eager_session = _session(art, None)
     assert any(isinstance(t, PagedEntries) for t in eager_session.state.values())
     eager = _decode(eager_session, ids, 30)
-    _as_on_a_gpu(monkeypatch)
-    graphs = EmulatedGraphs()
-    session = _session(art, graphs)
+    graphs, session = _graphed(art, monkeypatch)
     graphed = _decode(session, ids, 30)
     assert graphs.failed == [] and graphs.replays > 0
     assert torch.equal(graphed, eager)

@@ -118,13 +118,15 @@ def position(pos0, device: torch.device) -> int | None:
     kernels themselves ("device position"). The launches are then the same at every position (grids sized by
     the state's capacity, programs past the causal range exit at once), so a decode step can be captured
     once as a CUDA graph and replayed (runtime/executor.py). -> the int, or None for a device position."""
-    if isinstance(pos0, torch.Tensor):
-        check(pos0.dtype == torch.int64 and pos0.numel() >= 1 and pos0.is_contiguous(),
-              f"pos0: a device position must be a contiguous int64 tensor, got {pos0.dtype} {list(pos0.shape)}")
-        check(pos0.device == device, f"pos0: on {pos0.device}, the kernels' inputs on {device}")
+    if isinstance(pos0, torch.Tensor):  # messages built only on failure: every stateful call checks this
+        if not (pos0.dtype == torch.int64 and pos0.numel() >= 1 and pos0.is_contiguous()):
+            raise ValueError(f"pos0: a device position must be a contiguous int64 tensor, got {pos0.dtype} "
+                             f"{list(pos0.shape)}")
+        if pos0.device != device:
+            raise ValueError(f"pos0: on {pos0.device}, the kernels' inputs on {device}")
         return None
-    check(isinstance(pos0, int) and not isinstance(pos0, bool) and pos0 >= 0,
-          f"pos0: expected an int >= 0 or an int64 device tensor, got {pos0!r}")
+    if not (isinstance(pos0, int) and not isinstance(pos0, bool) and pos0 >= 0):
+        raise ValueError(f"pos0: expected an int >= 0 or an int64 device tensor, got {pos0!r}")
     return pos0
 
 

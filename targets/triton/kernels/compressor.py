@@ -384,11 +384,11 @@ def _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, b
     d = width // 2 if overlap else width
     check(s == 1, f"pos0: a device position serves one token a call (a decode step), got {s}")
     dtype, entry_width = entry_layout(kv_format, d, 2 * inv_freq.shape[0])
-    check(isinstance(entries, torch.Tensor) and entries.dtype == dtype and entries.stride(-1) == 1,
-          f"pos0: a device position needs the entries as a {dtype} tensor with unit channel stride (written in "
-          "place), not a tiered store or another dtype")
-    check(entries.dim() == 3 and entries.shape[0] == batch and entries.shape[2] == entry_width,
-          f"state entries: expected shape [{batch}, T, {entry_width}], got {list(entries.shape)}")
+    check(isinstance(entries, torch.Tensor), "pos0: a device position needs the entries as a tensor, not a "
+                                             "tiered store (written from the host)")
+    _, handoff = _entry_target(entries, 0, 0, batch, dtype, entry_width, kv.device)  # (its shape checks)
+    check(not handoff, f"pos0: a device position needs the entries as {dtype} with unit channel stride (written "
+                       "in place by the kernels)")
     for name, t in (("buf_kv", buf_kv), ("buf_gate", buf_gate), ("ovl_kv", ovl_kv), ("ovl_gate", ovl_gate)):
         if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
             raise ValueError(f"state {name}: a device position needs it float32 and contiguous, got {t.dtype}")

@@ -201,8 +201,8 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     batch, s, heads, d = q.shape
     cfg = _config(config)
     out = result(into, (batch, s, topk), torch.long, q.device)  # the top-k kernel writes every slot
-    keys = state[0]
-    n_entries = keys.shape[1] if host_pos is None else (host_pos + s) // rate
+    keys, device_pos = state[0], host_pos is None
+    n_entries = keys.shape[1] if device_pos else (host_pos + s) // rate
     if n_entries == 0 or topk == 0 or batch * s == 0:
         return out.fill_(-1)
     width = entry_layout(key_format, d)[1]
@@ -212,7 +212,6 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     check(keys.shape[1] >= n_entries, f"state[0] (indexer keys): {n_entries} closed windows but capacity {keys.shape[1]}")
     scores = index_scores(q, weights, keys, pos0=pos0, rate=rate, score_scale=score_scale,
                           weight_scale=weight_scale, key_format=key_format, cfg=cfg)  # [B, S, T]
-    device_pos = host_pos is None
     _topk_kernel[(s, batch)](scores, out, pos0 if device_pos else out, s, n_entries, topk, 0 if device_pos else pos0,
                              rate, DEVICE_POS=device_pos, KP=next_pow2(topk), num_warps=cfg["num_warps"])
     return out
