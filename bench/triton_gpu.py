@@ -68,8 +68,9 @@ E2E = {"prompt": 512, "new_tokens": 64, "batch": 1}
 DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3,), "prefill_tokens": 33,
        "attn": {"heads": 4, "dim": 128, "rope": 64, "topk": 8, "entries": 32, "window": 8, "batches": (1, 2)},
        "e2e": {"prompt": 20, "new_tokens": 3, "batch": 1}}
+# the GPU recipe: FP8 (the default skip list) and `fuse` (norms quantize once for their FP8 readers)
 FP8_RECIPE = ("  - fp8:\n      weights: {block: [128, 128], scale_format: fp32}\n"
-              "      activations: {mode: dynamic, group: 128}\n      kv: fp8\n")
+              "      activations: {mode: dynamic, group: 128}\n      kv: fp8\n  - fuse\n")
 ACT = {"mode": "dynamic", "group": 128, "scale_format": "fp32"}
 PROFILE = "--profile" in sys.argv  # e2e: cProfile one v4c decode run (the host side of the decode loop)
 TUNE = "--heuristic-only" not in sys.argv  # time every tuning candidate (slow: each one compiles) or only the heuristic

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import calibrate, dce, fp8, kv_plan, memory_plan
+from . import calibrate, dce, fp8, fuse, kv_plan, memory_plan
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,9 @@ class PassDef:
     options: type[BaseModel]
     summary: str
     listable: bool = True  # may appear in model.yaml's `passes:` (calibrate comes from `calibration:`)
+    # (its options, the passes listed before it as [(name, validated options)]) -> why that order cannot
+    # work, or None; the spec reports it at the pass's line
+    check_order: Callable | None = None
 
 
 PASSES: dict[str, PassDef] = {
@@ -24,6 +27,9 @@ PASSES: dict[str, PassDef] = {
                          "run calibration data through the model and record activation / routing statistics "
                          "(added from model.yaml's calibration section)", listable=False),
     "fp8": PassDef(fp8.run, fp8.Options, "FP8 weights (FP4 experts optional), FP8 activations and FP8 KV entries"),
+    "fuse": PassDef(fuse.run, fuse.Options,
+                    "kernel fusion: a norm quantizes its output once for the FP8 projections that read it (after fp8)",
+                    check_order=fuse.check_order),
     "dce": PassDef(dce.run, dce.Options, "remove unused instructions, parameters and state slots"),
     "kv_plan": PassDef(kv_plan.run, kv_plan.Options,
                        "place each layer's KV state on a tier (from model.yaml's kv section)", listable=False),

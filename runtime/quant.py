@@ -115,15 +115,26 @@ def _scale(amax: torch.Tensor, qmax: float, scale_format: str) -> torch.Tensor:
     return pow2_ceil(amax / qmax) if scale_format == "ue8m0" else amax / qmax
 
 
-def fake_quant_groups(x: torch.Tensor, group: int, scale_format: str = "fp32") -> torch.Tensor:
-    """Dynamic per-token-group activation quantization, dequantized again: x [..., K] in groups of
-    `group` channels (the last one partial), scale = amax / 448 per group (or its UE8M0 power of two)."""
+def quant_groups(x: torch.Tensor, group: int, scale_format: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token-group activation quantization: x [..., K] in groups of `group` channels (the
+    last one partial) -> (e4m3 codes [..., K], fp32 scales [..., ceil(K/group)]), scale = amax / 448 per
+    group (or its UE8M0 power of two)."""
     k = x.shape[-1]
     pad = -k % group
     xp = torch.nn.functional.pad(x.float(), (0, pad)).view(*x.shape[:-1], -1, group)
     s = _scale(xp.abs().amax(dim=-1, keepdim=True), E4M3_MAX, scale_format)
     q = (xp / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * s).view(*x.shape[:-1], -1)[..., :k]
+    return q.view(*x.shape[:-1], -1)[..., :k], s.squeeze(-1)
+
+
+def dequant_groups(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """quant_groups' codes [..., K] and scales [..., ceil(K/group)] -> fp32 [..., K] (code * its group's scale)."""
+    return codes.float() * scales.float().repeat_interleave(group, dim=-1)[..., :codes.shape[-1]]
+
+
+def fake_quant_groups(x: torch.Tensor, group: int, scale_format: str = "fp32") -> torch.Tensor:
+    """quant_groups, dequantized again."""
+    return dequant_groups(*quant_groups(x, group, scale_format), group)
 
 
 def fake_quant_static(x: torch.Tensor, scale: float) -> torch.Tensor:

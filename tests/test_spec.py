@@ -19,7 +19,8 @@ BAD = {
     "section_not_mapping": ("model: ./ckpt\n", "1:8", "model: found './ckpt' (str); expected a mapping"),
     "bad_target": ("model:\n  checkpoint: ./ckpt\ntarget: cuda\n", "3:9", "target: found 'cuda' (str); expected one of 'torch'"),
     "passes_not_a_list": ("model:\n  checkpoint: ./ckpt\npasses: dce\n", "3:9", "passes: found 'dce' (str); expected a list"),
-    "unknown_pass": ("model:\n  checkpoint: ./ckpt\npasses: [dse]\n", "3:10", "unknown pass 'dse'; allowed: fp8, dce"),
+    "unknown_pass": ("model:\n  checkpoint: ./ckpt\npasses: [dse]\n", "3:10",
+                     "unknown pass 'dse'; allowed: fp8, fuse, dce"),
     "calibrate_in_passes": ("model:\n  checkpoint: ./ckpt\npasses: [calibrate]\n", "3:10",
                             "'calibrate' runs from the `calibration:` section"),
     "bad_pass_entry": ("model:\n  checkpoint: ./ckpt\npasses: [3]\n", "3:10", "passes[0]: found 3 (int); expected a pass name"),
@@ -44,6 +45,12 @@ BAD = {
                       "    min_top1: 1.5\n", "7:15", "report.thresholds.min_top1: found 1.5 (float); expected a number <= 1"),
     "bad_fp8_option": ("model:\n  checkpoint: ./ckpt\npasses:\n  - fp8: {experts: fp6}\n", "4:20",
                        "passes[0].fp8.experts: found 'fp6' (str); expected one of 'fp8', 'fp4' or 'keep'"),
+    "fuse_before_fp8": ("model:\n  checkpoint: ./ckpt\npasses:\n  - fuse\n  - fp8\n", "4:5",
+                        "passes[0]: fuse rewrites the FP8 projections (linear_fp8) that the fp8 pass makes: list it "
+                        "after fp8"),
+    "fuse_without_dynamic_activations": ("model:\n  checkpoint: ./ckpt\npasses:\n  - fp8: {fake_quant: true}\n"
+                                         "  - fuse\n", "5:5", "activations mode 'dynamic' with fake_quant: nothing "
+                                         "would fuse"),
 }
 
 

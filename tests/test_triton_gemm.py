@@ -162,6 +162,51 @@ def test_activations_quantized_once_equal_the_fused_path(m, groups, k, n, block,
     assert not gemm_module.quant_once("auto", True, 4096, 1, "linear_fp8")
 
 
+@pytest.mark.parametrize("m,k,n,block,group", [(5, 50, 17, [1, 32], 16), (70, 160, 33, [16, 32], 32),
+                                               (3, 97, 40, [128, 128], 128), (1, 64, 70, [1, 32], 64)])
+def test_pre_quantized_activations_equal_the_fused_path(m, k, n, block, group):
+    """x_scale (the fuse pass: rms_norm_quant wrote the e4m3 codes and their group scales): the GEMM reads
+    them and gives, bit for bit, what the unfused steps give (the rms_norm kernel, then the GEMM quantizing
+    its output), with both dots and split-K; and the reference kernel's result on the reference's codes."""
+    from v4c.runtime.kernels.quantized import rms_norm_quant as ref_rms_norm_quant
+    from v4c.targets.triton.kernels.norm import rms_norm, rms_norm_quant
+    h = randn(2, m, k, seed=45) * 3
+    w, s = fp8_weight(n, k, block, "ue8m0", seed=46)
+    for fmt in ("fp32", "ue8m0"):
+        act = {"mode": "dynamic", "group": group, "scale_format": fmt}
+        codes, scales = rms_norm_quant(h, eps=1e-6, group=group, scale_format=fmt)
+        ref_codes, ref_scales = ref_rms_norm_quant(h, eps=1e-6, group=group, scale_format=fmt)
+        ref = ref_linear_fp8(ref_codes, w, s, ref_scales, block=block, act=act)
+        for extra in ({"FP8_DOT": False}, {"FP8_DOT": "auto", "BLOCK_K": 32}, {"SPLIT_K": 2, "BLOCK_N": 16}):
+            if extra.get("BLOCK_K", 16) > group:
+                continue
+            unfused = linear_fp8(rms_norm(h, eps=1e-6), w, s, block=block, act=act, config=extra)
+            pre = linear_fp8(codes, w, s, scales, block=block, act=act, config=extra)
+            assert torch.equal(pre, unfused), f"{act} {extra}"
+            close(pre, ref)
+        c_t, s_t = codes.transpose(0, 1), scales.transpose(0, 1)  # strided codes and scales: read in place
+        assert torch.equal(linear_fp8(c_t, w, s, s_t, block=block, act=act),
+                           linear_fp8(c_t.contiguous(), w, s, s_t.contiguous(), block=block, act=act))
+
+
+def test_pre_quantized_activations_are_checked():
+    wq, s = fp8_weight(5, 50, [1, 32], "fp32")
+    codes, scales = randn(3, 50).to(torch.float8_e4m3fn), torch.ones(3, 2)
+    dyn = {"mode": "dynamic", "group": 32}
+    cases = [
+        (lambda: linear_fp8(codes, wq, s, block=[1, 32], act=dyn), "x: dtype"),  # codes need their scales
+        (lambda: linear_fp8(randn(3, 50), wq, s, scales, block=[1, 32], act=dyn), "x: dtype"),
+        (lambda: linear_fp8(codes, wq, s, torch.ones(3, 3), block=[1, 32], act=dyn),
+         r"x_scale: expected fp32 \[3, 2\]"),
+        (lambda: linear_fp8(codes, wq, s, scales.double(), block=[1, 32], act=dyn), "x_scale: dtype"),
+        (lambda: linear_fp8(codes, wq, s, scales, block=[1, 32], act={"mode": "static", "scale": 1.0}),
+         "act mode dynamic"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_quant_once_needs_dynamic_activations():
     x = randn(3, 64, seed=43)
     w, s = fp8_weight(16, 64, [1, 32], "fp32", seed=44)

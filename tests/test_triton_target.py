@@ -49,6 +49,7 @@ def builds(tmp_path_factory, hf_checkpoints):
     root, ckpt = tmp_path_factory.mktemp("triton"), hf_checkpoints[NAME]
     return {"f32": _compile(root, ckpt, "triton", name="f32"),
             "fp8": _compile(root, ckpt, "triton", FP8, name="fp8"),
+            "fp8_fused": _compile(root, ckpt, "triton", FP8 + "  - fuse\n", name="fp8_fused"),
             "fp8_torch": _compile(root, ckpt, "torch", FP8, name="fp8_torch")}
 
 
@@ -105,6 +106,20 @@ def test_fp8_build_matches_the_torch_target(builds):
     ref = _prefill_then_decode(open_artifact(builds["fp8_torch"]).session(), ids, 16)
     assert rel_err(ours, ref) <= 2e-2
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_fused_norm_quantization_changes_no_number(builds):
+    """The fuse pass's build (rms_norm_quant, GEMMs reading e4m3 codes) gives the unfused build's logits bit
+    for bit: the norm kernel's codes and scales are those each GEMM computed from the norm's output."""
+    program = json.loads((builds["fp8_fused"] / "program.json").read_text())
+    fused = [s for s in program["steps"] if s["kernel"] == "rms_norm_quant"]
+    assert len(fused) >= 3 and sum(s["kernel"] == "linear_fp8" and len(s["inputs"]) == 4 for s in program["steps"]) \
+        > len(fused)  # some norms feed several projections
+    ids = tokens(1, 19, seed=4)
+    art = open_artifact(builds["fp8_fused"])
+    ours = _prefill_then_decode(art.session(), ids, 16)
+    assert art.session().kernels.report()["steps"]["torch"] == 0
+    assert torch.equal(ours, _prefill_then_decode(open_artifact(builds["fp8"]).session(), ids, 16))
 
 
 def test_generate_reports_where_the_steps_ran(builds):

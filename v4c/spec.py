@@ -243,6 +243,7 @@ def _check_passes(spec: Spec, path: Path, positions: dict) -> None:
             raise SpecError(path, _pos(positions, where, False),
                             f"passes[{i}]: found {_found(entry)}; expected a pass name (`- dce`) or one pass "
                             "with its options (`- name: {option: value}`)")
+    validated = []  # (name, options) of the passes before this one
     for i, p in enumerate(spec.pass_specs()):
         if p.name in PASSES and not PASSES[p.name].listable:
             raise SpecError(path, _pos(positions, ("passes", i), False),
@@ -254,10 +255,14 @@ def _check_passes(spec: Spec, path: Path, positions: dict) -> None:
                             f"passes[{i}]: unknown pass {p.name!r}; allowed: {', '.join(LISTABLE)}"
                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         try:
-            PASSES[p.name].options.model_validate(p.options)
+            options = PASSES[p.name].options.model_validate(p.options)
         except ValidationError as e:
             loc, at_key, msg = _message(e.errors()[0], PASSES[p.name].options, f"passes[{i}].{p.name}.")
             raise SpecError(path, _pos(positions, ("passes", i, p.name) + loc, at_key), msg) from None
+        check_order = PASSES[p.name].check_order
+        if check_order is not None and (why := check_order(options, validated)) is not None:
+            raise SpecError(path, _pos(positions, ("passes", i), False), f"passes[{i}]: {why}")
+        validated.append((p.name, options))
 
 
 def json_schema() -> dict:

@@ -10,7 +10,7 @@ from .basic import add, embed, grouped_linear, linear, reshape, rms_norm, rope, 
 from .compressor import compress
 from .hyper import hc_expand, hc_head, hc_post, hc_pre
 from .moe import moe_experts, route_hash, route_topk
-from .quantized import embed_fp8, fake_quant, grouped_linear_fp8, linear_fp8, moe_experts_q
+from .quantized import embed_fp8, fake_quant, grouped_linear_fp8, linear_fp8, moe_experts_q, rms_norm_quant
 
 KERNELS = {
     "embed": embed,
@@ -32,6 +32,7 @@ KERNELS = {
     "index_topk": index_topk,
     "attention": attention,
     "fake_quant": fake_quant,
+    "rms_norm_quant": rms_norm_quant,
     "linear_fp8": linear_fp8,
     "grouped_linear_fp8": grouped_linear_fp8,
     "embed_fp8": embed_fp8,

@@ -3,13 +3,15 @@
 Weights are dequantized per call, one matrix (or one expert) at a time, so no full-precision
 copy is kept; activations are quantized as the op's `act` attribute says (see
 `quant.fake_quant_act`). `fake_quant` is the same activation quantization as an op, for the
-fake-quant reference path that tests compare these kernels against.
+fake-quant reference path that tests compare these kernels against. `rms_norm_quant` (made by the
+fuse pass) quantizes a norm's output once for the FP8 projections that read it: `linear_fp8` then
+gets e4m3 codes and their group scales instead of a float x.
 """
 
 import torch.nn.functional as F
 
-from ..quant import dequant_fp4, dequant_fp8, fake_quant_act
-from .basic import grouped_linear
+from ..quant import dequant_fp4, dequant_fp8, dequant_groups, fake_quant_act, quant_groups
+from .basic import grouped_linear, rms_norm
 from .moe import run_experts
 
 
@@ -17,9 +19,17 @@ def fake_quant(x, *, act):
     return fake_quant_act(x, act)
 
 
-def linear_fp8(x, weight, scale, *, block, act):
-    """x: [..., K], weight: e4m3 [N, K] with block scales -> [..., N] = q(x) dq(W)^T."""
-    return F.linear(fake_quant_act(x, act), dequant_fp8(weight, scale, block))
+def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32"):
+    """rms_norm, then dynamic per-token-group FP8 quantization: x [..., K] -> (e4m3 codes [..., K],
+    fp32 scales [..., ceil(K/group)]); codes * scales = fake_quant_groups(rms_norm(x)) exactly."""
+    return quant_groups(rms_norm(x, weight, eps=eps), group, scale_format)
+
+
+def linear_fp8(x, weight, scale, x_scale=None, *, block, act):
+    """x: [..., K], weight: e4m3 [N, K] with block scales -> [..., N] = q(x) dq(W)^T. With `x_scale`,
+    x holds q(x) already: e4m3 codes with their fp32 scales [..., ceil(K/group)] (act's group)."""
+    xq = fake_quant_act(x, act) if x_scale is None else dequant_groups(x, x_scale, act["group"])
+    return F.linear(xq, dequant_fp8(weight, scale, block))
 
 
 def grouped_linear_fp8(x, weight, scale, *, groups, block, act):

@@ -262,10 +262,34 @@ def _fake_quant(ins, st, a):
     return [f32(*x.shape)]
 
 
+def _act_groups(x: TensorType, a: dict) -> int:
+    """Scales per row of dynamic activation quantization `a` (act) over x's last dim."""
+    expect(a.get("mode") == "dynamic" and isinstance(a.get("group"), int) and a["group"] >= 1,
+           f"pre-quantized activations need act mode dynamic with a positive int group, got {a}")
+    expect(isinstance(x.shape[-1], int), f"pre-quantized activations need a constant channel count, got {x}")
+    return cdiv(x.shape[-1], a["group"])
+
+
+def _rms_norm_quant(ins, st, a):
+    x, w = ins
+    _rms_norm(ins, st, a)
+    expect(a.get("scale_format") in ("fp32", "ue8m0"), f"scale_format {a.get('scale_format')!r}; allowed: fp32, ue8m0")
+    n = _act_groups(x, {"mode": "dynamic", "group": a["group"]})
+    return [TensorType(tuple(x.shape), "f8e4m3"), f32(*x.shape[:-1], n)]
+
+
 def _linear_fp8(ins, st, a):
-    x, w, scale = ins
+    x, w, scale, x_scale = ins
     expect(w.rank == 2 and _same(x.shape[-1], w.shape[1]), f"input {x} does not match weight {w} ([out, in])")
     _expect_fp8("weight", w, scale, a["block"], w.shape)
+    if x_scale is None:
+        expect(x.dtype != "f8e4m3", f"input {x} is e4m3 codes: pass their scales as x_scale")
+    else:
+        n = _act_groups(x, a["act"])
+        expect(x.dtype == "f8e4m3", f"with x_scale, input must be e4m3 codes, got {x}")
+        expect(x_scale.dtype == "f32" and len(x_scale.shape) == x.rank and
+               all(_same(p, q) for p, q in zip(x_scale.shape, (*x.shape[:-1], n))),
+               f"x_scale must be {f32(*x.shape[:-1], n)} (one scale per {a['act']['group']} channels), got {x_scale}")
     return [f32(*x.shape[:-1], w.shape[0])]
 
 
@@ -329,7 +353,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("attention", ("q", "kv", "sinks", "selected?"), _attention, _attention_state,
           attrs=("window", "rate", "scale")),
     OpDef("fake_quant", ("x",), _fake_quant, attrs=("act",)),
-    OpDef("linear_fp8", ("x", "weight", "scale"), _linear_fp8, attrs=("block", "act")),
+    OpDef("rms_norm_quant", ("x", "weight?"), _rms_norm_quant, attrs=("eps", "group", "scale_format")),
+    OpDef("linear_fp8", ("x", "weight", "scale", "x_scale?"), _linear_fp8, attrs=("block", "act")),
     OpDef("grouped_linear_fp8", ("x", "weight", "scale"), _grouped_linear_fp8, attrs=("groups", "block", "act")),
     OpDef("embed_fp8", ("tokens", "weight", "scale"), _embed_fp8, attrs=("block",)),
     OpDef("moe_experts_q", ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale"),

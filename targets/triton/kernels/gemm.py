@@ -260,11 +260,14 @@ def _check_act(act) -> tuple[int, int | None, bool, float]:
     return mode, None, False, 1.0
 
 
-def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None):
-    """x3 [M, G, K] (any strides), weight [G*R, K] -> out, fp32 [M, G, R] (a contiguous view of the result)."""
+def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None, x_scale3=None):
+    """x3 [M, G, K] (any strides), weight [G*R, K] -> out, fp32 [M, G, R] (a contiguous view of the result).
+    x_scale3: x3 holds e4m3 codes already (rms_norm_quant), with these fp32 group scales [M, G, cdiv(K, group)]."""
     m, groups, k = x3.shape
     r = weight.shape[0] // groups
     mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
+    if x_scale3 is not None and mode != 1:
+        raise ValueError(f"x_scale: pre-quantized x needs act mode dynamic (its group), got {act!r}")
     cfg = _gemm_config(config, m, r, name)
     if m == 0 or r == 0 or k == 0:
         out.zero_()
@@ -282,7 +285,10 @@ def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (grid_m, grid_n, groups * split)
     x_arg, x_scales = x3, y  # (y: an unused pointer)
-    if quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
+    if x_scale3 is not None:
+        x_arg, x_scales = x3.view(torch.uint8), x_scale3.contiguous()
+        mode, flat = 3, True
+    elif quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
         x_arg, x_scales = act_quant(x3, span, ue8m0)
         mode, flat = 3, True  # every K tile lies in one group, whose scale is looked up
     _gemm_kernel[grid](x_arg, weight, s, y, x_scales, m, r, k, span, per_split, static, bo, bi,
@@ -295,8 +301,8 @@ def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None
         torch.sum(y, 0, out=out)
 
 
-def _check_gemm_inputs(x, weight, scale, groups: int) -> None:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, contiguous=False)
+def _check_gemm_inputs(x, weight, scale, groups: int, codes: bool = False) -> None:
+    check_tensor("x", x, dtypes=(torch.float8_e4m3fn,) if codes else FLOAT_DTYPES, contiguous=False)
     check(x.dim() >= 1, "x: expected at least one dimension")
     if scale is None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
@@ -341,14 +347,26 @@ def grouped_linear(x, weight, *, groups, config=None, into=None):
     return y
 
 
-def linear_fp8(x, weight, scale, *, block, act, config=None, into=None):
+def linear_fp8(x, weight, scale, x_scale=None, *, block, act, config=None, into=None):
     """x [..., K], weight e4m3 [N, K] with block scales [ceil(N/bo), ceil(K/bi)] (fp32 or UE8M0)
-    -> fp32 [..., N] = q(x) dq(W)^T, dq(W)[n, k] = W[n, k] * scale[n // bo, k // bi], q = `act`."""
-    _check_gemm_inputs(x, weight, scale, 1)
+    -> fp32 [..., N] = q(x) dq(W)^T, dq(W)[n, k] = W[n, k] * scale[n // bo, k // bi], q = `act`.
+    With x_scale (fp32 [..., ceil(K/group)], act dynamic), x is q(x) already: e4m3 codes, as rms_norm_quant
+    writes them; the kernel reads the codes and their scales instead of quantizing x."""
+    _check_gemm_inputs(x, weight, scale, 1, codes=x_scale is not None)
     bo_bi = _check_block(block, weight, scale)
     lead, k = x.shape[:-1], x.shape[-1]
+    x_scale3 = None
+    if x_scale is not None:
+        mode, group, _, _ = _check_act(act)
+        n_groups = cdiv(k, group) if mode == 1 else None
+        check_tensor("x_scale", x_scale, dtypes=(torch.float32,), contiguous=False)
+        same_device(x=x, x_scale=x_scale)
+        if mode != 1 or tuple(x_scale.shape) != (*lead, n_groups):
+            raise ValueError(f"x_scale: expected fp32 {[*lead, n_groups]} (x's rows, one scale per act group) with "
+                             f"act mode dynamic, got shape {list(x_scale.shape)} and act {act!r}")
+        x_scale3 = x_scale.reshape(-1, 1, n_groups)
     y, y3 = _result(into, (*lead, weight.shape[0]), 1, x.device)
-    _gemm("linear_fp8", x.reshape(-1, 1, k), weight, y3, scale, bo_bi, act, config)
+    _gemm("linear_fp8", x.reshape(-1, 1, k), weight, y3, scale, bo_bi, act, config, x_scale3)
     return y
 
 
