@@ -240,7 +240,29 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
         for cfg in [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]] + extra:
             out.append({"case": f"linear_fp8 expert_gate_up n={n} k={k} m={m}", "config": cfg,
                         "call": lambda cfg=cfg, x=x: linear_fp8(x, q, s, block=(128, 128), act=ACT, config=cfg)})
+    # the fuse pass's pair: q_a_norm quantizing once (rms_norm_quant) for q_b_proj, which reads the codes
+    n_b, k_b = FLASH_GEMMS["q_b"]
+    q_b = quant_fp8(torch.randn(n_b, k_b) * 0.02, (128, 128))
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        cfg = heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]
+        for fused in (False, True):
+            what = "rms_norm_quant + linear_fp8 q_b (e4m3 codes)" if fused else "rms_norm + linear_fp8 q_b (fp32 x)"
+            out.append({"case": f"{what} n={n_b} k={k_b} m={m}", "config": cfg,
+                        "call": lambda cfg=cfg, m=m, fused=fused: _q_b(torch.randn(m, k_b), *q_b, cfg, fused)})
     return out
+
+
+def _q_b(x, q, s, cfg, fused: bool):
+    """q_a_norm then q_b_proj, as the fuse pass leaves them (fused) or not."""
+    from triton_gpu import ACT
+
+    from v4c.targets.triton.kernels.gemm import linear_fp8
+    from v4c.targets.triton.kernels.norm import rms_norm, rms_norm_quant
+    w = torch.ones(x.shape[-1])
+    if not fused:
+        return linear_fp8(rms_norm(x, w, eps=1e-6), q, s, block=(128, 128), act=ACT, config=cfg)
+    codes, scales = rms_norm_quant(x, w, eps=1e-6, group=ACT["group"], scale_format=ACT["scale_format"])
+    return linear_fp8(codes, q, s, scales, block=(128, 128), act=ACT, config=cfg)
 
 
 def moe_cases(extra: list[dict]) -> list[dict]:

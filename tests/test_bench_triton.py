@@ -91,25 +91,32 @@ def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
     assert result["logits"]["triton_device_vs_torch_device"]["argmax_agreement"] == 1.0
 
 
-def test_attention_indexer_and_experts_compile_for_an_h100_without_spills(tmp_path):
-    """bench/sm90_static.py compiles the attention, indexer and MoE launchers' kernels for sm_90a with Triton's
+def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
+    """bench/sm90_static.py compiles the attention, indexer, GEMM and MoE launchers' kernels for sm_90a with Triton's
     bundled ptxas (no GPU needed). At V4-Flash decode shapes the default configs must not spill: before, attention
     spilled ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local
     memory serves far below the kernels' bandwidth. The experts' prefill heuristic must take Hopper's fp8 wgmma
     over activations quantized once, without spills; their decode bookkeeping (one program, a one-hot over 256
     experts) must not spill either, nor the attention, indexer and compressor kernels at a device position (a
-    decode step in a CUDA graph)."""
+    decode step in a CUDA graph), nor the FP8 GEMMs (the fuse pass's q_b_proj reading e4m3 codes included)."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only",
-                          "attention,indexer,compress,moe", "--batches", "64", "--out", str(out)],
+                          "attention,indexer,compress,gemm,moe", "--batches", "64", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
                                           "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
                                           "_ring_kernel", "_compress_kernel", "_encode_blocks_kernel", "_push_kernel",
-                                          "_carry_kernel"}
+                                          "_carry_kernel", "_gemm_kernel", "_rms_norm_kernel", "_rms_norm_quant_kernel"}
+    # the fuse pass's q_a_norm -> q_b_proj: the GEMM reads the norm's e4m3 codes (ACT 3), and a prefill
+    # no longer quantizes them again in its own kernel
+    fused = [r for r in rows if r["case"].startswith("rms_norm_quant + linear_fp8 q_b")]
+    assert {r["kernel"] for r in fused} == {"_rms_norm_quant_kernel", "_gemm_kernel"}
+    assert all(r["constexprs"]["ACT"] == 3 for r in fused if r["kernel"] == "_gemm_kernel")
+    unfused = [r for r in rows if r["case"].startswith("rms_norm + linear_fp8 q_b") and r["case"].endswith("m=4096")]
+    assert "_act_quant_kernel" in {r["kernel"] for r in unfused}
     assert {r["case"] for r in rows if r["kernel"] in ("_attention_kernel", "_score_kernel")} >= {
         "attention CSA fp8_split batch=64 at a device position", "index_topk fp8_block batch=64 at a device position"}
     experts = [r for r in rows if r["kernel"] == "_experts_gemm_kernel" and r["case"].endswith("m=4096")]
