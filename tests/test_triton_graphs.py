@@ -27,6 +27,12 @@ def fp8_build(tmp_path_factory, hf_checkpoints):
     return _compile(tmp_path_factory.mktemp("graphs"), hf_checkpoints[NAME], "triton", FP8, name="fp8")
 
 
+@pytest.fixture(scope="module")
+def fused_build(tmp_path_factory, hf_checkpoints):
+    return _compile(tmp_path_factory.mktemp("graphs"), hf_checkpoints[NAME], "triton", FP8 + "  - fuse\n",
+                    name="fused")
+
+
 def _as_on_a_gpu(monkeypatch):
     """The artifact's kernel package (imported from its cache copy) skips host value checks."""
     for name, module in list(sys.modules.items()):
@@ -71,6 +77,25 @@ def test_replayed_segments_give_the_eager_logits_bit_for_bit(fp8_build, monkeypa
     prefill = next(plan for seq, plan in session._plans.items() if seq > 1)
     assert {label.split(":")[1] for label in prefill.labels if not label.startswith("graph")} >= {
         "attention", "compress", "index_topk"}  # prefill: the stateful steps between segments, pos0 from the host
+
+
+def test_a_fused_build_replays_its_norm_quantization_in_the_graph(fp8_build, fused_build, monkeypatch):
+    """The fuse pass's rms_norm_quant (two results, both planned buffers: e4m3 codes and fp32 scales) joins the
+    decode step's graph, and the replayed steps give the unfused build's eager logits bit for bit."""
+    ids = tokens(1, 24, seed=6)
+    eager = _decode(_session(open_artifact(fp8_build), None), ids, 16)
+    graphs, session = _graphed(open_artifact(fused_build), monkeypatch)
+    graphed = _decode(session, ids, 16)
+    assert graphs.failed == [] and graphs.replays > 0
+    assert torch.equal(graphed, eager)
+    report = session.graph_report()["shapes"]["1"]
+    assert report["host_calls"] == report["graphs"] == 1 and report["entries_in_graphs"] == report["entries"]
+    art = open_artifact(fused_build)
+    eager_fused = _session(art, None)
+    eager_fused.forward(ids[:, :1])  # plans a decode-shaped call
+    fused = sum(step.kernel == "rms_norm_quant" for step in art.program.steps)
+    labels = eager_fused._plans[1].labels  # the kernel writes both planned buffers itself: no copy after it
+    assert fused >= 3 and labels.count("bound:rms_norm_quant") == fused and "py:rms_norm_quant" not in labels
 
 
 def test_a_segment_that_reads_a_value_is_reported_and_runs_eagerly(fp8_build, monkeypatch):
