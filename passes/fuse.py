@@ -4,14 +4,17 @@
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
     %b = linear_fp8(%y, @B, @B.scale) {act}          %b = linear_fp8(%yq, @B, @B.scale, %ys) {act}
 
-The rule applies where every reader of the norm's output is a `linear_fp8` with the same dynamic
-activation quantization (group and scale format) reading it as x, and the output is not the
-program's. The numbers do not change: each projection quantized its x with exactly these codes
-and scales; now the norm writes them (one byte a channel instead of four, and one amax per group
-instead of one per projection program). In V4 the rule takes the `q_a_norm` output (read by
-`q_b_proj` and, in CSA layers, the indexer's `q_b_proj`) and an `input_layernorm` whose readers are
-all FP8 (with the default fp8 skip list the compressor projections keep it unfused). Norms with
-another reader (the router reads `post_attention_layernorm`) stay as they are.
+The rule takes every `rms_norm` read by at least one `linear_fp8` (as x, with dynamic activations),
+when those readers share one activation format (group and scale format). If the norm's output has
+other readers too (the router, projections kept in bf16 by the fp8 skip list, the routed experts) or
+is the program's, the fused op keeps it as a third result (`keep: true`: %yq, %ys, %y), which those
+readers go on reading. The numbers do not change: each projection quantized its x with exactly
+these codes and scales; now the norm writes them (one byte a channel instead of four, and one amax
+per group instead of one per projection program, or one quantization kernel per prefill GEMM). In
+V4 with the default skip list that is every layer's three norms: `q_a_norm` (q_b_proj, and the
+indexer's in CSA layers), `input_layernorm` (q_a and kv projections; the compressor's bf16
+projections read y) and `post_attention_layernorm` (the shared expert; the router and the experts
+read y). The final norm feeds a bf16 lm_head: unfused.
 
 Run it after `fp8` (before it there is no `linear_fp8` to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMM reads the codes; the TVM target runs both steps as the
@@ -54,12 +57,13 @@ def _readers(body: list[Instr]) -> dict[str, list[tuple[Instr, int]]]:
     return uses
 
 
-def _shared_act(uses: list[tuple[Instr, int]]) -> dict | None:
-    """The dynamic act all of a value's readers apply, if every reader is a linear_fp8 reading it as x."""
-    acts = [ins.attrs["act"] for ins, i in uses if ins.op == "linear_fp8" and i == 0 and len(ins.operands) == 3]
-    if not uses or len(acts) != len(uses) or acts[0].get("mode") != "dynamic":
-        return None
-    return acts[0] if all(a == acts[0] for a in acts) else None
+def _fp8_readers(uses: list[tuple[Instr, int]]) -> tuple[list[Instr], dict | None]:
+    """The linear_fp8 ops that read a value as x with dynamic activations, and the act they share (None if
+    there are none, or they differ)."""
+    readers = [ins for ins, i in uses if ins.op == "linear_fp8" and i == 0 and len(ins.operands) == 3
+               and ins.attrs["act"].get("mode") == "dynamic"]
+    acts = [ins.attrs["act"] for ins in readers]
+    return readers, acts[0] if acts and all(a == acts[0] for a in acts) else None
 
 
 def _fresh(names: set[str], base: str) -> str:
@@ -72,28 +76,33 @@ def _fresh(names: set[str], base: str) -> str:
 
 def run(m: Module, options: Options, progress=None) -> Module:
     body = list(m.func.body)
-    fused = 0
+    fused = kept = 0
     if options.norm_quant:
         uses = _readers(body)
         names = {v.name for v in m.func.inputs} | {r.name for ins in body for r in ins.results}
         replace: dict[int, Instr] = {}  # id(instr) -> its rewrite
         for ins in body:
-            if ins.op != "rms_norm" or ins.results[0].name == m.func.output.name:
+            if ins.op != "rms_norm":
                 continue
-            act = _shared_act(uses.get(ins.results[0].name, []))
+            y = ins.results[0]
+            readers, act = _fp8_readers(uses.get(y.name, []))
             if act is None:
                 continue
-            attrs = {**ins.attrs, "group": act["group"], "scale_format": act.get("scale_format", "fp32")}
+            # other readers (the router, bf16 projections, the experts) or the program's output: keep y too
+            keep = len(readers) < len(uses[y.name]) or y.name == m.func.output.name
+            attrs = {**ins.attrs, "group": act["group"], "scale_format": act.get("scale_format", "fp32"),
+                     **({"keep": True} if keep else {})}
             types = [m.params[o.name] if isinstance(o, ParamRef) else o.type for o in ins.operands]
-            codes_t, scales_t = OPS["rms_norm_quant"].infer(types + [None] * (2 - len(types)), [], attrs)
-            base = ins.results[0].name
-            codes, scales = Value(_fresh(names, f"{base}.q"), codes_t), Value(_fresh(names, f"{base}.s"), scales_t)
-            replace[id(ins)] = Instr("rms_norm_quant", list(ins.operands), [codes, scales], attrs)
-            for reader, _ in uses[base]:
+            codes_t, scales_t, *_ = OPS["rms_norm_quant"].infer(types + [None] * (2 - len(types)), [], attrs)
+            codes, scales = Value(_fresh(names, f"{y.name}.q"), codes_t), Value(_fresh(names, f"{y.name}.s"), scales_t)
+            replace[id(ins)] = Instr("rms_norm_quant", list(ins.operands), [codes, scales, *([y] if keep else [])],
+                                     attrs)
+            for reader in readers:
                 replace[id(reader)] = Instr(reader.op, [codes, *reader.operands[1:], scales], reader.results,
                                             dict(reader.attrs), list(reader.state))
             fused += 1
+            kept += keep
         body = [replace.get(id(ins), ins) for ins in body]
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
-    out.counters["fuse"] = {"norm_quant": fused}
+    out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept}
     return out

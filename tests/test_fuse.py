@@ -70,57 +70,87 @@ def test_rms_norm_quant_and_pre_quantized_linear_fp8_types():
     for types, a, message in bad:
         with pytest.raises(IRTypeError, match=message):
             _infer("linear_fp8", *types, block=[16, 16], act=a)
+    kept = _infer("rms_norm_quant", x, eps=1e-6, group=16, scale_format="fp32", keep=True)
+    assert [str(t) for t in kept] == ["f8e4m3[B, S, 40]", "f32[B, S, 3]", "f32[B, S, 40]"]  # + the norm itself
+    with pytest.raises(IRTypeError, match="keep must be true or false"):
+        _infer("rms_norm_quant", x, eps=1e-6, group=16, scale_format="fp32", keep="yes")
     with pytest.raises(IRTypeError, match="scale_format"):
         _infer("rms_norm_quant", x, eps=1e-6, group=16, scale_format="e5m2")
 
 
 # --- the pass -----------------------------------------------------------------------------------------
+def _readers(m) -> dict:
+    out = {}
+    for ins in m.func.body:
+        for i, o in enumerate(ins.operands):
+            if not isinstance(o, ParamRef):
+                out.setdefault(o.name, []).append((ins, i))
+    return out
+
+
 def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number(module):
     plain, fused = _fp8(module), _fp8(module, "fuse")
     verify(fused)
-    assert parse_module(print_module(fused)) == fused  # the new op and the two-result form round-trip
-    body = fused.func.body
-    norms = [ins for ins in body if ins.op == "rms_norm_quant"]
-    assert fused.counters["fuse"] == {"norm_quant": len(norms)}
-    readers = {}
-    for ins in body:
-        for i, o in enumerate(ins.operands):
-            if not isinstance(o, ParamRef):
-                readers.setdefault(o.name, []).append((ins, i))
-    weights = set()
+    assert parse_module(print_module(fused)) == fused  # the new op and the multi-result form round-trip
+    norms = [ins for ins in fused.func.body if ins.op == "rms_norm_quant"]
+    kept = [ins for ins in norms if ins.attrs.get("keep")]
+    assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept)}
+    readers, weights = _readers(fused), set()
     for ins in norms:
-        codes, scales = ins.results
-        assert ins.attrs == {"eps": pytest.approx(1e-6), "group": 16, "scale_format": "ue8m0"}
+        codes, scales, *y = ins.results
+        assert {k: ins.attrs[k] for k in ("group", "scale_format")} == {"group": 16, "scale_format": "ue8m0"}
         uses = readers[codes.name]
         assert {(r.op, i) for r, i in uses} == {("linear_fp8", 0)}
         assert [(r, 3) for r, _ in uses] == readers[scales.name]  # each reader takes both, codes first
         weights |= {r.operands[1].name for r, _ in uses}
-    # every layer's q_a_norm (q_b_proj, and the indexer's in CSA layers), the input norms (all readers FP8
-    # with skip: []), and the final norm (lm_head); the post-attention norms feed the router: unfused
+        if y:  # kept: the norm's own output, read by what takes it unquantized
+            assert y[0].type == TensorType(codes.type.shape, "f32")
+            assert readers[y[0].name] and not any(r.op == "linear_fp8" and len(r.operands) == 4
+                                                  for r, _ in readers[y[0].name])
+    # with skip: [], every layer's input norm and q_a_norm (all readers FP8), its post-attention norm (the
+    # shared expert; the router and the experts read y) and the final norm (lm_head)
     layers = module.config["num_layers"]
-    assert len(norms) == 2 * layers + 1
+    assert len(norms) == 3 * layers + 1 and len(kept) == layers
+    kept_readers = {r.op for ins in kept for r, _ in readers[ins.results[2].name]}
+    assert "moe_experts_q" in kept_readers and kept_readers & {"route_topk", "route_hash"}
     assert {f"layers.{i}.self_attn.q_b_proj.weight" for i in range(layers)} <= weights
-    assert "lm_head.weight" in weights and not any("mlp" in w for w in weights)
-    assert sum(ins.op == "rms_norm" for ins in body) == sum(ins.op == "rms_norm" for ins in plain.func.body) \
-        - len(norms)
+    assert {f"layers.{i}.mlp.shared_experts.gate_proj.weight" for i in range(layers)} <= weights
+    assert "lm_head.weight" in weights
+    assert sum(ins.op == "rms_norm" for ins in fused.func.body) == \
+        sum(ins.op == "rms_norm" for ins in plain.func.body) - len(norms)
     ids = tokens(2, 40, seed=3)
     a, b = interpret(plain, batch=2, prefill_chunk=16), interpret(fused, batch=2, prefill_chunk=16)
     for i in range(0, 40, 16):
         assert torch.equal(a.forward(ids[:, i:i + 16]), b.forward(ids[:, i:i + 16]))
 
 
-def test_fuse_leaves_norms_with_other_readers_and_needs_fp8_first(module):
-    default_skip = run_pipeline(module, [PassSpec(name="fp8", options={}), PassSpec(name="fuse")])
-    norms = {ins.operands[1].name for ins in default_skip.func.body if ins.op == "rms_norm_quant"}
-    # the default skip list keeps the compressor projections (readers of CSA / HCA input norms) unquantized
+def test_fuse_with_the_default_skip_list_keeps_y_for_the_unquantized_readers(module):
+    m = run_pipeline(module, [PassSpec(name="fp8", options={}), PassSpec(name="fuse")])
+    verify(m)
+    by_weight = {ins.operands[1].name: ins for ins in m.func.body if ins.op == "rms_norm_quant"}
+    readers = _readers(m)
     kinds = module.config["attention"]
-    assert {f"layers.{i}.self_attn.q_a_norm.weight" for i in range(len(kinds))} <= norms
-    assert {f"layers.{i}.input_layernorm.weight" for i, k in enumerate(kinds) if k == "sliding"} <= norms
-    assert not any(f"layers.{i}.input_layernorm.weight" in norms for i, k in enumerate(kinds) if k != "sliding")
-    assert "norm.weight" not in norms  # lm_head stays f32 by default
-    assert run_pipeline(module, [PassSpec(name="fuse")]).counters["fuse"] == {"norm_quant": 0}
+    for i, kind in enumerate(kinds):
+        assert not by_weight[f"layers.{i}.self_attn.q_a_norm.weight"].attrs.get("keep")
+        norm = by_weight[f"layers.{i}.input_layernorm.weight"]
+        # sliding layers: q_a and kv only; CSA / HCA: the compressor's projections stay bf16 and read y
+        assert bool(norm.attrs.get("keep")) == (kind != "sliding")
+        if kind != "sliding":
+            assert any("compressor" in r.operands[1].name for r, _ in readers[norm.results[2].name]
+                       if r.op == "linear")
+        assert by_weight[f"layers.{i}.post_attention_layernorm.weight"].attrs["keep"]
+    assert "norm.weight" not in by_weight  # the final norm feeds lm_head, kept f32 by the default skip list
+    ids = tokens(1, 40, seed=4)
+    plain = run_pipeline(module, [PassSpec(name="fp8", options={})])
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(m, prefill_chunk=16).forward(ids))
+
+
+def test_fuse_needs_fp8_linear_readers(module):
+    assert run_pipeline(module, [PassSpec(name="fuse")]).counters["fuse"]["norm_quant"] == 0
     off = run_pipeline(_fp8(module), [PassSpec(name="fuse", options={"norm_quant": False})])
-    assert off.counters["fuse"] == {"norm_quant": 0}
+    assert off.counters["fuse"]["norm_quant"] == 0
+    static = _fp8(module, activations={"mode": "none"})  # no dynamic activation quantization to take over
+    assert run_pipeline(static, [PassSpec(name="fuse")]).counters["fuse"]["norm_quant"] == 0
 
 
 def test_fuse_needs_one_activation_format_among_the_readers(module):

@@ -62,6 +62,12 @@ def test_rms_norm_quant_reproduces_fake_quant_groups(shape, group, scale_format,
     # exact: the quantization of the kernel's own normalized rows is fake_quant_groups, bit for bit
     y = norm.rms_norm(x, w, eps=1e-6)
     assert torch.equal(ours, fake_quant_groups(y, group, scale_format))
+    # keep (the fuse pass, for a norm with unquantized readers too): the same codes and scales, and the norm's
+    # output exactly as the rms_norm kernel writes it, into the planned buffers when given
+    into = (torch.empty_like(q), torch.empty_like(scales), torch.empty_like(y))
+    kq, ks, ky = norm.rms_norm_quant(x, w, eps=1e-6, group=group, scale_format=scale_format, keep=True, into=into)
+    assert all(a is b for a, b in zip((kq, ks, ky), into))
+    assert torch.equal(kq.view(torch.uint8), q.view(torch.uint8)) and torch.equal(ks, scales) and torch.equal(ky, y)
     # against the reference end to end: the normalized rows differ by fp32 rounding (summation order), so
     # an element may land on the neighbouring e4m3 code (one step: 2^-3 relative, or 2^-9 * scale).
     ref = fake_quant_groups(basic.rms_norm(x, w, eps=1e-6), group, scale_format)

@@ -19,10 +19,12 @@ def fake_quant(x, *, act):
     return fake_quant_act(x, act)
 
 
-def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32"):
+def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", keep=False):
     """rms_norm, then dynamic per-token-group FP8 quantization: x [..., K] -> (e4m3 codes [..., K],
-    fp32 scales [..., ceil(K/group)]); codes * scales = fake_quant_groups(rms_norm(x)) exactly."""
-    return quant_groups(rms_norm(x, weight, eps=eps), group, scale_format)
+    fp32 scales [..., ceil(K/group)]); codes * scales = fake_quant_groups(rms_norm(x)) exactly.
+    keep: also the norm's output itself (third), for the readers that take it unquantized."""
+    y = rms_norm(x, weight, eps=eps)
+    return (*quant_groups(y, group, scale_format), y) if keep else quant_groups(y, group, scale_format)
 
 
 def linear_fp8(x, weight, scale, x_scale=None, *, block, act):

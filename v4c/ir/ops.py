@@ -275,7 +275,9 @@ def _rms_norm_quant(ins, st, a):
     _rms_norm(ins, st, a)
     expect(a.get("scale_format") in ("fp32", "ue8m0"), f"scale_format {a.get('scale_format')!r}; allowed: fp32, ue8m0")
     n = _act_groups(x, {"mode": "dynamic", "group": a["group"]})
-    return [TensorType(tuple(x.shape), "f8e4m3"), f32(*x.shape[:-1], n)]
+    expect(isinstance(a.get("keep", False), bool), f"keep must be true or false, got {a.get('keep')!r}")
+    kept = [f32(*x.shape)] if a.get("keep") else []  # the norm's output, for readers that take it unquantized
+    return [TensorType(tuple(x.shape), "f8e4m3"), f32(*x.shape[:-1], n), *kept]
 
 
 def _linear_fp8(ins, st, a):

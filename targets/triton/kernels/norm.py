@@ -48,12 +48,12 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, eps, HAS_W: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, NG, eps, GROUP: tl.constexpr, UE8M0: tl.constexpr,
-                           HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NG: tl.constexpr,
+def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, K, NG, eps, GROUP: tl.constexpr, UE8M0: tl.constexpr,
+                           HAS_W: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NG: tl.constexpr,
                            BLOCK_G: tl.constexpr):
     """One row per program, viewed as a [NG, GROUP] tile (last group partial):
     y = rms_norm(x); s_g = max(amax_g, 1e-4) / 448 (or its pow2_ceil for UE8M0);
-    q = e4m3(clamp(y / s_g, +-448))."""
+    q = e4m3(clamp(y / s_g, +-448)); HAS_Y: y is stored too (as _rms_norm_kernel computes it)."""
     row = tl.program_id(0).to(tl.int64)
     rstd = _rstd(x_ptr + row * K, K, eps, BLOCK_K)
     g = tl.arange(0, BLOCK_NG)[:, None]
@@ -67,6 +67,8 @@ def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, NG, eps, GROUP: tl.con
     q = e4m3_quant(y, s[:, None])
     tl.store(q_ptr + row * K + k, q.to(tl.uint8), mask=mask)
     tl.store(s_ptr + row * NG + g, s[:, None], mask=g < NG)
+    if HAS_Y:
+        tl.store(y_ptr + row * K + k, y, mask=mask)
 
 
 @triton.jit
@@ -153,10 +155,11 @@ def rms_norm(x, weight=None, *, eps, config=None, into=None):
     return y
 
 
-def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", config=None, into=None):
+def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", keep=False, config=None, into=None):
     """RMSNorm fused with dynamic per-token-group FP8 quantization.
     x: [..., K] -> (q float8_e4m3fn [..., K], scales fp32 [..., ceil(K/group)]) with
-    q.float() * scales (each over its group) == fake_quant_groups(rms_norm(x, weight, eps), group, scale_format)."""
+    q.float() * scales (each over its group) == fake_quant_groups(rms_norm(x, weight, eps), group, scale_format);
+    keep: also the norm's fp32 output y [..., K] (third), for readers that take it unquantized."""
     cfg = launch_config(config, {"num_warps": 4}, "rms_norm_quant")
     check(scale_format in ("fp32", "ue8m0"), f"scale_format {scale_format!r} is not supported; expected fp32 or ue8m0")
     check(isinstance(group, int) and group >= 1, f"group: expected a positive int, got {group!r}")
@@ -168,16 +171,17 @@ def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", config=No
     n_groups = -(-k // group)
     block_g, block_ng = next_pow2(min(group, k)), next_pow2(n_groups)
     check(block_g * block_ng <= 2 * MAX_ROW, f"group: {group} does not tile rows of {k} channels")
-    into_q, into_s = results(into, 2)
+    into_q, into_s, *into_y = results(into, 3 if keep else 2)
     q = result(into_q, x.shape, torch.float8_e4m3fn, x.device)
     scales = result(into_s, (*x.shape[:-1], n_groups), torch.float32, x.device)
+    y = result(into_y[0], x.shape, torch.float32, x.device) if keep else scales  # (scales: an unused pointer)
     rows = x.numel() // k
     if rows:
-        _rms_norm_quant_kernel[(rows,)](x, x if w is None else w, q.view(torch.uint8), scales, k, n_groups,
+        _rms_norm_quant_kernel[(rows,)](x, x if w is None else w, q.view(torch.uint8), scales, y, k, n_groups,
                                         float(eps), GROUP=group, UE8M0=scale_format == "ue8m0",
-                                        HAS_W=w is not None, BLOCK_K=block_k, BLOCK_NG=block_ng, BLOCK_G=block_g,
-                                        num_warps=cfg["num_warps"])
-    return q, scales
+                                        HAS_W=w is not None, HAS_Y=bool(keep), BLOCK_K=block_k, BLOCK_NG=block_ng,
+                                        BLOCK_G=block_g, num_warps=cfg["num_warps"])
+    return (q, scales, y) if keep else (q, scales)
 
 
 def swiglu(gate, up, *, limit=None, config=None, into=None):
