@@ -161,8 +161,10 @@ def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", keep=Fals
     q.float() * scales (each over its group) == fake_quant_groups(rms_norm(x, weight, eps), group, scale_format);
     keep: also the norm's fp32 output y [..., K] (third), for readers that take it unquantized."""
     cfg = launch_config(config, {"num_warps": 4}, "rms_norm_quant")
-    check(scale_format in ("fp32", "ue8m0"), f"scale_format {scale_format!r} is not supported; expected fp32 or ue8m0")
-    check(isinstance(group, int) and group >= 1, f"group: expected a positive int, got {group!r}")
+    if scale_format not in ("fp32", "ue8m0"):  # (messages built only on failure: a decode step makes ~30 calls)
+        raise ValueError(f"scale_format {scale_format!r} is not supported; expected fp32 or ue8m0")
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group: expected a positive int, got {group!r}")
     x = _float_input("x", x)
     k = x.shape[-1] if x.dim() else 0
     block_k = _row_size("x", k)
@@ -170,7 +172,8 @@ def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", keep=Fals
     same_device(x=x, weight=w)
     n_groups = -(-k // group)
     block_g, block_ng = next_pow2(min(group, k)), next_pow2(n_groups)
-    check(block_g * block_ng <= 2 * MAX_ROW, f"group: {group} does not tile rows of {k} channels")
+    if block_g * block_ng > 2 * MAX_ROW:
+        raise ValueError(f"group: {group} does not tile rows of {k} channels")
     into_q, into_s, *into_y = results(into, 3 if keep else 2)
     q = result(into_q, x.shape, torch.float8_e4m3fn, x.device)
     scales = result(into_s, (*x.shape[:-1], n_groups), torch.float32, x.device)
