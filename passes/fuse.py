@@ -6,15 +6,15 @@
 
 The rule takes every `rms_norm` read by at least one `linear_fp8` (as x, with dynamic activations),
 when those readers share one activation format (group and scale format). If the norm's output has
-other readers too (the router, projections kept in bf16 by the fp8 skip list, the routed experts) or
+other readers too (the router, projections the fp8 skip list keeps unquantized, the routed experts) or
 is the program's, the fused op keeps it as a third result (`keep: true`: %yq, %ys, %y), which those
 readers go on reading. The numbers do not change: each projection quantized its x with exactly
 these codes and scales; now the norm writes them (one byte a channel instead of four, and one amax
 per group instead of one per projection program, or one quantization kernel per prefill GEMM). In
 V4 with the default skip list that is every layer's three norms: `q_a_norm` (q_b_proj, and the
-indexer's in CSA layers), `input_layernorm` (q_a and kv projections; the compressor's bf16
+indexer's in CSA layers), `input_layernorm` (q_a and kv projections; the compressor's unquantized
 projections read y) and `post_attention_layernorm` (the shared expert; the router and the experts
-read y). The final norm feeds a bf16 lm_head: unfused.
+read y). The final norm feeds lm_head, which the default skip list keeps unquantized: unfused.
 
 Run it after `fp8` (before it there is no `linear_fp8` to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMM reads the codes; the TVM target runs both steps as the
@@ -88,7 +88,7 @@ def run(m: Module, options: Options, progress=None) -> Module:
             readers, act = _fp8_readers(uses.get(y.name, []))
             if act is None:
                 continue
-            # other readers (the router, bf16 projections, the experts) or the program's output: keep y too
+            # other readers (the router, unquantized projections, the experts) or the program's output: keep y too
             keep = len(readers) < len(uses[y.name]) or y.name == m.func.output.name
             attrs = {**ins.attrs, "group": act["group"], "scale_format": act.get("scale_format", "fp32"),
                      **({"keep": True} if keep else {})}

@@ -133,7 +133,7 @@ def test_fuse_with_the_default_skip_list_keeps_y_for_the_unquantized_readers(mod
     for i, kind in enumerate(kinds):
         assert not by_weight[f"layers.{i}.self_attn.q_a_norm.weight"].attrs.get("keep")
         norm = by_weight[f"layers.{i}.input_layernorm.weight"]
-        # sliding layers: q_a and kv only; CSA / HCA: the compressor's projections stay bf16 and read y
+        # sliding layers: q_a and kv only; CSA / HCA: the compressor's projections stay unquantized and read y
         assert bool(norm.attrs.get("keep")) == (kind != "sliding")
         if kind != "sliding":
             assert any("compressor" in r.operands[1].name for r, _ in readers[norm.results[2].name]
