@@ -47,6 +47,7 @@ def _error(ours, ref) -> float:
         return float("inf")
     if not ref.is_floating_point():
         return float((ours != ref).float().mean()) if ref.numel() else 0.0
+    ours, ref = ours.float(), ref.float()  # (e4m3 codes: rms_norm_quant under the fuse pass)
     return rel_err(ours, ref) if ref.abs().max() > 0 else float((ours.float() - ref.float()).abs().max())
 
 
