@@ -93,7 +93,8 @@ def run(m: Module, options: Options, progress=None) -> Module:
             attrs = {**ins.attrs, "group": act["group"], "scale_format": act.get("scale_format", "fp32"),
                      **({"keep": True} if keep else {})}
             types = [m.params[o.name] if isinstance(o, ParamRef) else o.type for o in ins.operands]
-            codes_t, scales_t, *_ = OPS["rms_norm_quant"].infer(types + [None] * (2 - len(types)), [], attrs)
+            op = OPS["rms_norm_quant"]
+            codes_t, scales_t, *_ = op.infer(types + [None] * (len(op.operands) - len(types)), [], attrs)
             codes, scales = Value(_fresh(names, f"{y.name}.q"), codes_t), Value(_fresh(names, f"{y.name}.s"), scales_t)
             replace[id(ins)] = Instr("rms_norm_quant", list(ins.operands), [codes, scales, *([y] if keep else [])],
                                      attrs)

@@ -266,8 +266,6 @@ def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None
     m, groups, k = x3.shape
     r = weight.shape[0] // groups
     mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
-    if x_scale3 is not None and mode != 1:
-        raise ValueError(f"x_scale: pre-quantized x needs act mode dynamic (its group), got {act!r}")
     cfg = _gemm_config(config, m, r, name)
     if m == 0 or r == 0 or k == 0:
         out.zero_()
@@ -356,12 +354,12 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act, config=None, into=
     bo_bi = _check_block(block, weight, scale)
     lead, k = x.shape[:-1], x.shape[-1]
     x_scale3 = None
-    if x_scale is not None:
-        mode, group, _, _ = _check_act(act)
-        n_groups = cdiv(k, group) if mode == 1 else None
+    if x_scale is not None:  # (act itself is checked by _gemm)
+        group = act.get("group") if isinstance(act, dict) and act.get("mode") == "dynamic" else None
+        n_groups = cdiv(k, group) if isinstance(group, int) and group >= 1 else None
         check_tensor("x_scale", x_scale, dtypes=(torch.float32,), contiguous=False)
         same_device(x=x, x_scale=x_scale)
-        if mode != 1 or tuple(x_scale.shape) != (*lead, n_groups):
+        if n_groups is None or tuple(x_scale.shape) != (*lead, n_groups):
             raise ValueError(f"x_scale: expected fp32 {[*lead, n_groups]} (x's rows, one scale per act group) with "
                              f"act mode dynamic, got shape {list(x_scale.shape)} and act {act!r}")
         x_scale3 = x_scale.reshape(-1, 1, n_groups)

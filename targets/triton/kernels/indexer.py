@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (STORAGE_DTYPES, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout, launch_config,
-                     next_pow2, position, result, same_device, sm_count,
-                     ue8m0_value)
+                     next_pow2, position, result, same_device, sm_count, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
