@@ -289,6 +289,20 @@ def moe_cases(extra: list[dict]) -> list[dict]:
                         "call": lambda cfg=cfg, x=x, w=w, idx=idx: moe_experts_q(
                             x, w, idx, gate_up, scales[0], down, scales[1], format="fp8", block=[128, 128],
                             down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
+    # the fuse pass: post_attention_layernorm's codes and scales as gate_up's input, at decode below QUANT_ONCE's
+    # 64 pairs (4 tokens: every tile quantizes its x otherwise) and above it (16 tokens: the fp32 x case above,
+    # with act_quant's launch)
+    from v4c.runtime.kernels.quantized import rms_norm_quant  # (the reference's codes: only the experts compile)
+    cfg = heuristic("moe_experts_q")[0]["config"]
+    for m in (4, DECODE_TOKENS[0]):
+        x, w = torch.randn(m, d), torch.rand(m, top)
+        idx = torch.stack([torch.randperm(experts)[:top] for _ in range(m)])
+        codes = rms_norm_quant(x, torch.ones(d), eps=1e-6, group=ACT["group"], scale_format=ACT["scale_format"])
+        for what, xs in (("fp32 x", (x,)), ("e4m3 codes", codes))[1 if m == DECODE_TOKENS[0] else 0:]:
+            out.append({"case": f"moe_experts_q fp8 d={d} inter={inter} top={top} m={m} ({what})", "config": cfg,
+                        "call": lambda xs=xs, w=w, idx=idx: moe_experts_q(
+                            xs[0], w, idx, gate_up, scales[0], down, scales[1], *xs[1:], format="fp8",
+                            block=[128, 128], down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
     for m in (DECODE_TOKENS[0], 256):  # the decode bookkeeping over V4-Flash's 256 experts (its code does depend)
         idx = torch.stack([torch.randperm(256)[:top] for _ in range(m)])
         out.append({"case": f"moe pairs experts=256 top={top} m={m}", "config": {},

@@ -1,23 +1,25 @@
-"""Kernel fusion: quantize a norm's output once, in the norm, for the FP8 projections that read it.
+"""Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it.
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
-    %b = linear_fp8(%y, @B, @B.scale) {act}          %b = linear_fp8(%yq, @B, @B.scale, %ys) {act}
+    %b = moe_experts_q(%y, .., @D.scale) {act_in}    %b = moe_experts_q(%yq, .., @D.scale, %ys) {act_in}
 
-The rule takes every `rms_norm` read by at least one `linear_fp8` (as x, with dynamic activations),
+The rule takes every `rms_norm` read (as x) by at least one op that quantizes its x with dynamic
+activations, `linear_fp8` (`act`) or the routed experts `moe_experts_q` (`act_in`, FP8 or FP4 weights),
 when those readers share one activation format (group and scale format). If the norm's output has
-other readers too (the router, projections the fp8 skip list keeps unquantized, the routed experts) or
-is the program's, the fused op keeps it as a third result (`keep: true`: %yq, %ys, %y), which those
-readers go on reading. The numbers do not change: each projection quantized its x with exactly
-these codes and scales; now the norm writes them (one byte a channel instead of four, and one amax
-per group instead of one per projection program, or one quantization kernel per prefill GEMM). In
-V4 with the default skip list that is every layer's three norms: `q_a_norm` (q_b_proj, and the
-indexer's in CSA layers), `input_layernorm` (q_a and kv projections; the compressor's unquantized
-projections read y) and `post_attention_layernorm` (the shared expert; the router and the experts
-read y). The final norm feeds lm_head, which the default skip list keeps unquantized: unfused.
+other readers too (the router, projections the fp8 skip list keeps unquantized) or is the program's,
+the fused op keeps it as a third result (`keep: true`: %yq, %ys, %y), which those readers go on
+reading. The numbers do not change: each reader quantized its x with exactly these codes and scales
+(quantization is per token and group, so the experts' per-expert row subsets get the same codes);
+now the norm writes them (one byte a channel instead of four, and one amax per group instead of one
+per GEMM program, or one quantization kernel per prefill GEMM). In V4 with the default skip list
+that is every layer's three norms: `q_a_norm` (q_b_proj, and the indexer's in CSA layers),
+`input_layernorm` (q_a and kv projections; the compressor's unquantized projections read y) and
+`post_attention_layernorm` (the shared expert and the routed experts; the router reads y). The final
+norm feeds lm_head, which the default skip list keeps unquantized: unfused.
 
-Run it after `fp8` (before it there is no `linear_fp8` to fuse into). The Triton target runs
-`rms_norm_quant` as one kernel and the GEMM reads the codes; the TVM target runs both steps as the
+Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
+`rms_norm_quant` as one kernel and the GEMMs read the codes; the TVM target runs those steps as the
 runtime's torch kernels (it has no kernel for them), so leave this pass out of CPU builds.
 """
 
@@ -30,7 +32,7 @@ from v4c.ir.ops import OPS
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     norm_quant: bool = Field(True, description="rms_norm + the dynamic FP8 activation quantization of the "
-                                               "linear_fp8 ops that read it -> one rms_norm_quant")
+                                               "linear_fp8 / moe_experts_q ops that read it -> one rms_norm_quant")
 
 
 def check_order(options: Options, earlier: list) -> str | None:
@@ -57,12 +59,21 @@ def _readers(body: list[Instr]) -> dict[str, list[tuple[Instr, int]]]:
     return uses
 
 
+# op -> (its operand count without x_scale, the attribute holding x's activation quantization)
+CODE_READERS = {"linear_fp8": (3, "act"), "moe_experts_q": (7, "act_in")}
+
+
+def _act_of(ins: Instr) -> dict:
+    """The activation quantization `ins` applies to its x."""
+    return ins.attrs.get(CODE_READERS[ins.op][1]) or {}
+
+
 def _fp8_readers(uses: list[tuple[Instr, int]]) -> tuple[list[Instr], dict | None]:
-    """The linear_fp8 ops that read a value as x with dynamic activations, and the act they share (None if
-    there are none, or they differ)."""
-    readers = [ins for ins, i in uses if ins.op == "linear_fp8" and i == 0 and len(ins.operands) == 3
-               and ins.attrs["act"].get("mode") == "dynamic"]
-    acts = [ins.attrs["act"] for ins in readers]
+    """The ops that read a value as x and quantize it with dynamic activations (FP8 projections, FP8 / FP4
+    routed experts), and the act they share (None if there are none, or they differ)."""
+    readers = [ins for ins, i in uses if ins.op in CODE_READERS and i == 0
+               and len(ins.operands) == CODE_READERS[ins.op][0] and _act_of(ins).get("mode") == "dynamic"]
+    acts = [_act_of(ins) for ins in readers]
     return readers, acts[0] if acts and all(a == acts[0] for a in acts) else None
 
 
@@ -76,7 +87,7 @@ def _fresh(names: set[str], base: str) -> str:
 
 def run(m: Module, options: Options, progress=None) -> Module:
     body = list(m.func.body)
-    fused = kept = 0
+    fused = kept = experts = 0
     if options.norm_quant:
         uses = _readers(body)
         names = {v.name for v in m.func.inputs} | {r.name for ins in body for r in ins.results}
@@ -88,7 +99,7 @@ def run(m: Module, options: Options, progress=None) -> Module:
             readers, act = _fp8_readers(uses.get(y.name, []))
             if act is None:
                 continue
-            # other readers (the router, unquantized projections, the experts) or the program's output: keep y too
+            # other readers (the router, unquantized projections) or the program's output: keep y too
             keep = len(readers) < len(uses[y.name]) or y.name == m.func.output.name
             attrs = {**ins.attrs, "group": act["group"], "scale_format": act.get("scale_format", "fp32"),
                      **({"keep": True} if keep else {})}
@@ -103,7 +114,8 @@ def run(m: Module, options: Options, progress=None) -> Module:
                                             dict(reader.attrs), list(reader.state))
             fused += 1
             kept += keep
+            experts += sum(r.op == "moe_experts_q" for r in readers)
         body = [replace.get(id(ins), ins) for ins in body]
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
-    out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept}
+    out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts}
     return out

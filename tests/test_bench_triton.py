@@ -98,7 +98,8 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     memory serves far below the kernels' bandwidth. The experts' prefill heuristic must take Hopper's fp8 wgmma
     over activations quantized once, without spills; their decode bookkeeping (one program, a one-hot over 256
     experts) must not spill either, nor the attention, indexer and compressor kernels at a device position (a
-    decode step in a CUDA graph), nor the FP8 GEMMs (the fuse pass's q_b_proj reading e4m3 codes included)."""
+    decode step in a CUDA graph), nor the FP8 GEMMs and experts (the fuse pass's q_b_proj and gate_up reading e4m3 codes
+    included)."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only",
@@ -117,6 +118,15 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     assert all(r["constexprs"]["ACT"] == 3 for r in fused if r["kernel"] == "_gemm_kernel")
     unfused = [r for r in rows if r["case"].startswith("rms_norm + linear_fp8 q_b") and r["case"].endswith("m=4096")]
     assert "_act_quant_kernel" in {r["kernel"] for r in unfused}
+    # ... and the routed experts' gate_up reads post_attention_layernorm's codes: below 64 pairs no tile quantizes
+    # x (ACT 3, not 2), from 64 pairs on only down's input is still quantized by its own kernel
+    for m, quant_launches in ((4, 0), (16, 1)):
+        case = [r for r in rows if r["case"].endswith(f" m={m} (e4m3 codes)")]
+        gate_up = next(r for r in case if r["kernel"] == "_experts_gemm_kernel")
+        assert gate_up["constexprs"]["SWIGLU"] is True and gate_up["constexprs"]["ACT"] == 3
+        assert sum(r["kernel"] == "_act_quant_kernel" for r in case) == quant_launches
+    plain = next(r for r in rows if r["case"].endswith(" m=4 (fp32 x)") and r["kernel"] == "_experts_gemm_kernel")
+    assert plain["constexprs"]["ACT"] == 2
     assert {r["case"] for r in rows if r["kernel"] in ("_attention_kernel", "_score_kernel")} >= {
         "attention CSA fp8_split batch=64 at a device position", "index_topk fp8_block batch=64 at a device position"}
     experts = [r for r in rows if r["kernel"] == "_experts_gemm_kernel" and r["case"].endswith("m=4096")]

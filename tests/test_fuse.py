@@ -1,5 +1,5 @@
-"""The fuse pass: a norm quantizes its output once for the FP8 projections that read it
-(rms_norm_quant + linear_fp8 reading e4m3 codes and their scales). The torch target's numbers are
+"""The fuse pass: a norm quantizes its output once for the FP8 projections and routed experts that
+read it (rms_norm_quant + linear_fp8 / moe_experts_q reading e4m3 codes and their scales). The torch target's numbers are
 bit-for-bit those of the unfused module; the rule applies only where every reader allows it."""
 
 import pytest
@@ -11,8 +11,8 @@ from v4c.interpret import interpret
 from v4c.ir import OPS, IRTypeError, Instr, ParamRef, TensorType, parse_module, print_module, verify
 from v4c.pipeline import run_pipeline
 from v4c.runtime.kernels.basic import rms_norm
-from v4c.runtime.kernels.quantized import linear_fp8, rms_norm_quant
-from v4c.runtime.quant import fake_quant_groups, quant_fp8
+from v4c.runtime.kernels.quantized import linear_fp8, moe_experts_q, rms_norm_quant
+from v4c.runtime.quant import fake_quant_groups, quant_fp4, quant_fp8
 from v4c.spec import PassSpec
 
 NAME = "hc4_mixed"  # CSA, sliding and HCA layers; hidden 56: with group 16 the last group is partial
@@ -51,6 +51,23 @@ def test_linear_fp8_on_codes_equals_linear_fp8_on_the_float_input():
     assert torch.equal(y, linear_fp8(rms_norm(x, eps=1e-6), q, s, block=[16, 16], act=act))
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_moe_experts_q_on_codes_equals_moe_experts_q_on_the_float_input(fmt):
+    experts, d, inter, topk = 5, 40, 32, 2
+    x = torch.randn(2, 7, d, generator=g)
+    weights = torch.rand(2, 7, topk, generator=g)
+    idx = torch.rand(2, 7, experts, generator=g).topk(topk, dim=-1).indices
+    gate_up, down = torch.randn(experts, 2 * inter, d, generator=g), torch.randn(experts, d, inter, generator=g)
+    quant = (lambda w: quant_fp4(w)) if fmt == "fp4" else (lambda w: quant_fp8(w, (16, 16), "fp32"))
+    (gu, gus), (dn, dns) = (zip(*[quant(w[e]) for e in range(experts)]) for w in (gate_up, down))
+    gu, gus, dn, dns = (torch.stack(t) for t in (gu, gus, dn, dns))
+    act = {"mode": "dynamic", "group": 16, "scale_format": "fp32"}
+    kw = dict(format=fmt, block=[16, 16], down_block=[16, 16], act_in=act, act_mid=act, limit=7.0)
+    codes, scales, y = rms_norm_quant(x, eps=1e-6, group=16, keep=True)
+    want = moe_experts_q(y, weights, idx, gu, gus, dn, dns, **kw)
+    assert torch.equal(moe_experts_q(codes, weights, idx, gu, gus, dn, dns, scales, **kw), want)
+
+
 # --- types --------------------------------------------------------------------------------------------
 def _infer(op, *types, **attrs):
     return OPS[op].infer(list(types) + [None] * (len(OPS[op].operands) - len(types)), [], attrs)
@@ -70,6 +87,15 @@ def test_rms_norm_quant_and_pre_quantized_linear_fp8_types():
     for types, a, message in bad:
         with pytest.raises(IRTypeError, match=message):
             _infer("linear_fp8", *types, block=[16, 16], act=a)
+    gu, gus = TensorType((4, 64, 40), "f8e4m3"), TensorType((4, 4, 3), "f8e8m0")
+    dn, dns = TensorType((4, 40, 32), "f8e4m3"), TensorType((4, 3, 2), "f8e8m0")
+    routing = TensorType(("B", "S", 2), "f32"), TensorType(("B", "S", 2), "i64")
+    moe = dict(format="fp8", block=[16, 16], down_block=[16, 16], act_in=act, act_mid=act)
+    assert str(_infer("moe_experts_q", codes, *routing, gu, gus, dn, dns, scales, **moe)[0]) == "f32[B, S, 40]"
+    for types, message in [((codes, *routing, gu, gus, dn, dns), "pass their scales as x_scale"),
+                           ((x, *routing, gu, gus, dn, dns, scales), "must be e4m3 codes")]:
+        with pytest.raises(IRTypeError, match=message):
+            _infer("moe_experts_q", *types, **moe)
     kept = _infer("rms_norm_quant", x, eps=1e-6, group=16, scale_format="fp32", keep=True)
     assert [str(t) for t in kept] == ["f8e4m3[B, S, 40]", "f32[B, S, 3]", "f32[B, S, 40]"]  # + the norm itself
     with pytest.raises(IRTypeError, match="keep must be true or false"):
@@ -94,27 +120,30 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     assert parse_module(print_module(fused)) == fused  # the new op and the multi-result form round-trip
     norms = [ins for ins in fused.func.body if ins.op == "rms_norm_quant"]
     kept = [ins for ins in norms if ins.attrs.get("keep")]
-    assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept)}
+    layers = module.config["num_layers"]
+    assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
+                                      "experts_reading_codes": layers}
     readers, weights = _readers(fused), set()
     for ins in norms:
         codes, scales, *y = ins.results
         assert {k: ins.attrs[k] for k in ("group", "scale_format")} == {"group": 16, "scale_format": "ue8m0"}
         uses = readers[codes.name]
-        assert {(r.op, i) for r, i in uses} == {("linear_fp8", 0)}
-        assert [(r, 3) for r, _ in uses] == readers[scales.name]  # each reader takes both, codes first
-        weights |= {r.operands[1].name for r, _ in uses}
+        assert {(r.op, i) for r, i in uses} <= {("linear_fp8", 0), ("moe_experts_q", 0)}
+        # each reader takes both, codes first and the scales last
+        assert [(r, len(r.operands) - 1) for r, _ in uses] == readers[scales.name]
+        assert all(len(r.operands) == {"linear_fp8": 4, "moe_experts_q": 8}[r.op] for r, _ in uses)
+        weights |= {r.operands[1 if r.op == "linear_fp8" else 3].name for r, _ in uses}
         if y:  # kept: the norm's own output, read by what takes it unquantized
             assert y[0].type == TensorType(codes.type.shape, "f32")
-            assert readers[y[0].name] and not any(r.op == "linear_fp8" and len(r.operands) == 4
-                                                  for r, _ in readers[y[0].name])
+            assert readers[y[0].name] and not any(r.op in ("linear_fp8", "moe_experts_q") for r, _ in readers[y[0].name])
     # with skip: [], every layer's input norm and q_a_norm (all readers FP8), its post-attention norm (the
-    # shared expert; the router and the experts read y) and the final norm (lm_head)
-    layers = module.config["num_layers"]
+    # shared expert and the routed experts; the router reads y) and the final norm (lm_head)
     assert len(norms) == 3 * layers + 1 and len(kept) == layers
     kept_readers = {r.op for ins in kept for r, _ in readers[ins.results[2].name]}
-    assert "moe_experts_q" in kept_readers and kept_readers & {"route_topk", "route_hash"}
+    assert kept_readers <= {"route_topk", "route_hash"} and kept_readers
     assert {f"layers.{i}.self_attn.q_b_proj.weight" for i in range(layers)} <= weights
     assert {f"layers.{i}.mlp.shared_experts.gate_proj.weight" for i in range(layers)} <= weights
+    assert {f"layers.{i}.mlp.experts.gate_up_proj" for i in range(layers)} <= weights
     assert "lm_head.weight" in weights
     assert sum(ins.op == "rms_norm" for ins in fused.func.body) == \
         sum(ins.op == "rms_norm" for ins in plain.func.body) - len(norms)

@@ -195,6 +195,49 @@ def test_activations_quantized_once_equal_the_fused_path(fmt, block, down_block,
     assert_close(once, ref, EXPERTS_RTOL)
 
 
+@pytest.mark.parametrize("fmt, block, down_block, act_in, act_mid, config",
+                         [c for c in ONCE_CASES if c[0] != "float"])
+def test_experts_reading_norm_codes_equal_the_unfused_steps(fmt, block, down_block, act_in, act_mid, config):
+    """x_scale (the fuse pass: rms_norm_quant wrote gate_up's input as e4m3 codes and group scales): the experts
+    give, bit for bit, what the unfused steps give (the rms_norm kernel, then the experts quantizing its output
+    per tile or once), and the reference's result on the reference's codes; strided codes are read."""
+    from v4c.runtime.kernels.quantized import rms_norm_quant as ref_rms_norm_quant
+    from v4c.targets.triton.kernels.norm import rms_norm, rms_norm_quant
+    _, weights, idx, gate_up, down = problem(2, 7, 64, 34, 5, 3, seed=12)
+    h = torch.randn(2, 7, 64, generator=gen(14)) * 3
+    q = quantized(gate_up, down, fmt, block, down_block, "ue8m0")
+    kw = {"format": fmt, "block": block, "down_block": down_block, "act_in": act_in, "act_mid": act_mid}
+    norm = {"eps": 1e-6, "group": act_in["group"], "scale_format": act_in.get("scale_format", "fp32")}
+    codes, scales = rms_norm_quant(h, **norm)
+    pre = moe_experts_q(codes, weights, idx, *q, scales, **kw, config=config)
+    for once in (False, True):
+        unfused = moe_experts_q(rms_norm(h, eps=1e-6), weights, idx, *q, **kw, config={**config, "QUANT_ONCE": once})
+        assert torch.equal(pre, unfused), f"QUANT_ONCE {once}"
+    ref_codes, ref_scales = ref_rms_norm_quant(h, **norm)
+    assert_close(pre, ref_experts_q(ref_codes, weights, idx, *q, ref_scales, **kw), EXPERTS_RTOL)
+    c_t, s_t = codes.transpose(0, 1), scales.transpose(0, 1)  # strided codes and scales
+    w_t, i_t = weights.transpose(0, 1), idx.transpose(0, 1)
+    assert torch.equal(moe_experts_q(c_t, w_t, i_t, *q, s_t, **kw, config=config),
+                       moe_experts_q(c_t.contiguous(), w_t, i_t, *q, s_t.contiguous(), **kw, config=config))
+
+
+def test_experts_reading_codes_are_checked():
+    _, weights, idx, gate_up, down = problem(1, 3, 32, 16, 4, 2, seed=13)
+    q = quantized(gate_up, down, "fp8", [16, 16], [16, 16], "fp32")
+    kw = {"format": "fp8", "block": [16, 16], "down_block": [16, 16], "act_in": DYN, "act_mid": DYN}
+    codes, scales = torch.randn(1, 3, 32, generator=gen(15)).to(torch.float8_e4m3fn), torch.ones(1, 3, 2)
+    cases = [
+        (lambda: moe_experts_q(codes, weights, idx, *q, **kw), "^x: expected a float"),  # codes need their scales
+        (lambda: moe_experts_q(codes.float(), weights, idx, *q, scales, **kw), "^x: expected e4m3 codes"),
+        (lambda: moe_experts_q(codes, weights, idx, *q, torch.ones(1, 3, 3), **kw), r"^x_scale: expected fp32 \[1, 3, 2\]"),
+        (lambda: moe_experts_q(codes, weights, idx, *q, scales.double(), **kw), "^x_scale: dtype"),
+        (lambda: moe_experts_q(codes, weights, idx, *q, scales, **{**kw, "act_in": STATIC}), "act_in mode dynamic"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_quant_once_auto_from_64_pairs(monkeypatch):
     """"auto" quantizes once from 64 (token, expert) pairs on, for both GEMMs; true insists on dynamic
     activations and names what it needs."""

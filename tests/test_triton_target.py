@@ -109,12 +109,15 @@ def test_fp8_build_matches_the_torch_target(builds):
 
 
 def test_fused_norm_quantization_changes_no_number(builds):
-    """The fuse pass's build (rms_norm_quant, GEMMs reading e4m3 codes) gives the unfused build's logits bit
-    for bit: the norm kernel's codes and scales are those each GEMM computed from the norm's output."""
+    """The fuse pass's build (rms_norm_quant, GEMMs and routed experts reading e4m3 codes) gives the unfused
+    build's logits bit for bit: the norm kernel's codes and scales are those each GEMM computed from the norm's
+    output."""
     program = json.loads((builds["fp8_fused"] / "program.json").read_text())
     fused = [s for s in program["steps"] if s["kernel"] == "rms_norm_quant"]
     assert len(fused) >= 3 and sum(s["kernel"] == "linear_fp8" and len(s["inputs"]) == 4 for s in program["steps"]) \
         > len(fused)  # some norms feed several projections
+    experts = [s for s in program["steps"] if s["kernel"] == "moe_experts_q"]
+    assert experts and all(len(s["inputs"]) == 8 for s in experts)  # every layer's experts read codes
     ids = tokens(1, 19, seed=4)
     art = open_artifact(builds["fp8_fused"])
     ours = _prefill_then_decode(art.session(), ids, 16)

@@ -183,16 +183,19 @@ def test_fp4_experts_run_compiled_and_match_the_torch_target(tmp_path):
 
 
 def test_a_fused_build_runs_its_pre_quantized_steps_as_torch_kernels_and_says_why(builds, tmp_path):
-    """The fuse pass's rms_norm_quant and the GEMMs reading e4m3 codes have no TVM kernel: those steps run as
-    the runtime's torch kernels, reported with the reason, and the build still matches the torch target."""
+    """The fuse pass's rms_norm_quant and the GEMMs and experts reading e4m3 codes have no TVM kernel: those
+    steps run as the runtime's torch kernels, reported with the reason, and the build still matches the torch
+    target."""
     art = _build(tmp_path, "model-fp8.yaml", "tvm", lambda text: text.replace("\nkv:", "\n  - fuse\nkv:", 1))
     spec = json.loads((art / "kernels/tvm/kernels.json").read_text())
     program = json.loads((art / "program.json").read_text())
     fused = [i for i, s in enumerate(program["steps"]) if s["kernel"] == "rms_norm_quant"]
-    readers = [i for i, s in enumerate(program["steps"]) if s["kernel"] == "linear_fp8" and len(s["inputs"]) == 4]
+    readers = [i for i, s in enumerate(program["steps"])
+               if (s["kernel"], len(s["inputs"])) in (("linear_fp8", 4), ("moe_experts_q", 8))]
     assert fused and readers and not any(str(i) in spec["steps"] for i in fused + readers)
     assert "no TVM kernel" in spec["torch_ops"]["rms_norm_quant"]
-    assert "pre-quantized" in spec["torch_ops"]["linear_fp8"] and "fuse" in spec["torch_ops"]["linear_fp8"]
+    for op in ("linear_fp8", "moe_experts_q"):
+        assert "pre-quantized" in spec["torch_ops"][op] and "fuse" in spec["torch_ops"][op]
     assert any(program["steps"][int(i)]["kernel"] == "linear_fp8" for i in spec["steps"])  # the others compiled
     session = open_artifact(art).session()
     assert session.kernels.report()["steps"]["torch"] == len(fused) + len(readers)

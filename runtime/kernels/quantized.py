@@ -4,8 +4,8 @@ Weights are dequantized per call, one matrix (or one expert) at a time, so no fu
 copy is kept; activations are quantized as the op's `act` attribute says (see
 `quant.fake_quant_act`). `fake_quant` is the same activation quantization as an op, for the
 fake-quant reference path that tests compare these kernels against. `rms_norm_quant` (made by the
-fuse pass) quantizes a norm's output once for the FP8 projections that read it: `linear_fp8` then
-gets e4m3 codes and their group scales instead of a float x.
+fuse pass) quantizes a norm's output once for the FP8 projections that read it: `linear_fp8` and
+`moe_experts_q` then get e4m3 codes and their group scales instead of a float x.
 """
 
 import torch.nn.functional as F
@@ -48,13 +48,17 @@ def _dequant_expert(q, s, fmt, block):
     return dequant_fp4(q, s) if fmt == "fp4" else dequant_fp8(q, s, block)
 
 
-def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, *, format, block, down_block, act_in,
-                  act_mid, limit=None):
+def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_scale=None, *, format, block,
+                  down_block, act_in, act_mid, limit=None):
     """Routed experts over FP8 (block scales; `block` for gate_up, `down_block` for down) or FP4
-    (packed, per-32 UE8M0 scales) weights."""
+    (packed, per-32 UE8M0 scales) weights. With `x_scale`, x holds q_in(x) already: e4m3 codes with
+    their fp32 scales [..., ceil(D/group)] (act_in's group), as rms_norm_quant writes them."""
     def expert(e):
         return (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
                 _dequant_expert(down[e], down_scale[e], format, down_block))
 
+    if x_scale is not None:
+        return run_experts(dequant_groups(x, x_scale, act_in["group"]), weights, idx, expert, limit=limit,
+                           quant_mid=lambda t: fake_quant_act(t, act_mid))
     return run_experts(x, weights, idx, expert, limit=limit, quant_in=lambda t: fake_quant_act(t, act_in),
                        quant_mid=lambda t: fake_quant_act(t, act_mid))

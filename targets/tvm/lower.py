@@ -28,8 +28,8 @@ EXPERTS = ("moe_experts", "moe_experts_q")
 ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512dq", "avx512bw",
              "avx512vl", "avx512cd", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512vbmi", "asimd", "sve")
 WHY_TORCH = "no TVM kernel for this op yet (it runs as the runtime's torch kernel)"
-WHY_PREQUANT = ("its input is pre-quantized e4m3 codes (the fuse pass's rms_norm_quant), which the TVM GEMMs do "
-                "not read: leave `fuse` out of a CPU build")
+WHY_PREQUANT = ("its input is pre-quantized e4m3 codes (the fuse pass's rms_norm_quant), which the TVM GEMMs "
+                "and experts do not read: leave `fuse` out of a CPU build")
 
 
 def _gemm_signature(program, step) -> tuple | None:
@@ -264,7 +264,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
         if step.kernel == "reshape":
             continue
         try:
-            if step.kernel == "linear_fp8" and len(step.inputs) > 3:  # x_scale: x holds codes
+            if (step.kernel, len(step.inputs)) in (("linear_fp8", 4), ("moe_experts_q", 8)):  # x_scale: x is codes
                 torch_ops.setdefault(step.kernel, WHY_PREQUANT)
                 continue
             if step.kernel in GEMMS and (sig := _gemm_signature(program, step)) is not None:

@@ -280,18 +280,23 @@ def _rms_norm_quant(ins, st, a):
     return [TensorType(tuple(x.shape), "f8e4m3"), f32(*x.shape[:-1], n), *kept]
 
 
+def _expect_codes(x: TensorType, x_scale: TensorType | None, act: dict) -> None:
+    """x is a float input (no x_scale), or e4m3 codes with their group scales x_scale for dynamic `act`."""
+    if x_scale is None:
+        expect(x.dtype != "f8e4m3", f"input {x} is e4m3 codes: pass their scales as x_scale")
+        return
+    n = _act_groups(x, act)
+    expect(x.dtype == "f8e4m3", f"with x_scale, input must be e4m3 codes, got {x}")
+    expect(x_scale.dtype == "f32" and len(x_scale.shape) == x.rank and
+           all(_same(p, q) for p, q in zip(x_scale.shape, (*x.shape[:-1], n))),
+           f"x_scale must be {f32(*x.shape[:-1], n)} (one scale per {act['group']} channels), got {x_scale}")
+
+
 def _linear_fp8(ins, st, a):
     x, w, scale, x_scale = ins
     expect(w.rank == 2 and _same(x.shape[-1], w.shape[1]), f"input {x} does not match weight {w} ([out, in])")
     _expect_fp8("weight", w, scale, a["block"], w.shape)
-    if x_scale is None:
-        expect(x.dtype != "f8e4m3", f"input {x} is e4m3 codes: pass their scales as x_scale")
-    else:
-        n = _act_groups(x, a["act"])
-        expect(x.dtype == "f8e4m3", f"with x_scale, input must be e4m3 codes, got {x}")
-        expect(x_scale.dtype == "f32" and len(x_scale.shape) == x.rank and
-               all(_same(p, q) for p, q in zip(x_scale.shape, (*x.shape[:-1], n))),
-               f"x_scale must be {f32(*x.shape[:-1], n)} (one scale per {a['act']['group']} channels), got {x_scale}")
+    _expect_codes(x, x_scale, a["act"])
     return [f32(*x.shape[:-1], w.shape[0])]
 
 
@@ -320,8 +325,9 @@ def _expect_expert(role: str, w: TensorType, scale: TensorType, fmt: str, block,
 
 
 def _moe_experts_q(ins, st, a):
-    x, weights, idx, gate_up, gate_up_scale, down, down_scale = ins
+    x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_scale = ins
     fmt, d = a["format"], x.shape[-1]
+    _expect_codes(x, x_scale, a.get("act_in") or {})
     expect(fmt in ("fp8", "fp4"), f"format {fmt!r}; allowed: fp8, fp4")
     expect(gate_up.rank == 3 and down.rank == 3, f"expert weights must be [experts, rows, cols], got {gate_up}, {down}")
     e, inter = gate_up.shape[0], down.shape[2] * (2 if fmt == "fp4" else 1)
@@ -359,8 +365,9 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("linear_fp8", ("x", "weight", "scale", "x_scale?"), _linear_fp8, attrs=("block", "act")),
     OpDef("grouped_linear_fp8", ("x", "weight", "scale"), _grouped_linear_fp8, attrs=("groups", "block", "act")),
     OpDef("embed_fp8", ("tokens", "weight", "scale"), _embed_fp8, attrs=("block",)),
-    OpDef("moe_experts_q", ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale"),
-          _moe_experts_q, attrs=("format", "block", "down_block", "act_in", "act_mid")),
+    OpDef("moe_experts_q",
+          ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale", "x_scale?"), _moe_experts_q,
+          attrs=("format", "block", "down_block", "act_in", "act_mid")),
 )}
 
 missing_kernels = set(OPS) - set(KERNELS)

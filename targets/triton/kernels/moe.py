@@ -362,21 +362,26 @@ def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_
     return config_switch("FP8_DOT", want, needs, name)
 
 
-def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=None, name):
+def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=None, a_scales=None, name):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
     cfg: the launch config (`_run_experts`). QUANT_ONCE ("auto": from 64 pairs on, with more
     than one N tile) quantizes dynamic activations once, one row of `a` at a time (gemm.act_quant), instead of
-    in every N tile of every pair: gate_up's input is then quantized once per token, not per (token, expert)."""
+    in every N tile of every pair: gate_up's input is then quantized once per token, not per (token, expert).
+    a_scales: `a` holds those codes already (uint8; the fuse pass's rms_norm_quant), with these scales
+    [rows of a, cdiv(K, SEG)] fp32."""
     swiglu = rows is not None
     fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], cfg["FP8_DOT"], name)
     if fp8_dot:
         weight = {**weight, "w_ptr": weight["w_ptr"].view(torch.uint8)}
     n_tiles = cdiv(out.shape[1], cfg["BLOCK_N"])
-    a_scales = a  # (an unused pointer)
-    if quant_once(cfg["QUANT_ONCE"], act["ACT"] == ACT_DYNAMIC, out.shape[0], n_tiles, name):
+    if a_scales is not None:
+        act = {**act, "ACT": ACT_CODES}
+    elif quant_once(cfg["QUANT_ONCE"], act["ACT"] == ACT_DYNAMIC, out.shape[0], n_tiles, name):
         codes, a_scales = act_quant(a.unsqueeze(1), act["SEG"], act["UE8M0"])
         a, act = codes.squeeze(1), {**act, "ACT": ACT_CODES}
+    else:
+        a_scales = a  # (an unused pointer)
     _experts_gemm_kernel[(tiles[0].numel(), n_tiles)](
         a, a_scales, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
         limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None,
@@ -384,9 +389,9 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config, into):
+def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config, into, x_scale=None):
     """Body of both expert launchers. gu / down: kernel weight arguments (`_weight`), already checked
-    against D = x.shape[-1] and the intermediate size `inter`."""
+    against D = x.shape[-1] and the intermediate size `inter`; x_scale: x holds act_in's codes (checked)."""
     cfg = launch_config(config, EXPERT_CONFIG, name,
                         at_least={k: 16 for k in EXPERT_CONFIG if k.startswith("BLOCK")})
     check_tensor("weights", weights, dtypes=FLOATS, contiguous=False)
@@ -410,16 +415,31 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     mid = torch.empty(tokens * k, inter, dtype=torch.float32, device=x.device)
     y = torch.empty(tokens * k, d, dtype=torch.float32, device=x.device)
     xf = x.reshape(tokens, d).contiguous()
-    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), cfg, rows=rows, limit=limit, name=name)
+    if x_scale is not None:
+        xf, x_scale = xf.view(torch.uint8), x_scale.reshape(tokens, -1).contiguous()
+    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), cfg, rows=rows, limit=limit, a_scales=x_scale,
+                  name=name)
     _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), cfg, pw=pw, name=name)
     _combine_kernel[(tokens, cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return res
 
 
-def _check_x(x, d, what):
-    check(isinstance(x, torch.Tensor) and x.dtype in FLOATS and x.dim() >= 1 and x.shape[-1] == d,
-          f"x: expected a float tensor (one of {list(FLOATS)}) with last dim {what} = {d}, got "
-          f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+def _check_x(x, d, what, codes=False):
+    dtypes = (torch.float8_e4m3fn,) if codes else FLOATS
+    check(isinstance(x, torch.Tensor) and x.dtype in dtypes and x.dim() >= 1 and x.shape[-1] == d,
+          f"x: expected {'e4m3 codes' if codes else 'a float tensor'} (one of {list(dtypes)}) with last dim {what} = "
+          f"{d}, got {getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+
+
+def _check_x_scale(x, x_scale, act) -> None:
+    """x_scale: fp32 [..., ceil(D/group)] over x's leading dims, for act mode dynamic (x: its e4m3 codes)."""
+    group = act.get("group") if act.get("mode") == "dynamic" else None
+    n_groups = cdiv(x.shape[-1], group) if isinstance(group, int) and group >= 1 else None
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), contiguous=False)
+    same_device(x=x, x_scale=x_scale)
+    if n_groups is None or tuple(x_scale.shape) != (*x.shape[:-1], n_groups):
+        raise ValueError(f"x_scale: expected fp32 {[*x.shape[:-1], n_groups]} (x's rows, one scale per act_in group) "
+                         f"with act_in mode dynamic, got shape {list(x_scale.shape)} and act_in {act!r}")
 
 
 def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_mid=None, config=None, into=None):
@@ -441,12 +461,14 @@ def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_
                         config=config, into=into)
 
 
-def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, *, format, block, down_block, act_in,
-                  act_mid, limit=None, config=None, into=None):
+def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_scale=None, *, format, block,
+                  down_block, act_in, act_mid, limit=None, config=None, into=None):
     """Routed experts over quantized weights, dequantized in the GEMMs. format "fp8": e4m3 gate_up
     [E, 2I, D] / down [E, D, I] with block scales [E, ceil(rows/bo), ceil(cols/bi)] (f32 or UE8M0;
     (bo, bi) = block / down_block); "fp4": int8 [E, rows, cols/2] with UE8M0 scales [E, rows, ceil(cols/32)]
-    (block ignored). Activations: act_in / act_mid as in runtime/quant.fake_quant_act. -> [..., D] f32."""
+    (block ignored). Activations: act_in / act_mid as in runtime/quant.fake_quant_act. -> [..., D] f32.
+    With x_scale (fp32 [..., ceil(D/group)], act_in dynamic), x is q_in(x) already: e4m3 codes, as
+    rms_norm_quant writes them; the gate_up GEMM reads the codes and their scales instead of quantizing x."""
     check(format in ("fp8", "fp4"), f"format {format!r}; supported: fp8, fp4")
     fp4 = format == "fp4"
     wtypes = (torch.int8, torch.uint8) if fp4 else (torch.float8_e4m3fn,)
@@ -457,7 +479,9 @@ def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, *, 
     e, two_i, d = gate_up.shape[0], gate_up.shape[1], gate_up.shape[2] * (2 if fp4 else 1)
     inter = two_i // 2
     check(two_i % 2 == 0, f"gate_up: rows must be 2*inter (gate then up), got {two_i}")
-    _check_x(x, d, "gate_up's D")
+    _check_x(x, d, "gate_up's D", codes=x_scale is not None)
+    if x_scale is not None:
+        _check_x_scale(x, x_scale, act_in)
     want = (e, d, inter // 2 if fp4 else inter)
     check(tuple(down.shape) == want and (not fp4 or inter % 2 == 0),
           f"down: expected shape {list(want)} for {format}, got {list(down.shape)}")
@@ -474,7 +498,7 @@ def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, *, 
     same_device(gate_up=gate_up, gate_up_scale=gate_up_scale, down=down, down_scale=down_scale)
     return _run_experts("moe_experts_q", x, weights, idx, _weight(gate_up, gate_up_scale, format, blocks[0]),
                         _weight(down, down_scale, format, blocks[1]), inter, limit=limit, act_in=act_in,
-                        act_mid=act_mid, config=config, into=into)
+                        act_mid=act_mid, config=config, into=into, x_scale=x_scale)
 
 
 LAUNCHERS = {"moe_experts": moe_experts, "moe_experts_q": moe_experts_q}
