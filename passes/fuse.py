@@ -19,13 +19,14 @@ that is every layer's three norms: `q_a_norm` (q_b_proj, and the indexer's in CS
 norm feeds lm_head, which the default skip list keeps unquantized: unfused.
 
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
-`rms_norm_quant` as one kernel and the GEMMs read the codes; the TVM target runs those steps as the
-runtime's torch kernels (it has no kernel for them), so leave this pass out of CPU builds.
+`rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
+(`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
+their own, which at decode sizes costs next to nothing against the weight reads.
 """
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from v4c.ir import Function, Instr, Module, ParamRef, Value
+from v4c.ir import Function, Instr, Module, ParamRef, TensorType, Value
 from v4c.ir.ops import OPS
 
 
@@ -119,3 +120,25 @@ def run(m: Module, options: Options, progress=None) -> Module:
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts}
     return out
+
+
+def unfuse(m: Module) -> tuple[Module, int]:
+    """The inverse rewrite, for a target whose FP8 kernels quantize their input in a first stage of their own and
+    take no codes (TVM: at decode sizes that stage costs next to nothing against the weight reads): every
+    rms_norm_quant back to rms_norm, its readers back to reading the norm's output. -> (module, norms unfused)."""
+    names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
+    body, norm_of = [], {}  # codes name -> the norm's output
+    for ins in m.func.body:
+        if ins.op == "rms_norm_quant":
+            codes, scales, *kept = ins.results
+            y = kept[0] if kept else Value(_fresh(names, f"{codes.name}.y"), TensorType(codes.type.shape, "f32"))
+            norm_of[codes.name] = (y, scales.name)
+            body.append(Instr("rms_norm", list(ins.operands), [y], {"eps": ins.attrs["eps"]}))
+            continue
+        x = ins.operands[0] if ins.operands else None
+        if isinstance(x, Value) and x.name in norm_of:
+            y, scales = norm_of[x.name]
+            assert ins.operands[-1].name == scales, f"{ins.op} reads codes {x.name} without their scales"
+            ins = Instr(ins.op, [y, *ins.operands[1:-1]], ins.results, dict(ins.attrs), list(ins.state))
+        body.append(ins)
+    return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of)

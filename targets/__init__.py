@@ -5,6 +5,7 @@ ignores the options it has no use for)."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from v4c.ir import Module
 from v4c.runtime.program import Program
 
 
@@ -13,6 +14,7 @@ class Lowered:
     program: Program
     files: dict[str, Path | bytes] = field(default_factory=dict)  # artifact path -> source file or contents
     manifest: dict = field(default_factory=dict)  # merged into the manifest's "target" entry
+    module: Module | None = None  # the module the program was lowered from, when the target rewrote it first
 
 
 def _torch(module, *, prefill_chunk: int, **_) -> Lowered:

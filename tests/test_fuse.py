@@ -1,6 +1,7 @@
 """The fuse pass: a norm quantizes its output once for the FP8 projections and routed experts that
-read it (rms_norm_quant + linear_fp8 / moe_experts_q reading e4m3 codes and their scales). The torch target's numbers are
-bit-for-bit those of the unfused module; the rule applies only where every reader allows it."""
+read it (rms_norm_quant + linear_fp8 / moe_experts_q reading e4m3 codes and their scales). The torch
+target's numbers are bit-for-bit those of the unfused module; the rule applies only where every reader
+allows it. `unfuse` (the TVM target's inverse rewrite) gives the plain program back."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from conftest import tokens
 from v4c.frontend import import_checkpoint
 from v4c.interpret import interpret
 from v4c.ir import OPS, IRTypeError, Instr, ParamRef, TensorType, parse_module, print_module, verify
+from v4c.passes.fuse import unfuse
 from v4c.pipeline import run_pipeline
 from v4c.runtime.kernels.basic import rms_norm
 from v4c.runtime.kernels.quantized import linear_fp8, moe_experts_q, rms_norm_quant
@@ -135,7 +137,8 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
         weights |= {r.operands[1 if r.op == "linear_fp8" else 3].name for r, _ in uses}
         if y:  # kept: the norm's own output, read by what takes it unquantized
             assert y[0].type == TensorType(codes.type.shape, "f32")
-            assert readers[y[0].name] and not any(r.op in ("linear_fp8", "moe_experts_q") for r, _ in readers[y[0].name])
+            assert readers[y[0].name]
+            assert not any(r.op in ("linear_fp8", "moe_experts_q") for r, _ in readers[y[0].name])
     # with skip: [], every layer's input norm and q_a_norm (all readers FP8), its post-attention norm (the
     # shared expert and the routed experts; the router reads y) and the final norm (lm_head)
     assert len(norms) == 3 * layers + 1 and len(kept) == layers
@@ -196,3 +199,17 @@ def test_fuse_needs_one_activation_format_among_the_readers(module):
     norm = ins.operands[0].name  # the q_a_norm whose readers now differ: kept
     assert any(r.name == norm for x in fused.func.body if x.op == "rms_norm" for r in x.results)
     assert fused.counters["fuse"]["norm_quant"] == _fp8(module, "fuse").counters["fuse"]["norm_quant"] - 1
+
+
+def test_unfuse_gives_back_the_plain_program(module):
+    """The TVM target's inverse rewrite: each rms_norm_quant back to rms_norm and its readers to the norm's output;
+    the ops and operand counts are the unfused module's, and so are the logits."""
+    plain, fused = _fp8(module), _fp8(module, "fuse")
+    back, n = unfuse(fused)
+    verify(back)
+    assert n == fused.counters["fuse"]["norm_quant"] > 0
+    assert [(i.op, len(i.operands), len(i.results)) for i in back.func.body] == \
+        [(i.op, len(i.operands), len(i.results)) for i in plain.func.body]
+    assert unfuse(plain)[1] == 0
+    ids = tokens(1, 24, seed=5)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(back, prefill_chunk=16).forward(ids))

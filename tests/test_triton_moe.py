@@ -229,7 +229,8 @@ def test_experts_reading_codes_are_checked():
     cases = [
         (lambda: moe_experts_q(codes, weights, idx, *q, **kw), "^x: expected a float"),  # codes need their scales
         (lambda: moe_experts_q(codes.float(), weights, idx, *q, scales, **kw), "^x: expected e4m3 codes"),
-        (lambda: moe_experts_q(codes, weights, idx, *q, torch.ones(1, 3, 3), **kw), r"^x_scale: expected fp32 \[1, 3, 2\]"),
+        (lambda: moe_experts_q(codes, weights, idx, *q, torch.ones(1, 3, 3), **kw),
+         r"^x_scale: expected fp32 \[1, 3, 2\]"),
         (lambda: moe_experts_q(codes, weights, idx, *q, scales.double(), **kw), "^x_scale: dtype"),
         (lambda: moe_experts_q(codes, weights, idx, *q, scales, **{**kw, "act_in": STATIC}), "act_in mode dynamic"),
     ]

@@ -53,6 +53,8 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
                                    decode_batch=min(spec.kv.concurrency, DECODE_BATCH), tvm_target=spec.tvm_target,
                                    progress=progress)
     program = lowered.program
+    if lowered.module is not None:  # the target rewrote the module before lowering it (tvm: the fuse pass undone)
+        module = lowered.module
     extra = {f"tokenizer/{f.name}": f for f in ckpt.tokenizer_files}
     extra.update(lowered.files)
     plan = module.plans["memory"]

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from v4c.ir import Module
+from v4c.passes import fuse, memory_plan
 from v4c.runtime.errors import V4CError
 from v4c.runtime.tvm_kernels import SPEC, SPEC_FORMAT, cpu_features
 from v4c.targets import Lowered
@@ -28,8 +29,6 @@ EXPERTS = ("moe_experts", "moe_experts_q")
 ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512dq", "avx512bw",
              "avx512vl", "avx512cd", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512vbmi", "asimd", "sve")
 WHY_TORCH = "no TVM kernel for this op yet (it runs as the runtime's torch kernel)"
-WHY_PREQUANT = ("its input is pre-quantized e4m3 codes (the fuse pass's rms_norm_quant), which the TVM GEMMs "
-                "and experts do not read: leave `fuse` out of a CPU build")
 
 
 def _gemm_signature(program, step) -> tuple | None:
@@ -247,6 +246,13 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     from . import gemv
     import tvm
 
+    # the fuse pass's e4m3 codes: these kernels take float inputs and quantize them in a first stage of their own
+    module, unfused = fuse.unfuse(module)
+    if unfused:
+        module = memory_plan.run(module, memory_plan.Options())
+        if progress:
+            progress(f"tvm: {unfused} norms quantizing for their readers (the fuse pass) back to rms_norm: these "
+                     "kernels quantize their own input")
     program = torch_lower(module, prefill_chunk=prefill_chunk)
     tgt = host_target(target)
     steps, torch_ops, funcs, names = {}, {}, [], {}
@@ -264,9 +270,6 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
         if step.kernel == "reshape":
             continue
         try:
-            if (step.kernel, len(step.inputs)) in (("linear_fp8", 4), ("moe_experts_q", 8)):  # x_scale: x is codes
-                torch_ops.setdefault(step.kernel, WHY_PREQUANT)
-                continue
             if step.kernel in GEMMS and (sig := _gemm_signature(program, step)) is not None:
                 n, groups = sig[1]["n"], sig[1]["groups"]
                 steps[str(i)] = {"call": "gemm", "n": n // groups, "k": sig[1]["k"], "groups": groups,
@@ -306,7 +309,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     triple = tgt.get("mtriple") or codegen.llvm_get_system_triple()
     spec = {"format": SPEC_FORMAT, "tvm": tvm.__version__, "library": LIBRARY, "target": tgt, "triple": triple,
             "machine": platform.machine(), "cpu_features": sorted(f for f in ISA_FLAGS if f in have),
-            "torch_ops": torch_ops, "steps": steps}
+            "torch_ops": torch_ops, "steps": steps, "unfused_norms": unfused}
     try:
         import tvm_ffi
         spec["tvm_ffi"] = tvm_ffi.__version__
@@ -316,4 +319,4 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     manifest = {"toolchain": {"tvm": tvm.__version__, "llvm": codegen.llvm_version_major()},
                 "tvm": {"target": tgt, "triple": triple, "machine": spec["machine"], "kernels": len(funcs),
                         "tvm_steps": len(steps), "torch_ops": sorted(torch_ops)}}
-    return Lowered(program, files, manifest)
+    return Lowered(program, files, manifest, module=module if unfused else None)
