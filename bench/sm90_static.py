@@ -269,11 +269,12 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     """The FP8 grouped expert GEMM at V4-Flash's expert shapes (D 4096, moe_intermediate 2048, 128x128 blocks,
     top-6), decode (16 tokens) and prefill (4096): 16 experts stand in for 256 (the GEMMs' code does not
     depend on their number) and the weights are zero codes, since nothing runs; and the decode pair bookkeeping
-    (moe._pairs) over 256 experts."""
+    (pairs.sort_pairs) over 256 experts."""
     from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
 
     from v4c.targets.triton.configs import heuristic
-    from v4c.targets.triton.kernels.moe import _pairs, moe_experts_q
+    from v4c.targets.triton.kernels.moe import moe_experts_q
+    from v4c.targets.triton.kernels.pairs import sort_pairs
     experts, top = 16, 6
     two_i, d = FLASH_GEMMS["expert_gate_up"]
     inter = two_i // 2
@@ -294,11 +295,13 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     # with act_quant's launch)
     from v4c.runtime.kernels.quantized import rms_norm_quant  # (the reference's codes: only the experts compile)
     cfg = heuristic("moe_experts_q")[0]["config"]
-    for m in (4, DECODE_TOKENS[0]):
+    for m, forms in ((4, ("fp32 x", "e4m3 codes")), (DECODE_TOKENS[0], ("e4m3 codes",))):
         x, w = torch.randn(m, d), torch.rand(m, top)
         idx = torch.stack([torch.randperm(experts)[:top] for _ in range(m)])
-        codes = rms_norm_quant(x, torch.ones(d), eps=1e-6, group=ACT["group"], scale_format=ACT["scale_format"])
-        for what, xs in (("fp32 x", (x,)), ("e4m3 codes", codes))[1 if m == DECODE_TOKENS[0] else 0:]:
+        inputs = {"fp32 x": (x,), "e4m3 codes": rms_norm_quant(x, torch.ones(d), eps=1e-6, group=ACT["group"],
+                                                               scale_format=ACT["scale_format"])}
+        for what in forms:
+            xs = inputs[what]
             out.append({"case": f"moe_experts_q fp8 d={d} inter={inter} top={top} m={m} ({what})", "config": cfg,
                         "call": lambda xs=xs, w=w, idx=idx: moe_experts_q(
                             xs[0], w, idx, gate_up, scales[0], down, scales[1], *xs[1:], format="fp8",
@@ -306,7 +309,7 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     for m in (DECODE_TOKENS[0], 256):  # the decode bookkeeping over V4-Flash's 256 experts (its code does depend)
         idx = torch.stack([torch.randperm(256)[:top] for _ in range(m)])
         out.append({"case": f"moe pairs experts=256 top={top} m={m}", "config": {},
-                    "call": lambda idx=idx: _pairs(idx, torch.rand(idx.shape), 256, 16)})
+                    "call": lambda idx=idx: sort_pairs(idx, torch.rand(idx.shape), 256, 16)})
     return out
 
 

@@ -19,7 +19,7 @@ from v4c.runtime.artifact import open_artifact
 from v4c.runtime.errors import InputError
 from v4c.runtime.executor import Session, _Segment
 from v4c.runtime.kernelset import triton_kernels
-from v4c.targets.triton.kernels import moe
+from v4c.targets.triton.kernels import pairs as pairs_mod
 
 
 @pytest.fixture(scope="module")
@@ -238,14 +238,14 @@ def test_graphs_need_a_cuda_device(fp8_build):
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("pairs,experts,bm", [(1, 8, 16), (6, 64, 16), (37, 5, 4), (64, 8, 16), (200, 64, 16)])
 def test_the_fixed_size_expert_tiles_cover_every_pair_once(pairs, experts, bm, path):
-    """The experts' pair bookkeeping (moe._pairs; decode sizes in one kernel, more pairs with torch ops): pairs
+    """The experts' pair bookkeeping (pairs.sort_pairs; decode sizes in one kernel, more pairs with torch ops): pairs
     sorted stably by expert, each in exactly one tile of its expert, and no more working tiles than needed."""
     g = torch.Generator().manual_seed(pairs)
     flat = torch.randint(0, experts, (pairs,), generator=g)
     weights = torch.rand(pairs, generator=g)
-    pairs_of = moe._pairs if path == "kernel" else moe._pairs_torch
+    pairs_of = pairs_mod.sort_pairs if path == "kernel" else pairs_mod.sort_pairs_torch
     rows, pw, slot_rows, (tile_e, lo, hi) = pairs_of(flat.view(pairs, 1), weights.view(pairs, 1), experts, bm)
-    assert tile_e.numel() == moe.max_tiles(pairs, experts, bm)
+    assert tile_e.numel() == pairs_mod.max_tiles(pairs, experts, bm)
     order = flat.sort(stable=True).indices
     assert torch.equal(rows.long(), order) and torch.equal(pw, weights[order])  # k = 1: a pair's token is itself
     assert torch.equal(order[slot_rows.view(-1).long()], torch.arange(pairs))
@@ -271,8 +271,8 @@ def test_the_pairs_kernel_equals_the_torch_bookkeeping(tokens, k, experts, bm, i
     else:
         idx = torch.randint(0, experts, (tokens, k), generator=g)
     weights = torch.rand(tokens, k, generator=g).to(torch.bfloat16)
-    assert tokens * k <= moe.PAIRS_KERNEL_MAX
-    got, want = moe._pairs(idx, weights, experts, bm), moe._pairs_torch(idx, weights, experts, bm)
+    assert tokens * k <= pairs_mod.PAIRS_KERNEL_MAX
+    got, want = pairs_mod.sort_pairs(idx, weights, experts, bm), pairs_mod.sort_pairs_torch(idx, weights, experts, bm)
     for a, b in zip((*got[:3], *got[3]), (*want[:3], *want[3])):
         assert a.dtype == b.dtype and torch.equal(a, b)
 

@@ -57,8 +57,8 @@ def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_s
         return (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
                 _dequant_expert(down[e], down_scale[e], format, down_block))
 
-    if x_scale is not None:
-        return run_experts(dequant_groups(x, x_scale, act_in["group"]), weights, idx, expert, limit=limit,
-                           quant_mid=lambda t: fake_quant_act(t, act_mid))
-    return run_experts(x, weights, idx, expert, limit=limit, quant_in=lambda t: fake_quant_act(t, act_in),
+    quant_in = lambda t: fake_quant_act(t, act_in)  # noqa: E731
+    if x_scale is not None:  # x is q_in(x) already
+        x, quant_in = dequant_groups(x, x_scale, act_in["group"]), None
+    return run_experts(x, weights, idx, expert, limit=limit, quant_in=quant_in,
                        quant_mid=lambda t: fake_quant_act(t, act_mid))

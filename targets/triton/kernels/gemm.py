@@ -345,6 +345,19 @@ def grouped_linear(x, weight, *, groups, config=None, into=None):
     return y
 
 
+def check_x_scale(x, x_scale, act, act_name: str) -> int:
+    """x_scale: the fp32 group scales [..., cdiv(K, group)] of x's e4m3 codes (rms_norm_quant's) over x's leading
+    dims, for `act` (the reader's activation quantization, named act_name) in mode dynamic. -> the group count."""
+    group = act.get("group") if isinstance(act, dict) and act.get("mode") == "dynamic" else None
+    n_groups = cdiv(x.shape[-1], group) if isinstance(group, int) and group >= 1 else None
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), contiguous=False)
+    same_device(x=x, x_scale=x_scale)
+    if n_groups is None or tuple(x_scale.shape) != (*x.shape[:-1], n_groups):
+        raise ValueError(f"x_scale: expected fp32 {[*x.shape[:-1], n_groups]} (x's rows, one scale per {act_name} "
+                         f"group) with {act_name} mode dynamic, got shape {list(x_scale.shape)} and {act_name} {act!r}")
+    return n_groups
+
+
 def linear_fp8(x, weight, scale, x_scale=None, *, block, act, config=None, into=None):
     """x [..., K], weight e4m3 [N, K] with block scales [ceil(N/bo), ceil(K/bi)] (fp32 or UE8M0)
     -> fp32 [..., N] = q(x) dq(W)^T, dq(W)[n, k] = W[n, k] * scale[n // bo, k // bi], q = `act`.
@@ -355,14 +368,7 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act, config=None, into=
     lead, k = x.shape[:-1], x.shape[-1]
     x_scale3 = None
     if x_scale is not None:  # (act itself is checked by _gemm)
-        group = act.get("group") if isinstance(act, dict) and act.get("mode") == "dynamic" else None
-        n_groups = cdiv(k, group) if isinstance(group, int) and group >= 1 else None
-        check_tensor("x_scale", x_scale, dtypes=(torch.float32,), contiguous=False)
-        same_device(x=x, x_scale=x_scale)
-        if n_groups is None or tuple(x_scale.shape) != (*lead, n_groups):
-            raise ValueError(f"x_scale: expected fp32 {[*lead, n_groups]} (x's rows, one scale per act group) with "
-                             f"act mode dynamic, got shape {list(x_scale.shape)} and act {act!r}")
-        x_scale3 = x_scale.reshape(-1, 1, n_groups)
+        x_scale3 = x_scale.reshape(-1, 1, check_x_scale(x, x_scale, act, "act"))
     y, y3 = _result(into, (*lead, weight.shape[0]), 1, x.device)
     _gemm("linear_fp8", x.reshape(-1, 1, k), weight, y3, scale, bo_bi, act, config, x_scale3)
     return y

@@ -3,7 +3,7 @@ runtime/kernels/moe.py (moe_experts) and runtime/kernels/quantized.py (moe_exper
 outputs. The routers (route_topk, route_hash) are in router.py.
 
 Experts: a grouped GEMM over the P = T*k (token, slot) pairs, sorted by expert on the device (stable:
-each expert's pairs stay in (token, slot) order; at decode sizes by one kernel, _pairs_kernel) and cut into
+each expert's pairs stay in (token, slot) order; pairs.py, at decode sizes one kernel) and cut into
 tiles of <= BLOCK_M pairs of one expert:
   gate_up  grid (tiles, I tiles)  mid[p] = swiglu(q_in(x[tok p]) W_gu[e p]^T)       [P, I]
   down     grid (tiles, D tiles)  y[p] = w[p] * q_mid(mid[p]) W_down[e p]^T          [P, D]
@@ -24,7 +24,8 @@ import triton.language as tl
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, cdiv, check, check_tensor, config_switch, decode_scale, e2m1_value,
                      fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
                      result, same_device, swiglu_value, to_e4m3)
-from .gemm import act_quant, quant_once
+from .gemm import act_quant, check_x_scale, quant_once
+from .pairs import sort_pairs
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
@@ -202,60 +203,6 @@ def _combine_kernel(y_ptr, slot_rows_ptr, out_ptr, D, K: tl.constexpr, BD: tl.co
     tl.store(out_ptr + t.to(tl.int64) * D + d, acc, mask=d < D)
 
 
-@triton.jit
-def _pair_ids(idx_ptr, t0, T, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
-    """Expert ids of tokens t0 .. t0+BT-1 -> ([BT, KP] ids, -1 past T and K; [BT] tokens; [BT, KP] mask)."""
-    tok = t0 + tl.arange(0, BT)
-    j = tl.arange(0, KP)
-    mask = (tok[:, None] < T) & (j[None, :] < K)
-    ids = tl.load(idx_ptr + tok[:, None].to(tl.int64) * K + j[None, :], mask=mask, other=-1).to(tl.int32)
-    return ids, tok, mask
-
-
-@triton.jit
-def _pairs_kernel(idx_ptr, w_ptr, rows_ptr, pw_ptr, slot_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, T, E, n_tiles,
-                  bm, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BTL: tl.constexpr):
-    """The grouped GEMMs' pair bookkeeping in one program (_pairs): pairs p = t*K + j sorted by expert, stably,
-    as a counting sort. Pass 1 counts each expert's pairs; the tiles follow from the counts; pass 2 gives each
-    pair its sorted position pos = start of its expert + pairs of that expert before it, and scatters
-    rows[pos] = t, pw[pos] = w[p], and slot[t, rank of pos among t's] = pos (ascending = by expert)."""
-    experts = tl.arange(0, BE)
-    counts = tl.zeros([BE], dtype=tl.int32)
-    for t0 in range(0, T, BT):
-        ids, _, _ = _pair_ids(idx_ptr, t0, T, K, KP, BT)
-        hit = tl.reshape(ids, [BT * KP])[:, None] == experts[None, :]
-        counts += tl.sum(hit.to(tl.int32), axis=0)
-    starts = tl.cumsum(counts, axis=0) - counts
-    per = (counts + bm - 1) // bm  # tiles of each expert
-    ends = tl.cumsum(per, axis=0)  # tiles up to each expert's end
-    for t0 in range(0, n_tiles, BTL):
-        t = t0 + tl.arange(0, BTL)
-        te = tl.sum(((ends[None, :] <= t[:, None]) & (experts[None, :] < E)).to(tl.int32), axis=1)  # its expert
-        used = te < E  # E: past the last expert's tile
-        sel = experts[None, :] == tl.minimum(te, E - 1)[:, None]
-        first = tl.sum(tl.where(sel, ends - per, 0), axis=1)  # the expert's first tile
-        start = tl.sum(tl.where(sel, starts, 0), axis=1)
-        lo = tl.where(used, start + (t - first) * bm, 0)
-        hi = tl.where(used, start + tl.sum(tl.where(sel, counts, 0), axis=1), 0)
-        tl.store(tile_e_ptr + t, tl.minimum(te, E - 1), mask=t < n_tiles)
-        tl.store(tile_lo_ptr + t, lo, mask=t < n_tiles)
-        tl.store(tile_hi_ptr + t, hi, mask=t < n_tiles)
-    seen = tl.zeros([BE], dtype=tl.int32)
-    for t0 in range(0, T, BT):
-        ids, tok, mask = _pair_ids(idx_ptr, t0, T, K, KP, BT)
-        hit = (tl.reshape(ids, [BT * KP])[:, None] == experts[None, :]).to(tl.int32)
-        rank = tl.cumsum(hit, axis=0)  # 1-based rank among this block's pairs of the same expert
-        pos = tl.sum(hit * ((starts + seen)[None, :] + rank - 1), axis=1)
-        seen += tl.sum(hit, axis=0)
-        pos = tl.reshape(pos, [BT, KP])
-        pairs = tok[:, None].to(tl.int64) * K + tl.arange(0, KP)[None, :]
-        tl.store(rows_ptr + pos, tl.broadcast_to(tok[:, None], [BT, KP]), mask=mask)
-        tl.store(pw_ptr + pos, tl.load(w_ptr + pairs, mask=mask, other=0.0).to(tl.float32), mask=mask)
-        below = (pos[:, None, :] < pos[:, :, None]) & mask[:, None, :]  # [t, j, j']: pair j' of t sorts before j
-        slot = tl.sum(below.to(tl.int32), axis=2)
-        tl.store(slot_ptr + tok[:, None].to(tl.int64) * K + slot, pos, mask=mask)
-
-
 # --- host glue -----------------------------------------------------------------------------------
 def _act(name, act, k, block_k):
     """Activation fake-quant dict (None = none) -> the kernels' operand-path arguments for K = k:
@@ -288,64 +235,6 @@ def _weight(w, scale, fmt, block):
     return {"w_ptr": w.view(torch.uint8) if fmt == "fp4" else w, "s_ptr": s, "s_rows": scale.shape[1],
             "s_cols": scale.shape[2], "WFMT": W_FP4 if fmt == "fp4" else W_FP8, "SCALE_E8M0": s.dtype == torch.uint8,
             "BO": block[0], "BI": block[1]}
-
-
-PAIRS_KERNEL_MAX = 2048  # pairs up to which _pairs_kernel does the bookkeeping (one program; decode sizes)
-
-
-def _pairs(idx, weights, n_experts, bm):
-    """The grouped GEMMs' bookkeeping of the T*k (token, slot) pairs of idx / weights [T, k], sorted by expert
-    (stable: each expert's pairs stay in (token, slot) order) and cut into tiles of <= bm pairs of one expert:
-    -> rows [P] (each sorted pair's token), pw [P] (its routing weight, fp32), slot_rows [T, k] (each token's
-    sorted pairs, ascending = by expert), and per tile its expert, first pair and the end of its expert's run
-    (int32). Fixed shapes, no host reads (so a launch neither waits for the GPU nor changes between CUDA-graph
-    replays): max_tiles(P, E, bm) tiles, the ones past the last expert's empty (first pair = end = 0).
-    Up to PAIRS_KERNEL_MAX pairs (a decode step) one kernel does it all (_pairs_kernel), else torch ops
-    (_pairs_torch: a device sort, ~30 small kernels)."""
-    tokens, k = idx.shape
-    if tokens * k > PAIRS_KERNEL_MAX:
-        return _pairs_torch(idx, weights, n_experts, bm)
-    dev, n_tiles = idx.device, max_tiles(tokens * k, n_experts, bm)
-    rows = torch.empty(tokens * k, dtype=torch.int32, device=dev)
-    pw = torch.empty(tokens * k, dtype=torch.float32, device=dev)
-    slot_rows = torch.empty(tokens, k, dtype=torch.int32, device=dev)
-    tiles = tuple(torch.empty(n_tiles, dtype=torch.int32, device=dev) for _ in range(3))
-    kp, be = next_pow2(k), max(16, next_pow2(n_experts))
-    bt = max(1, min(next_pow2(tokens), 8192 // (kp * be)))  # a [pairs, experts] one-hot of <= 8192
-    _pairs_kernel[(1,)](idx, weights, rows, pw, slot_rows, *tiles, tokens, n_experts, n_tiles, bm, K=k, KP=kp,
-                        BT=bt, BE=be, BTL=max(1, min(next_pow2(n_tiles), 8192 // be)))
-    return rows, pw, slot_rows, tiles
-
-
-def _pairs_torch(idx, weights, n_experts, bm):
-    """_pairs with torch ops, for many pairs (prefill)."""
-    tokens, k = idx.shape
-    flat_idx = idx.reshape(-1).long()
-    n_tiles = max_tiles(flat_idx.numel(), n_experts, bm)
-    order = torch.sort(flat_idx, stable=True).indices
-    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_idx.device).scatter_add_(
-        0, flat_idx, torch.ones_like(flat_idx))  # not bincount: it reads the largest id on the host
-    per = (counts + bm - 1) // bm
-    ends = torch.cumsum(per, 0)  # tiles before each expert's end
-    t = torch.arange(n_tiles, device=flat_idx.device)
-    tile_e = torch.searchsorted(ends, t, right=True)  # n_experts past the last tile
-    used = tile_e < n_experts
-    tile_e = tile_e.clamp_(max=n_experts - 1)
-    nth = t - (ends - per)[tile_e]
-    starts = torch.cumsum(counts, 0) - counts
-    lo = torch.where(used, starts[tile_e] + nth * bm, 0)
-    hi = torch.where(used, starts[tile_e] + counts[tile_e], 0)
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=order.device)
-    slot_rows = pos.view(tokens, k).sort(dim=1).values.int()
-    pw = weights.reshape(-1).float()[order].contiguous()
-    return (order // k).int(), pw, slot_rows, (tile_e.int(), lo.int(), hi.int())
-
-
-def max_tiles(pairs: int, n_experts: int, bm: int) -> int:
-    """Tiles of <= bm pairs of one expert that P pairs over E experts can need: sum_e ceil(c_e / bm) <=
-    ceil(P / bm) + min(E, P) (each expert with pairs adds at most one partial tile)."""
-    return cdiv(pairs, bm) + min(n_experts, pairs)
 
 
 def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_q") -> bool:
@@ -410,8 +299,8 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     if host_values(idx):  # on a GPU this read would wait for it; the runtime's routers emit ids in range
         check(0 <= int(idx.min()) and int(idx.max()) < n_experts, f"idx: expert ids must be in [0, {n_experts})")
     bk, bd = cfg["BLOCK_K"], cfg["BLOCK_D"]
-    rows, pw, slot_rows, tiles = _pairs(idx.reshape(tokens, k).contiguous(), weights.reshape(tokens, k).contiguous(),
-                                        n_experts, cfg["BLOCK_M"])
+    rows, pw, slot_rows, tiles = sort_pairs(idx.reshape(tokens, k).contiguous(),
+                                            weights.reshape(tokens, k).contiguous(), n_experts, cfg["BLOCK_M"])
     mid = torch.empty(tokens * k, inter, dtype=torch.float32, device=x.device)
     y = torch.empty(tokens * k, d, dtype=torch.float32, device=x.device)
     xf = x.reshape(tokens, d).contiguous()
@@ -429,17 +318,6 @@ def _check_x(x, d, what, codes=False):
     check(isinstance(x, torch.Tensor) and x.dtype in dtypes and x.dim() >= 1 and x.shape[-1] == d,
           f"x: expected {'e4m3 codes' if codes else 'a float tensor'} (one of {list(dtypes)}) with last dim {what} = "
           f"{d}, got {getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-
-
-def _check_x_scale(x, x_scale, act) -> None:
-    """x_scale: fp32 [..., ceil(D/group)] over x's leading dims, for act mode dynamic (x: its e4m3 codes)."""
-    group = act.get("group") if act.get("mode") == "dynamic" else None
-    n_groups = cdiv(x.shape[-1], group) if isinstance(group, int) and group >= 1 else None
-    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), contiguous=False)
-    same_device(x=x, x_scale=x_scale)
-    if n_groups is None or tuple(x_scale.shape) != (*x.shape[:-1], n_groups):
-        raise ValueError(f"x_scale: expected fp32 {[*x.shape[:-1], n_groups]} (x's rows, one scale per act_in group) "
-                         f"with act_in mode dynamic, got shape {list(x_scale.shape)} and act_in {act!r}")
 
 
 def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_mid=None, config=None, into=None):
@@ -481,7 +359,7 @@ def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_s
     check(two_i % 2 == 0, f"gate_up: rows must be 2*inter (gate then up), got {two_i}")
     _check_x(x, d, "gate_up's D", codes=x_scale is not None)
     if x_scale is not None:
-        _check_x_scale(x, x_scale, act_in)
+        check_x_scale(x, x_scale, act_in, "act_in")
     want = (e, d, inter // 2 if fp4 else inter)
     check(tuple(down.shape) == want and (not fp4 or inter % 2 == 0),
           f"down: expected shape {list(want)} for {format}, got {list(down.shape)}")
