@@ -55,6 +55,7 @@ SASS_CLASSES = {  # SASS opcode prefix -> what it is
     "LDL": "spill loads", "STL": "spill stores",
     "LDS": "shared loads", "LDSM": "shared matrix loads", "STS": "shared stores", "HMMA": "mma (bf16/tf32)",
     "HGMMA": "wgmma (bf16/tf32)", "QGMMA": "wgmma (fp8)", "QMMA": "mma (fp8)", "IMMA": "mma (int)",
+    "ATOMG": "global atomics", "MEMBAR": "memory fences (a release)", "CCTL": "L1 invalidations (an acquire)",
 }
 
 

@@ -133,6 +133,13 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     assert len(experts) == 2  # gate_up and down
     for r in experts:
         assert r["constexprs"]["ACT"] == 3 and r["constexprs"]["FP8_DOT"] is True and r["sass"].get("QGMMA", 0) > 0, r
+    # a decode GEMM splits K over the SMs and its last program per tile adds the partial sums (no torch.sum): one
+    # thread counts arrivals with a GPU-scope fence before (MEMBAR: the partial sums are released) and an L1
+    # invalidation after (CCTL: the last program reads the others' sums), and zeroes the counter (2 atomics)
+    split = next(r for r in rows if r["kernel"] == "_gemm_kernel" and r["case"].endswith("expert_gate_up n=4096 "
+                                                                                          "k=4096 m=16"))
+    assert split["constexprs"]["SPLIT"] > 1 and split["constexprs"]["SUM_IN_KERNEL"] is True, split
+    assert split["sass"].get("ATOMG") == 2 and split["sass"].get("MEMBAR", 0) >= 1 and split["sass"].get("CCTL"), split
     attn = next(r for r in rows if r["kernel"] == "_attention_kernel")
     assert attn["constexprs"]["DOT"] == "bf16" and attn["constexprs"]["NATIVE"] is True  # decided as on a GPU
     assert attn["sass"].get("HMMA", 0) + attn["sass"].get("HGMMA", 0) > 0  # tensor-core dots

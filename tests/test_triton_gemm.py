@@ -233,6 +233,45 @@ def test_split_k_and_both_dots(act, split):
     close(linear(x, wf, config={"BLOCK_K": 32, "SPLIT_K": split}), ref_linear(x, wf), wf.dtype)
 
 
+@pytest.mark.parametrize("groups,m,split", [(1, 5, 3), (2, 19, 4), (3, 1, 2)])
+def test_split_k_sums_in_the_kernel(groups, m, split):
+    """SUM_IN_KERNEL (the default wherever split-K applies): the last program of each output tile adds the
+    partial sums in split order, which gives the torch.sum path's result bit for bit, with one launch less, over
+    several M, N and group tiles; the arrival counters are left zero for the next launch. The interpreter runs
+    the programs one after another, so a program that summed before the last split arrived would read the
+    partial sums' uninitialized memory."""
+    k, n = 160, 33
+    x = randn(m, groups, k, seed=30) * 2
+    w, s = fp8_weight(groups * n, k, [16, 32], "fp32", seed=31)
+    act = {"mode": "dynamic", "group": 32}
+    ref = ref_grouped_linear_fp8(x, w, s, groups=groups, block=[16, 32], act=act)
+    runs = {}
+    for in_kernel in (True, False, "auto"):
+        config = {"BLOCK_K": 32, "BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": split, "SUM_IN_KERNEL": in_kernel}
+        runs[in_kernel] = grouped_linear_fp8(x, w, s, groups=groups, block=[16, 32], act=act, config=config)
+        close(runs[in_kernel], ref, w.dtype)
+    assert torch.equal(runs[True], runs[False]) and torch.equal(runs["auto"], runs[True])
+    assert not gemm_module.tile_counters(x.device, 1).any()
+    wf = randn(groups * n, k, seed=32, dtype=torch.bfloat16)
+    y = grouped_linear(x, wf, groups=groups, config={"BLOCK_K": 32, "SPLIT_K": split, "SUM_IN_KERNEL": True})
+    close(y, ref_grouped_linear(x, wf, groups=groups), wf.dtype)
+
+
+def test_split_k_sum_in_the_kernel_needs_its_counters(monkeypatch):
+    """More output tiles than there are arrival counters: SUM_IN_KERNEL true names why it cannot, 'auto' adds the
+    partial sums with torch.sum instead (the same result)."""
+    from v4c.targets.triton.kernels import common
+    x, w = randn(40, 64, seed=33), randn(48, 64, seed=34)
+    config = {"BLOCK_K": 16, "BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2}
+    expected = linear(x, w, config={**config, "SUM_IN_KERNEL": False})
+    monkeypatch.setattr(common, "TILE_COUNTERS", 8)  # 3 x 3 tiles here
+    with pytest.raises(ValueError, match=r"SUM_IN_KERNEL.*at most 8 output tiles \(9 here\)"):
+        linear(x, w, config={**config, "SUM_IN_KERNEL": True})
+    assert torch.equal(linear(x, w, config=config), expected)
+    with pytest.raises(ValueError, match="SUM_IN_KERNEL"):
+        linear(x, w, config={"SUM_IN_KERNEL": "yes"})
+
+
 def test_fp8_dot_takes_only_what_it_can():
     x = randn(3, 64, seed=28)
     w, s = fp8_weight(16, 64, [1, 32], "fp32", seed=29)

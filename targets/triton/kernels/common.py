@@ -155,7 +155,7 @@ def _is_pow2(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
 
 
-SWITCHES = ("FP8_DOT", "QUANT_ONCE")  # config keys that take 'auto', true or false (config_switch)
+SWITCHES = ("FP8_DOT", "QUANT_ONCE", "SUM_IN_KERNEL")  # config keys that take 'auto', true or false (config_switch)
 _CONFIGS: dict = {}  # validated configs by (name, config, defaults, at_least): a launch validates a config once
 
 
@@ -242,6 +242,25 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return _device_fact(device, "SMs", lambda: torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+# Arrival counters of split-K programs (gemm's SUM_IN_KERNEL): per device, int32 zeros that every launch leaves zero.
+# One fixed buffer, never replaced, because a captured CUDA graph keeps its address; kernels on one device share
+# it, so they must not run concurrently on two streams (the runtime runs one stream).
+TILE_COUNTERS = 1 << 16
+_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's arrival counters, if `tiles` fit (TILE_COUNTERS) and they exist or can be made now: never
+    while a CUDA graph is being captured (it would own their memory), so a launch captured before any eager one
+    gets None."""
+    counters = _COUNTERS.get(device)
+    if counters is None and tiles <= TILE_COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
+    return counters if tiles <= TILE_COUNTERS else None
 
 
 def config_switch(key: str, want, needs, name: str, auto: bool = True) -> bool:

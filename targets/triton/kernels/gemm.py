@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, cdiv, check, check_tensor, config_switch, decode_scale, e4m3_quant,
                      fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
-                     result, same_device, sm_count, to_e4m3)
+                     result, same_device, sm_count, tile_counters, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -67,18 +68,20 @@ def _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi,
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
-                 sxm, sxg, sxk, swn, swk, ssn, ssk, syp, sym, syg, syn,
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
+                 sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn,
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
                  FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 SUM_IN_KERNEL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
     GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
     3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
     FLAT (GS == BK: each group is one K tile, or no groups): one loop over K tiles, which Triton software-
     pipelines (num_stages); else a loop over groups, each an amax pass then its tiles.
     SPLIT > 1 (split-K): program (.., g * SPLIT + p) sums the activation groups [p * spans_per_split,
-    (p + 1) * spans_per_split) into y[p] (the launcher adds the partial sums in split order).
+    (p + 1) * spans_per_split) into the partial sums p_ptr[p]; SUM_IN_KERNEL: the last of a tile's SPLIT programs
+    to arrive (counted in cnt_ptr, int32 zeros that it leaves zero) adds them in split order into y (else the
+    launcher adds them: a second kernel).
     FP8_DOT (quantized activations times e4m3 weights): each tile's e4m3 codes meet in an fp8 tensor-core
     dot (exact products, fp32 sums) and the partial sum is scaled by the activation and weight block
     scales, as DeepGEMM does; otherwise both tiles are dequantized to fp32 for an IEEE fp32 dot.
@@ -114,8 +117,32 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, M, N, K, GS, spans_per_spli
             for kk in range(k0, k_end, BK):
                 acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk,
                                  ssn, ssk, sx_rows, GS, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, False, BK)
-    y = y_ptr + part * syp + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
-    tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])
+    ok = m_ok[:, None] & n_ok[None, :]
+    y = y_ptr + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
+    if SPLIT == 1:
+        tl.store(y, acc, mask=ok)
+    else:
+        partial = p_ptr + offs_m[:, None] * spm + g * spg + offs_n[None, :] * spn
+        tl.store(partial + part * spp, acc, mask=ok)
+        if SUM_IN_KERNEL:
+            _sum_if_last(partial, spp, y, ok, cnt_ptr + (g * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m,
+                         SPLIT, BM, BN)
+
+
+@triton.jit
+def _sum_if_last(partial, spp, y, ok, counter, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Split-K's sum without a second kernel: the program that arrives last at its tile's counter adds the tile's
+    SPLIT partial sums in split order (deterministic) into y and zeroes the counter for the next launch. The
+    barrier orders every thread's partial-sum stores before the counter's release (the pattern of CUTLASS's
+    semaphore and of Triton's layer-norm tutorial); the acquire orders the last program's loads after the others'
+    releases, and the loads bypass L1 (.cg: written by other SMs)."""
+    tl.debug_barrier()
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+        total = tl.zeros((BM, BN), dtype=tl.float32)
+        for p in range(SPLIT):
+            total += tl.load(partial + p * spp, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(y, total, mask=ok)
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -160,7 +187,8 @@ def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, V, D, bo, bi, swv, swd, ssv, 
 # --- host-side checks and tiling ---------------------------------------------------------------
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
-                "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto", "QUANT_ONCE": "auto"}
+                "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
+                "SUM_IN_KERNEL": "auto"}
     return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
 
 
@@ -209,6 +237,18 @@ def _split_k(cfg: dict, device, spans: int, tiles: int) -> int:
     if cfg["SPLIT_K"]:
         return min(cfg["SPLIT_K"], spans)
     return max(1, min(spans, -(-2 * sm_count(device) // tiles)))
+
+
+def _counters(cfg: dict, device, split: int, tiles: int, name: str):
+    """The arrival counters (common.tile_counters) when the split-K sums are added in the GEMM kernel itself
+    (SUM_IN_KERNEL, 'auto': wherever the counters are to be had), else None: a torch.sum adds them."""
+    if split == 1 or cfg["SUM_IN_KERNEL"] is False:
+        return None
+    counters = tile_counters(device, tiles)
+    if counters is None and cfg["SUM_IN_KERNEL"] is True:
+        raise ValueError(f"{name}: config['SUM_IN_KERNEL'] is true but it needs at most {common.TILE_COUNTERS} output "
+                         f"tiles ({tiles} here) and no CUDA graph capture before the first eager launch on {device}")
+    return counters
 
 
 def _pick_block_k(k: int, bi: int, group, max_bk: int) -> int:
@@ -279,24 +319,26 @@ def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None
     split = cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
     flat = span == bk or bk >= k  # every activation group (or span) is one K tile: a single pipelined K loop
-    y = out.unsqueeze(0) if split == 1 else torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
+    partials = out if split == 1 else torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
+    counters = _counters(cfg, x3.device, split, grid_m * grid_n * groups, name)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (grid_m, grid_n, groups * split)
-    x_arg, x_scales = x3, y  # (y: an unused pointer)
+    x_arg, x_scales = x3, out  # (out: an unused pointer)
     if x_scale3 is not None:
         x_arg, x_scales = x3.view(torch.uint8), x_scale3.contiguous()
         mode, flat = 3, True
     elif quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
         x_arg, x_scales = act_quant(x3, span, ue8m0)
         mode, flat = 3, True  # every K tile lies in one group, whose scale is looked up
-    _gemm_kernel[grid](x_arg, weight, s, y, x_scales, m, r, k, span, per_split, static, bo, bi,
-                       *x_arg.stride(), *weight.stride(), s.stride(0), s.stride(-1), *y.stride(),
+    _gemm_kernel[grid](x_arg, weight, s, out, x_scales, partials, out if counters is None else counters,
+                       m, r, k, span, per_split, static, bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
+                       s.stride(-1), *out.stride(), *(partials.stride() if split > 1 else (0, 0, 0, 0)),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
                        FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
-                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
+                       SUM_IN_KERNEL=counters is not None, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        torch.sum(y, 0, out=out)
+    if split > 1 and counters is None:
+        torch.sum(partials, 0, out=out)
 
 
 def _check_gemm_inputs(x, weight, scale, groups: int, codes: bool = False) -> None:
