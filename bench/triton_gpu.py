@@ -185,6 +185,9 @@ def copy_bandwidth(device: str, timer: Timer, nbytes: int) -> dict:
     return {**t, "bytes": nbytes, "gb_per_s": round(2 * nbytes / t["median_s"] / 1e9, 1)}
 
 
+DETERMINISM_RUNS = 50
+
+
 def _fp8_gemm(x, q, s, config):
     from v4c.targets.triton.kernels.gemm import linear_fp8
     return linear_fp8(x, q, s, block=(128, 128), act=ACT, config=config)
@@ -213,7 +216,13 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
             ours = _fp8_gemm(x, q, s, best[1])
             ref = torch.nn.functional.linear(fake_quant_act(x.cpu(), ACT), dequant_fp8(q.cpu(), s.cpu(), (128, 128)))
             err = rel_err(ours, ref)  # the reference runs on the CPU
+            # the split-K sums added by each tile's last program (SUM_IN_KERNEL): a race would show as results that
+            # vary from run to run; and the same config with a torch.sum instead, side by side
+            runs = 2 if dry else DETERMINISM_RUNS
+            same = all(torch.equal(_fp8_gemm(x, q, s, best[1]), ours) for _ in range(runs))
             row = {"gemm": name, "n": n, "k": k, "tokens": m, "bucket": bucket, "rel_err_vs_reference": err,
+                   "same_bits_run_to_run": {"runs": runs, "same": same},
+                   "v4c_sum_by_torch": graph_time({**best[1], "SUM_IN_KERNEL": False}) if bucket == "decode" else None,
                    "weight_copies": len(weights), "v4c": best[0], "v4c_config": best[1], "v4c_eager_call": eager,
                    "v4c_tflops": round(2 * m * n * k / best[0]["median_s"] / 1e12, 3),
                    "v4c_weight_gb_per_s": round(n * k / best[0]["median_s"] / 1e9, 1)}
@@ -228,7 +237,8 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
             else:
                 row["cublas"] = "not measured (needs a CUDA GPU)"
             rows.append(row)
-            print(f"gemm {name:15} n={n:6} k={k:5} m={m:5}: err {err:.1e} v4c {best[0]['median_s'] * 1e6:8.1f} us "
+            print(f"gemm {name:15} n={n:6} k={k:5} m={m:5}: err {err:.1e}{'' if same else ' RESULTS VARY'} "
+                  f"v4c {best[0]['median_s'] * 1e6:8.1f} us "
                   f"(eager call {eager['median_s'] * 1e6:6.1f} us)"
                   + (f", cuBLAS {row['cublas']['median_s'] * 1e6:8.1f} us ({row['v4c_over_cublas_throughput']:.2f}x)"
                      if isinstance(row["cublas"], dict) else "") + f"  {best[1]}")

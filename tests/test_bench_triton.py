@@ -29,6 +29,8 @@ def test_the_dry_run_exercises_every_section(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["status"].startswith("dry run")
     assert {r["bucket"] for r in result["fp8_gemm"]} == {"decode", "prefill"}
+    assert all(r["same_bits_run_to_run"]["same"] for r in result["fp8_gemm"])
+    assert all(isinstance(r["v4c_sum_by_torch"], dict) == (r["bucket"] == "decode") for r in result["fp8_gemm"])
     assert [r["batch"] for r in result["sparse_decode_attention"]] == [1, 2]
     assert all(r["gb_per_s"] > 0 for r in result["sparse_decode_attention"])
     for row in result["sparse_decode_attention"]:  # the default (fp32 dots off a GPU) and the bf16 one, each checked
