@@ -13,7 +13,7 @@ Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory,
 registers and shared memory allow, and the SASS instruction mix (global loads by width, local-memory
 spill traffic, tensor-core instructions, total).
 
-    .venv/bin/python bench/sm90_static.py [--only attention,indexer,compress,gemm,moe|none] [--batches 1,64]
+    .venv/bin/python bench/sm90_static.py [--only attention,indexer,compress,hyper,gemm,moe|none] [--batches 1,64]
         [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--moe-configs JSON]
         [--artifacts small,medium]
         [--out bench/results/sm90_static.json]
@@ -227,6 +227,23 @@ def compress_cases(batches: list[int]) -> list[dict]:
     return out
 
 
+def hyper_cases() -> list[dict]:
+    """mHC's hc_pre and hc_head at V4-Flash sizes (hc 4, D 4096: fn [24, 16384] fp32) for 1 and 16 decode tokens
+    (their projection split over the SMs) and a 4096-token prefill (one program a token)."""
+    from v4c.targets.triton.kernels.hyper import hc_head, hc_pre
+    hc, d = 4, 4096
+    n = (2 + hc) * hc
+    fn, base, scale = torch.randn(n, hc * d) * 0.01, torch.randn(n), torch.ones(3)
+    out = []
+    for tokens in (1, 16, 4096):
+        streams = torch.randn(1, tokens, hc, d)
+        out.append({"case": f"hc_pre hc={hc} d={d} tokens={tokens}", "config": {},
+                    "call": lambda x=streams: hc_pre(x, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6)})
+        out.append({"case": f"hc_head hc={hc} d={d} tokens={tokens}", "config": {},
+                    "call": lambda x=streams: hc_head(x, fn[:hc], base[:hc], scale[:1], eps=1e-6, norm_eps=1e-6)})
+    return out
+
+
 def gemm_cases(extra: list[dict]) -> list[dict]:
     from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
 
@@ -342,8 +359,8 @@ def artifact_cases(name: str) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated families of attention, indexer, compress, gemm, moe (default: "
-                    "all); none: only --artifacts")
+    ap.add_argument("--only", help="comma-separated families of attention, indexer, compress, hyper, gemm, moe "
+                    "(default: all); none: only --artifacts")
     ap.add_argument("--artifacts", default="", help="also every kernel of these triton artifacts' prefill and decode "
                     "steps (comma-separated: small, medium; builds them, needs transformers)")
     ap.add_argument("--attention-configs", default="[]", help="JSON list of extra attention launch configs")
@@ -353,9 +370,9 @@ def main():
     ap.add_argument("--moe-configs", default="[]", help="JSON list of extra moe_experts_q launch configs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
     args = ap.parse_args()
-    families = set((args.only or "attention,indexer,compress,gemm,moe").split(","))
-    if not families <= {"attention", "indexer", "compress", "gemm", "moe", "none"}:
-        ap.error(f"--only {args.only}: expected attention, indexer, compress, gemm, moe or none")
+    families = set((args.only or "attention,indexer,compress,hyper,gemm,moe").split(","))
+    if not families <= {"attention", "indexer", "compress", "hyper", "gemm", "moe", "none"}:
+        ap.error(f"--only {args.only}: expected attention, indexer, compress, hyper, gemm, moe or none")
     as_h100()
     cases = []
     if "attention" in families:
@@ -364,6 +381,8 @@ def main():
         cases += indexer_cases(json.loads(args.indexer_configs), [int(b) for b in args.batches.split(",")])
     if "compress" in families:
         cases += compress_cases([int(b) for b in args.batches.split(",")])
+    if "hyper" in families:
+        cases += hyper_cases()
     if "gemm" in families:
         cases += gemm_cases(json.loads(args.gemm_configs))
     if "moe" in families:

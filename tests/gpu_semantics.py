@@ -71,9 +71,10 @@ def gpu_arithmetic():
 
 
 def kernel_modules() -> list:
-    """Every loaded module of kernels that asks native_cvt: the target's, and artifacts' own copies."""
+    """Every loaded module of kernels that asks native_cvt or sm_count: the target's, and artifacts' own copies."""
     return [m for m in list(sys.modules.values())
-            if m is not None and "kernels" in getattr(m, "__name__", "") and callable(getattr(m, "native_cvt", None))]
+            if m is not None and "kernels" in getattr(m, "__name__", "")
+            and any(callable(getattr(m, fact, None)) for fact in ("native_cvt", "sm_count"))]
 
 
 def as_gpu(monkeypatch, modules=None, sms: int = 0) -> None:
@@ -81,7 +82,8 @@ def as_gpu(monkeypatch, modules=None, sms: int = 0) -> None:
     casts, bf16 attention dots by default), no id range checks on the host (common.HOST_CHECKS false, for the
     modules that define it) and, with sms, sm_count (the split heuristics; an H100 has 132)."""
     for mod in modules if modules is not None else kernel_modules():
-        monkeypatch.setattr(mod, "native_cvt", lambda device: True)
+        if callable(getattr(mod, "native_cvt", None)):
+            monkeypatch.setattr(mod, "native_cvt", lambda device: True)
         if hasattr(mod, "HOST_CHECKS"):
             monkeypatch.setattr(mod, "HOST_CHECKS", False)
         if sms and callable(getattr(mod, "sm_count", None)):

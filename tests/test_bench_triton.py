@@ -94,7 +94,7 @@ def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
 
 
 def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
-    """bench/sm90_static.py compiles the attention, indexer, GEMM and MoE launchers' kernels for sm_90a with Triton's
+    """bench/sm90_static.py compiles the attention, indexer, mHC, GEMM and MoE launchers' kernels for sm_90a with Triton's
     bundled ptxas (no GPU needed). At V4-Flash decode shapes the default configs must not spill: before, attention
     spilled ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local
     memory serves far below the kernels' bandwidth. The experts' prefill heuristic must take Hopper's fp8 wgmma
@@ -105,14 +105,15 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only",
-                          "attention,indexer,compress,gemm,moe", "--batches", "64", "--out", str(out)],
+                          "attention,indexer,compress,hyper,gemm,moe", "--batches", "64", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
                                           "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
                                           "_ring_kernel", "_compress_kernel", "_encode_blocks_kernel", "_push_kernel",
-                                          "_carry_kernel", "_gemm_kernel", "_rms_norm_kernel", "_rms_norm_quant_kernel"}
+                                          "_carry_kernel", "_gemm_kernel", "_rms_norm_kernel", "_rms_norm_quant_kernel",
+                                          "_hc_pre_kernel", "_hc_head_kernel"}
     # the fuse pass's q_a_norm -> q_b_proj: the GEMM reads the norm's e4m3 codes (ACT 3), and a prefill
     # no longer quantizes them again in its own kernel
     fused = [r for r in rows if r["case"].startswith("rms_norm_quant + linear_fp8 q_b")]
@@ -142,6 +143,14 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
                                                                                           "k=4096 m=16"))
     assert split["constexprs"]["SPLIT"] > 1 and split["constexprs"]["SUM_IN_KERNEL"] is True, split
     assert split["sass"].get("ATOMG") == 2 and split["sass"].get("MEMBAR", 0) >= 1 and split["sass"].get("CCTL"), split
+    # mHC's projections of one decode token are split over the SMs (one run per K tile of fn: 32), finished by the
+    # last run with the same release / acquire; a prefill's 4096 tokens keep one program each
+    for r in rows:
+        if r["kernel"] in ("_hc_pre_kernel", "_hc_head_kernel"):
+            split = {"tokens=1": 32, "tokens=16": 16, "tokens=4096": 1}[r["case"].split()[-1]]
+            assert r["constexprs"]["SPLIT"] == split and r["grid"][1] == split, r
+            assert (r["sass"].get("ATOMG"), bool(r["sass"].get("MEMBAR")), bool(r["sass"].get("CCTL"))) == (
+                (2, True, True) if split > 1 else (None, False, False)), r
     attn = next(r for r in rows if r["kernel"] == "_attention_kernel")
     assert attn["constexprs"]["DOT"] == "bf16" and attn["constexprs"]["NATIVE"] is True  # decided as on a GPU
     assert attn["sass"].get("HMMA", 0) + attn["sass"].get("HGMMA", 0) > 0  # tensor-core dots

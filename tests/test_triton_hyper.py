@@ -119,6 +119,36 @@ def test_several_tiles(config):
     assert torch.equal(tri.hc_expand(out, hc=hc, config=config), ref.hc_expand(out, hc=hc))
 
 
+@pytest.mark.parametrize("hc,b,s,d,split", [(4, 1, 1, 100, 2), (3, 2, 3, 33, 3), (5, 1, 2, 17, 1000), (1, 1, 1, 48, 2)])
+def test_split_projections(hc, b, s, d, split):
+    """SPLIT_K (on a GPU: where the tokens leave SMs idle, a decode step): each token's projection runs in SPLIT
+    K spans, and the last of its programs to arrive adds the partial records in order and finishes the token;
+    SPLIT_K past the number of K tiles is capped. The arrival counters are left zero. The interpreter runs the
+    programs one after another, so a program that finished early would read its token's uninitialized records."""
+    from v4c.targets.triton.kernels.common import tile_counters
+    streams = randn(b, s, hc, d, seed=40 + d)
+    config = {"BLOCK_K": 16, "BLOCK_D": 16, "SPLIT_K": split}
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    pre_args, head_args = (streams, *pre_params(hc, d, comb_scale=3.0)), (streams, *head_params(hc, d))
+    for ours, e in zip(tri.hc_pre(*pre_args, **kw, config=config), ref.hc_pre(*pre_args, **kw), strict=True):
+        assert_close(ours, e)
+    assert_close(tri.hc_head(*head_args, eps=EPS, norm_eps=NORM_EPS, config=config),
+                 ref.hc_head(*head_args, eps=EPS, norm_eps=NORM_EPS))
+    assert not tile_counters(streams.device, 1).any()
+
+
+def test_split_projections_are_chosen_from_the_sms(monkeypatch):
+    """SPLIT_K 0 (auto): two programs per SM over the tokens, at most one run per K tile, 1 off a GPU."""
+    opts = {"BLOCK_K": 512, "SPLIT_K": 0}
+    cpu = torch.device("cpu")
+    assert tri._split(opts, 1, 16384, cpu)[0] == 1
+    monkeypatch.setattr(tri, "sm_count", lambda device: 132)
+    assert tri._split(opts, 1, 16384, cpu)[:2] == (32, 512)  # V4-Flash: hc 4 x D 4096, one token: 32 K tiles
+    assert tri._split(opts, 16, 16384, cpu)[:2] == (16, 1024)  # 17 asked (cdiv(264, 16)): runs of 2 tiles, 16 of them
+    assert tri._split(opts, 264, 16384, cpu)[0] == 1
+    assert tri._split({**opts, "SPLIT_K": 4}, 264, 16384, cpu)[:2] == (4, 4096)
+
+
 @pytest.mark.parametrize("hc", [5, 8])
 def test_wider_hc(hc):
     """hc past 4 pads to 8 lanes and (2+hc)*hc comb rows past 64."""

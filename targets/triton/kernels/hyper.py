@@ -4,10 +4,16 @@ The residual is `hc` parallel streams per token: streams [B, S, hc, D]. Every la
 in fp32 and returns fp32, like the reference. Tokens are flattened to T = B*S rows:
 
   hc_expand  grid (T, D tiles)  out[t, i, :] = x[t, :]
-  hc_pre     grid (T,)          one program per token: RMSNorm scale, the (2+hc)*hc projection,
-                                sigmoid / softmax, Sinkhorn in registers, the pre-weighted collapse
+  hc_pre     grid (T, SPLIT)    per token: RMSNorm scale, the (2+hc)*hc projection, sigmoid / softmax,
+                                Sinkhorn in registers, the pre-weighted collapse
   hc_post    grid (T, D tiles)  new[t, j, :] = post[t, j] * out[t, :] + sum_i comb[t, i, j] * streams[t, i, :]
-  hc_head    grid (T,)          the hc_pre collapse with an hc-row projection and one scale
+  hc_head    grid (T, SPLIT)    the hc_pre collapse with an hc-row projection and one scale
+
+The projection reads all of fn ([(2+hc)*hc, hc*D] fp32, 1.5 MB at V4-Flash's hc 4, D 4096) for every token: with
+one program a token, a decode step of a few tokens would read it on a few SMs. So where the tokens leave SMs idle
+(SPLIT_K, 0 = auto: two programs per SM), the K span is cut into SPLIT runs: each program writes its partial
+projection and sum of squares, and the last of a token's programs to arrive (common.tile_counters, as the split-K
+GEMM) adds them in run order and finishes the token.
 
 hc is padded to the power of two HCP (masked); hc up to MAX_HC is supported.
 """
@@ -16,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, check, check_tensor, launch_config, next_pow2, result, results, same_device
+from .common import (cdiv, check, check_tensor, launch_config, next_pow2, result, results, same_device, sm_count,
+                     tile_counters)
 
 MAX_HC = 8
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -71,6 +78,34 @@ def _sinkhorn(logits, iters, eps, HC: tl.constexpr, HCP: tl.constexpr):
     return comb
 
 
+@triton.jit
+def _run_bounds(part, per_split, K):
+    """The K span [lo, hi) of run `part` (per_split: a multiple of the K tile)."""
+    lo = part * per_split
+    return lo, tl.minimum(lo + per_split, K)
+
+
+@triton.jit
+def _arrived_last(counter, SPLIT: tl.constexpr):
+    """Whether this program is the last of SPLIT to arrive at `counter` (then zeroed for the next launch). The
+    barrier orders every thread's partial stores before the release; the acquire orders the last program's loads
+    after the others' releases (as gemm._sum_if_last)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _gather_runs(ws_ptr, offs, mask, SPLIT: tl.constexpr, REC: tl.constexpr):
+    """sum over runs p (in order) of ws[p * REC + offs]: the partial records of one token's SPLIT runs."""
+    total = tl.zeros(offs.shape, tl.float32)
+    for p in range(SPLIT):
+        total += tl.load(ws_ptr + p * REC + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
 # --- kernels ---------------------------------------------------------------------------------------
 @triton.jit
 def _hc_expand_kernel(x_ptr, out_ptr, D, HC: tl.constexpr, HCP: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -84,28 +119,58 @@ def _hc_expand_kernel(x_ptr, out_ptr, D, HC: tl.constexpr, HCP: tl.constexpr, BL
 
 
 @triton.jit
-def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, D, iters, eps, norm_eps,
-                   HC: tl.constexpr, HCP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, ws_ptr, cnt_ptr, D, iters, eps,
+                   norm_eps, per_split, HC: tl.constexpr, HCP: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """x: [T, HC*D], fn: [(2+HC)*HC, HC*D], base: [(2+HC)*HC], scale: [3]
     -> collapsed [T, D], post [T, HC], comb [T, HC, HC].
-    mixes = rsqrt(mean(x^2) + norm_eps) * (fn @ x), then the gates, Sinkhorn and the collapse."""
+    mixes = rsqrt(mean(x^2) + norm_eps) * (fn @ x), then the gates, Sinkhorn and the collapse.
+    SPLIT > 1: program (t, p) projects K span p (per_split wide) into its record of ws [T, SPLIT, REC] (sum of
+    squares, pre, post, comb; REC = 1 + (2 + HCP) * HCP); the last of token t's programs (cnt_ptr[t]) finishes."""
     t = tl.program_id(0).to(tl.int64)
     K = HC * D
     x_row = x_ptr + t * K
+    lo, hi = _run_bounds(tl.program_id(1), per_split, K)
     sumsq = tl.zeros((BLOCK_K,), tl.float32)
     pre_acc = tl.zeros((HCP,), tl.float32)
     post_acc = tl.zeros((HCP,), tl.float32)
     comb_acc = tl.zeros((HCP, HCP), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(lo, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < hi
         x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         sumsq += x * x
         pre_acc += _rows_dot(fn_ptr, 0, x, offs_k, k_mask, K, HC, HCP)
         post_acc += _rows_dot(fn_ptr, HC, x, offs_k, k_mask, K, HC, HCP)
         comb_acc += _square_dot(fn_ptr, 2 * HC, x, offs_k, k_mask, K, HC, HCP)
-    rs = tl.rsqrt(tl.sum(sumsq, axis=0) / K + norm_eps)  # the unweighted RMSNorm, as one scalar
+    ss = tl.sum(sumsq, axis=0)
+    i = tl.arange(0, HCP)
+    j = tl.arange(0, HCP)
+    if SPLIT == 1:
+        _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D, iters, eps, norm_eps, ss,
+                       pre_acc, post_acc, comb_acc, HC, HCP, BLOCK_D)
+    else:
+        REC: tl.constexpr = 1 + (2 + HCP) * HCP
+        rec = ws_ptr + (t * SPLIT + tl.program_id(1)) * REC
+        tl.store(rec, ss)
+        tl.store(rec + 1 + i, pre_acc)
+        tl.store(rec + 1 + HCP + i, post_acc)
+        tl.store(rec + 1 + 2 * HCP + i[:, None] * HCP + j[None, :], comb_acc)
+        if _arrived_last(cnt_ptr + t, SPLIT):
+            runs = ws_ptr + t * SPLIT * REC
+            ss = tl.sum(_gather_runs(runs, i, i == 0, SPLIT, REC), axis=0)
+            pre_acc = _gather_runs(runs, 1 + i, i < HCP, SPLIT, REC)
+            post_acc = _gather_runs(runs, 1 + HCP + i, i < HCP, SPLIT, REC)
+            comb_acc = _gather_runs(runs, 1 + 2 * HCP + i[:, None] * HCP + j[None, :], (i < HCP)[:, None], SPLIT, REC)
+            _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D, iters, eps, norm_eps, ss,
+                           pre_acc, post_acc, comb_acc, HC, HCP, BLOCK_D)
 
+
+@triton.jit
+def _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D, iters, eps, norm_eps, ss,
+                   pre_acc, post_acc, comb_acc, HC: tl.constexpr, HCP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One token's gates, Sinkhorn and collapse from its projection (pre / post / comb) and sum of squares ss."""
+    rs = tl.rsqrt(ss / (HC * D) + norm_eps)  # the unweighted RMSNorm, as one scalar
     i = tl.arange(0, HCP)
     j = tl.arange(0, HCP)
     valid = i < HC
@@ -146,22 +211,44 @@ def _hc_post_kernel(out_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, HC: tl.const
 
 
 @triton.jit
-def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, D, eps, norm_eps,
-                    HC: tl.constexpr, HCP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr, D, eps, norm_eps, per_split,
+                    HC: tl.constexpr, HCP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     """x: [T, HC*D], fn: [HC, HC*D], base: [HC], scale: [1] -> collapsed [T, D];
-    pre = sigmoid(rsqrt(mean(x^2) + norm_eps) * (fn @ x) * scale + base) + eps."""
+    pre = sigmoid(rsqrt(mean(x^2) + norm_eps) * (fn @ x) * scale + base) + eps. SPLIT as _hc_pre_kernel's
+    (records of 1 + HCP: the sum of squares, the projection)."""
     t = tl.program_id(0).to(tl.int64)
     K = HC * D
     x_row = x_ptr + t * K
+    lo, hi = _run_bounds(tl.program_id(1), per_split, K)
     sumsq = tl.zeros((BLOCK_K,), tl.float32)
     acc = tl.zeros((HCP,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(lo, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < hi
         x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         sumsq += x * x
         acc += _rows_dot(fn_ptr, 0, x, offs_k, k_mask, K, HC, HCP)
-    rs = tl.rsqrt(tl.sum(sumsq, axis=0) / K + norm_eps)
+    ss = tl.sum(sumsq, axis=0)
+    i = tl.arange(0, HCP)
+    if SPLIT == 1:
+        _hc_head_finish(x_row, base_ptr, scale_ptr, col_ptr, t, D, eps, norm_eps, ss, acc, HC, HCP, BLOCK_D)
+    else:
+        REC: tl.constexpr = 1 + HCP
+        rec = ws_ptr + (t * SPLIT + tl.program_id(1)) * REC
+        tl.store(rec, ss)
+        tl.store(rec + 1 + i, acc)
+        if _arrived_last(cnt_ptr + t, SPLIT):
+            runs = ws_ptr + t * SPLIT * REC
+            ss = tl.sum(_gather_runs(runs, i, i == 0, SPLIT, REC), axis=0)
+            acc = _gather_runs(runs, 1 + i, i < HCP, SPLIT, REC)
+            _hc_head_finish(x_row, base_ptr, scale_ptr, col_ptr, t, D, eps, norm_eps, ss, acc, HC, HCP, BLOCK_D)
+
+
+@triton.jit
+def _hc_head_finish(x_row, base_ptr, scale_ptr, col_ptr, t, D, eps, norm_eps, ss, acc, HC: tl.constexpr,
+                    HCP: tl.constexpr, BLOCK_D: tl.constexpr):
+    rs = tl.rsqrt(ss / (HC * D) + norm_eps)
     i = tl.arange(0, HCP)
     base = tl.load(base_ptr + i, mask=i < HC, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -170,10 +257,23 @@ def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, D, eps, norm_ep
 
 
 # --- host side -------------------------------------------------------------------------------------
-def _options(config, D, K, name):
-    """Launch parameters: BLOCK_D (collapse / elementwise tile), BLOCK_K (projection tile), num_warps."""
-    return launch_config(config, {"BLOCK_D": min(next_pow2(D), 256), "BLOCK_K": min(next_pow2(K), 512),
-                                  "num_warps": 4}, name)
+def _options(config, D, K, name, split: bool = False):
+    """Launch parameters: BLOCK_D (collapse / elementwise tile), BLOCK_K (projection tile), num_warps; the
+    projections' SPLIT_K (0: from the GPU's SM count)."""
+    defaults = {"BLOCK_D": min(next_pow2(D), 256), "BLOCK_K": min(next_pow2(K), 512), "num_warps": 4}
+    return launch_config(config, {**defaults, "SPLIT_K": 0} if split else defaults, name)
+
+
+def _split(opts, tokens: int, k: int, device) -> tuple[int, int, torch.Tensor | None]:
+    """-> (runs, K span of a run, the arrival counters or None): SPLIT_K if set, else enough runs for two programs
+    per SM (1 off a GPU), at most one per K tile; 1 where the counters cannot be had (common.tile_counters)."""
+    tiles = cdiv(k, opts["BLOCK_K"])
+    split = min(opts["SPLIT_K"] or cdiv(2 * sm_count(device), tokens), tiles)
+    counters = tile_counters(device, tokens) if split > 1 else None
+    if counters is None:
+        return 1, k, None
+    per = cdiv(tiles, split) * opts["BLOCK_K"]
+    return cdiv(k, per), per, counters
 
 
 def _check_streams(streams):
@@ -233,11 +333,14 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None, into=
     comb = result(into_m, (b, s, hc, hc), torch.float32, dev)
     if b * s == 0:
         return collapsed, post, comb
-    opts = _options(config, d, hc * d, "hc_pre")
-    _hc_pre_kernel[(b * s,)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
-                             collapsed, post, comb, d, iters, float(eps), float(norm_eps),
-                             HC=hc, HCP=next_pow2(hc), BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"],
-                             num_warps=opts["num_warps"])
+    opts = _options(config, d, hc * d, "hc_pre", split=True)
+    split, per, counters = _split(opts, b * s, hc * d, dev)
+    hcp = next_pow2(hc)
+    ws = torch.empty(b * s * split * (1 + (2 + hcp) * hcp), dtype=torch.float32, device=dev) if split > 1 else post
+    _hc_pre_kernel[(b * s, split)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
+                                   collapsed, post, comb, ws, post if counters is None else counters, d, iters,
+                                   float(eps), float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split,
+                                   BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
     return collapsed, post, comb
 
 
@@ -272,10 +375,14 @@ def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None, into=None):
     collapsed = result(into, (b, s, d), torch.float32, streams.device)
     if b * s == 0:
         return collapsed
-    opts = _options(config, d, hc * d, "hc_head")
-    _hc_head_kernel[(b * s,)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
-                              collapsed, d, float(eps), float(norm_eps), HC=hc, HCP=next_pow2(hc),
-                              BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
+    opts = _options(config, d, hc * d, "hc_head", split=True)
+    split, per, counters = _split(opts, b * s, hc * d, streams.device)
+    hcp = next_pow2(hc)
+    ws = torch.empty(b * s * split * (1 + hcp), dtype=torch.float32, device=streams.device) if split > 1 else collapsed
+    _hc_head_kernel[(b * s, split)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
+                                    collapsed, ws, collapsed if counters is None else counters, d, float(eps),
+                                    float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split, BLOCK_K=opts["BLOCK_K"],
+                                    BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
     return collapsed
 
 
