@@ -14,6 +14,8 @@ arithmetic only, so they are bit-exact with torch's casts both on a GPU and in t
   e2m1_code, e2m1_value                  FP4 e2m1 encode (as quant.quant_fp4) / decode
   ue8m0_value, decode_scale              UE8M0 scale bytes (float8_e8m0fnu) -> fp32
   swiglu_value                           silu(min(g, limit)) * clamp(u, +-limit)
+  arrived_last, sum_runs                 split work finished in-kernel: the last program of SPLIT to arrive at a
+                                         counter (tile_counters) adds the runs' partial results in run order
 and host side: launch_config (config validation), result / results (a launcher's output tensors: the caller's
 `into` buffers where they fit), host_values (whether ids may be range-checked on the host),
 once (a value check per tensor contents), entry_layout (KV entry / indexer key storage).
@@ -255,12 +257,14 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     """The device's arrival counters, if `tiles` fit (TILE_COUNTERS) and they exist or can be made now: never
     while a CUDA graph is being captured (it would own their memory), so a launch captured before any eager one
     gets None."""
+    if tiles > TILE_COUNTERS:
+        return None
     counters = _COUNTERS.get(device)
-    if counters is None and tiles <= TILE_COUNTERS:
+    if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         counters = _COUNTERS[device] = torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
-    return counters if tiles <= TILE_COUNTERS else None
+    return counters
 
 
 def config_switch(key: str, want, needs, name: str, auto: bool = True) -> bool:
@@ -321,6 +325,30 @@ def decode_scale(raw, E8M0: tl.constexpr):
         return ue8m0_value(raw)
     else:
         return raw.to(tl.float32)
+
+
+# --- split work finished in the kernel (device) ----------------------------------------------------
+@triton.jit
+def arrived_last(counter, SPLIT: tl.constexpr):
+    """Whether this program is the last of SPLIT to arrive at `counter` (tile_counters), which it then zeroes for
+    the next launch. The barrier orders every thread's partial-result stores before the counter's release (the
+    pattern of CUTLASS's semaphore and of Triton's layer-norm tutorial); the acquire orders the last program's
+    loads after the others' releases."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def sum_runs(ptrs, stride, mask, SPLIT: tl.constexpr):
+    """sum over runs p = 0 .. SPLIT-1, in order (deterministic), of the partial results at ptrs + p * stride; the
+    loads bypass L1 (.cg: other SMs wrote them)."""
+    total = tl.zeros(ptrs.shape, tl.float32)
+    for p in range(SPLIT):
+        total += tl.load(ptrs + p * stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
 
 
 # --- activation (device) -------------------------------------------------------------------------

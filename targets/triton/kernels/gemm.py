@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import (E4M3_MAX, FP8_DOT_MIN_K, cdiv, check, check_tensor, config_switch, decode_scale, e4m3_quant,
-                     fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
-                     result, same_device, sm_count, tile_counters, to_e4m3)
+from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
+                     e4m3_quant, fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt,
+                     next_pow2, result, same_device, sm_count, sum_runs, tile_counters, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -124,25 +124,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
     else:
         partial = p_ptr + offs_m[:, None] * spm + g * spg + offs_n[None, :] * spn
         tl.store(partial + part * spp, acc, mask=ok)
-        if SUM_IN_KERNEL:
-            _sum_if_last(partial, spp, y, ok, cnt_ptr + (g * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m,
-                         SPLIT, BM, BN)
-
-
-@triton.jit
-def _sum_if_last(partial, spp, y, ok, counter, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Split-K's sum without a second kernel: the program that arrives last at its tile's counter adds the tile's
-    SPLIT partial sums in split order (deterministic) into y and zeroes the counter for the next launch. The
-    barrier orders every thread's partial-sum stores before the counter's release (the pattern of CUTLASS's
-    semaphore and of Triton's layer-norm tutorial); the acquire orders the last program's loads after the others'
-    releases, and the loads bypass L1 (.cg: written by other SMs)."""
-    tl.debug_barrier()
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-        total = tl.zeros((BM, BN), dtype=tl.float32)
-        for p in range(SPLIT):
-            total += tl.load(partial + p * spp, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(y, total, mask=ok)
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        if SUM_IN_KERNEL:  # the last of the tile's programs adds the partial sums (common.arrived_last)
+            if arrived_last(cnt_ptr + (g * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m, SPLIT):
+                tl.store(y, sum_runs(partial, spp, ok, SPLIT), mask=ok)
 
 
 @triton.jit

@@ -12,8 +12,8 @@ in fp32 and returns fp32, like the reference. Tokens are flattened to T = B*S ro
 The projection reads all of fn ([(2+hc)*hc, hc*D] fp32, 1.5 MB at V4-Flash's hc 4, D 4096) for every token: with
 one program a token, a decode step of a few tokens would read it on a few SMs. So where the tokens leave SMs idle
 (SPLIT_K, 0 = auto: two programs per SM), the K span is cut into SPLIT runs: each program writes its partial
-projection and sum of squares, and the last of a token's programs to arrive (common.tile_counters, as the split-K
-GEMM) adds them in run order and finishes the token.
+projection and sum of squares, and the last of a token's programs to arrive adds them in run order and finishes
+the token (common.arrived_last / sum_runs, as the split-K GEMM).
 
 hc is padded to the power of two HCP (masked); hc up to MAX_HC is supported.
 """
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (cdiv, check, check_tensor, launch_config, next_pow2, result, results, same_device, sm_count,
-                     tile_counters)
+from .common import (arrived_last, cdiv, check, check_tensor, launch_config, next_pow2, result, results, same_device,
+                     sm_count, sum_runs, tile_counters)
 
 MAX_HC = 8
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -85,27 +85,6 @@ def _run_bounds(part, per_split, K):
     return lo, tl.minimum(lo + per_split, K)
 
 
-@triton.jit
-def _arrived_last(counter, SPLIT: tl.constexpr):
-    """Whether this program is the last of SPLIT to arrive at `counter` (then zeroed for the next launch). The
-    barrier orders every thread's partial stores before the release; the acquire orders the last program's loads
-    after the others' releases (as gemm._sum_if_last)."""
-    tl.debug_barrier()
-    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
-    if last:
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-    return last
-
-
-@triton.jit
-def _gather_runs(ws_ptr, offs, mask, SPLIT: tl.constexpr, REC: tl.constexpr):
-    """sum over runs p (in order) of ws[p * REC + offs]: the partial records of one token's SPLIT runs."""
-    total = tl.zeros(offs.shape, tl.float32)
-    for p in range(SPLIT):
-        total += tl.load(ws_ptr + p * REC + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return total
-
-
 # --- kernels ---------------------------------------------------------------------------------------
 @triton.jit
 def _hc_expand_kernel(x_ptr, out_ptr, D, HC: tl.constexpr, HCP: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -156,12 +135,12 @@ def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_p
         tl.store(rec + 1 + i, pre_acc)
         tl.store(rec + 1 + HCP + i, post_acc)
         tl.store(rec + 1 + 2 * HCP + i[:, None] * HCP + j[None, :], comb_acc)
-        if _arrived_last(cnt_ptr + t, SPLIT):
+        if arrived_last(cnt_ptr + t, SPLIT):
             runs = ws_ptr + t * SPLIT * REC
-            ss = tl.sum(_gather_runs(runs, i, i == 0, SPLIT, REC), axis=0)
-            pre_acc = _gather_runs(runs, 1 + i, i < HCP, SPLIT, REC)
-            post_acc = _gather_runs(runs, 1 + HCP + i, i < HCP, SPLIT, REC)
-            comb_acc = _gather_runs(runs, 1 + 2 * HCP + i[:, None] * HCP + j[None, :], (i < HCP)[:, None], SPLIT, REC)
+            ss = tl.sum(sum_runs(runs + i, REC, i == 0, SPLIT), axis=0)
+            pre_acc = sum_runs(runs + 1 + i, REC, i < HCP, SPLIT)
+            post_acc = sum_runs(runs + 1 + HCP + i, REC, i < HCP, SPLIT)
+            comb_acc = sum_runs(runs + 1 + 2 * HCP + i[:, None] * HCP + j[None, :], REC, (i < HCP)[:, None], SPLIT)
             _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D, iters, eps, norm_eps, ss,
                            pre_acc, post_acc, comb_acc, HC, HCP, BLOCK_D)
 
@@ -238,10 +217,10 @@ def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr
         rec = ws_ptr + (t * SPLIT + tl.program_id(1)) * REC
         tl.store(rec, ss)
         tl.store(rec + 1 + i, acc)
-        if _arrived_last(cnt_ptr + t, SPLIT):
+        if arrived_last(cnt_ptr + t, SPLIT):
             runs = ws_ptr + t * SPLIT * REC
-            ss = tl.sum(_gather_runs(runs, i, i == 0, SPLIT, REC), axis=0)
-            acc = _gather_runs(runs, 1 + i, i < HCP, SPLIT, REC)
+            ss = tl.sum(sum_runs(runs + i, REC, i == 0, SPLIT), axis=0)
+            acc = sum_runs(runs + 1 + i, REC, i < HCP, SPLIT)
             _hc_head_finish(x_row, base_ptr, scale_ptr, col_ptr, t, D, eps, norm_eps, ss, acc, HC, HCP, BLOCK_D)
 
 
