@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors, nothing compiled
@@ -113,10 +113,12 @@ def _graph_step(art, kernels, prompt: int, launched: list, counter) -> dict:
         for _ in range(steps):
             session.forward(torch.zeros(1, 1, dtype=torch.long))
     report = session.graph_report()["shapes"]["1"]
+    names = Counter(getattr(fn, "__name__", None) or fn.fn.__name__ for fn in launched[before:])
     return {"host_calls_per_step": report["host_calls"], "graphs": report["graphs"],
             "entries_in_graphs": report["entries_in_graphs"], "entries": report["entries"],
             "triton_launches_per_step": (len(launched) - before) / steps,
-            "torch_kernels_per_step": sum(counter.kernels.values()) / steps}
+            "torch_kernels_per_step": sum(counter.kernels.values()) / steps,
+            "triton_kernels_per_step": {name: n / steps for name, n in names.most_common()}}
 
 
 def measure(path: Path, steps: int, prompt: int) -> dict:

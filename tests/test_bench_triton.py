@@ -111,7 +111,7 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
                                           "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
-                                          "_ring_kernel", "_compress_kernel", "_encode_blocks_kernel", "_push_kernel",
+                                          "_compress_kernel", "_encode_blocks_kernel", "_push_kernel",
                                           "_carry_kernel", "_gemm_kernel", "_rms_norm_kernel", "_rms_norm_quant_kernel",
                                           "_hc_pre_kernel", "_hc_head_kernel"}
     # the fuse pass's q_a_norm -> q_b_proj: the GEMM reads the norm's e4m3 codes (ACT 3), and a prefill
@@ -153,6 +153,14 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
                 (2, True, True) if split > 1 else (None, False, False)), r
     attn = next(r for r in rows if r["kernel"] == "_attention_kernel")
     assert attn["constexprs"]["DOT"] == "bf16" and attn["constexprs"]["NATIVE"] is True  # decided as on a GPU
+    # attention finishes in the kernel (no combine or ring launch; the _combine_kernel above is the MoE's): the last
+    # split run of a (query, head block) merges the runs, the last program of a batch row writes its ring, each
+    # after a release / acquire
+    assert {r["kernel"] for r in rows if r["case"].startswith("attention")} == {"_encode_kernel", "_attention_kernel"}
+    for r in rows:
+        if r["kernel"] == "_attention_kernel":
+            assert r["constexprs"]["IN_KERNEL"] is True and r["constexprs"]["RING"] is True, r
+            assert r["sass"].get("ATOMG") == 4 and r["sass"].get("MEMBAR") and r["sass"].get("CCTL"), r
     assert attn["sass"].get("HMMA", 0) + attn["sass"].get("HGMMA", 0) > 0  # tensor-core dots
     for r in rows:
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r

@@ -8,6 +8,7 @@ from v4c.runtime.kernels.attention import attention as ref_attention
 from v4c.runtime.kv_tiers import PagedEntries, PagePool, TierAllocator, TierStats
 from v4c.runtime.quant import encode_entries, entry_layout
 from v4c.targets.triton.kernels import attention as module
+from v4c.targets.triton.kernels import common
 from v4c.targets.triton.kernels.attention import attention, encode_kv
 
 TOL = 1e-5  # max |ours - ref| / max |ref|
@@ -97,6 +98,54 @@ def test_split_kv_runs_merge_to_the_reference(fmt, mode, split):
         # DOT tf32 only checks the plumbing here: the interpreter computes every dot in fp32
         config = {"BLOCK_N": 16, "SPLIT_KV": split, "DOT": "tf32" if split == 5 else "ieee"}
         check_against_reference(args, state, kwargs, config=config)
+
+
+def _no_launch(*args, **kwargs):
+    raise AssertionError("launched though the attention kernel finishes in-kernel")
+
+
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_the_last_program_merges_the_runs_and_writes_the_ring(mode, split, monkeypatch):
+    """SUM_IN_KERNEL (the default wherever there are arrival counters): the last run of each (query, head block) to
+    arrive merges the runs and the last program of each batch row writes its new keys into the ring, without the
+    combine and ring launches, bit for bit as they do; the counters are left zero. The interpreter runs the
+    programs one after another, so a merge before the last run arrived would read runs not yet written, and a ring
+    write before the row's last program would replace keys its later queries read. Cases: decode past the window,
+    a prefill whose early queries have empty runs, a prefill of more tokens than ring rows."""
+    for batch, s, window, pos0, seed in [(2, 1, 40, 60, 41), (1, 6, 40, 30, 42), (2, 5, 4, 9, 43)]:
+        args, state, kwargs = make_case("fp8_split", batch, s, window, pos0, mode, seed=seed, capacity=40, heads=19)
+        config = {"BLOCK_N": 16, "BLOCK_H": 16, "SPLIT_KV": split, "DOT": "ieee"}
+        for pos in (pos0, torch.tensor([pos0, 7])):
+            apart_state = clone(state)
+            apart = attention(*args, state=apart_state, **dict(kwargs, pos0=pos),
+                              config={**config, "SUM_IN_KERNEL": False})
+            with monkeypatch.context() as m:
+                m.setattr(module, "_combine_kernel", _no_launch)
+                m.setattr(module, "_write_ring", _no_launch)
+                fused_state = clone(state)
+                fused = attention(*args, state=fused_state, **dict(kwargs, pos0=pos),
+                                  config={**config, "SUM_IN_KERNEL": True})
+            assert torch.equal(fused, apart), (batch, s, pos)
+            assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state)), (batch, s, pos)
+    assert not common.tile_counters(torch.device("cpu"), 1).any()
+
+
+def test_finishing_in_the_kernel_needs_its_counters(monkeypatch):
+    """Fewer arrival counters than (query, head block) rows plus batch rows: SUM_IN_KERNEL true names why it
+    cannot, 'auto' launches the combine and ring kernels instead (the same result)."""
+    args, state, kwargs = make_case("f32", 2, 3, 40, 60, "sliding", seed=44)
+    config = {"BLOCK_N": 16, "SPLIT_KV": 2}
+    expected_state = clone(state)
+    expected = attention(*args, state=expected_state, **kwargs, config={**config, "SUM_IN_KERNEL": False})
+    monkeypatch.setattr(common, "TILE_COUNTERS", 7)  # 2 x 3 rows of one head block, then 2 batch rows
+    with pytest.raises(ValueError, match=r"SUM_IN_KERNEL.*at most 7 arrival counters \(8 here\)"):
+        attention(*args, state=clone(state), **kwargs, config={**config, "SUM_IN_KERNEL": True})
+    auto_state = clone(state)
+    assert torch.equal(attention(*args, state=auto_state, **kwargs, config=config), expected)
+    assert all(torch.equal(a, b) for a, b in zip(auto_state, expected_state))
+    with pytest.raises(ValueError, match="SUM_IN_KERNEL"):
+        attention(*args, state=clone(state), **kwargs, config={"SUM_IN_KERNEL": "yes"})
 
 
 # bf16 dots (a GPU's default): q and the probabilities rounded to bf16 (2^-9 relative), which moves a logit s by

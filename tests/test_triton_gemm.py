@@ -18,6 +18,7 @@ from v4c.runtime.kernels.quantized import embed_fp8 as ref_embed_fp8
 from v4c.runtime.kernels.quantized import grouped_linear_fp8 as ref_grouped_linear_fp8
 from v4c.runtime.kernels.quantized import linear_fp8 as ref_linear_fp8
 from v4c.runtime.quant import fake_quant_act, quant_fp8
+from v4c.targets.triton.kernels import common
 from v4c.targets.triton.kernels import gemm as gemm_module
 from v4c.targets.triton.kernels.gemm import (FP8_DOT_MIN_K, LAUNCHERS, embed, embed_fp8, fp8_dot_supported,
                                              grouped_linear, grouped_linear_fp8, linear, linear_fp8)
@@ -251,7 +252,7 @@ def test_split_k_sums_in_the_kernel(groups, m, split):
         runs[in_kernel] = grouped_linear_fp8(x, w, s, groups=groups, block=[16, 32], act=act, config=config)
         close(runs[in_kernel], ref, w.dtype)
     assert torch.equal(runs[True], runs[False]) and torch.equal(runs["auto"], runs[True])
-    assert not gemm_module.tile_counters(x.device, 1).any()
+    assert not common.tile_counters(x.device, 1).any()
     wf = randn(groups * n, k, seed=32, dtype=torch.bfloat16)
     y = grouped_linear(x, wf, groups=groups, config={"BLOCK_K": 32, "SPLIT_K": split, "SUM_IN_KERNEL": True})
     close(y, ref_grouped_linear(x, wf, groups=groups), wf.dtype)
@@ -260,12 +261,11 @@ def test_split_k_sums_in_the_kernel(groups, m, split):
 def test_split_k_sum_in_the_kernel_needs_its_counters(monkeypatch):
     """More output tiles than there are arrival counters: SUM_IN_KERNEL true names why it cannot, 'auto' adds the
     partial sums with torch.sum instead (the same result)."""
-    from v4c.targets.triton.kernels import common
     x, w = randn(40, 64, seed=33), randn(48, 64, seed=34)
     config = {"BLOCK_K": 16, "BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2}
     expected = linear(x, w, config={**config, "SUM_IN_KERNEL": False})
     monkeypatch.setattr(common, "TILE_COUNTERS", 8)  # 3 x 3 tiles here
-    with pytest.raises(ValueError, match=r"SUM_IN_KERNEL.*at most 8 output tiles \(9 here\)"):
+    with pytest.raises(ValueError, match=r"SUM_IN_KERNEL.*at most 8 arrival counters \(9 here\)"):
         linear(x, w, config={**config, "SUM_IN_KERNEL": True})
     assert torch.equal(linear(x, w, config=config), expected)
     with pytest.raises(ValueError, match="SUM_IN_KERNEL"):

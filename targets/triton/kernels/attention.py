@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, bf16_bits, bf16_value, cdiv, ceil_log2, check, check_tensor,
-                     dot_bf16, e4m3_quant, entry_layout, group_scale, launch_config, native_cvt, next_pow2, position,
-                     pow2, result, same_device, sm_count, to_bf16, ue8m0_value)
+from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, arrived_last, bf16_bits, bf16_value, cdiv, ceil_log2, check,
+                     check_tensor, dot_bf16, e4m3_quant, entry_layout, group_scale, in_kernel_counters, launch_config,
+                     native_cvt, next_pow2, position, pow2, result, same_device, sm_count, to_bf16, ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -132,12 +132,12 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.c
 
 
 @triton.jit
-def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, pos_ptr,
-                      S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
+def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, fin_ptr, cnt_ptr,
+                      pos_ptr, S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
                       D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr,
                       FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, KDT: tl.constexpr,
-                      NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, IN_KERNEL: tl.constexpr, RING: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
     ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
@@ -145,7 +145,10 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     row)
     SPLIT > 1 (flash-decoding): the query's key list (window keys, then entries) is cut into SPLIT runs
     of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
-    H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges.
+    H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges into out, or (IN_KERNEL)
+    the last run of the (token, head block) to arrive at its counter (common.arrived_last) merges into fin.
+    RING (IN_KERNEL): the last program of batch row b to arrive at counter B * S * heads blocks + b writes b's
+    new keys into its ring (after every program of the row has read the ring rows they replace).
     DOT: the dots' input precision, "ieee" (fp32), "tf32" (tensor cores: q and the probabilities rounded
     to 10 mantissa bits) or "bf16" (tensor cores: q and the probabilities rounded to 8 bits, key tiles
     half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three. KDT: the key tiles'
@@ -212,14 +215,24 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
                            NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
+    n_rows = tl.num_programs(2) * S
     if SPLIT == 1:
         tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
     else:
-        rows_ml = (part * tl.num_programs(2) * S + token) * H + heads  # [BH] in [SPLIT, B, S, H]
-        n_ml = SPLIT * tl.num_programs(2) * S * H
+        rows_ml = (part * n_rows + token) * H + heads  # [BH] in [SPLIT, B, S, H]
         tl.store(ml_ptr + rows_ml, m_i, mask=heads < H)
-        tl.store(ml_ptr + n_ml + rows_ml, l_i, mask=heads < H)
+        tl.store(ml_ptr + SPLIT * n_rows * H + rows_ml, l_i, mask=heads < H)
         tl.store(out_ptr + rows_ml.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+        if IN_KERNEL:
+            if arrived_last(cnt_ptr + token * n_hb + hb, SPLIT):
+                merged = _merge_runs(out_ptr, ml_ptr, token * H + heads, n_rows * H, heads < H, offs_d, D, SPLIT)
+                tl.store(fin_ptr + q_off, merged, mask=q_mask)
+    if RING:
+        if arrived_last(cnt_ptr + n_rows * n_hb + b, n_hb * SPLIT * S):
+            c = tl.arange(0, BLOCK_W)
+            for i in range(tl.maximum(S - slots, 0), S):
+                dest = ring_ptr + (b * slots + (pos0 + i) % slots).to(tl.int64) * W
+                tl.store(dest + c, tl.load(new_ptr + (b * S + i).to(tl.int64) * W + c, mask=c < W), mask=c < W)
 
 
 @triton.jit
@@ -237,27 +250,35 @@ def _ring_kernel(new_ptr, ring_ptr, pos_ptr, S, slots, W: tl.constexpr, BLOCK_W:
 
 
 @triton.jit
+def _merge_runs(part_ptr, ml_ptr, r, TH, r_ok, offs_d, D, SPLIT: tl.constexpr):
+    """The SPLIT runs of rows r [R] of TH merged: sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, M = max_p m_p
+    (0 when every run saw nothing); run p's acc [SPLIT, TH, D] at row p * TH + r, m and l [2, SPLIT, TH]. The
+    loads bypass L1 (.cg: in-kernel, other SMs wrote the runs)."""
+    mask = r_ok[:, None] & (offs_d[None, :] < D)
+    big = tl.full(r.shape, float("-inf"), tl.float32)
+    for p in tl.static_range(SPLIT):
+        big = tl.maximum(big, tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg"))
+    big = tl.where(big == float("-inf"), 0.0, big)
+    num = tl.zeros([r.shape[0], offs_d.shape[0]], dtype=tl.float32)
+    den = tl.zeros(r.shape, dtype=tl.float32)
+    for p in range(SPLIT):  # a loop, not unrolled: unrolled, every run's [R, BLOCK_D] load was hoisted (spills)
+        w = tl.exp(tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg") - big)
+        den += w * tl.load(ml_ptr + (SPLIT + p) * TH + r, mask=r_ok, other=0.0, cache_modifier=".cg")
+        num += w[:, None] * tl.load(part_ptr + (p * TH + r).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask,
+                                    other=0.0, cache_modifier=".cg")
+    den = tl.where(r_ok, den, 1.0)  # rows past TH (not stored) divide by 1, not 0
+    return num / den[:, None]
+
+
+@triton.jit
 def _combine_kernel(part_ptr, ml_ptr, out_ptr, TH, D, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """Merge the SPLIT runs of each (token, head) row r < TH: out[r] = sum_p e^(m_p - M) acc_p /
-    sum_p e^(m_p - M) l_p, M = max_p m_p (0 when every run saw nothing). Grid: (cdiv(TH, BLOCK_R),)."""
+    """out[r] = the SPLIT runs of row r < TH merged (_merge_runs). Grid: (cdiv(TH, BLOCK_R),)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = r < TH
-    mask = r_ok[:, None] & (offs_d[None, :] < D)
-    big = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for p in tl.static_range(SPLIT):
-        big = tl.maximum(big, tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf")))
-    big = tl.where(big == float("-inf"), 0.0, big)
-    num = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    den = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for p in range(SPLIT):  # a loop, not unrolled: unrolled, every run's [BLOCK_R, BLOCK_D] load was hoisted (spills)
-        w = tl.exp(tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf")) - big)
-        den += w * tl.load(ml_ptr + (SPLIT + p) * TH + r, mask=r_ok, other=0.0)
-        num += w[:, None] * tl.load(part_ptr + (p * TH + r).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask,
-                                    other=0.0)
-    den = tl.where(r_ok, den, 1.0)  # rows past TH (not stored) divide by 1, not 0
-    tl.store(out_ptr + r.to(tl.int64)[:, None] * D + offs_d[None, :], num / den[:, None], mask=mask)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * D + offs_d[None, :], _merge_runs(part_ptr, ml_ptr, r, TH, r_ok, offs_d,
+             D, SPLIT), mask=r_ok[:, None] & (offs_d[None, :] < D))
 
 
 # --- host ------------------------------------------------------------------------------------
@@ -317,7 +338,7 @@ def _config(config, heads, d):
     # SM); BLOCK_N 32 x 4 warps spilled 256 bytes a thread. Not yet timed on a GPU: `tune: auto` times the grid.
     wide = d > 128
     defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 16 if wide else 64)), "BLOCK_N": 16 if wide else 32,
-                "num_warps": 4, "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto"}
+                "num_warps": 4, "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto", "SUM_IN_KERNEL": "auto"}
     cfg = launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
     check(cfg["DOT"] in DOT_PRECISIONS,
           f"attention: config['DOT']: expected one of {list(DOT_PRECISIONS)}, got {cfg['DOT']!r}")
@@ -429,6 +450,10 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
             n_keys = min(window, host_pos + s) + n_entries
         h_blocks = cdiv(heads, cfg["BLOCK_H"])
         split, per = _split_kv(cfg, q.device, s * batch * h_blocks, n_keys)
+        # finished in-kernel (SUM_IN_KERNEL): the split runs merged and the ring written by the last program to
+        # arrive, two launches less (a counter per (token, head block) when split, then one per batch row)
+        counters = in_kernel_counters(cfg["SUM_IN_KERNEL"], q.device, (split > 1) * batch * s * h_blocks + batch,
+                                      "attention") if split > 1 or slots else None
         part, ml = out, out
         if split > 1:
             part = torch.empty(split, batch, s, heads, d, dtype=torch.float32, device=q.device)
@@ -437,18 +462,21 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
         dot = _dot_precision(cfg, q.device)
         _attention_kernel[(h_blocks * split, s, batch)](
             q, _storage_view(ring) if slots else new, new, _storage_view(entries) if entries is not None else new,
-            table if table is not None else new, sinks, part, ml, pos0 if host_pos is None else new,
-            s, heads, k, host_pos or 0, slots, max(slots, 1), window, max(rate, 1), ent_stride, float(scale), per,
-            D=d, NOPE=d - rope_dim, ROPE=rope_dim, W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split,
-            DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32,
-            NATIVE=native_cvt(q.device), DEVICE_POS=host_pos is None,
-            BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), num_warps=cfg["num_warps"],
+            table if table is not None else new, sinks, part, ml, out, counters if counters is not None else new,
+            pos0 if host_pos is None else new, s, heads, k, host_pos or 0, slots, max(slots, 1), window, max(rate, 1),
+            ent_stride, float(scale), per, D=d, NOPE=d - rope_dim, ROPE=rope_dim, W=width, MODE=mode,
+            FMT=FORMATS[kv_format], SPLIT=split, DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32,
+            NATIVE=native_cvt(q.device), DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None,
+            RING=counters is not None and slots > 0, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
-        if split > 1:
+        if split > 1 and counters is None:
             rows = batch * s * heads
             block_r = 16
             _combine_kernel[(cdiv(rows, block_r),)](part, ml, out, rows, d, SPLIT=split, BLOCK_R=block_r,
                                                            BLOCK_D=max(16, next_pow2(d)))
+        if counters is not None:
+            return out  # the kernel wrote the ring too
     _write_ring(ring, stored, pos0)
     return out
 

@@ -246,7 +246,8 @@ def sm_count(device: torch.device) -> int:
     return _device_fact(device, "SMs", lambda: torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-# Arrival counters of split-K programs (gemm's SUM_IN_KERNEL): per device, int32 zeros that every launch leaves zero.
+# Arrival counters of split work finished in-kernel (gemm's and attention's SUM_IN_KERNEL, hyper's splits): per
+# device, int32 zeros that every launch leaves zero.
 # One fixed buffer, never replaced, because a captured CUDA graph keeps its address; kernels on one device share
 # it, so they must not run concurrently on two streams (the runtime runs one stream).
 TILE_COUNTERS = 1 << 16
@@ -264,6 +265,19 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         counters = _COUNTERS[device] = torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
+    return counters
+
+
+def in_kernel_counters(want, device: torch.device, tiles: int, name: str) -> torch.Tensor | None:
+    """The arrival counters for a launch that finishes its split work in-kernel (config SUM_IN_KERNEL = `want`,
+    'auto': wherever the counters are to be had), else None (the launcher finishes it with another launch); true
+    without them is an error naming why."""
+    if want is False:
+        return None
+    counters = tile_counters(device, tiles)
+    if counters is None and want is True:
+        raise ValueError(f"{name}: config['SUM_IN_KERNEL'] is true but it needs at most {TILE_COUNTERS} arrival "
+                         f"counters ({tiles} here) and no CUDA graph capture before the first eager launch on {device}")
     return counters
 
 
@@ -329,13 +343,13 @@ def decode_scale(raw, E8M0: tl.constexpr):
 
 # --- split work finished in the kernel (device) ----------------------------------------------------
 @triton.jit
-def arrived_last(counter, SPLIT: tl.constexpr):
-    """Whether this program is the last of SPLIT to arrive at `counter` (tile_counters), which it then zeroes for
+def arrived_last(counter, arrivals):
+    """Whether this program is the last of `arrivals` to arrive at `counter` (tile_counters), which it then zeroes for
     the next launch. The barrier orders every thread's partial-result stores before the counter's release (the
     pattern of CUTLASS's semaphore and of Triton's layer-norm tutorial); the acquire orders the last program's
     loads after the others' releases."""
     tl.debug_barrier()
-    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1
     if last:
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     return last

@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
-                     e4m3_quant, fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt,
-                     next_pow2, result, same_device, sm_count, sum_runs, tile_counters, to_e4m3)
+                     e4m3_quant, fake_quant, fp8_dot_supported, group_scale, host_values, in_kernel_counters,
+                     launch_config, native_cvt, next_pow2, result, same_device, sm_count, sum_runs, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -224,15 +223,9 @@ def _split_k(cfg: dict, device, spans: int, tiles: int) -> int:
 
 
 def _counters(cfg: dict, device, split: int, tiles: int, name: str):
-    """The arrival counters (common.tile_counters) when the split-K sums are added in the GEMM kernel itself
-    (SUM_IN_KERNEL, 'auto': wherever the counters are to be had), else None: a torch.sum adds them."""
-    if split == 1 or cfg["SUM_IN_KERNEL"] is False:
-        return None
-    counters = tile_counters(device, tiles)
-    if counters is None and cfg["SUM_IN_KERNEL"] is True:
-        raise ValueError(f"{name}: config['SUM_IN_KERNEL'] is true but it needs at most {common.TILE_COUNTERS} output "
-                         f"tiles ({tiles} here) and no CUDA graph capture before the first eager launch on {device}")
-    return counters
+    """The arrival counters when the split-K sums are added in the GEMM kernel itself (common.in_kernel_counters),
+    else None: a torch.sum adds them."""
+    return None if split == 1 else in_kernel_counters(cfg["SUM_IN_KERNEL"], device, tiles, name)
 
 
 def _pick_block_k(k: int, bi: int, group, max_bk: int) -> int:
