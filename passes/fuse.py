@@ -1,4 +1,5 @@
-"""Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it.
+"""Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it (`norm_quant`); and
+a norm read only by RoPE and that RoPE as one op (`norm_rope`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -18,10 +19,22 @@ that is every layer's three norms: `q_a_norm` (q_b_proj, and the indexer's in CS
 `post_attention_layernorm` (the shared expert and the routed experts; the router reads y). The final
 norm feeds lm_head, which the default skip list keeps unquantized: unfused.
 
+`norm_rope`:
+
+    %y = rms_norm(%x, @w?) {eps}                     ->   %r = rms_norm_rope(%x, %positions, @inv_freq, @w?)
+    %r = rope(%y, %positions, @inv_freq) {inverse?, scale?}        {eps, inverse?, scale?}
+
+for every `rms_norm` whose only reader is a `rope` (as x), and which is not the program's output. Both ops
+work row by row over the last dim, so one kernel does both and the normalized row never goes through
+memory. In V4 that is every layer's per-head query norm and kv_norm, each before its RoPE: two launches a
+layer fewer in a decode step. The numbers do not change: the torch kernel is `rope(rms_norm(x))`, and the
+Triton kernel computes each row as the two kernels did (the same row sum and products), bit for bit.
+
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
-their own, which at decode sizes costs next to nothing against the weight reads.
+their own, which at decode sizes costs next to nothing against the weight reads, and it has no fused norm and
+RoPE kernel (on a CPU there is no launch to save).
 """
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +47,8 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     norm_quant: bool = Field(True, description="rms_norm + the dynamic FP8 activation quantization of the "
                                                "linear_fp8 / moe_experts_q ops that read it -> one rms_norm_quant")
+    norm_rope: bool = Field(True, description="rms_norm read only by a rope -> one rms_norm_rope (V4's per-head "
+                                              "query norm and kv_norm, each before its RoPE)")
 
 
 def check_order(options: Options, earlier: list) -> str | None:
@@ -117,18 +132,47 @@ def run(m: Module, options: Options, progress=None) -> Module:
             kept += keep
             experts += sum(r.op == "moe_experts_q" for r in readers)
         body = [replace.get(id(ins), ins) for ins in body]
+    roped = 0
+    if options.norm_rope:
+        body, roped = _norm_rope(body, m.func.output.name)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
-    out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts}
+    out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
+                            "norm_rope": roped}
     return out
+
+
+def _norm_rope(body: list[Instr], output: str) -> tuple[list[Instr], int]:
+    """Each rms_norm whose output only a rope reads (as x) -> one rms_norm_rope in the rope's place, with the
+    rope's results and attributes and the norm's eps. -> (body, norms fused)."""
+    uses = _readers(body)
+    norms = {ins.results[0].name: ins for ins in body if ins.op == "rms_norm"}
+    dropped, fused = set(), {}
+    for ins in body:
+        x = ins.operands[0] if ins.op == "rope" else None
+        if isinstance(x, Value) and x.name in norms and len(uses[x.name]) == 1 and x.name != output:
+            norm = norms[x.name]
+            dropped.add(id(norm))
+            fused[id(ins)] = Instr("rms_norm_rope", [norm.operands[0], *ins.operands[1:], *norm.operands[1:]],
+                                   ins.results, {**ins.attrs, "eps": norm.attrs["eps"]})
+    return [fused.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(fused)
 
 
 def unfuse(m: Module) -> tuple[Module, int]:
     """The inverse rewrite, for a target whose FP8 kernels quantize their input in a first stage of their own and
     take no codes (TVM: at decode sizes that stage costs next to nothing against the weight reads): every
-    rms_norm_quant back to rms_norm, its readers back to reading the norm's output. -> (module, norms unfused)."""
+    rms_norm_quant back to rms_norm, its readers back to reading the norm's output; every rms_norm_rope back to
+    rms_norm then rope. -> (module, norms unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
-    body, norm_of = [], {}  # codes name -> the norm's output
+    body, norm_of, roped = [], {}, 0  # codes name -> the norm's output
     for ins in m.func.body:
+        if ins.op == "rms_norm_rope":
+            x, positions, inv_freq, *weight = ins.operands
+            (r,) = ins.results
+            y = Value(_fresh(names, f"{r.name}.norm"), r.type)
+            body.append(Instr("rms_norm", [x, *weight], [y], {"eps": ins.attrs["eps"]}))
+            body.append(Instr("rope", [y, positions, inv_freq], [r], {k: v for k, v in ins.attrs.items() if k != "eps"}))
+            roped += 1
+            continue
         if ins.op == "rms_norm_quant":
             codes, scales, *kept = ins.results
             y = kept[0] if kept else Value(_fresh(names, f"{codes.name}.y"), TensorType(codes.type.shape, "f32"))
@@ -141,4 +185,4 @@ def unfuse(m: Module) -> tuple[Module, int]:
             assert ins.operands[-1].name == scales, f"{ins.op} reads codes {x.name} without their scales"
             ins = Instr(ins.op, [y, *ins.operands[1:-1]], ins.results, dict(ins.attrs), list(ins.state))
         body.append(ins)
-    return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of)
+    return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of) + roped

@@ -1,7 +1,8 @@
 """The fuse pass: a norm quantizes its output once for the FP8 projections and routed experts that
-read it (rms_norm_quant + linear_fp8 / moe_experts_q reading e4m3 codes and their scales). The torch
-target's numbers are bit-for-bit those of the unfused module; the rule applies only where every reader
-allows it. `unfuse` (the TVM target's inverse rewrite) gives the plain program back."""
+read it (rms_norm_quant + linear_fp8 / moe_experts_q reading e4m3 codes and their scales), and a norm read
+only by a RoPE becomes one op with it (rms_norm_rope). The torch target's numbers are bit-for-bit those of
+the unfused module; the rules apply only where every reader allows it. `unfuse` (the TVM target's inverse
+rewrite) gives the plain program back."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from conftest import tokens
 from v4c.frontend import import_checkpoint
 from v4c.interpret import interpret
-from v4c.ir import OPS, IRTypeError, Instr, ParamRef, TensorType, parse_module, print_module, verify
+from v4c.ir import OPS, IRTypeError, Instr, ParamRef, TensorType, Value, parse_module, print_module, verify
 from v4c.passes.fuse import unfuse
 from v4c.pipeline import run_pipeline
 from v4c.runtime.kernels.basic import rms_norm
@@ -123,8 +124,10 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     norms = [ins for ins in fused.func.body if ins.op == "rms_norm_quant"]
     kept = [ins for ins in norms if ins.attrs.get("keep")]
     layers = module.config["num_layers"]
+    roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
     assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
-                                      "experts_reading_codes": layers}
+                                      "experts_reading_codes": layers, "norm_rope": len(roped)}
+    assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
     for ins in norms:
         codes, scales, *y = ins.results
@@ -149,7 +152,9 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     assert {f"layers.{i}.mlp.experts.gate_up_proj" for i in range(layers)} <= weights
     assert "lm_head.weight" in weights
     assert sum(ins.op == "rms_norm" for ins in fused.func.body) == \
-        sum(ins.op == "rms_norm" for ins in plain.func.body) - len(norms)
+        sum(ins.op == "rms_norm" for ins in plain.func.body) - len(norms) - len(roped)
+    assert sum(ins.op == "rope" for ins in fused.func.body) == \
+        sum(ins.op == "rope" for ins in plain.func.body) - len(roped)
     ids = tokens(2, 40, seed=3)
     a, b = interpret(plain, batch=2, prefill_chunk=16), interpret(fused, batch=2, prefill_chunk=16)
     for i in range(0, 40, 16):
@@ -202,14 +207,52 @@ def test_fuse_needs_one_activation_format_among_the_readers(module):
 
 
 def test_unfuse_gives_back_the_plain_program(module):
-    """The TVM target's inverse rewrite: each rms_norm_quant back to rms_norm and its readers to the norm's output;
-    the ops and operand counts are the unfused module's, and so are the logits."""
+    """The TVM target's inverse rewrite: each rms_norm_quant back to rms_norm and its readers to the norm's output,
+    each rms_norm_rope back to rms_norm then rope; the ops and operand counts are the unfused module's, and so are
+    the logits."""
     plain, fused = _fp8(module), _fp8(module, "fuse")
     back, n = unfuse(fused)
     verify(back)
-    assert n == fused.counters["fuse"]["norm_quant"] > 0
+    assert n == fused.counters["fuse"]["norm_quant"] + fused.counters["fuse"]["norm_rope"] > 0
+    assert fused.counters["fuse"]["norm_rope"] > 0
     assert [(i.op, len(i.operands), len(i.results)) for i in back.func.body] == \
         [(i.op, len(i.operands), len(i.results)) for i in plain.func.body]
     assert unfuse(plain)[1] == 0
     ids = tokens(1, 24, seed=5)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(back, prefill_chunk=16).forward(ids))
+
+
+def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_reader(module):
+    """norm_rope: an rms_norm read only by a rope (as x) -> one rms_norm_rope in the rope's place, with the rope's
+    result, attributes (inverse) and the norm's eps and weight; a norm with another reader, or the program's
+    output, is left alone; off, nothing changes; the logits are the unfused program's bit for bit (the torch
+    kernel is rope over rms_norm)."""
+    plain = _fp8(module)
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False})])
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
+    ropes = [ins for ins in plain.func.body if ins.op == "rope" and by_result.get(ins.operands[0].name, ins).op
+             == "rms_norm"]
+    roped = {ins.results[0].name: ins for ins in fused.func.body if ins.op == "rms_norm_rope"}
+    assert len(roped) == len(ropes) == fused.counters["fuse"]["norm_rope"] == 2 * module.config["num_layers"]
+    for rope in ropes:
+        norm, ins = by_result[rope.operands[0].name], roped[rope.results[0].name]
+        assert [o.name for o in ins.operands] == [o.name for o in [norm.operands[0], *rope.operands[1:],
+                                                                    *norm.operands[1:]]]
+        assert ins.attrs == {**rope.attrs, "eps": norm.attrs["eps"]}
+    assert {len(ins.operands) for ins in roped.values()} == {3, 4}  # the weightless query norm, kv_norm
+    # a second reader of the query norm's output: that norm stays, every other one fuses
+    body = list(plain.func.body)
+    rope = ropes[0]
+    extra = Instr("add", [rope.operands[0], rope.operands[0]], [Value("extra", rope.results[0].type)])
+    body.insert(body.index(rope) + 1, extra)
+    out = Value("out2", plain.func.output.type)
+    body.append(Instr("add", [plain.func.output, plain.func.output], [out]))
+    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, out))
+    verify(changed)
+    assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["norm_rope"] == len(ropes) - 1
+    off = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False})])
+    assert off.func.body == plain.func.body
+    ids = tokens(1, 40, seed=6)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))

@@ -1,5 +1,6 @@
 """The Triton norm / elementwise / RoPE launchers (run in the Triton interpreter) against the runtime's
-torch kernels: rms_norm, rms_norm_quant (= fake_quant_groups over rms_norm), swiglu, add, rope."""
+torch kernels: rms_norm, rms_norm_quant (= fake_quant_groups over rms_norm), swiglu, add, rope,
+rms_norm_rope (= rope over rms_norm)."""
 
 import pytest
 import torch
@@ -133,6 +134,26 @@ def test_rope_inverse_undoes_rope():
     assert_close(norm.rope(norm.rope(x, pos, inv), pos, inv, inverse=True), x, tol=1e-5)
 
 
+@pytest.mark.parametrize("shape,half", [((2, 5, 10), 3), ((1, 7, 3, 11), 2), ((2, 3, 2, 2, 8), 4), ((2, 4, 6), 3),
+                                        ((1, 3, 19, 37), 5)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rms_norm_rope_is_rope_over_rms_norm(shape, half, weighted, inverse):
+    """The fuse pass's norm_rope in one kernel: each row normalized over the whole last dim (the rotated channels
+    included), then its trailing channels rotated; odd leading widths, none, wide rows."""
+    x = randn(*shape, dtype=torch.bfloat16, scale=3.0)
+    w = randn(shape[-1], scale=2.0) if weighted else None
+    positions = torch.arange(shape[1], dtype=torch.int32) * 5 + 77
+    inv = torch.rand(half, generator=g)
+    ours = norm.rms_norm_rope(x, positions, inv, w, eps=1e-6, inverse=inverse, scale=0.9)
+    assert_close(ours, basic.rms_norm_rope(x, positions.long(), inv, w, eps=1e-6, inverse=inverse, scale=0.9))
+    apart = norm.rope(norm.rms_norm(x, w, eps=1e-6), positions, inv, inverse=inverse, scale=0.9)
+    assert torch.equal(ours, apart)  # the two launches' result bit for bit: fusing changes no number
+    nope = shape[-1] - 2 * half
+    if nope:  # the leading channels only normed
+        assert_close(ours[..., :nope], basic.rms_norm(x, w, eps=1e-6)[..., :nope])
+
+
 # --- errors -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("call,match", [
     (lambda: norm.rms_norm(torch.ones(3, 4, dtype=torch.int32), eps=1e-6), "x: dtype"),
@@ -148,6 +169,10 @@ def test_rope_inverse_undoes_rope():
     (lambda: norm.rope(torch.ones(2, 3, 4), torch.arange(3.0), torch.ones(1)), "positions: dtype"),
     (lambda: norm.rope(torch.ones(2, 3, 4), torch.arange(3), torch.ones(3)), "inv_freq: 3 frequencies"),
     (lambda: norm.rope(torch.ones(2, 3, 4), torch.arange(3), torch.ones(0)), "inv_freq: must be non-empty"),
+    (lambda: norm.rms_norm_rope(torch.ones(2, 3, 4), torch.arange(3), torch.ones(1), torch.ones(3), eps=1e-6),
+     "weight: expected shape \\[4\\]"),
+    (lambda: norm.rms_norm_rope(torch.ones(2, 3, 4), torch.arange(3), torch.ones(1), eps=1e-6, config={"block_m": 2}),
+     "rms_norm_rope: config: unknown keys"),
 ])
 def test_unsupported_inputs_raise_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
@@ -155,4 +180,4 @@ def test_unsupported_inputs_raise_value_errors(call, match):
 
 
 def test_launchers_are_registered():
-    assert set(norm.LAUNCHERS) == {"rms_norm", "rms_norm_quant", "swiglu", "add", "rope"}
+    assert set(norm.LAUNCHERS) == {"rms_norm", "rms_norm_quant", "swiglu", "add", "rope", "rms_norm_rope"}

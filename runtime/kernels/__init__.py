@@ -6,7 +6,7 @@ this call). The IR's op registry uses these as the reference implementation of e
 """
 
 from .attention import attention, index_topk
-from .basic import add, embed, grouped_linear, linear, reshape, rms_norm, rope, swiglu
+from .basic import add, embed, grouped_linear, linear, reshape, rms_norm, rms_norm_rope, rope, swiglu
 from .compressor import compress
 from .hyper import hc_expand, hc_head, hc_post, hc_pre
 from .moe import moe_experts, route_hash, route_topk
@@ -18,6 +18,7 @@ KERNELS = {
     "grouped_linear": grouped_linear,
     "rms_norm": rms_norm,
     "rope": rope,
+    "rms_norm_rope": rms_norm_rope,
     "reshape": reshape,
     "add": add,
     "swiglu": swiglu,

@@ -59,6 +59,11 @@ def rope(x, positions, inv_freq, *, inverse=False, scale=1.0):
     return apply_rope(x, cos, -sin if inverse else sin)
 
 
+def rms_norm_rope(x, positions, inv_freq, weight=None, *, eps, inverse=False, scale=1.0):
+    """rope(rms_norm(x, weight, eps), positions, inv_freq): the fuse pass's one kernel for a norm read only by RoPE."""
+    return rope(rms_norm(x, weight, eps=eps), positions, inv_freq, inverse=inverse, scale=scale)
+
+
 def reshape(x, *, shape):
     """Keep the leading symbolic dims of `shape` (e.g. "B", "S") and reshape the rest."""
     n_sym = next((i for i, d in enumerate(shape) if not isinstance(d, str)), len(shape))

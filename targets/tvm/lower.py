@@ -247,12 +247,13 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     import tvm
 
     # the fuse pass's e4m3 codes: these kernels take float inputs and quantize them in a first stage of their own
+    # (and they have no fused norm + RoPE)
     module, unfused = fuse.unfuse(module)
     if unfused:
         module = memory_plan.run(module, memory_plan.Options())
         if progress:
-            progress(f"tvm: {unfused} norms quantizing for their readers (the fuse pass) back to rms_norm: these "
-                     "kernels quantize their own input")
+            progress(f"tvm: {unfused} fused norms (the fuse pass: rms_norm_quant, rms_norm_rope) back to rms_norm "
+                     "and their readers: these kernels quantize their own input")
     program = torch_lower(module, prefill_chunk=prefill_chunk)
     tgt = host_target(target)
     steps, torch_ops, funcs, names = {}, {}, [], {}

@@ -270,6 +270,12 @@ def _act_groups(x: TensorType, a: dict) -> int:
     return cdiv(x.shape[-1], a["group"])
 
 
+def _rms_norm_rope(ins, st, a):
+    x, positions, inv_freq, w = ins
+    _rms_norm([x, w], st, a)
+    return _rope([x, positions, inv_freq], st, a)
+
+
 def _rms_norm_quant(ins, st, a):
     x, w = ins
     _rms_norm(ins, st, a)
@@ -362,6 +368,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
           attrs=("window", "rate", "scale")),
     OpDef("fake_quant", ("x",), _fake_quant, attrs=("act",)),
     OpDef("rms_norm_quant", ("x", "weight?"), _rms_norm_quant, attrs=("eps", "group", "scale_format")),
+    OpDef("rms_norm_rope", ("x", "positions", "inv_freq", "weight?"), _rms_norm_rope, attrs=("eps",)),
     OpDef("linear_fp8", ("x", "weight", "scale", "x_scale?"), _linear_fp8, attrs=("block", "act")),
     OpDef("grouped_linear_fp8", ("x", "weight", "scale"), _grouped_linear_fp8, attrs=("groups", "block", "act")),
     OpDef("embed_fp8", ("tokens", "weight", "scale"), _embed_fp8, attrs=("block",)),

@@ -1,5 +1,5 @@
-"""Triton kernels for the dense elementwise / row ops: RMSNorm (plain and fused with per-token-group FP8
-activation quantization), SwiGLU, add and RoPE.
+"""Triton kernels for the dense elementwise / row ops: RMSNorm (plain, fused with per-token-group FP8
+activation quantization, or fused with the RoPE that follows it), SwiGLU, add and RoPE.
 
 Every launcher has the signature and semantics of the runtime torch kernel of the same name
 (runtime/kernels/basic.py; rms_norm_quant = runtime.quant.fake_quant_groups over rms_norm) plus an
@@ -91,12 +91,23 @@ def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE: tl.constexpr):
+    """Pairs (a, b) at channels (NOPE + 2i, NOPE + 2i + 1) rotated by angle pos * inv[i]: (a cos - b sin,
+    b cos + a sin), cos and sin scaled by `scale`, sin negated if INVERSE."""
+    angle = pos * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)
+    cos = tl.cos(angle) * scale
+    sin = tl.sin(angle) * scale
+    if INVERSE:
+        sin = -sin
+    return a * cos - b * sin, b * cos + a * sin
+
+
+@triton.jit
 def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.constexpr, NOPE: tl.constexpr,
                  HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NOPE: tl.constexpr,
                  BLOCK_HALF: tl.constexpr):
-    """BLOCK_M rows of x viewed as [B*S*H, D]; row r has position pos[(r // H) % S].
-    Channels [0, NOPE) are copied; pairs (a, b) = (x[NOPE+2i], x[NOPE+2i+1]) rotate by
-    angle pos * inv[i]: (a cos - b sin, b cos + a sin), cos/sin scaled by `scale`, sin negated if INVERSE."""
+    """BLOCK_M rows of x viewed as [B*S*H, D]; row r has position pos[(r // H) % S]. Channels [0, NOPE)
+    are copied, the pairs after them rotated (_rotate)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
     base = r[:, None] * D
@@ -110,13 +121,35 @@ def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.conste
     a = tl.load(x_ptr + even, mask=pmask, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + even + 1, mask=pmask, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + (r // H) % S, mask=rmask, other=0).to(tl.float32)
-    angle = pos[:, None] * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)
-    cos = tl.cos(angle) * scale
-    sin = tl.sin(angle) * scale
-    if INVERSE:
-        sin = -sin
-    tl.store(y_ptr + even, a * cos - b * sin, mask=pmask)
-    tl.store(y_ptr + even + 1, b * cos + a * sin, mask=pmask)
+    a, b = _rotate(a, b, pos[:, None], inv_ptr, i, HALF, scale, INVERSE)
+    tl.store(y_ptr + even, a, mask=pmask)
+    tl.store(y_ptr + even + 1, b, mask=pmask)
+
+
+@triton.jit
+def _rms_norm_rope_kernel(x_ptr, pos_ptr, inv_ptr, w_ptr, y_ptr, S, H, scale, eps, D: tl.constexpr,
+                          NOPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr, HAS_W: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One row of x viewed as [B*S*H, D] per program (position pos[(row // H) % S]): y = x * rstd [* w] as
+    _rms_norm_kernel computes it (the same row sum, so the same bits), then the trailing pairs rotated as
+    _rope_kernel does."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row, y_row = x_ptr + row * D, y_ptr + row * D
+    rstd = _rstd(x_row, D, eps, BLOCK_D)
+    c = tl.arange(0, BLOCK_NOPE)
+    nope = tl.load(x_row + c, mask=c < NOPE, other=0.0).to(tl.float32) * rstd
+    i = tl.arange(0, BLOCK_HALF)
+    a = tl.load(x_row + NOPE + 2 * i, mask=i < HALF, other=0.0).to(tl.float32) * rstd
+    b = tl.load(x_row + NOPE + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32) * rstd
+    if HAS_W:
+        nope = tl.load(w_ptr + c, mask=c < NOPE, other=0.0).to(tl.float32) * nope
+        a = tl.load(w_ptr + NOPE + 2 * i, mask=i < HALF, other=0.0).to(tl.float32) * a
+        b = tl.load(w_ptr + NOPE + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32) * b
+    tl.store(y_row + c, nope, mask=c < NOPE)
+    pos = tl.load(pos_ptr + (row // H) % S).to(tl.float32)
+    a, b = _rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE)
+    tl.store(y_row + NOPE + 2 * i, a, mask=i < HALF)
+    tl.store(y_row + NOPE + 2 * i + 1, b, mask=i < HALF)
 
 
 # --- host side ----------------------------------------------------------------------------------
@@ -223,6 +256,37 @@ def rope(x, positions, inv_freq, *, inverse=False, scale=1.0, config=None, into=
     """x: [B, S, ..., D], positions: [S] int, inv_freq: [R/2] -> fp32 [B, S, ..., D]: interleaved RoPE on
     the trailing R channels at angle positions[s] * inv_freq[i]; `inverse` rotates by -angle."""
     cfg = launch_config(config, {"block_m": 16, "num_warps": 4}, "rope")
+    x, positions, inv_freq, rows, seq, heads, d, half = _rope_inputs(x, positions, inv_freq)
+    y = result(into, x.shape, torch.float32, x.device)
+    if rows:
+        block_m = cfg["block_m"]
+        _rope_kernel[(cdiv(rows, block_m),)](
+            x, positions, inv_freq, y, rows, seq, heads, float(scale), D=d, NOPE=d - 2 * half, HALF=half,
+            INVERSE=bool(inverse), BLOCK_M=block_m, BLOCK_NOPE=next_pow2(d - 2 * half), BLOCK_HALF=next_pow2(half),
+            num_warps=cfg["num_warps"])
+    return y
+
+
+def rms_norm_rope(x, positions, inv_freq, weight=None, *, eps, inverse=False, scale=1.0, config=None, into=None):
+    """rope(rms_norm(x, weight, eps), positions, inv_freq) in one kernel (the fuse pass's norm_rope), bit for bit
+    the two launches' result: each row of the last dim normalized, then its trailing R channels rotated;
+    x: [B, S, ..., D] -> fp32."""
+    cfg = launch_config(config, {"num_warps": 4}, "rms_norm_rope")
+    x, positions, inv_freq, rows, seq, heads, d, half = _rope_inputs(x, positions, inv_freq)
+    block_d = _row_size("x", d)
+    w = _weight(weight, d)
+    same_device(x=x, weight=w)
+    y = result(into, x.shape, torch.float32, x.device)
+    if rows:
+        _rms_norm_rope_kernel[(rows,)](
+            x, positions, inv_freq, x if w is None else w, y, seq, heads, float(scale), float(eps), D=d,
+            NOPE=d - 2 * half, HALF=half, INVERSE=bool(inverse), HAS_W=w is not None, BLOCK_D=block_d,
+            BLOCK_NOPE=next_pow2(d - 2 * half), BLOCK_HALF=next_pow2(half), num_warps=cfg["num_warps"])
+    return y
+
+
+def _rope_inputs(x, positions, inv_freq):
+    """-> x, positions, inv_freq (contiguous, inv_freq fp32), rows, S, heads per (b, s), D, R/2."""
     x = _float_input("x", x)
     check(x.dim() >= 3, f"x: expected [B, S, ..., D] (3+ dimensions), got shape {list(x.shape)}")
     check_tensor("positions", positions, dtypes=INTS, dim=1, contiguous=False)
@@ -233,17 +297,10 @@ def rope(x, positions, inv_freq, *, inverse=False, scale=1.0, config=None, into=
     check(half >= 1, "inv_freq: must be non-empty (the reference's rope needs at least one frequency)")
     check(2 * half <= d, f"inv_freq: {half} frequencies rotate {2 * half} channels, more than x's {d}")
     same_device(x=x, positions=positions, inv_freq=inv_freq)
-    y = result(into, x.shape, torch.float32, x.device)
     rows = x.numel() // d if d else 0
-    if rows == 0:
-        return y
-    heads = rows // (batch * seq)
-    block_m = cfg["block_m"]
-    _rope_kernel[(cdiv(rows, block_m),)](
-        x, positions.contiguous(), inv_freq.float().contiguous(), y, rows, seq, heads, float(scale), D=d,
-        NOPE=d - 2 * half, HALF=half, INVERSE=bool(inverse), BLOCK_M=block_m, BLOCK_NOPE=next_pow2(d - 2 * half),
-        BLOCK_HALF=next_pow2(half), num_warps=cfg["num_warps"])
-    return y
+    heads = rows // (batch * seq) if rows else 0
+    return x, positions.contiguous(), inv_freq.float().contiguous(), rows, seq, heads, d, half
 
 
-LAUNCHERS = {"rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "swiglu": swiglu, "add": add, "rope": rope}
+LAUNCHERS = {"rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "swiglu": swiglu, "add": add, "rope": rope,
+             "rms_norm_rope": rms_norm_rope}
