@@ -1,5 +1,6 @@
-"""Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it (`norm_quant`); and
-a norm read only by RoPE and that RoPE as one op (`norm_rope`).
+"""Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it (`norm_quant`); a
+norm read only by RoPE and that RoPE as one op (`norm_rope`); an add read only by hc_post done in hc_post
+(`add_post`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -30,11 +31,20 @@ memory. In V4 that is every layer's per-head query norm and kv_norm, each before
 layer fewer in a decode step. The numbers do not change: the torch kernel is `rope(rms_norm(x))`, and the
 Triton kernel computes each row as the two kernels did (the same row sum and products), bit for bit.
 
+`add_post`:
+
+    %y = add(%a, %b)                                 ->   %n = hc_post(%a, %streams, %post, %comb, %b)
+    %n = hc_post(%y, %streams, %post, %comb)
+
+for every `add` of two values of its result's shape whose only reader is an `hc_post`, as the block output.
+In V4 that is every MoE layer's sum of the routed and the shared experts: one launch a layer fewer. The
+kernel adds the two in fp32 as `add` does (the same bits).
+
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
 their own, which at decode sizes costs next to nothing against the weight reads, and it has no fused norm and
-RoPE kernel (on a CPU there is no launch to save).
+RoPE or add and hc_post kernels (on a CPU there is no launch to save).
 """
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +59,8 @@ class Options(BaseModel):
                                                "linear_fp8 / moe_experts_q ops that read it -> one rms_norm_quant")
     norm_rope: bool = Field(True, description="rms_norm read only by a rope -> one rms_norm_rope (V4's per-head "
                                               "query norm and kv_norm, each before its RoPE)")
+    add_post: bool = Field(True, description="add read only by hc_post (as the block output) -> hc_post adding it "
+                                             "(V4's routed + shared expert sum)")
 
 
 def check_order(options: Options, earlier: list) -> str | None:
@@ -132,46 +144,70 @@ def run(m: Module, options: Options, progress=None) -> Module:
             kept += keep
             experts += sum(r.op == "moe_experts_q" for r in readers)
         body = [replace.get(id(ins), ins) for ins in body]
-    roped = 0
+    roped = added = 0
     if options.norm_rope:
-        body, roped = _norm_rope(body, m.func.output.name)
+        body, roped = _fold_into_reader(body, m.func.output.name, "rms_norm", "rope", _norm_rope)
+    if options.add_post:
+        body, added = _fold_into_reader(body, m.func.output.name, "add", "hc_post", _add_post)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
-                            "norm_rope": roped}
+                            "norm_rope": roped, "add_post": added}
     return out
 
 
-def _norm_rope(body: list[Instr], output: str) -> tuple[list[Instr], int]:
-    """Each rms_norm whose output only a rope reads (as x) -> one rms_norm_rope in the rope's place, with the
-    rope's results and attributes and the norm's eps. -> (body, norms fused)."""
+def _fold_into_reader(body: list[Instr], output: str, producer: str, reader: str, fold) -> tuple[list[Instr], int]:
+    """Each `producer` instruction whose result only one `reader` instruction reads, as its operand 0, and is not
+    the program's output -> fold(producer, reader) in the reader's place (None: left alone). -> (body, folded)."""
     uses = _readers(body)
-    norms = {ins.results[0].name: ins for ins in body if ins.op == "rms_norm"}
-    dropped, fused = set(), {}
+    made = {ins.results[0].name: ins for ins in body if ins.op == producer}
+    dropped, folded = set(), {}
     for ins in body:
-        x = ins.operands[0] if ins.op == "rope" else None
-        if isinstance(x, Value) and x.name in norms and len(uses[x.name]) == 1 and x.name != output:
-            norm = norms[x.name]
-            dropped.add(id(norm))
-            fused[id(ins)] = Instr("rms_norm_rope", [norm.operands[0], *ins.operands[1:], *norm.operands[1:]],
-                                   ins.results, {**ins.attrs, "eps": norm.attrs["eps"]})
-    return [fused.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(fused)
+        x = ins.operands[0] if ins.op == reader else None
+        if isinstance(x, Value) and x.name in made and len(uses[x.name]) == 1 and x.name != output:
+            new = fold(made[x.name], ins)
+            if new is not None:
+                dropped.add(id(made[x.name]))
+                folded[id(ins)] = new
+    return [folded.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(folded)
+
+
+def _norm_rope(norm: Instr, rope: Instr) -> Instr:
+    """rms_norm_rope(x, positions, inv_freq, weight?) {rope's attributes, the norm's eps}."""
+    return Instr("rms_norm_rope", [norm.operands[0], *rope.operands[1:], *norm.operands[1:]], rope.results,
+                 {**rope.attrs, "eps": norm.attrs["eps"]})
+
+
+def _add_post(add: Instr, post: Instr) -> Instr | None:
+    """hc_post(a, streams, post, comb, b) for a = add(a, b) of two values of the block output's shape (no
+    broadcast), into an hc_post without an addend yet."""
+    a, b = add.operands
+    same = all(isinstance(v, Value) and v.type.shape == add.results[0].type.shape for v in (a, b))
+    return Instr("hc_post", [a, *post.operands[1:], b], post.results, dict(post.attrs)) \
+        if same and len(post.operands) == 4 else None
 
 
 def unfuse(m: Module) -> tuple[Module, int]:
     """The inverse rewrite, for a target whose FP8 kernels quantize their input in a first stage of their own and
     take no codes (TVM: at decode sizes that stage costs next to nothing against the weight reads): every
     rms_norm_quant back to rms_norm, its readers back to reading the norm's output; every rms_norm_rope back to
-    rms_norm then rope. -> (module, norms unfused)."""
+    rms_norm then rope, every hc_post with an addend back to add then hc_post. -> (module, ops unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
-    body, norm_of, roped = [], {}, 0  # codes name -> the norm's output
+    body, norm_of, undone = [], {}, 0  # codes name -> the norm's output; the other rules undone
     for ins in m.func.body:
+        if ins.op == "hc_post" and len(ins.operands) == 5:
+            out, *rest, addend = ins.operands
+            total = Value(_fresh(names, f"{ins.results[0].name}.out"), TensorType(out.type.shape, "f32"))
+            body.append(Instr("add", [out, addend], [total]))
+            body.append(Instr("hc_post", [total, *rest], ins.results, dict(ins.attrs)))
+            undone += 1
+            continue
         if ins.op == "rms_norm_rope":
             x, positions, inv_freq, *weight = ins.operands
             (r,) = ins.results
             y = Value(_fresh(names, f"{r.name}.norm"), r.type)
             body.append(Instr("rms_norm", [x, *weight], [y], {"eps": ins.attrs["eps"]}))
             body.append(Instr("rope", [y, positions, inv_freq], [r], {k: v for k, v in ins.attrs.items() if k != "eps"}))
-            roped += 1
+            undone += 1
             continue
         if ins.op == "rms_norm_quant":
             codes, scales, *kept = ins.results
@@ -185,4 +221,4 @@ def unfuse(m: Module) -> tuple[Module, int]:
             assert ins.operands[-1].name == scales, f"{ins.op} reads codes {x.name} without their scales"
             ins = Instr(ins.op, [y, *ins.operands[1:-1]], ins.results, dict(ins.attrs), list(ins.state))
         body.append(ins)
-    return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of) + roped
+    return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of) + undone

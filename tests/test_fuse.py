@@ -126,7 +126,7 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     layers = module.config["num_layers"]
     roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
     assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
-                                      "experts_reading_codes": layers, "norm_rope": len(roped)}
+                                      "experts_reading_codes": layers, "norm_rope": len(roped), "add_post": layers}
     assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
     for ins in norms:
@@ -213,8 +213,9 @@ def test_unfuse_gives_back_the_plain_program(module):
     plain, fused = _fp8(module), _fp8(module, "fuse")
     back, n = unfuse(fused)
     verify(back)
-    assert n == fused.counters["fuse"]["norm_quant"] + fused.counters["fuse"]["norm_rope"] > 0
-    assert fused.counters["fuse"]["norm_rope"] > 0
+    counts = fused.counters["fuse"]
+    assert n == counts["norm_quant"] + counts["norm_rope"] + counts["add_post"]
+    assert counts["norm_quant"] and counts["norm_rope"] and counts["add_post"]
     assert [(i.op, len(i.operands), len(i.results)) for i in back.func.body] == \
         [(i.op, len(i.operands), len(i.results)) for i in plain.func.body]
     assert unfuse(plain)[1] == 0
@@ -228,7 +229,7 @@ def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_rea
     output, is left alone; off, nothing changes; the logits are the unfused program's bit for bit (the torch
     kernel is rope over rms_norm)."""
     plain = _fp8(module)
-    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False})])
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "add_post": False})])
     verify(fused)
     assert parse_module(print_module(fused)) == fused
     by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
@@ -252,7 +253,40 @@ def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_rea
     changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, out))
     verify(changed)
     assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["norm_rope"] == len(ropes) - 1
-    off = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False})])
+    off = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False,
+                                                               "add_post": False})])
     assert off.func.body == plain.func.body
     ids = tokens(1, 40, seed=6)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+
+
+def test_fuse_adds_the_experts_sum_in_hc_post(module):
+    """add_post: an add whose only reader is hc_post (as the block output) -> that hc_post with the add's second
+    operand as its addend, in its place; every MoE layer's routed + shared sum; the logits bit for bit (the
+    torch kernel adds them as add does); an add with another reader stays."""
+    plain = _fp8(module)
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False})])
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
+    posts = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "hc_post"
+             and by_result.get(ins.operands[0].name, ins).op == "add"}
+    layers = module.config["num_layers"]
+    assert len(posts) == fused.counters["fuse"]["add_post"] == layers
+    assert not any(ins.op == "add" for ins in fused.func.body)  # V4 has no other add
+    for ins in fused.func.body:
+        if ins.results and ins.results[0].name in posts:
+            post = posts[ins.results[0].name]
+            add = by_result[post.operands[0].name]
+            assert ins.op == "hc_post" and ins.operands == [add.operands[0], *post.operands[1:], add.operands[1]]
+    ids = tokens(1, 40, seed=7)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+    body = list(plain.func.body)
+    add = next(ins for ins in body if ins.op == "add")
+    out = Value("out2", plain.func.output.type)
+    body.append(Instr("add", [plain.func.output, plain.func.output], [out]))
+    body.insert(body.index(add) + 1, Instr("add", [add.results[0], add.results[0]], [Value("extra",
+                                                                                           add.results[0].type)]))
+    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, out))
+    verify(changed)
+    assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["add_post"] == layers - 1

@@ -9,6 +9,7 @@ import torch
 
 from v4c.runtime.kernels import hyper as ref
 from v4c.targets.triton.kernels import hyper as tri
+from v4c.targets.triton.kernels import norm
 
 HCS = (1, 2, 3, 4)
 SHAPES = ((1, 1, 17), (2, 3, 33), (1, 5, 48), (2, 2, 100))  # (B, S, D)
@@ -72,6 +73,11 @@ def test_hc_post(hc, b, s, d):
     out, streams = randn(b, s, d, seed=3), randn(b, s, hc, d, seed=4)
     post, comb = 2 * torch.rand(b, s, hc), torch.rand(b, s, hc, hc)
     assert_close(tri.hc_post(out, streams, post, comb), ref.hc_post(out, streams, post, comb))
+    # the fuse pass's add_post: the block output out + addend, as the add kernel adds them (the same bits)
+    addend = randn(b, s, d, seed=5).bfloat16()
+    ours = tri.hc_post(out, streams, post, comb, addend)
+    assert_close(ours, ref.hc_post(out, streams, post, comb, addend))
+    assert torch.equal(ours, tri.hc_post(norm.add(out, addend), streams, post, comb))
 
 
 @pytest.mark.parametrize("hc", HCS)
@@ -246,6 +252,7 @@ def test_unsupported_inputs_raise_clear_errors():
         (lambda: tri.hc_post(out[..., :-1], streams, post, comb), "out: expected shape [1, 2, 17]"),
         (lambda: tri.hc_post(out, streams, post[..., :1], comb), "post: expected shape [1, 2, 2]"),
         (lambda: tri.hc_post(out, streams, post, comb[..., :1]), "comb: expected shape [1, 2, 2, 2]"),
+        (lambda: tri.hc_post(out, streams, post, comb, out[:, :1]), "addend: expected shape [1, 2, 17]"),
         (lambda: tri.hc_head(streams, fn, base, scale, **kw), "fn: expected shape [2, 34]"),
         (lambda: tri.hc_head(streams, hfn, hbase, scale, **kw), "scale: expected shape [1]"),
         (lambda: tri.hc_head(streams.double(), hfn, hbase, hscale, **kw), "streams: dtype torch.float64"),

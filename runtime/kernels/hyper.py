@@ -37,11 +37,13 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps):
     return collapsed, post, comb
 
 
-def hc_post(out, streams, post, comb):
+def hc_post(out, streams, post, comb, addend=None):
     """out: [B, S, D], streams: [B, S, hc, D] -> [B, S, hc, D];
-    new[j] = post[j] * out + sum_i comb[i, j] * streams[i]."""
+    new[j] = post[j] * out + sum_i comb[i, j] * streams[i]. addend [B, S, D] (the fuse pass's add_post): the
+    block output is out + addend, as `add` computes it."""
+    out = out.float() if addend is None else out.float() + addend.float()
     mixed = torch.matmul(comb.float().transpose(-1, -2), streams.float())
-    return post.float().unsqueeze(-1) * out.float().unsqueeze(-2) + mixed
+    return post.float().unsqueeze(-1) * out.unsqueeze(-2) + mixed
 
 
 def hc_head(streams, fn, base, scale, *, eps, norm_eps):

@@ -247,13 +247,13 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     import tvm
 
     # the fuse pass's e4m3 codes: these kernels take float inputs and quantize them in a first stage of their own
-    # (and they have no fused norm + RoPE)
+    # (and they have no fused norm + RoPE, add + hc_post)
     module, unfused = fuse.unfuse(module)
     if unfused:
         module = memory_plan.run(module, memory_plan.Options())
         if progress:
-            progress(f"tvm: {unfused} fused norms (the fuse pass: rms_norm_quant, rms_norm_rope) back to rms_norm "
-                     "and their readers: these kernels quantize their own input")
+            progress(f"tvm: {unfused} ops the fuse pass fused (rms_norm_quant, rms_norm_rope, hc_post adding) back "
+                     "to the plain ops: these kernels quantize their own input")
     program = torch_lower(module, prefill_chunk=prefill_chunk)
     tgt = host_target(target)
     steps, torch_ops, funcs, names = {}, {}, [], {}
@@ -310,7 +310,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     triple = tgt.get("mtriple") or codegen.llvm_get_system_triple()
     spec = {"format": SPEC_FORMAT, "tvm": tvm.__version__, "library": LIBRARY, "target": tgt, "triple": triple,
             "machine": platform.machine(), "cpu_features": sorted(f for f in ISA_FLAGS if f in have),
-            "torch_ops": torch_ops, "steps": steps, "unfused_norms": unfused}
+            "torch_ops": torch_ops, "steps": steps, "unfused_ops": unfused}
     try:
         import tvm_ffi
         spec["tvm_ffi"] = tvm_ffi.__version__

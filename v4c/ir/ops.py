@@ -142,10 +142,12 @@ def _hc_pre(ins, st, a):
 
 
 def _hc_post(ins, st, a):
-    out, streams, post, comb = ins
+    out, streams, post, comb, addend = ins
     expect_rank("streams", streams, 4)
     b, s, hc, d = streams.shape
     expect_shape("block output", out, b, s, d)
+    if addend is not None:
+        expect_shape("addend", addend, b, s, d)
     expect_shape("post", post, b, s, hc)
     expect_shape("comb", comb, b, s, hc, hc)
     return [f32(b, s, hc, d)]
@@ -355,7 +357,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("swiglu", ("gate", "up"), _elementwise),
     OpDef("hc_expand", ("x",), _hc_expand, attrs=("hc",)),
     OpDef("hc_pre", ("streams", "fn", "base", "scale"), _hc_pre, attrs=("iters", "eps", "norm_eps")),
-    OpDef("hc_post", ("out", "streams", "post", "comb"), _hc_post),
+    OpDef("hc_post", ("out", "streams", "post", "comb", "addend?"), _hc_post),
     OpDef("hc_head", ("streams", "fn", "base", "scale"), _hc_head, attrs=("eps", "norm_eps")),
     OpDef("route_topk", ("x", "weight", "bias"), _route_topk, attrs=("k", "score_func", "scale")),
     OpDef("route_hash", ("x", "weight", "table", "tokens"), _route_hash, attrs=("score_func", "scale")),

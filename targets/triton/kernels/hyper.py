@@ -171,15 +171,17 @@ def _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D
 
 
 @triton.jit
-def _hc_post_kernel(out_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, HC: tl.constexpr, HCP: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """out: [T, D], x: [T, HC, D], post: [T, HC], comb: [T, HC, HC] -> new: [T, HC, D]."""
+def _hc_post_kernel(out_ptr, add_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, HC: tl.constexpr, HCP: tl.constexpr,
+                    ADD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out: [T, D] (ADD: + addend [T, D]), x: [T, HC, D], post: [T, HC], comb: [T, HC, HC] -> new: [T, HC, D]."""
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     i = tl.arange(0, HCP)
     d_mask = d < D
     tile_mask = (i[:, None] < HC) & d_mask[None, :]
     out = tl.load(out_ptr + t * D + d, mask=d_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
+    if ADD:
+        out = out + tl.load(add_ptr + t * D + d, mask=d_mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + t * HC * D + i[:, None] * D + d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     post = tl.load(post_ptr + t * HC + i, mask=i < HC, other=0.0).to(tl.float32)  # [HCP]
     comb = tl.load(comb_ptr + t * HC * HC + i[:, None] * HC + i[None, :],
@@ -323,21 +325,26 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None, into=
     return collapsed, post, comb
 
 
-def hc_post(out, streams, post, comb, *, config=None, into=None):
+def hc_post(out, streams, post, comb, addend=None, *, config=None, into=None):
     """out: [B, S, D], streams: [B, S, hc, D], post: [B, S, hc], comb: [B, S, hc, hc] -> [B, S, hc, D] fp32;
-    new[j] = post[j] * out + sum_i comb[i, j] * streams[i]."""
+    new[j] = post[j] * out + sum_i comb[i, j] * streams[i]; addend [B, S, D] (the fuse pass's add_post): the
+    block output is out + addend (in fp32, as `add`)."""
     b, s, hc, d = _check_streams(streams)
     _check_param("out", out, (b, s, d))
+    if addend is not None:
+        _check_param("addend", addend, (b, s, d))
     _check_param("post", post, (b, s, hc))
     _check_param("comb", comb, (b, s, hc, hc))
-    same_device(out=out, streams=streams, post=post, comb=comb)
+    same_device(out=out, streams=streams, post=post, comb=comb, addend=addend)
     new = result(into, (b, s, hc, d), torch.float32, streams.device)
     if new.numel() == 0:
         return new
     opts = _options(config, d, d, "hc_post")
     grid = (b * s, cdiv(d, opts["BLOCK_D"]))
-    _hc_post_kernel[grid](out.contiguous(), streams.contiguous(), post.contiguous(), comb.contiguous(), new, d,
-                          HC=hc, HCP=next_pow2(hc), BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
+    out = out.contiguous()
+    _hc_post_kernel[grid](out, out if addend is None else addend.contiguous(), streams.contiguous(), post.contiguous(),
+                          comb.contiguous(), new, d, HC=hc, HCP=next_pow2(hc), ADD=addend is not None,
+                          BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
     return new
 
 
