@@ -228,9 +228,10 @@ def compress_cases(batches: list[int]) -> list[dict]:
 
 
 def hyper_cases() -> list[dict]:
-    """mHC's hc_pre and hc_head at V4-Flash sizes (hc 4, D 4096: fn [24, 16384] fp32) for 1 and 16 decode tokens
-    (their projection split over the SMs) and a 4096-token prefill (one program a token)."""
-    from v4c.targets.triton.kernels.hyper import hc_head, hc_pre
+    """mHC's hc_pre, hc_post_pre (the fuse pass's: the previous block's hc_post computed in hc_pre's K loop) and
+    hc_head at V4-Flash sizes (hc 4, D 4096: fn [24, 16384] fp32) for 1 and 16 decode tokens (their projection
+    split over the SMs) and a 4096-token prefill (one program a token)."""
+    from v4c.targets.triton.kernels.hyper import hc_head, hc_post_pre, hc_pre
     hc, d = 4, 4096
     n = (2 + hc) * hc
     fn, base, scale = torch.randn(n, hc * d) * 0.01, torch.randn(n), torch.ones(3)
@@ -239,6 +240,10 @@ def hyper_cases() -> list[dict]:
         streams = torch.randn(1, tokens, hc, d)
         out.append({"case": f"hc_pre hc={hc} d={d} tokens={tokens}", "config": {},
                     "call": lambda x=streams: hc_pre(x, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6)})
+        prev = torch.randn(1, tokens, d), torch.rand(1, tokens, hc), torch.rand(1, tokens, hc, hc)
+        out.append({"case": f"hc_post_pre hc={hc} d={d} tokens={tokens}", "config": {},
+                    "call": lambda x=streams, p=prev: hc_post_pre(p[0], x, p[1], p[2], fn, base, scale, p[0], iters=20,
+                                                                  eps=1e-6, norm_eps=1e-6)})
         out.append({"case": f"hc_head hc={hc} d={d} tokens={tokens}", "config": {},
                     "call": lambda x=streams: hc_head(x, fn[:hc], base[:hc], scale[:1], eps=1e-6, norm_eps=1e-6)})
     return out

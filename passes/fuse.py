@@ -1,6 +1,6 @@
 """Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it (`norm_quant`); a
 norm read only by RoPE and that RoPE as one op (`norm_rope`); an add read only by hc_post done in hc_post
-(`add_post`).
+(`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -40,11 +40,21 @@ for every `add` of two values of its result's shape whose only reader is an `hc_
 In V4 that is every MoE layer's sum of the routed and the shared experts: one launch a layer fewer. The
 kernel adds the two in fp32 as `add` does (the same bits).
 
+`post_pre`:
+
+    %n = hc_post(%o, %s, %p, %c, %a?)                ->   %n, %x, %p2, %c2 = hc_post_pre(%o, %s, %p, %c, @fn, @base,
+    %x, %p2, %c2 = hc_pre(%n, @fn, @base, @scale)                                         @scale, %a?) {hc_pre's}
+
+for every hc_pre whose streams an hc_post makes (its other operands parameters), at the hc_post's place. The new
+streams stay a result (the next hc_post reads them as its residual). In V4 that is every block boundary but the
+last (whose hc_post feeds hc_head): 2 x layers - 1 launches fewer. The Triton kernel is hc_pre's, computing each
+K tile of its input as hc_post does and storing it, so the same bits again.
+
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
 their own, which at decode sizes costs next to nothing against the weight reads, and it has no fused norm and
-RoPE or add and hc_post kernels (on a CPU there is no launch to save).
+RoPE, add and hc_post, or hc_post and hc_pre kernels (on a CPU there is no launch to save).
 """
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,6 +71,8 @@ class Options(BaseModel):
                                               "query norm and kv_norm, each before its RoPE)")
     add_post: bool = Field(True, description="add read only by hc_post (as the block output) -> hc_post adding it "
                                              "(V4's routed + shared expert sum)")
+    post_pre: bool = Field(True, description="hc_post and the hc_pre that reads its streams -> one hc_post_pre "
+                                             "(every block boundary but the last)")
 
 
 def check_order(options: Options, earlier: list) -> str | None:
@@ -149,10 +161,29 @@ def run(m: Module, options: Options, progress=None) -> Module:
         body, roped = _fold_into_reader(body, m.func.output.name, "rms_norm", "rope", _norm_rope)
     if options.add_post:
         body, added = _fold_into_reader(body, m.func.output.name, "add", "hc_post", _add_post)
+    joined = 0
+    if options.post_pre:
+        body, joined = _post_pre(body)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
-                            "norm_rope": roped, "add_post": added}
+                            "norm_rope": roped, "add_post": added, "post_pre": joined}
     return out
+
+
+def _post_pre(body: list[Instr]) -> tuple[list[Instr], int]:
+    """Each hc_post whose streams an hc_pre reads (with parameters for its other operands) and that hc_pre -> one
+    hc_post_pre in the hc_post's place, with both ops' results (the new streams stay a result: the next hc_post
+    reads them too). -> (body, pairs joined)."""
+    posts = {ins.results[0].name: ins for ins in body if ins.op == "hc_post"}
+    dropped, joined = set(), {}
+    for ins in body:
+        x = ins.operands[0] if ins.op == "hc_pre" else None
+        post = posts.get(x.name) if isinstance(x, Value) else None
+        if post is not None and id(post) not in joined and all(isinstance(o, ParamRef) for o in ins.operands[1:]):
+            dropped.add(id(ins))
+            joined[id(post)] = Instr("hc_post_pre", [*post.operands[:4], *ins.operands[1:], *post.operands[4:]],
+                                     [*post.results, *ins.results], dict(ins.attrs))
+    return [joined.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(joined)
 
 
 def _fold_into_reader(body: list[Instr], output: str, producer: str, reader: str, fold) -> tuple[list[Instr], int]:
@@ -190,35 +221,44 @@ def unfuse(m: Module) -> tuple[Module, int]:
     """The inverse rewrite, for a target whose FP8 kernels quantize their input in a first stage of their own and
     take no codes (TVM: at decode sizes that stage costs next to nothing against the weight reads): every
     rms_norm_quant back to rms_norm, its readers back to reading the norm's output; every rms_norm_rope back to
-    rms_norm then rope, every hc_post with an addend back to add then hc_post. -> (module, ops unfused)."""
+    rms_norm then rope, every hc_post_pre back to hc_post then hc_pre, every hc_post with an addend back to add
+    then hc_post. -> (module, ops unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
     body, norm_of, undone = [], {}, 0  # codes name -> the norm's output; the other rules undone
-    for ins in m.func.body:
-        if ins.op == "hc_post" and len(ins.operands) == 5:
-            out, *rest, addend = ins.operands
-            total = Value(_fresh(names, f"{ins.results[0].name}.out"), TensorType(out.type.shape, "f32"))
-            body.append(Instr("add", [out, addend], [total]))
-            body.append(Instr("hc_post", [total, *rest], ins.results, dict(ins.attrs)))
-            undone += 1
-            continue
-        if ins.op == "rms_norm_rope":
-            x, positions, inv_freq, *weight = ins.operands
-            (r,) = ins.results
-            y = Value(_fresh(names, f"{r.name}.norm"), r.type)
-            body.append(Instr("rms_norm", [x, *weight], [y], {"eps": ins.attrs["eps"]}))
-            body.append(Instr("rope", [y, positions, inv_freq], [r], {k: v for k, v in ins.attrs.items() if k != "eps"}))
-            undone += 1
-            continue
-        if ins.op == "rms_norm_quant":
-            codes, scales, *kept = ins.results
-            y = kept[0] if kept else Value(_fresh(names, f"{codes.name}.y"), TensorType(codes.type.shape, "f32"))
-            norm_of[codes.name] = (y, scales.name)
-            body.append(Instr("rms_norm", list(ins.operands), [y], {"eps": ins.attrs["eps"]}))
-            continue
-        x = ins.operands[0] if ins.operands else None
-        if isinstance(x, Value) and x.name in norm_of:
-            y, scales = norm_of[x.name]
-            assert ins.operands[-1].name == scales, f"{ins.op} reads codes {x.name} without their scales"
-            ins = Instr(ins.op, [y, *ins.operands[1:-1]], ins.results, dict(ins.attrs), list(ins.state))
-        body.append(ins)
+    for fused in m.func.body:
+        plain = _split(fused, names)
+        undone += len(plain) - 1  # (an hc_post_pre with an addend undoes two rules)
+        for ins in plain:
+            if ins.op == "rms_norm_quant":
+                codes, scales, *kept = ins.results
+                y = kept[0] if kept else Value(_fresh(names, f"{codes.name}.y"), TensorType(codes.type.shape, "f32"))
+                norm_of[codes.name] = (y, scales.name)
+                body.append(Instr("rms_norm", list(ins.operands), [y], {"eps": ins.attrs["eps"]}))
+                continue
+            x = ins.operands[0] if ins.operands else None
+            if isinstance(x, Value) and x.name in norm_of:
+                y, scales = norm_of[x.name]
+                assert ins.operands[-1].name == scales, f"{ins.op} reads codes {x.name} without their scales"
+                ins = Instr(ins.op, [y, *ins.operands[1:-1]], ins.results, dict(ins.attrs), list(ins.state))
+            body.append(ins)
     return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of) + undone
+
+
+def _split(ins: Instr, names: set[str]) -> list[Instr]:
+    """rms_norm_rope, hc_post_pre and hc_post with an addend as the plain ops they fused; any other op as is."""
+    if ins.op == "hc_post_pre":
+        out, streams, post, comb, fn, base, scale, *addend = ins.operands
+        new, *pre = ins.results
+        return [*_split(Instr("hc_post", [out, streams, post, comb, *addend], [new]), names),
+                Instr("hc_pre", [new, fn, base, scale], pre, dict(ins.attrs))]
+    if ins.op == "hc_post" and len(ins.operands) == 5:
+        out, *rest, addend = ins.operands
+        total = Value(_fresh(names, f"{ins.results[0].name}.out"), TensorType(out.type.shape, "f32"))
+        return [Instr("add", [out, addend], [total]), Instr("hc_post", [total, *rest], ins.results, dict(ins.attrs))]
+    if ins.op == "rms_norm_rope":
+        x, positions, inv_freq, *weight = ins.operands
+        (r,) = ins.results
+        y = Value(_fresh(names, f"{r.name}.norm"), r.type)
+        return [Instr("rms_norm", [x, *weight], [y], {"eps": ins.attrs["eps"]}),
+                Instr("rope", [y, positions, inv_freq], [r], {k: v for k, v in ins.attrs.items() if k != "eps"})]
+    return [ins]

@@ -126,7 +126,8 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     layers = module.config["num_layers"]
     roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
     assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
-                                      "experts_reading_codes": layers, "norm_rope": len(roped), "add_post": layers}
+                                      "experts_reading_codes": layers, "norm_rope": len(roped), "add_post": layers,
+                                      "post_pre": 2 * layers - 1}
     assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
     for ins in norms:
@@ -214,8 +215,8 @@ def test_unfuse_gives_back_the_plain_program(module):
     back, n = unfuse(fused)
     verify(back)
     counts = fused.counters["fuse"]
-    assert n == counts["norm_quant"] + counts["norm_rope"] + counts["add_post"]
-    assert counts["norm_quant"] and counts["norm_rope"] and counts["add_post"]
+    assert n == counts["norm_quant"] + counts["norm_rope"] + counts["add_post"] + counts["post_pre"]
+    assert counts["norm_quant"] and counts["norm_rope"] and counts["add_post"] and counts["post_pre"]
     assert [(i.op, len(i.operands), len(i.results)) for i in back.func.body] == \
         [(i.op, len(i.operands), len(i.results)) for i in plain.func.body]
     assert unfuse(plain)[1] == 0
@@ -229,7 +230,8 @@ def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_rea
     output, is left alone; off, nothing changes; the logits are the unfused program's bit for bit (the torch
     kernel is rope over rms_norm)."""
     plain = _fp8(module)
-    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "add_post": False})])
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "add_post": False,
+                                                                 "post_pre": False})])
     verify(fused)
     assert parse_module(print_module(fused)) == fused
     by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
@@ -254,7 +256,7 @@ def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_rea
     verify(changed)
     assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["norm_rope"] == len(ropes) - 1
     off = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False,
-                                                               "add_post": False})])
+                                                               "add_post": False, "post_pre": False})])
     assert off.func.body == plain.func.body
     ids = tokens(1, 40, seed=6)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
@@ -265,7 +267,8 @@ def test_fuse_adds_the_experts_sum_in_hc_post(module):
     operand as its addend, in its place; every MoE layer's routed + shared sum; the logits bit for bit (the
     torch kernel adds them as add does); an add with another reader stays."""
     plain = _fp8(module)
-    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False})])
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False,
+                                                                 "post_pre": False})])
     verify(fused)
     assert parse_module(print_module(fused)) == fused
     by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
@@ -290,3 +293,32 @@ def test_fuse_adds_the_experts_sum_in_hc_post(module):
     changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, out))
     verify(changed)
     assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["add_post"] == layers - 1
+
+
+def test_fuse_joins_each_hc_post_with_the_next_blocks_hc_pre(module):
+    """post_pre: an hc_post whose new streams an hc_pre reads, and that hc_pre -> one hc_post_pre in the hc_post's
+    place, with the hc_post's operands (its addend last), the hc_pre's parameters and attributes, and both ops'
+    results; every block boundary but the last (the final hc_post feeds hc_head); the logits bit for bit."""
+    plain = _fp8(module)
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False})])
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    with_add = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False,
+                                                                    "post_pre": False})])
+    posts = {ins.results[0].name: ins for ins in with_add.func.body if ins.op == "hc_post"}
+    pres = {ins.operands[0].name: ins for ins in with_add.func.body if ins.op == "hc_pre"}
+    joined = [ins for ins in fused.func.body if ins.op == "hc_post_pre"]
+    layers = module.config["num_layers"]
+    assert len(joined) == fused.counters["fuse"]["post_pre"] == 2 * layers - 1
+    assert [ins.op for ins in fused.func.body].count("hc_post") == 1  # the last block's, read by hc_head
+    first = [ins for ins in fused.func.body if ins.op == "hc_pre"]  # the first block's, read by hc_expand
+    assert len(first) == 1 and first[0].operands[0].name == next(i for i in fused.func.body
+                                                                 if i.op == "hc_expand").results[0].name
+    for ins in joined:
+        new = ins.results[0].name
+        post, pre = posts[new], pres[new]
+        assert ins.operands == [*post.operands[:4], *pre.operands[1:], *post.operands[4:]]
+        assert ins.results == [*post.results, *pre.results] and ins.attrs == pre.attrs
+    assert sum(len(ins.operands) == 8 for ins in joined) == layers - 1  # MoE halves carry the experts' addend
+    ids = tokens(1, 40, seed=8)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))

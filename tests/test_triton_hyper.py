@@ -39,7 +39,7 @@ def head_params(hc, d, seed=2):
 
 
 def test_launchers_match_the_reference_signatures():
-    assert set(tri.LAUNCHERS) == {"hc_expand", "hc_pre", "hc_post", "hc_head"}
+    assert set(tri.LAUNCHERS) == {"hc_expand", "hc_pre", "hc_post", "hc_post_pre", "hc_head"}
     for name, launcher in tri.LAUNCHERS.items():
         params = dict(inspect.signature(launcher).parameters)
         for extra in ("config", "into"):  # launch parameters, and the runtime's buffer to write (common.result)
@@ -78,6 +78,28 @@ def test_hc_post(hc, b, s, d):
     ours = tri.hc_post(out, streams, post, comb, addend)
     assert_close(ours, ref.hc_post(out, streams, post, comb, addend))
     assert torch.equal(ours, tri.hc_post(norm.add(out, addend), streams, post, comb))
+
+
+@pytest.mark.parametrize("hc", HCS)
+@pytest.mark.parametrize("b,s,d", SHAPES)
+@pytest.mark.parametrize("split", [1, 3])
+def test_hc_post_pre_is_hc_post_then_hc_pre(hc, b, s, d, split):
+    """The fuse pass's post_pre in one launch: the new streams, collapse, post and comb of hc_post then hc_pre, bit
+    for bit as the two launches (each K tile of the streams computed as hc_post does), with and without the
+    experts' addend, in one run a token and split over runs (whose last finishes the token, reading streams the
+    other runs stored)."""
+    out, streams, addend = randn(b, s, d, seed=6), randn(b, s, hc, d, seed=7), randn(b, s, d, seed=8)
+    post, comb = 2 * torch.rand(b, s, hc), torch.rand(b, s, hc, hc)
+    params = pre_params(hc, d, seed=9)
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    config = {"BLOCK_K": 16, "SPLIT_K": split}
+    for extra in (None, addend):
+        ours = tri.hc_post_pre(out, streams, post, comb, *params, extra, **kw, config=config)
+        new = tri.hc_post(out, streams, post, comb, extra)
+        apart = (new, *tri.hc_pre(new, *params, **kw, config=config))
+        assert len(ours) == 4 and all(torch.equal(a, b) for a, b in zip(ours, apart, strict=True))
+        for a, b in zip(ours, ref.hc_post_pre(out, streams, post, comb, *params, extra, **kw), strict=True):
+            assert_close(a, b)
 
 
 @pytest.mark.parametrize("hc", HCS)

@@ -8,7 +8,7 @@ this call). The IR's op registry uses these as the reference implementation of e
 from .attention import attention, index_topk
 from .basic import add, embed, grouped_linear, linear, reshape, rms_norm, rms_norm_rope, rope, swiglu
 from .compressor import compress
-from .hyper import hc_expand, hc_head, hc_post, hc_pre
+from .hyper import hc_expand, hc_head, hc_post, hc_post_pre, hc_pre
 from .moe import moe_experts, route_hash, route_topk
 from .quantized import embed_fp8, fake_quant, grouped_linear_fp8, linear_fp8, moe_experts_q, rms_norm_quant
 
@@ -25,6 +25,7 @@ KERNELS = {
     "hc_expand": hc_expand,
     "hc_pre": hc_pre,
     "hc_post": hc_post,
+    "hc_post_pre": hc_post_pre,
     "hc_head": hc_head,
     "route_topk": route_topk,
     "route_hash": route_hash,

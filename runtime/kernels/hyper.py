@@ -46,6 +46,13 @@ def hc_post(out, streams, post, comb, addend=None):
     return post.float().unsqueeze(-1) * out.unsqueeze(-2) + mixed
 
 
+def hc_post_pre(out, streams, post, comb, fn, base, scale, addend=None, *, iters, eps, norm_eps):
+    """hc_post then the next block's hc_pre on its result (the fuse pass's post_pre) -> (new streams [B, S, hc, D],
+    collapsed, post, comb as hc_pre returns them)."""
+    new = hc_post(out, streams, post, comb, addend)
+    return (new, *hc_pre(new, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps))
+
+
 def hc_head(streams, fn, base, scale, *, eps, norm_eps):
     """streams: [B, S, hc, D], fn: [hc, hc*D], base: [hc], scale: [1] -> [B, S, D]."""
     streams = streams.float()

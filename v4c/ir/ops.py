@@ -153,6 +153,12 @@ def _hc_post(ins, st, a):
     return [f32(b, s, hc, d)]
 
 
+def _hc_post_pre(ins, st, a):
+    out, streams, post, comb, fn, base, scale, addend = ins
+    (new,) = _hc_post([out, streams, post, comb, addend], st, a)
+    return [new, *_hc_pre([new, fn, base, scale], st, a)]
+
+
 def _hc_head(ins, st, a):
     x, fn, base, scale = ins
     expect_rank("streams", x, 4)
@@ -358,6 +364,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("hc_expand", ("x",), _hc_expand, attrs=("hc",)),
     OpDef("hc_pre", ("streams", "fn", "base", "scale"), _hc_pre, attrs=("iters", "eps", "norm_eps")),
     OpDef("hc_post", ("out", "streams", "post", "comb", "addend?"), _hc_post),
+    OpDef("hc_post_pre", ("out", "streams", "post", "comb", "fn", "base", "scale", "addend?"), _hc_post_pre,
+          attrs=("iters", "eps", "norm_eps")),
     OpDef("hc_head", ("streams", "fn", "base", "scale"), _hc_head, attrs=("eps", "norm_eps")),
     OpDef("route_topk", ("x", "weight", "bias"), _route_topk, attrs=("k", "score_func", "scale")),
     OpDef("route_hash", ("x", "weight", "table", "tokens"), _route_hash, attrs=("score_func", "scale")),

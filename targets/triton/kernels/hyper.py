@@ -7,6 +7,7 @@ in fp32 and returns fp32, like the reference. Tokens are flattened to T = B*S ro
   hc_pre     grid (T, SPLIT)    per token: RMSNorm scale, the (2+hc)*hc projection, sigmoid / softmax,
                                 Sinkhorn in registers, the pre-weighted collapse
   hc_post    grid (T, D tiles)  new[t, j, :] = post[t, j] * out[t, :] + sum_i comb[t, i, j] * streams[t, i, :]
+  hc_post_pre grid (T, SPLIT)   hc_pre's kernel computing each K tile of its input as hc_post does (and storing it)
   hc_head    grid (T, SPLIT)    the hc_pre collapse with an hc-row projection and one scale
 
 The projection reads all of fn ([(2+hc)*hc, hc*D] fp32, 1.5 MB at V4-Flash's hc 4, D 4096) for every token: with
@@ -57,7 +58,8 @@ def _collapse(x_ptr, out_ptr, pre, D, HC: tl.constexpr, HCP: tl.constexpr, BLOCK
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = (i[:, None] < HC) & (d[None, :] < D)
-        x = tl.load(x_ptr + i[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)  # [HCP, BLOCK_D]
+        x = tl.load(x_ptr + i[:, None] * D + d[None, :], mask=mask, other=0.0,
+                    cache_modifier=".cg").to(tl.float32)  # [HCP, BLOCK_D] (.cg: hc_post_pre's other SMs wrote x)
         tl.store(out_ptr + d, tl.sum(pre[:, None] * x, axis=0), mask=d < D)
 
 
@@ -98,12 +100,35 @@ def _hc_expand_kernel(x_ptr, out_ptr, D, HC: tl.constexpr, HCP: tl.constexpr, BL
 
 
 @triton.jit
-def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, ws_ptr, cnt_ptr, D, iters, eps,
-                   norm_eps, per_split, HC: tl.constexpr, HCP: tl.constexpr, SPLIT: tl.constexpr,
+def _post_tile(out_ptr, add_ptr, old_ptr, ppost_ptr, pcomb_ptr, new_ptr, t, offs_k, k_mask, D, HC: tl.constexpr,
+               HCP: tl.constexpr, ADD: tl.constexpr):
+    """K tile offs_k of token t's new streams (flat [HC*D]: channel d of stream j at j*D + d), computed as
+    _hc_post_kernel does and stored: new[j, d] = post[j] * (out[d] (+ addend[d])) + sum_i comb[i, j] * old[i, d]."""
+    j = offs_k // D
+    d = offs_k - j * D
+    out = tl.load(out_ptr + t * D + d, mask=k_mask, other=0.0).to(tl.float32)
+    if ADD:
+        out = out + tl.load(add_ptr + t * D + d, mask=k_mask, other=0.0).to(tl.float32)
+    i = tl.arange(0, HCP)[:, None]
+    mask = (i < HC) & k_mask[None, :]
+    comb = tl.load(pcomb_ptr + t * HC * HC + i * HC + j[None, :], mask=mask, other=0.0).to(tl.float32)  # [HCP, BK]
+    old = tl.load(old_ptr + t * HC * D + i * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    post = tl.load(ppost_ptr + t * HC + j, mask=k_mask, other=0.0).to(tl.float32)
+    new = post * out + tl.sum(comb * old, axis=0)
+    tl.store(new_ptr + t * HC * D + offs_k, new, mask=k_mask)
+    return new
+
+
+@triton.jit
+def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, ws_ptr, cnt_ptr, out_ptr, add_ptr,
+                   ppost_ptr, pcomb_ptr, new_ptr, D, iters, eps, norm_eps, per_split, HC: tl.constexpr,
+                   HCP: tl.constexpr, SPLIT: tl.constexpr, POST: tl.constexpr, ADD: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """x: [T, HC*D], fn: [(2+HC)*HC, HC*D], base: [(2+HC)*HC], scale: [3]
     -> collapsed [T, D], post [T, HC], comb [T, HC, HC].
     mixes = rsqrt(mean(x^2) + norm_eps) * (fn @ x), then the gates, Sinkhorn and the collapse.
+    POST (hc_post_pre): x is the previous block's hc_post of (out (+ addend), x_ptr's streams, ppost, pcomb),
+    computed tile by tile (_post_tile) and stored to new_ptr, from which the collapse reads it.
     SPLIT > 1: program (t, p) projects K span p (per_split wide) into its record of ws [T, SPLIT, REC] (sum of
     squares, pre, post, comb; REC = 1 + (2 + HCP) * HCP); the last of token t's programs (cnt_ptr[t]) finishes."""
     t = tl.program_id(0).to(tl.int64)
@@ -117,7 +142,10 @@ def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_p
     for k0 in range(lo, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < hi
-        x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
+        if POST:
+            x = _post_tile(out_ptr, add_ptr, x_ptr, ppost_ptr, pcomb_ptr, new_ptr, t, offs_k, k_mask, D, HC, HCP, ADD)
+        else:
+            x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         sumsq += x * x
         pre_acc += _rows_dot(fn_ptr, 0, x, offs_k, k_mask, K, HC, HCP)
         post_acc += _rows_dot(fn_ptr, HC, x, offs_k, k_mask, K, HC, HCP)
@@ -125,7 +153,11 @@ def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_p
     ss = tl.sum(sumsq, axis=0)
     i = tl.arange(0, HCP)
     j = tl.arange(0, HCP)
+    if POST:
+        x_row = new_ptr + t * K  # the collapse reads the new streams, which other threads (SPLIT: programs) stored
     if SPLIT == 1:
+        if POST:
+            tl.debug_barrier()
         _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D, iters, eps, norm_eps, ss,
                        pre_acc, post_acc, comb_acc, HC, HCP, BLOCK_D)
     else:
@@ -298,6 +330,30 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None, into=
     pre = sigmoid(mixes_pre * scale[0] + base_pre) + eps; post = 2 * sigmoid(mixes_post * scale[1] + base_post);
     comb = Sinkhorn(softmax(mixes_comb * scale[2] + base_comb, rows) + eps, iters);
     collapsed = sum_i pre[i] * streams[i]."""
+    return _pre(streams, fn, base, scale, None, iters, eps, norm_eps, config, into, "hc_pre")
+
+
+def hc_post_pre(out, streams, post, comb, fn, base, scale, addend=None, *, iters, eps, norm_eps, config=None,
+                into=None):
+    """hc_post(out, streams, post, comb, addend) and hc_pre on its result in one launch (the fuse pass's post_pre)
+    -> (new streams [B, S, hc, D], collapsed, post, comb as hc_pre's), the same bits as the two launches: each
+    K tile of the new streams is computed as hc_post does, stored, and projected."""
+    b, s, hc, d = _check_streams(streams)
+    _check_param("out", out, (b, s, d))
+    if addend is not None:
+        _check_param("addend", addend, (b, s, d))
+    _check_param("post", post, (b, s, hc))
+    _check_param("comb", comb, (b, s, hc, hc))
+    same_device(out=out, streams=streams, post=post, comb=comb, addend=addend)
+    into_n, *into_pre = results(into, 4)
+    new = result(into_n, (b, s, hc, d), torch.float32, streams.device)
+    addend = None if addend is None else addend.contiguous()
+    prev = (out.contiguous(), addend, post.contiguous(), comb.contiguous(), new)
+    return (new, *_pre(streams, fn, base, scale, prev, iters, eps, norm_eps, config, into_pre, "hc_post_pre"))
+
+
+def _pre(streams, fn, base, scale, prev, iters, eps, norm_eps, config, into, name):
+    """The hc_pre launch; prev: None, or hc_post_pre's (out, addend or None, post, comb, new streams)."""
     b, s, hc, d = _check_streams(streams)
     n = (2 + hc) * hc
     _check_param("fn", fn, (n, hc * d))
@@ -314,14 +370,17 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None, into=
     comb = result(into_m, (b, s, hc, hc), torch.float32, dev)
     if b * s == 0:
         return collapsed, post, comb
-    opts = _options(config, d, hc * d, "hc_pre", split=True)
+    opts = _options(config, d, hc * d, name, split=True)
     split, per, counters = _split(opts, b * s, hc * d, dev)
     hcp = next_pow2(hc)
     ws = torch.empty(b * s * split * (1 + (2 + hcp) * hcp), dtype=torch.float32, device=dev) if split > 1 else post
+    p_out, p_add, p_post, p_comb, p_new = prev or (post,) * 5
     _hc_pre_kernel[(b * s, split)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
-                                   collapsed, post, comb, ws, post if counters is None else counters, d, iters,
-                                   float(eps), float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split,
-                                   BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
+                                   collapsed, post, comb, ws, post if counters is None else counters, p_out,
+                                   p_out if p_add is None else p_add, p_post, p_comb, p_new, d, iters, float(eps),
+                                   float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split, POST=prev is not None,
+                                   ADD=p_add is not None, BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"],
+                                   num_warps=opts["num_warps"])
     return collapsed, post, comb
 
 
@@ -372,4 +431,5 @@ def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None, into=None):
     return collapsed
 
 
-LAUNCHERS = {"hc_expand": hc_expand, "hc_pre": hc_pre, "hc_post": hc_post, "hc_head": hc_head}
+LAUNCHERS = {"hc_expand": hc_expand, "hc_pre": hc_pre, "hc_post": hc_post, "hc_post_pre": hc_post_pre,
+             "hc_head": hc_head}
