@@ -27,6 +27,12 @@ def _fp8(module, *passes, **fp8):
     return run_pipeline(module, [PassSpec(name="fp8", options=fp8), *(PassSpec(name=p) for p in passes)])
 
 
+def _fuse_only(module, *rules):
+    """The fuse pass with only `rules` on."""
+    options = {rule: rule in rules for rule in ("norm_quant", "norm_rope", "add_post", "post_pre")}
+    return run_pipeline(module, [PassSpec(name="fuse", options=options)])
+
+
 @pytest.fixture(scope="module")
 def module(hf_checkpoints):
     return import_checkpoint(hf_checkpoints[NAME], max_context=64)[0]
@@ -230,8 +236,7 @@ def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_rea
     output, is left alone; off, nothing changes; the logits are the unfused program's bit for bit (the torch
     kernel is rope over rms_norm)."""
     plain = _fp8(module)
-    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "add_post": False,
-                                                                 "post_pre": False})])
+    fused = _fuse_only(plain, "norm_rope")
     verify(fused)
     assert parse_module(print_module(fused)) == fused
     by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
@@ -255,8 +260,7 @@ def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_rea
     changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, out))
     verify(changed)
     assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["norm_rope"] == len(ropes) - 1
-    off = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False,
-                                                               "add_post": False, "post_pre": False})])
+    off = _fuse_only(plain)
     assert off.func.body == plain.func.body
     ids = tokens(1, 40, seed=6)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
@@ -267,8 +271,7 @@ def test_fuse_adds_the_experts_sum_in_hc_post(module):
     operand as its addend, in its place; every MoE layer's routed + shared sum; the logits bit for bit (the
     torch kernel adds them as add does); an add with another reader stays."""
     plain = _fp8(module)
-    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False,
-                                                                 "post_pre": False})])
+    fused = _fuse_only(plain, "add_post")
     verify(fused)
     assert parse_module(print_module(fused)) == fused
     by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
@@ -300,11 +303,10 @@ def test_fuse_joins_each_hc_post_with_the_next_blocks_hc_pre(module):
     place, with the hc_post's operands (its addend last), the hc_pre's parameters and attributes, and both ops'
     results; every block boundary but the last (the final hc_post feeds hc_head); the logits bit for bit."""
     plain = _fp8(module)
-    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False})])
+    fused = _fuse_only(plain, "add_post", "post_pre")
     verify(fused)
     assert parse_module(print_module(fused)) == fused
-    with_add = run_pipeline(plain, [PassSpec(name="fuse", options={"norm_quant": False, "norm_rope": False,
-                                                                    "post_pre": False})])
+    with_add = _fuse_only(plain, "add_post")
     posts = {ins.results[0].name: ins for ins in with_add.func.body if ins.op == "hc_post"}
     pres = {ins.operands[0].name: ins for ins in with_add.func.body if ins.op == "hc_pre"}
     joined = [ins for ins in fused.func.body if ins.op == "hc_post_pre"]

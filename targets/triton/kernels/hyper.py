@@ -298,6 +298,18 @@ def _check_streams(streams):
     return b, s, hc, d
 
 
+def _check_post(out, streams, post, comb, addend):
+    """hc_post's inputs -> (B, S, hc, D)."""
+    b, s, hc, d = _check_streams(streams)
+    _check_param("out", out, (b, s, d))
+    if addend is not None:
+        _check_param("addend", addend, (b, s, d))
+    _check_param("post", post, (b, s, hc))
+    _check_param("comb", comb, (b, s, hc, hc))
+    same_device(out=out, streams=streams, post=post, comb=comb, addend=addend)
+    return b, s, hc, d
+
+
 def _check_param(name, t, shape):
     check_tensor(name, t, dtypes=FLOATS, contiguous=False)
     check(tuple(t.shape) == tuple(shape), f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
@@ -338,13 +350,7 @@ def hc_post_pre(out, streams, post, comb, fn, base, scale, addend=None, *, iters
     """hc_post(out, streams, post, comb, addend) and hc_pre on its result in one launch (the fuse pass's post_pre)
     -> (new streams [B, S, hc, D], collapsed, post, comb as hc_pre's), the same bits as the two launches: each
     K tile of the new streams is computed as hc_post does, stored, and projected."""
-    b, s, hc, d = _check_streams(streams)
-    _check_param("out", out, (b, s, d))
-    if addend is not None:
-        _check_param("addend", addend, (b, s, d))
-    _check_param("post", post, (b, s, hc))
-    _check_param("comb", comb, (b, s, hc, hc))
-    same_device(out=out, streams=streams, post=post, comb=comb, addend=addend)
+    b, s, hc, d = _check_post(out, streams, post, comb, addend)
     into_n, *into_pre = results(into, 4)
     new = result(into_n, (b, s, hc, d), torch.float32, streams.device)
     addend = None if addend is None else addend.contiguous()
@@ -388,13 +394,7 @@ def hc_post(out, streams, post, comb, addend=None, *, config=None, into=None):
     """out: [B, S, D], streams: [B, S, hc, D], post: [B, S, hc], comb: [B, S, hc, hc] -> [B, S, hc, D] fp32;
     new[j] = post[j] * out + sum_i comb[i, j] * streams[i]; addend [B, S, D] (the fuse pass's add_post): the
     block output is out + addend (in fp32, as `add`)."""
-    b, s, hc, d = _check_streams(streams)
-    _check_param("out", out, (b, s, d))
-    if addend is not None:
-        _check_param("addend", addend, (b, s, d))
-    _check_param("post", post, (b, s, hc))
-    _check_param("comb", comb, (b, s, hc, hc))
-    same_device(out=out, streams=streams, post=post, comb=comb, addend=addend)
+    b, s, hc, d = _check_post(out, streams, post, comb, addend)
     new = result(into, (b, s, hc, d), torch.float32, streams.device)
     if new.numel() == 0:
         return new
