@@ -131,6 +131,26 @@ def test_the_last_program_merges_the_runs_and_writes_the_ring(mode, split, monke
     assert not common.tile_counters(torch.device("cpu"), 1).any()
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_in_kernel_finishing_uses_only_the_counters_it_asks_for(split, monkeypatch):
+    """The launcher asks tile_counters for (query, head block) rows (when split) plus batch rows; the kernel must
+    count arrivals in those and no further: here the device's counters are the first ones of a larger buffer whose
+    rest holds a sentinel, which must stay, and the result is the separate launches'."""
+    args, state, kwargs = make_case("f32", 2, 3, 40, 60, "sliding", seed=45)
+    config = {"BLOCK_N": 16, "SPLIT_KV": split}
+    expected_state = clone(state)
+    expected = attention(*args, state=expected_state, **kwargs, config={**config, "SUM_IN_KERNEL": False})
+    needed = (split > 1) * 2 * 3 + 2  # batch 2 x 3 queries x 1 head block, then 2 batch rows
+    buffer = torch.full((64,), 7, dtype=torch.int32)
+    buffer[:needed] = 0
+    monkeypatch.setattr(common, "_COUNTERS", {torch.device("cpu"): buffer[:needed]})
+    monkeypatch.setattr(common, "TILE_COUNTERS", needed)
+    ours_state = clone(state)
+    ours = attention(*args, state=ours_state, **kwargs, config={**config, "SUM_IN_KERNEL": True})
+    assert torch.equal(ours, expected) and all(torch.equal(a, b) for a, b in zip(ours_state, expected_state))
+    assert not buffer[:needed].any() and (buffer[needed:] == 7).all()
+
+
 def test_finishing_in_the_kernel_needs_its_counters(monkeypatch):
     """Fewer arrival counters than (query, head block) rows plus batch rows: SUM_IN_KERNEL true names why it
     cannot, 'auto' launches the combine and ring kernels instead (the same result)."""

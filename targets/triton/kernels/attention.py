@@ -147,8 +147,9 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
     H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges into out, or (IN_KERNEL)
     the last run of the (token, head block) to arrive at its counter (common.arrived_last) merges into fin.
-    RING (IN_KERNEL): the last program of batch row b to arrive at counter B * S * heads blocks + b writes b's
-    new keys into its ring (after every program of the row has read the ring rows they replace).
+    RING (IN_KERNEL): the last program of batch row b to arrive at its counter (b, after the B * S * head blocks
+    counters when split) writes b's new keys into its ring (after every program of the row has read the ring
+    rows they replace).
     DOT: the dots' input precision, "ieee" (fp32), "tf32" (tensor cores: q and the probabilities rounded
     to 10 mantissa bits) or "bf16" (tensor cores: q and the probabilities rounded to 8 bits, key tiles
     half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three. KDT: the key tiles'
@@ -228,7 +229,10 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
                 merged = _merge_runs(out_ptr, ml_ptr, token * H + heads, n_rows * H, heads < H, offs_d, D, SPLIT)
                 tl.store(fin_ptr + q_off, merged, mask=q_mask)
     if RING:
-        if arrived_last(cnt_ptr + n_rows * n_hb + b, n_hb * SPLIT * S):
+        ring_cnt = cnt_ptr + b  # after the (token, head block) counters when split
+        if SPLIT > 1:
+            ring_cnt += n_rows * n_hb
+        if arrived_last(ring_cnt, n_hb * SPLIT * S):
             c = tl.arange(0, BLOCK_W)
             for i in range(tl.maximum(S - slots, 0), S):
                 dest = ring_ptr + (b * slots + (pos0 + i) % slots).to(tl.int64) * W
