@@ -342,7 +342,7 @@ def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps, config=None, into=
     pre = sigmoid(mixes_pre * scale[0] + base_pre) + eps; post = 2 * sigmoid(mixes_post * scale[1] + base_post);
     comb = Sinkhorn(softmax(mixes_comb * scale[2] + base_comb, rows) + eps, iters);
     collapsed = sum_i pre[i] * streams[i]."""
-    return _pre(streams, fn, base, scale, None, iters, eps, norm_eps, config, into, "hc_pre")
+    return _pre(streams, _check_streams(streams), fn, base, scale, None, iters, eps, norm_eps, config, into, "hc_pre")
 
 
 def hc_post_pre(out, streams, post, comb, fn, base, scale, addend=None, *, iters, eps, norm_eps, config=None,
@@ -355,12 +355,14 @@ def hc_post_pre(out, streams, post, comb, fn, base, scale, addend=None, *, iters
     new = result(into_n, (b, s, hc, d), torch.float32, streams.device)
     addend = None if addend is None else addend.contiguous()
     prev = (out.contiguous(), addend, post.contiguous(), comb.contiguous(), new)
-    return (new, *_pre(streams, fn, base, scale, prev, iters, eps, norm_eps, config, into_pre, "hc_post_pre"))
+    return (new, *_pre(streams, (b, s, hc, d), fn, base, scale, prev, iters, eps, norm_eps, config, into_pre,
+                       "hc_post_pre"))
 
 
-def _pre(streams, fn, base, scale, prev, iters, eps, norm_eps, config, into, name):
-    """The hc_pre launch; prev: None, or hc_post_pre's (out, addend or None, post, comb, new streams)."""
-    b, s, hc, d = _check_streams(streams)
+def _pre(streams, dims, fn, base, scale, prev, iters, eps, norm_eps, config, into, name):
+    """The hc_pre launch on checked streams of `dims` (B, S, hc, D); prev: None, or hc_post_pre's (out, addend or
+    None, post, comb, new streams)."""
+    b, s, hc, d = dims
     n = (2 + hc) * hc
     _check_param("fn", fn, (n, hc * d))
     _check_param("base", base, (n,))
