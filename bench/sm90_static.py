@@ -272,6 +272,41 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
             what = "rms_norm_quant + linear_fp8 q_b (e4m3 codes)" if fused else "rms_norm + linear_fp8 q_b (fp32 x)"
             out.append({"case": f"{what} n={n_b} k={k_b} m={m}", "config": cfg,
                         "call": lambda cfg=cfg, m=m, fused=fused: _q_b(torch.randn(m, k_b), *q_b, cfg, fused)})
+    out += sibling_cases()
+    return out
+
+
+def sibling_cases() -> list[dict]:
+    """The triton lowering's joined projections (targets/triton/siblings.py) at V4-Flash sizes, each beside one of
+    its siblings alone: q_a_proj + kv_proj (FP8, reading the input norm's codes) and a CSA layer's five compressor and
+    indexer projections (fp32 weights: fp8's default skip list)."""
+    from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
+
+    from v4c.runtime.quant import quant_fp8
+    from v4c.targets.triton.configs import heuristic
+    from v4c.targets.triton.kernels.gemm import linear, linear_cat, linear_fp8, linear_fp8_cat
+    (n_a, k), (n_kv, _) = FLASH_GEMMS["q_a"], FLASH_GEMMS["kv"]
+    q, s = quant_fp8(torch.randn(n_a + n_kv, k) * 0.02, (128, 128))
+    compressor = [2 * 512, 2 * 512, 2 * 128, 2 * 128, 64]  # kv, gate (overlap: 2 x head_dim), indexer's, scorer
+    w = torch.randn(sum(compressor), k) * 0.02
+    out = []
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        b = 0 if bucket == "decode" else 1
+        codes = torch.randn(m, k).to(torch.float8_e4m3fn)
+        scales = torch.rand(m, k // ACT["group"]) + 0.5
+        cfg = heuristic("linear_fp8_cat")[b]["config"]
+        out.append({"case": f"linear_fp8 q_a alone (e4m3 codes) n={n_a} k={k} m={m}", "config": cfg,
+                    "call": lambda cfg=cfg, x=codes, xs=scales: linear_fp8(x, q[:n_a], s[:n_a // 128], xs,
+                                                                          block=(128, 128), act=ACT, config=cfg)})
+        out.append({"case": f"linear_fp8_cat q_a+kv (e4m3 codes) n={n_a}+{n_kv} k={k} m={m}", "config": cfg,
+                    "call": lambda cfg=cfg, x=codes, xs=scales: linear_fp8_cat(
+                        x, q, s, xs, sizes=[n_a, n_kv], block=(128, 128), act=ACT, config=cfg)})
+        if bucket == "decode":
+            x, cfg = torch.randn(m, k), heuristic("linear_cat")[b]["config"]
+            out.append({"case": f"linear compressor kv alone n={compressor[0]} k={k} m={m}", "config": cfg,
+                        "call": lambda cfg=cfg, x=x: linear(x, w[:compressor[0]], config=cfg)})
+            out.append({"case": f"linear_cat compressor + indexer n={'+'.join(map(str, compressor))} k={k} m={m}",
+                        "config": cfg, "call": lambda cfg=cfg, x=x: linear_cat(x, w, sizes=compressor, config=cfg)})
     return out
 
 

@@ -20,7 +20,9 @@ from v4c.runtime.kernels.quantized import linear_fp8 as ref_linear_fp8
 from v4c.runtime.quant import fake_quant_act, quant_fp8
 from v4c.targets.triton.kernels import common
 from v4c.targets.triton.kernels import gemm as gemm_module
-from v4c.targets.triton.kernels.gemm import (FP8_DOT_MIN_K, LAUNCHERS, embed, embed_fp8, fp8_dot_supported,
+from v4c.targets.triton.kernels import embed as embed_module
+from v4c.targets.triton.kernels.embed import embed, embed_fp8
+from v4c.targets.triton.kernels.gemm import (FP8_DOT_MIN_K, LAUNCHERS, fp8_dot_supported,
                                              grouped_linear, grouped_linear_fp8, linear, linear_fp8)
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=1e-5, atol=2e-5),
@@ -45,7 +47,9 @@ def close(ours, ref, dtype=torch.float32):
 
 
 def test_launchers_are_registered():
-    assert set(LAUNCHERS) == {"linear", "grouped_linear", "linear_fp8", "grouped_linear_fp8", "embed", "embed_fp8"}
+    assert set(LAUNCHERS) == {"linear", "grouped_linear", "linear_fp8", "grouped_linear_fp8", "linear_cat",
+                              "linear_fp8_cat"}
+    assert set(embed_module.LAUNCHERS) == {"embed", "embed_fp8"}
 
 
 # --- plain projections -------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from v4c.pipeline import run_pipeline
 from v4c.runtime.artifact import open_artifact, pack_artifact
 from v4c.runtime.errors import ArtifactError
 from v4c.runtime.kernelset import KernelError
+from v4c.targets.triton import siblings
 from v4c.targets.triton.configs import heuristic
 from v4c.targets.triton.kernels import LAUNCHERS
 from v4c.targets.triton.tune import tune_module
@@ -108,14 +109,33 @@ def test_fp8_build_matches_the_torch_target(builds):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+def test_joined_sibling_projections_change_no_number(builds, hf_checkpoints, tmp_path, monkeypatch):
+    """The target joins projections of one input into one GEMM launch (siblings.py); the logits are those of a
+    build without the rewrite, bit for bit (the same tiles: one BLOCK_N per bucket, no split-K in the
+    interpreter)."""
+    joined = json.loads((builds["fp8_fused"] / "manifest.json").read_text())["target"]["kernels"]["joined_siblings"]
+    steps = json.loads((builds["fp8_fused"] / "program.json").read_text())["steps"]
+    cats = [s for s in steps if s["kernel"] in ("linear_cat", "linear_fp8_cat")]
+    assert joined["launches"] == len(cats) > 0 and joined["saved"] >= len(cats)
+    assert all("+" in s["inputs"][1] for s in cats)  # the joined weights, stored as one
+    monkeypatch.setattr(siblings, "join", lambda m: (m, {"launches": 0, "saved": 0}))
+    plain = _compile(tmp_path, hf_checkpoints[NAME], "triton", FP8 + "  - fuse\n", name="plain")
+    plain_steps = json.loads((plain / "program.json").read_text())["steps"]
+    assert len(plain_steps) == len(steps) + joined["saved"]
+    ids = tokens(1, 19, seed=4)
+    ours = _prefill_then_decode(open_artifact(builds["fp8_fused"]).session(), ids, 16)
+    assert torch.equal(ours, _prefill_then_decode(open_artifact(plain).session(), ids, 16))
+
+
 def test_fused_norm_quantization_changes_no_number(builds):
     """The fuse pass's build (rms_norm_quant, GEMMs and routed experts reading e4m3 codes) gives the unfused
     build's logits bit for bit: the norm kernel's codes and scales are those each GEMM computed from the norm's
     output."""
     program = json.loads((builds["fp8_fused"] / "program.json").read_text())
     fused = [s for s in program["steps"] if s["kernel"] == "rms_norm_quant"]
-    assert len(fused) >= 3 and sum(s["kernel"] == "linear_fp8" and len(s["inputs"]) == 4 for s in program["steps"]) \
-        > len(fused)  # some norms feed several projections
+    readers = sum(len(s["attrs"].get("sizes", [0])) for s in program["steps"]  # (a linear_fp8_cat: its siblings)
+                  if s["kernel"] in ("linear_fp8", "linear_fp8_cat") and len(s["inputs"]) == 4)
+    assert len(fused) >= 3 and readers > len(fused)  # some norms feed several projections
     experts = [s for s in program["steps"] if s["kernel"] == "moe_experts_q"]
     assert experts and all(len(s["inputs"]) == 8 for s in experts)  # every layer's experts read codes
     ids = tokens(1, 19, seed=4)

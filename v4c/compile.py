@@ -53,8 +53,9 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
                                    decode_batch=min(spec.kv.concurrency, DECODE_BATCH), tvm_target=spec.tvm_target,
                                    progress=progress)
     program = lowered.program
-    if lowered.module is not None:  # the target rewrote the module before lowering it (tvm: the fuse pass undone)
-        module = lowered.module
+    compiled = module  # what the calibration report measures: the target's rewrites change no number
+    if lowered.module is not None:  # the target rewrote the module before lowering it (tvm: the fuse pass undone;
+        module = lowered.module     # triton: sibling projections joined, their weights concatenated)
     extra = {f"tokenizer/{f.name}": f for f in ckpt.tokenizer_files}
     extra.update(lowered.files)
     plan = module.plans["memory"]
@@ -82,7 +83,7 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
     }
     report = None
     if spec.calibration is not None:
-        report = build_report(reference, module, spec, tokenizer, progress)
+        report = build_report(reference, compiled, spec, tokenizer, progress)
         thresholds = spec.report.thresholds.model_dump() if spec.report else {}
         rows = check(report, thresholds)
         failed = [r for r in rows if not r["passed"]]

@@ -6,11 +6,12 @@ this call). The IR's op registry uses these as the reference implementation of e
 """
 
 from .attention import attention, index_topk
-from .basic import add, embed, grouped_linear, linear, reshape, rms_norm, rms_norm_rope, rope, swiglu
+from .basic import add, embed, grouped_linear, linear, linear_cat, reshape, rms_norm, rms_norm_rope, rope, swiglu
 from .compressor import compress
 from .hyper import hc_expand, hc_head, hc_post, hc_post_pre, hc_pre
 from .moe import moe_experts, route_hash, route_topk
-from .quantized import embed_fp8, fake_quant, grouped_linear_fp8, linear_fp8, moe_experts_q, rms_norm_quant
+from .quantized import (embed_fp8, fake_quant, grouped_linear_fp8, linear_fp8, linear_fp8_cat, moe_experts_q,
+                        rms_norm_quant)
 
 KERNELS = {
     "embed": embed,
@@ -39,6 +40,8 @@ KERNELS = {
     "grouped_linear_fp8": grouped_linear_fp8,
     "embed_fp8": embed_fp8,
     "moe_experts_q": moe_experts_q,
+    "linear_cat": linear_cat,
+    "linear_fp8_cat": linear_fp8_cat,
 }
 
 STATEFUL = frozenset({"compress", "index_topk", "attention"})

@@ -18,6 +18,12 @@ def linear(x, weight):
     return F.linear(x.float(), weight.float())
 
 
+def linear_cat(x, weight, *, sizes):
+    """Sibling projections of one x (the triton target joins them, one launch): x W^T over their weights
+    [sum(sizes), K] one after another, split into one [..., n] per n in sizes."""
+    return tuple(y.contiguous() for y in linear(x, weight).split(sizes, -1))
+
+
 def grouped_linear(x, weight, *, groups):
     """Block-diagonal projection. x: [B, S, G, K], weight: [G*R, K] -> [B, S, G, R];
     y[..., g, :] = x[..., g, :] W_g^T with W_g = weight[g*R:(g+1)*R]."""

@@ -34,6 +34,12 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act):
     return F.linear(xq, dequant_fp8(weight, scale, block))
 
 
+def linear_fp8_cat(x, weight, scale, x_scale=None, *, sizes, block, act):
+    """Sibling FP8 projections of one x (the triton target joins them, one launch): linear_fp8 over their weights
+    one after another, split into one [..., n] per n in sizes."""
+    return tuple(y.contiguous() for y in linear_fp8(x, weight, scale, x_scale, block=block, act=act).split(sizes, -1))
+
+
 def grouped_linear_fp8(x, weight, scale, *, groups, block, act):
     return grouped_linear(fake_quant_act(x, act), dequant_fp8(weight, scale, block), groups=groups)
 

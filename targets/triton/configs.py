@@ -29,7 +29,7 @@ _EXPERTS = {
 }
 HEURISTIC = {
     "linear": _GEMM_FLOAT, "linear_fp8": _GEMM, "grouped_linear": _GEMM_FLOAT, "grouped_linear_fp8": _GEMM,
-    "moe_experts": _EXPERTS, "moe_experts_q": _EXPERTS,
+    "linear_cat": _GEMM_FLOAT, "linear_fp8_cat": _GEMM, "moe_experts": _EXPERTS, "moe_experts_q": _EXPERTS,
 }
 
 
@@ -55,6 +55,7 @@ CANDIDATES = {
     },
 }
 FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "grouped_linear": "gemm", "grouped_linear_fp8": "gemm",
+          "linear_cat": "gemm", "linear_fp8_cat": "gemm",
           "moe_experts": "experts", "moe_experts_q": "experts", "attention": "attention", "index_topk": "index_topk"}
 
 

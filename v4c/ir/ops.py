@@ -314,6 +314,28 @@ def _linear_fp8(ins, st, a):
     return [f32(*x.shape[:-1], w.shape[0])]
 
 
+def _sizes(w: TensorType, a: dict, bo: int | None = None) -> list[int]:
+    """linear_cat's sibling widths: at least two positive ints adding up to the weight's rows; with FP8 block
+    scales, each but the last a multiple of the block's rows (no scale block spans two siblings)."""
+    sizes = a["sizes"]
+    expect(isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(n, int) and n >= 1 for n in sizes),
+           f"sizes must be a list of at least two positive ints, got {sizes!r}")
+    expect(sum(sizes) == w.shape[0], f"sizes {sizes} add up to {sum(sizes)}, not weight {w}'s rows")
+    expect(bo is None or all(n % bo == 0 for n in sizes[:-1]),
+           f"sizes {sizes}: each but the last must be a multiple of the block's {bo} rows")
+    return sizes
+
+
+def _linear_cat(ins, st, a):
+    (y,) = _linear(ins, st, a)
+    return [f32(*y.shape[:-1], n) for n in _sizes(ins[1], a)]
+
+
+def _linear_fp8_cat(ins, st, a):
+    (y,) = _linear_fp8(ins, st, a)
+    return [f32(*y.shape[:-1], n) for n in _sizes(ins[1], a, a["block"][0])]
+
+
 def _grouped_linear_fp8(ins, st, a):
     x, w, scale = ins
     _expect_fp8("weight", w, scale, a["block"], w.shape)
@@ -381,6 +403,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("rms_norm_rope", ("x", "positions", "inv_freq", "weight?"), _rms_norm_rope, attrs=("eps",)),
     OpDef("linear_fp8", ("x", "weight", "scale", "x_scale?"), _linear_fp8, attrs=("block", "act")),
     OpDef("grouped_linear_fp8", ("x", "weight", "scale"), _grouped_linear_fp8, attrs=("groups", "block", "act")),
+    OpDef("linear_cat", ("x", "weight"), _linear_cat, attrs=("sizes",)),
+    OpDef("linear_fp8_cat", ("x", "weight", "scale", "x_scale?"), _linear_fp8_cat, attrs=("sizes", "block", "act")),
     OpDef("embed_fp8", ("tokens", "weight", "scale"), _embed_fp8, attrs=("block",)),
     OpDef("moe_experts_q",
           ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale", "x_scale?"), _moe_experts_q,

@@ -14,7 +14,7 @@ class ParseError(ValueError):
 
 
 _TYPE = re.compile(r"\s*([a-z0-9]+)\[([^\]]*)\]")
-_NAME = r"[A-Za-z0-9_.\-]+"
+_NAME = r"[A-Za-z0-9_.+\-]+"
 _DECL = re.compile(rf"(param|state) @({_NAME}) : (.*)$")
 _OPERAND = re.compile(rf"\s*([%@])({_NAME})\s*")
 _JSON = json.JSONDecoder()

@@ -1,5 +1,5 @@
-"""Projections and embeddings: plain and FP8 (e4m3, block-scaled) GEMMs, grouped (block-diagonal)
-GEMMs, and embedding-row gathers.
+"""Projections: plain and FP8 (e4m3, block-scaled) GEMMs and grouped (block-diagonal) GEMMs (embedding-row
+gathers: embed.py).
 
 One GEMM kernel serves all four projection launchers: x [M, G, K] times the weight rows of group g,
 W_g = weight[g*R:(g+1)*R] ([R, K]), gives y [M, G, R] (G = 1 for a plain linear). FP8 weights are
@@ -18,12 +18,11 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
-                     e4m3_quant, fake_quant, fp8_dot_supported, group_scale, host_values, in_kernel_counters,
-                     launch_config, native_cvt, next_pow2, result, same_device, sm_count, sum_runs, to_e4m3)
+                     e4m3_quant, fake_quant, fp8_dot_supported, group_scale, in_kernel_counters,
+                     launch_config, native_cvt, next_pow2, result, results, same_device, sm_count, sum_runs, to_e4m3)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
-TOKEN_DTYPES = (torch.int64, torch.int32)
 ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 
 
@@ -67,11 +66,24 @@ def _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi,
 
 
 @triton.jit
+def _segment(pid_n, tiles, lo, hi, y_i, first, s_lo, s_hi, s_y, BN: tl.constexpr):
+    """One step of finding the segment (sibling weight) of N tile pid_n: segment [lo, hi) of the weight rows, with
+    output y_i, has its tiles from `tiles` on. -> (the next segment's first tile, then the (first tile, rows, output)
+    of the last segment so far that starts at or before pid_n). An empty segment (lo == hi, padding) starts at the
+    grid's end: never taken."""
+    inside = pid_n >= tiles
+    return (tiles + tl.cdiv(hi - lo, BN), tl.where(inside, tiles, first), tl.where(inside, lo, s_lo),
+            tl.where(inside, hi, s_hi), tl.where(inside, y_i, s_y))
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
                  sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn,
+                 y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7,
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
                  FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
-                 SUM_IN_KERNEL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
     """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
     GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
     3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
@@ -84,12 +96,32 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
     FP8_DOT (quantized activations times e4m3 weights): each tile's e4m3 codes meet in an fp8 tensor-core
     dot (exact products, fp32 sums) and the partial sum is scaled by the activation and weight block
     scales, as DeepGEMM does; otherwise both tiles are dequantized to fp32 for an IEEE fp32 dot.
-    NATIVE: the hardware e4m3 cast (a GPU) instead of integer rounding (the interpreter)."""
+    NATIVE: the hardware e4m3 cast (a GPU) instead of integer rounding (the interpreter).
+    SEGS > 1 (G = 1): the weight is SEGS siblings' weights one after another (linear_cat): rows [0, e1) are the
+    first's, [e1, e2) the second's, .. [e_{SEGS-1}, N) the last's; each N tile lies in one of them (the grid has
+    cdiv(rows, BN) tiles per sibling) and is written to its own output, y_ptr, y1, .. (contiguous [M, rows])."""
     pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, part = pid_g // SPLIT, pid_g % SPLIT
+    lo, hi, first, y_base = 0, N, 0, y_ptr  # this tile's sibling: its rows [lo, hi), first tile and output
+    if SEGS > 1:
+        t, first, lo, hi, y_base = _segment(pid_n, 0, 0, e1, y_ptr, first, lo, hi, y_base, BN)
+        t, first, lo, hi, y_base = _segment(pid_n, t, e1, e2, y1, first, lo, hi, y_base, BN)
+        if SEGS > 2:
+            t, first, lo, hi, y_base = _segment(pid_n, t, e2, e3, y2, first, lo, hi, y_base, BN)
+        if SEGS > 3:
+            t, first, lo, hi, y_base = _segment(pid_n, t, e3, e4, y3, first, lo, hi, y_base, BN)
+        if SEGS > 4:
+            t, first, lo, hi, y_base = _segment(pid_n, t, e4, e5, y4, first, lo, hi, y_base, BN)
+        if SEGS > 5:
+            t, first, lo, hi, y_base = _segment(pid_n, t, e5, e6, y5, first, lo, hi, y_base, BN)
+        if SEGS > 6:
+            t, first, lo, hi, y_base = _segment(pid_n, t, e6, e7, y6, first, lo, hi, y_base, BN)
+        if SEGS > 7:
+            t, first, lo, hi, y_base = _segment(pid_n, t, e7, N, y7, first, lo, hi, y_base, BN)
+        sym, syn = hi - lo, 1
     offs_m = pid_m * BM + tl.arange(0, BM)  # [BM]
-    offs_n = pid_n * BN + tl.arange(0, BN)  # [BN] rows of W_g
-    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_n = lo + (pid_n - first) * BN + tl.arange(0, BN)  # [BN] rows of W_g
+    m_ok, n_ok = offs_m < M, offs_n < hi
     rows_w = g * N + offs_n  # [BN] rows of the full weight
     x_rows = x_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1]
     w_rows = w_ptr + rows_w[None, :] * swn  # [1, BN]
@@ -117,7 +149,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
                 acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk,
                                  ssn, ssk, sx_rows, GS, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, False, BK)
     ok = m_ok[:, None] & n_ok[None, :]
-    y = y_ptr + offs_m[:, None] * sym + g * syg + offs_n[None, :] * syn
+    y = y_base + offs_m[:, None] * sym + g * syg + (offs_n - lo)[None, :] * syn
     if SPLIT == 1:
         tl.store(y, acc, mask=ok)
     else:
@@ -147,24 +179,6 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, GS, NG, sxm, sxg, sxk, UE8M0: t
     out_row = rows.to(tl.int64) * n_groups + g  # [BR] rows of [M * G, K]
     tl.store(q_ptr + out_row[:, None] * K + k[None, :], e4m3_quant(x, s[:, None]).to(tl.uint8), mask=ok)
     tl.store(s_ptr + out_row * NG + j, s, mask=r_ok)
-
-
-@triton.jit
-def _embed_kernel(tok_ptr, w_ptr, s_ptr, y_ptr, T, V, D, bo, bi, swv, swd, ssv, ssd,
-                  SCALED: tl.constexpr, S_E8M0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """y[t, d] = w[tok[t], d] (* scale[tok[t] // bo, d // bi]).  Grid: (cdiv(T, BT), cdiv(D, BD)).
-    An id outside [0, V) reads no memory: its row is zeros."""
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
-    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)  # [BD]
-    t_ok, d_ok = offs_t < T, offs_d < D
-    mask = t_ok[:, None] & d_ok[None, :]
-    tok = tl.load(tok_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BT]
-    mask = mask & ((tok >= 0) & (tok < V))[:, None]
-    w = tl.load(w_ptr + tok[:, None] * swv + offs_d[None, :] * swd, mask=mask, other=0.0).to(tl.float32)
-    if SCALED:
-        sw = tl.load(s_ptr + (tok // bo)[:, None] * ssv + (offs_d // bi)[None, :] * ssd, mask=mask, other=0)
-        w = w * decode_scale(sw, S_E8M0)
-    tl.store(y_ptr + offs_t[:, None] * D + offs_d[None, :], w, mask=mask)
 
 
 # --- host-side checks and tiling ---------------------------------------------------------------
@@ -277,21 +291,29 @@ def _check_act(act) -> tuple[int, int | None, bool, float]:
     return mode, None, False, 1.0
 
 
-def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None, x_scale3=None):
-    """x3 [M, G, K] (any strides), weight [G*R, K] -> out, fp32 [M, G, R] (a contiguous view of the result).
-    x_scale3: x3 holds e4m3 codes already (rms_norm_quant), with these fp32 group scales [M, G, cdiv(K, group)]."""
+MAX_SIBLINGS = 8  # outputs of one linear_cat launch (the kernel's y_ptr, y1 .. y7)
+
+
+def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=None, x_scale3=None):
+    """x3 [M, G, K] (any strides), weight [G*R, K] -> outs: [out], fp32 [M, G, R] (a contiguous view of the
+    result); or, for siblings (linear_cat, G = 1), one fp32 [M, 1, R_i] per sibling, the weight their R_i rows
+    one after another. x_scale3: x3 holds e4m3 codes already (rms_norm_quant), with these fp32 group scales
+    [M, G, cdiv(K, group)]."""
     m, groups, k = x3.shape
     r = weight.shape[0] // groups
     mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
     cfg = _gemm_config(config, m, r, name)
     if m == 0 or r == 0 or k == 0:
-        out.zero_()
+        for out in outs:
+            out.zero_()
         return
+    out, sizes = outs[0], [o.shape[-1] for o in outs]
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]  # where each sibling but the last ends
     bo, bi = block
     bk = _pick_block_k(k, bi if scale is not None else k, group, cfg["BLOCK_K"])
     span = min(group, k) if mode == 1 else bk  # K span of one activation group (static / none: of one tile)
     spans = cdiv(k, span)
-    grid_m, grid_n = cdiv(m, cfg["BLOCK_M"]), cdiv(r, cfg["BLOCK_N"])
+    grid_m, grid_n = cdiv(m, cfg["BLOCK_M"]), sum(cdiv(n, cfg["BLOCK_N"]) for n in sizes)
     per_split = cdiv(spans, _split_k(cfg, x3.device, spans, grid_m * grid_n * groups))
     split = cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
@@ -310,12 +332,18 @@ def _gemm(name, x3, weight, out, scale=None, block=(1, 1), act=None, config=None
     _gemm_kernel[grid](x_arg, weight, s, out, x_scales, partials, out if counters is None else counters,
                        m, r, k, span, per_split, static, bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
                        s.stride(-1), *out.stride(), *(partials.stride() if split > 1 else (0, 0, 0, 0)),
+                       *(outs[1:] + outs[-1:] * (MAX_SIBLINGS - len(outs))),
+                       *(ends + [r] * (MAX_SIBLINGS - 1 - len(ends))),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
                        FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
-                       SUM_IN_KERNEL=counters is not None, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk,
-                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                       SUM_IN_KERNEL=counters is not None, SEGS=len(outs), BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"],
+                       BK=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1 and counters is None:
-        torch.sum(partials, 0, out=out)
+        if len(outs) == 1:
+            torch.sum(partials, 0, out=out)
+        else:
+            for o, part in zip(outs, torch.sum(partials, 0).split(sizes, -1)):
+                o.copy_(part)
 
 
 def _check_gemm_inputs(x, weight, scale, groups: int, codes: bool = False) -> None:
@@ -349,7 +377,7 @@ def linear(x, weight, *, config=None, into=None):
     _check_gemm_inputs(x, weight, None, 1)
     lead, k = x.shape[:-1], x.shape[-1]
     y, y3 = _result(into, (*lead, weight.shape[0]), 1, x.device)
-    _gemm("linear", x.reshape(-1, 1, k), weight, y3, config=config)
+    _gemm("linear", x.reshape(-1, 1, k), weight, [y3], config=config)
     return y
 
 
@@ -360,7 +388,7 @@ def grouped_linear(x, weight, *, groups, config=None, into=None):
     _check_grouped_x(x, groups)
     lead, k = x.shape[:-2], x.shape[-1]
     y, y3 = _result(into, (*lead, groups, weight.shape[0] // groups), groups, x.device)
-    _gemm("grouped_linear", x.reshape(-1, groups, k), weight, y3, config=config)
+    _gemm("grouped_linear", x.reshape(-1, groups, k), weight, [y3], config=config)
     return y
 
 
@@ -389,7 +417,7 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act, config=None, into=
     if x_scale is not None:  # (act itself is checked by _gemm)
         x_scale3 = x_scale.reshape(-1, 1, check_x_scale(x, x_scale, act, "act"))
     y, y3 = _result(into, (*lead, weight.shape[0]), 1, x.device)
-    _gemm("linear_fp8", x.reshape(-1, 1, k), weight, y3, scale, bo_bi, act, config, x_scale3)
+    _gemm("linear_fp8", x.reshape(-1, 1, k), weight, [y3], scale, bo_bi, act, config, x_scale3)
     return y
 
 
@@ -401,42 +429,50 @@ def grouped_linear_fp8(x, weight, scale, *, groups, block, act, config=None, int
     bo_bi = _check_block(block, weight, scale)
     lead, k = x.shape[:-2], x.shape[-1]
     y, y3 = _result(into, (*lead, groups, weight.shape[0] // groups), groups, x.device)
-    _gemm("grouped_linear_fp8", x.reshape(-1, groups, k), weight, y3, scale, bo_bi, act, config)
+    _gemm("grouped_linear_fp8", x.reshape(-1, groups, k), weight, [y3], scale, bo_bi, act, config)
     return y
 
 
-def _embed(name, tokens, weight, scale, block, config, into):
-    check_tensor("tokens", tokens, dtypes=TOKEN_DTYPES, contiguous=False)
-    check(weight.dim() == 2, f"weight: expected [V, D], got shape {list(weight.shape)}")
-    same_device(tokens=tokens, weight=weight, scale=scale)
-    (v, d), flat = weight.shape, tokens.reshape(-1).contiguous()
-    check(flat.numel() == 0 or not host_values(flat) or (int(flat.min()) >= 0 and int(flat.max()) < v),
-          f"tokens: ids must lie in [0, {v}) (the embedding table's rows)")
-    cfg = launch_config(config, {"BLOCK_T": min(32, next_pow2(flat.numel())), "BLOCK_D": min(128, next_pow2(d)),
-                                 "num_warps": 4}, name)
-    full = result(into, (*tokens.shape, d), torch.float32, weight.device)
-    y = full.view(flat.numel(), d)
-    if y.numel():
-        s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
-        grid = (cdiv(flat.numel(), cfg["BLOCK_T"]), cdiv(d, cfg["BLOCK_D"]))
-        _embed_kernel[grid](flat, weight, s, y, flat.numel(), v, d, block[0], block[1], *weight.stride(),
-                            s.stride(0), s.stride(-1), SCALED=scale is not None, S_E8M0=s_e8m0,
-                            BT=cfg["BLOCK_T"], BD=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
-    return full
+def _check_sizes(sizes, weight, bo: int | None) -> list[int]:
+    """sizes: the siblings' output widths, 2 to MAX_SIBLINGS positive ints adding up to the weight's rows; with FP8
+    block scales, each but the last a multiple of the block's rows bo (so no scale block spans two siblings)."""
+    check(isinstance(sizes, (list, tuple)) and 2 <= len(sizes) <= MAX_SIBLINGS
+          and all(isinstance(n, int) and n >= 1 for n in sizes),
+          f"sizes: expected 2 to {MAX_SIBLINGS} positive ints (one output width per sibling), got {sizes!r}")
+    check(sum(sizes) == weight.shape[0],
+          f"sizes: {list(sizes)} add up to {sum(sizes)}, but the weight has {weight.shape[0]} rows")
+    check(bo is None or all(n % bo == 0 for n in sizes[:-1]),
+          f"sizes: {list(sizes)}: every sibling but the last must have a multiple of the block's {bo} rows, so that "
+          f"no scale block spans two siblings")
+    return list(sizes)
 
 
-def embed(tokens, weight, *, config=None, into=None):
-    """tokens [B, S] int, weight [V, D] (f32/bf16/f16) -> fp32 [B, S, D];  y[b, s] = weight[tokens[b, s]]."""
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
-    return _embed("embed", tokens, weight, None, (1, 1), config, into)
+def _cat_results(into, lead, sizes, device) -> tuple[list, list]:
+    """The results of a linear_cat launcher, fp32 [*lead, n] per sibling (common.result), and their [M, 1, n] views."""
+    ys = [result(o, (*lead, n), torch.float32, device) for o, n in zip(results(into, len(sizes)), sizes)]
+    return ys, [y.view(-1, 1, n) for y, n in zip(ys, sizes)]
 
 
-def embed_fp8(tokens, weight, scale, *, block, config=None, into=None):
-    """tokens [B, S] int, weight e4m3 [V, D], scale [ceil(V/bo), ceil(D/bi)] (fp32 or UE8M0)
-    -> fp32 [B, S, D];  y[b, s, d] = weight[t, d] * scale[t // bo, d // bi], t = tokens[b, s]."""
-    check_tensor("weight", weight, dtypes=(torch.float8_e4m3fn,), dim=2, contiguous=False)
-    check_tensor("scale", scale, dtypes=SCALE_DTYPES, contiguous=False)
-    return _embed("embed_fp8", tokens, weight, scale, _check_block(block, weight, scale), config, into)
+def linear_cat(x, weight, *, sizes, config=None, into=None):
+    """Sibling projections of one x in one launch: weight [sum(sizes), K] (their weights one after another)
+    -> one fp32 [..., n] per n in sizes; result i is x W_i^T, W_i = weight's rows of sibling i."""
+    _check_gemm_inputs(x, weight, None, 1)
+    sizes = _check_sizes(sizes, weight, None)
+    ys, y3s = _cat_results(into, x.shape[:-1], sizes, x.device)
+    _gemm("linear_cat", x.reshape(-1, 1, x.shape[-1]), weight, y3s, config=config)
+    return tuple(ys)
+
+
+def linear_fp8_cat(x, weight, scale, x_scale=None, *, sizes, block, act, config=None, into=None):
+    """linear_cat over an e4m3 weight with block scales, as linear_fp8 (x_scale: x is e4m3 codes already)."""
+    _check_gemm_inputs(x, weight, scale, 1, codes=x_scale is not None)
+    bo_bi = _check_block(block, weight, scale)
+    sizes = _check_sizes(sizes, weight, bo_bi[0])
+    k = x.shape[-1]
+    x_scale3 = None if x_scale is None else x_scale.reshape(-1, 1, check_x_scale(x, x_scale, act, "act"))
+    ys, y3s = _cat_results(into, x.shape[:-1], sizes, x.device)
+    _gemm("linear_fp8_cat", x.reshape(-1, 1, k), weight, y3s, scale, bo_bi, act, config, x_scale3)
+    return tuple(ys)
 
 
 LAUNCHERS = {
@@ -444,6 +480,6 @@ LAUNCHERS = {
     "grouped_linear": grouped_linear,
     "linear_fp8": linear_fp8,
     "grouped_linear_fp8": grouped_linear_fp8,
-    "embed": embed,
-    "embed_fp8": embed_fp8,
+    "linear_cat": linear_cat,
+    "linear_fp8_cat": linear_fp8_cat,
 }
