@@ -10,6 +10,7 @@
 #   attention    sparse decode attention, bf16 dots (the default) and tf32 side by side
 #   gemm         FP8 GEMM against cuBLAS (the heuristic config plus three more)
 #   e2e-medium   e2e decode of `medium`
+#   siblings     bench/triton_siblings.py: sibling projections, separate launches vs the lowering's joined one
 # OUT_DIR defaults to $OUT (the device tool's output folder), else bench/results/gpu.
 #
 # Nothing is downloaded: where the GPU image lacks a dependency (transformers, pydantic, ...), put its wheels
@@ -17,10 +18,10 @@
 # so the image's torch and triton stay). Each stage runs under `timeout` so a stuck compile cannot eat the
 # session; a stage that times out leaves what it printed in OUT_DIR/STAGE.log.
 set -euo pipefail
-stage="${1:?usage: bash bench/gpu_session.sh STAGE [OUT_DIR] (STAGE: check e2e-small attention gemm e2e-medium)}"
+stage="${1:?usage: bash bench/gpu_session.sh STAGE [OUT_DIR] (STAGE: check e2e-small attention gemm e2e-medium siblings)}"
 case "$stage" in
-    check | e2e-small | attention | gemm | e2e-medium) ;;
-    *) echo "unknown stage '$stage'; expected one of: check e2e-small attention gemm e2e-medium" >&2; exit 2 ;;
+    check | e2e-small | attention | gemm | e2e-medium | siblings) ;;
+    *) echo "unknown stage '$stage'; expected one of: check e2e-small attention gemm e2e-medium siblings" >&2; exit 2 ;;
 esac
 out="${2:-${OUT:-bench/results/gpu}}"
 mkdir -p "$out"
@@ -50,4 +51,5 @@ case "$stage" in
         --out "$out/gemm.json" ;;
     e2e-medium) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs medium --heuristic-only --repeats 5 \
         --out "$out/e2e_medium.json" ;;
+    siblings) run 540 python3 bench/triton_siblings.py --repeats 7 --out "$out/siblings.json" ;;
 esac

@@ -47,6 +47,22 @@ def test_without_a_gpu_every_row_is_not_measured(tmp_path):
     assert result["status"] == "not measured" and set(result["rows"].values()) == {"not measured"}
 
 
+def test_the_siblings_bench_times_separate_and_joined_launches(tmp_path):
+    """bench/triton_siblings.py's dry run: every group and token count, the joined results the separate ones'."""
+    spec = importlib.util.spec_from_file_location("triton_siblings_bench", SCRIPT.parent / "triton_siblings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--dry-run", "--out", str(tmp_path / "s.json")])
+    assert result["status"].startswith("dry run") and json.loads((tmp_path / "s.json").read_text()) == result
+    assert [(r["group"], r["tokens"]) for r in result["rows"]] == [(n, m) for n in module.DRY["groups"]
+                                                                   for m in module.DRY["tokens"]]
+    for row in result["rows"]:
+        assert row["launches_separate"] == len(row["sizes"]) and row["rel_diff_joined_vs_separate"] < 1e-6
+        assert row["separate"]["median_s"] > 0 and row["joined"]["median_s"] > 0
+    if not torch.cuda.is_available():
+        assert module.main(["--out", str(tmp_path / "n.json")])["status"] == "not measured"
+
+
 def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
     """bench/host_overhead.py on a tiny triton artifact: every Triton launch is skipped and counted, every plan
     entry of a decode step is timed, and the stateful ops are told apart; and the decode step with graphs."""
