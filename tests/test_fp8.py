@@ -183,6 +183,22 @@ def test_calibration_statistics(fp8_build, hf_checkpoints):
     assert set(report["layers"]) >= {"0", "1", "2"}
 
 
+def test_a_triton_build_reports_on_the_checkpoints_weights(tmp_path, hf_checkpoints, calib_data):
+    """The triton lowering joins sibling projections (their weights concatenated in the artifact); the calibration
+    report is taken on the module before that rewrite, so it names and measures the checkpoint's weights."""
+    spec = _yaml(tmp_path, hf_checkpoints[NAME], calib_data, {"activations": {"mode": "dynamic", "group": 16}},
+                 {"max_kl": 1.0, "min_top1": 0.3}, samples=2, heldout_samples=1)
+    spec.write_text(spec.read_text().replace("calibration:", "  - fuse\ncalibration:") + "target: triton\n")
+    result = CliRunner().invoke(main, ["compile", str(spec), "-o", str(tmp_path / "art")])
+    assert result.exit_code == 0, result.output
+    art = open_artifact(tmp_path / "art")
+    assert art.manifest["target"]["kernels"]["joined_siblings"]["launches"] > 0
+    assert any("+" in name for name in art.weights())  # joined weights stored
+    report = json.loads((tmp_path / "art" / "report" / "calibration.json").read_text())
+    assert {"layers.0.self_attn.q_a_proj.weight", "layers.0.self_attn.kv_proj.weight"} <= set(report["weights"])
+    assert not any("+" in name for name in [*report["weights"], *report["activations"]])
+
+
 def test_report_files_and_manifest(fp8_build):
     art = open_artifact(fp8_build)
     m = art.manifest
