@@ -103,7 +103,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
     pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, part = pid_g // SPLIT, pid_g % SPLIT
     lo, hi, first, y_base = 0, N, 0, y_ptr  # this tile's sibling: its rows [lo, hi), first tile and output
-    if SEGS > 1:
+    if SEGS > 1:  # (unrolled by hand: a loop cannot index the arguments y1.. / e1.. without tuple arguments,
+        #            which the lent GPU image's Triton 3.6 has not been tried with)
         t, first, lo, hi, y_base = _segment(pid_n, 0, 0, e1, y_ptr, first, lo, hi, y_base, BN)
         t, first, lo, hi, y_base = _segment(pid_n, t, e1, e2, y1, first, lo, hi, y_base, BN)
         if SEGS > 2:
