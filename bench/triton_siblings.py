@@ -76,8 +76,8 @@ def bench(device: str, timer: Timer, dry: bool) -> list[dict]:
             t_joined = timer.graph([c[1] for c in copies])
             diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
                        for a, b in zip(joined, sep))
-            rows.append({"group": name, "fp8": fp8, "sizes": sizes, "k": k, "tokens": m, "launches_separate": len(sizes),
-                         "separate": t_sep, "joined": t_joined, "joined_over_separate_time":
+            rows.append({"group": name, "fp8": fp8, "sizes": sizes, "k": k, "tokens": m,
+                         "launches_separate": len(sizes), "separate": t_sep, "joined": t_joined, "joined_over_separate_time":
                          round(t_joined["median_s"] / t_sep["median_s"], 3), "rel_diff_joined_vs_separate": diff,
                          "weight_copies": len(copies)})
             print(f"{name:26} m={m:3}: separate ({len(sizes)} launches) {t_sep['median_s'] * 1e6:8.1f} us, "

@@ -2,8 +2,8 @@
 
 The program is the torch target's (same steps, same kernel names) after one rewrite, siblings.py: projections of
 one input join into one GEMM launch (linear_cat / linear_fp8_cat, their weights concatenated in the artifact).
-What runs the steps differs. The artifact also carries `kernels/triton/`: this package's kernels/ as source (imported by the
-runtime, compiled by Triton on first use), and launch.json:
+What runs the steps differs. The artifact also carries `kernels/triton/`: this package's kernels/ as source
+(imported by the runtime, compiled by Triton on first use), and launch.json:
 
     {"format": 1, "triton": "3.9.0",
      "triton_ops": [ops with a Triton kernel], "torch_ops": {op: why it runs as the torch kernel},

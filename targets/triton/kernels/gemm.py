@@ -295,6 +295,16 @@ def _check_act(act) -> tuple[int, int | None, bool, float]:
 MAX_SIBLINGS = 8  # outputs of one linear_cat launch (the kernel's y_ptr, y1 .. y7)
 
 
+def _sibling_args(outs, sizes, r: int) -> tuple:
+    """The kernel's y1 .. y7, e1 .. e7: the other siblings' outputs and where each sibling but the last ends (padded
+    with the last output and r, empty siblings that no tile takes); None for a single output (SEGS 1 reads none of
+    them, and a None argument costs the launch nothing)."""
+    if len(outs) == 1:
+        return (None,) * (2 * MAX_SIBLINGS - 2)
+    ends = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    return (*outs[1:], *outs[-1:] * (MAX_SIBLINGS - len(outs)), *ends, *[r] * (MAX_SIBLINGS - 1 - len(ends)))
+
+
 def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=None, x_scale3=None):
     """x3 [M, G, K] (any strides), weight [G*R, K] -> outs: [out], fp32 [M, G, R] (a contiguous view of the
     result); or, for siblings (linear_cat, G = 1), one fp32 [M, 1, R_i] per sibling, the weight their R_i rows
@@ -309,7 +319,6 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
             out.zero_()
         return
     out, sizes = outs[0], [o.shape[-1] for o in outs]
-    ends = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]  # where each sibling but the last ends
     bo, bi = block
     bk = _pick_block_k(k, bi if scale is not None else k, group, cfg["BLOCK_K"])
     span = min(group, k) if mode == 1 else bk  # K span of one activation group (static / none: of one tile)
@@ -333,8 +342,7 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
     _gemm_kernel[grid](x_arg, weight, s, out, x_scales, partials, out if counters is None else counters,
                        m, r, k, span, per_split, static, bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
                        s.stride(-1), *out.stride(), *(partials.stride() if split > 1 else (0, 0, 0, 0)),
-                       *(outs[1:] + outs[-1:] * (MAX_SIBLINGS - len(outs))),
-                       *(ends + [r] * (MAX_SIBLINGS - 1 - len(ends))),
+                       *_sibling_args(outs, sizes, r),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
                        FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
                        SUM_IN_KERNEL=counters is not None, SEGS=len(outs), BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"],
