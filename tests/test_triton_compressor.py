@@ -12,10 +12,12 @@ import itertools
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from v4c.runtime.kernels.compressor import compress as reference
 from v4c.runtime.quant import FP4_VALUES, decode_entries, encode_entries, entry_layout
 from v4c.targets.triton.kernels import compressor
+from v4c.targets.triton.kernels.compressor import _encode_blocks
 
 FORMATS = ("f32", "bf16", "fp8_split", "fp8_block", "fp4_block")
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "u8": torch.uint8}
@@ -275,9 +277,15 @@ def test_block_encodings_are_bit_exact_on_code_boundaries(fmt, amax, codes):
     ours = torch.empty_like(ref)
     fp4 = fmt == "fp4_block"
     block_g = triton.next_power_of_2(-(-d // (32 if fp4 else 128)))
-    compressor._encode_blocks_kernel[(x.shape[1], 1)](x, ours, x, x.shape[1], ours.stride(0), ours.stride(1), 1,
-                                                      D=d, FP4=fp4, DEVICE_POS=False, BLOCK_G=block_g)
+    _encode_rows[(x.shape[1],)](x, ours, ours.stride(1), D=d, FP4=fp4, BLOCK_G=block_g)
     assert torch.equal(ours, ref)
+
+
+@triton.jit
+def _encode_rows(x_ptr, out_ptr, stride_ot, D: tl.constexpr, FP4: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The compress kernel's block encoding of f32 rows x [n, D] on its own: program i encodes row i."""
+    i = tl.program_id(0)
+    _encode_blocks(x_ptr + i * D, out_ptr + i * stride_ot, D, FP4, BLOCK_G)
 
 
 def near_pow2_weight(d, qmax, group, nope):

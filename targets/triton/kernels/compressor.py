@@ -9,8 +9,10 @@ window of a call) together with Cb of window w: 2*rate positions.
 Device work: `_compress_kernel`, one program per (closed window, batch row), does the gated softmax
 pooling (three passes over chunks of window positions: max, sum of exp, weighted sum), RMSNorm with
 weight, interleaved RoPE at the window start and the f32 / bf16 / fp8_split encoding, writing the
-entry row in place. For fp8_block and fp4_block it writes f32 rows to a scratch tensor and the small
-`_encode_blocks_kernel` encodes them. Host glue (torch, no arithmetic beyond state bookkeeping):
+entry row in place. For fp8_block and fp4_block it writes the f32 row to a scratch tensor and, after a
+barrier, encodes it from there (the block scales need the whole row). A decode step at a device position
+is this one launch too: the program first puts the token into the window buffers and, with overlap, last
+saves the closed window's Ca. Host glue (torch, no arithmetic beyond state bookkeeping):
 concatenating the buffered tokens with the new ones, the leftover copy into `buf_*`, saving the
 overlap slice (`ovl_gate` = the last window's Ca gate + ape, one fp32 add as in the reference), and
 handing rows to a tiered entry store (`state[-1].write(start, rows)`) when state[-1] is not a tensor.
@@ -29,8 +31,9 @@ from .common import (E4M3_MAX, FP4_BLOCK, FP8_BLOCK, KV_GROUP, bf16_bits, cdiv, 
                      same_device)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-KV_FORMATS = ("f32", "bf16", "fp8_split", "fp8_block", "fp4_block")
-FMT_F32, FMT_BF16, FMT_FP8_SPLIT = 0, 1, 2  # formats the main kernel stores itself
+FMTS = {"f32": 0, "bf16": 1, "fp8_split": 2, "fp8_block": 3, "fp4_block": 4}  # the kernel's FMT
+FMT_BF16, FMT_FP8_SPLIT, FMT_FP4_BLOCK = FMTS["bf16"], FMTS["fp8_split"], FMTS["fp4_block"]
+KV_FORMATS = tuple(FMTS)
 
 
 # --- device helpers -----------------------------------------------------------------------------
@@ -122,76 +125,10 @@ def _store_fp8_split(out_row, y0, y1, c0, c1, m0, m1, D: tl.constexpr, NOPE: tl.
 
 # --- kernels ------------------------------------------------------------------------------------
 @triton.jit
-def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr, out_ptr, pos_ptr, L,
-                     stride_ob, stride_ot, stride_first, first, eps, rope_scale, RATE: tl.constexpr, C: tl.constexpr,
-                     D: tl.constexpr, NOPE: tl.constexpr, WIN: tl.constexpr, OFF: tl.constexpr,
-                     COL_CUR: tl.constexpr, HAS_PREV: tl.constexpr, HAS_W: tl.constexpr, FMT: tl.constexpr,
-                     DEVICE_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_G: tl.constexpr):
-    """Program (w, b): entry first + w of batch row b. kv, gate: [B, L, C] fp32; ape: [RATE, C]; ovl_*: [B, RATE,
-    D]; out row: out_ptr + b*stride_ob + w*stride_ot. Channels are handled as pairs (c0, c1 = c0 + 1) aligned
-    with the RoPE pairs (NOPE + 2i, NOPE + 2i + 1), so c0 = 2p - NOPE % 2.
-    DEVICE_POS (a decode step, kv = the window buffer, L = RATE): the position p is read from pos_ptr; the
-    program writes entry p // RATE at out_ptr + (p // RATE) * stride_first (0: a scratch row) if token p closes
-    its window, else nothing."""
-    w = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    if DEVICE_POS:
-        pos = tl.load(pos_ptr).to(tl.int32)
-        if (pos + 1) % RATE != 0:
-            return
-        first = pos // RATE
-        out_ptr += first.to(tl.int64) * stride_first
-    kv_ptr += b * L * C
-    gate_ptr += b * L * C
-    ovl_kv_ptr += b * RATE * D
-    ovl_gate_ptr += b * RATE * D
-    c0 = 2 * tl.arange(0, BLOCK_P) - NOPE % 2
-    c1 = c0 + 1
-    m0, m1 = (c0 >= 0) & (c0 < D), c1 < D
-    x0 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c0, m0, RATE, C, D, WIN, OFF, COL_CUR,
-               HAS_PREV, BLOCK_R, BLOCK_P)
-    x1 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c1, m1, RATE, C, D, WIN, OFF, COL_CUR,
-               HAS_PREV, BLOCK_R, BLOCK_P)
-    # RMSNorm over the D channels: y = x / sqrt(mean(x^2) + eps) * weight
-    rstd = tl.math.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / D + eps)
-    y0, y1 = x0 * rstd, x1 * rstd
-    if HAS_W:
-        y0 = tl.load(w_ptr + c0, mask=m0, other=0.0) * y0
-        y1 = tl.load(w_ptr + c1, mask=m1, other=0.0) * y1
-    # interleaved RoPE on channels >= NOPE at position (first entry + w) * RATE
-    rot = m0 & (c0 >= NOPE)
-    freq = tl.load(inv_ptr + (c0 - NOPE) // 2, mask=rot, other=0.0)
-    angle = ((first + w) * RATE).to(tl.float32) * freq
-    cos, sin = tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
-    y0, y1 = tl.where(rot, y0 * cos - y1 * sin, y0), tl.where(rot, y1 * cos + y0 * sin, y1)
-    out_row = out_ptr + b * stride_ob + w * stride_ot
-    if FMT == 0:
-        tl.store(out_row + c0, y0, mask=m0)
-        tl.store(out_row + c1, y1, mask=m1)
-    elif FMT == 1:
-        tl.store(out_row + c0, bf16_bits(y0).to(tl.int16), mask=m0)
-        tl.store(out_row + c1, bf16_bits(y1).to(tl.int16), mask=m1)
-    else:
-        _store_fp8_split(out_row, y0, y1, c0, c1, m0, m1, D, NOPE, BLOCK_G)
-
-
-@triton.jit
-def _encode_blocks_kernel(x_ptr, out_ptr, pos_ptr, n_win, stride_ob, stride_ot, RATE, D: tl.constexpr,
-                          FP4: tl.constexpr, DEVICE_POS: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Program (w, b): f32 row x[b, w, :D] -> fp8_block bytes [e4m3 codes | fp32 scale per 128, little endian]
+def _encode_blocks(x_row, out_row, D: tl.constexpr, FP4: tl.constexpr, BLOCK_G: tl.constexpr):
+    """f32 row x_row[:D] -> fp8_block bytes [e4m3 codes | fp32 scale per 128, little endian]
     (scale = max(amax, 1e-4) / 448) or fp4_block bytes [e2m1 pairs, even channel low | UE8M0 per 32]
-    (scale = 2^e, e = ceil_log2(max(amax, 1e-4) / 6), exact). DEVICE_POS: as _compress_kernel's, writing
-    row pos // RATE of out if the token at pos (read from pos_ptr) closes its window."""
-    w = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    if DEVICE_POS:
-        pos = tl.load(pos_ptr).to(tl.int32)
-        if (pos + 1) % RATE != 0:
-            return
-        out_ptr += (pos // RATE).to(tl.int64) * stride_ot
-    x_row = x_ptr + (b * n_win + w) * D
-    out_row = out_ptr + b * stride_ob + w * stride_ot
+    (scale = 2^e, e = ceil_log2(max(amax, 1e-4) / 6), exact) at out_row."""
     grp = tl.arange(0, BLOCK_G)[:, None]
     if FP4:
         i = tl.arange(0, 16)[None, :]  # pair i of group grp: channels 32 grp + 2i, +1
@@ -219,36 +156,84 @@ def _encode_blocks_kernel(x_ptr, out_ptr, pos_ptr, n_win, stride_ob, stride_ot, 
 
 
 @triton.jit
-def _push_kernel(kv_ptr, gate_ptr, buf_kv_ptr, buf_gate_ptr, pos_ptr, kv_sb, kv_sc, gate_sb, gate_sc,
-                 RATE: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A decode step with a device position p (read from pos_ptr): the token's kv[b, 0] and gate[b, 0] join the
-    window buffers buf_* [B, RATE, C] at row p % RATE. Grid: (B,)."""
-    b = tl.program_id(0).to(tl.int64)
-    slot = tl.load(pos_ptr) % RATE
-    c = tl.arange(0, BLOCK_C)
-    m = c < C
-    dst = (b * RATE + slot) * C + c
-    tl.store(buf_kv_ptr + dst, tl.load(kv_ptr + b * kv_sb + c * kv_sc, mask=m).to(tl.float32), mask=m)
-    tl.store(buf_gate_ptr + dst, tl.load(gate_ptr + b * gate_sb + c * gate_sc, mask=m).to(tl.float32), mask=m)
-
-
-@triton.jit
-def _carry_kernel(buf_kv_ptr, buf_gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, pos_ptr, RATE: tl.constexpr,
-                  C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Overlap, a decode step with a device position p whose token closed its window (else nothing): the window's
-    Ca, ovl_kv[b, r] = buf_kv[b, r, :D] and ovl_gate[b, r] = buf_gate[b, r, :D] + ape[r, :D] (one fp32 add, as
-    the host path), pools into the next entry. Runs after _compress_kernel read the previous ovl_*. Grid: (RATE, B)."""
-    r = tl.program_id(0)
+def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr, out_ptr, enc_ptr, pos_ptr,
+                     new_kv_ptr, new_gate_ptr, new_kv_sb, new_kv_sc, new_gate_sb, new_gate_sc, L, stride_ob,
+                     stride_ot, stride_eb, stride_et, stride_first, first, eps, rope_scale, RATE: tl.constexpr,
+                     C: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, WIN: tl.constexpr, OFF: tl.constexpr,
+                     COL_CUR: tl.constexpr, HAS_PREV: tl.constexpr, HAS_W: tl.constexpr, FMT: tl.constexpr,
+                     DEVICE_POS: tl.constexpr, CARRY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (w, b): entry first + w of batch row b. kv, gate: [B, L, C] fp32; ape: [RATE, C]; ovl_*: [B, RATE,
+    D]; out row: out_ptr + b*stride_ob + w*stride_ot. Channels are handled as pairs (c0, c1 = c0 + 1) aligned
+    with the RoPE pairs (NOPE + 2i, NOPE + 2i + 1), so c0 = 2p - NOPE % 2. FMT 0 / 1 / 2 (f32, bf16, fp8_split)
+    write the entry at out; FMT 3 / 4 (fp8_block, fp4_block) write it as f32 to out (a scratch row) and, after
+    a barrier, encode that row into enc_ptr + b*stride_eb + w*stride_et.
+    DEVICE_POS (a decode step, kv = the window buffers [B, RATE, C], L = RATE; grid (1, B)): the position p is
+    read from pos_ptr, and the new token's new_kv[b, 0] and new_gate[b, 0] join the buffers at row p % RATE.
+    If token p closes its window, the program then (after a barrier: the pooling reads rows other threads
+    stored) writes entry p // RATE, at out_ptr + (p // RATE) * stride_first (0: a scratch row) or, for FMT 3 / 4,
+    at row p // RATE of enc. With CARRY (overlap) it last saves the window's Ca for the next entry, after a
+    barrier (the pooling read the old one): ovl_kv[b, r] = buf_kv[b, r, :D], ovl_gate[b, r] = buf_gate[b, r, :D]
+    + ape[r, :D] (one fp32 add, as the host path)."""
+    w = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    if (tl.load(pos_ptr) + 1) % RATE != 0:
-        return
-    c = tl.arange(0, BLOCK_D)
-    m = c < D
-    src = (b * RATE + r) * C + c
-    dst = (b * RATE + r) * D + c
-    tl.store(ovl_kv_ptr + dst, tl.load(buf_kv_ptr + src, mask=m), mask=m)
-    ape = tl.load(ape_ptr + r * C + c, mask=m).to(tl.float32)
-    tl.store(ovl_gate_ptr + dst, tl.load(buf_gate_ptr + src, mask=m) + ape, mask=m)
+    kv_ptr += b * L * C
+    gate_ptr += b * L * C
+    ovl_kv_ptr += b * RATE * D
+    ovl_gate_ptr += b * RATE * D
+    if DEVICE_POS:
+        pos = tl.load(pos_ptr).to(tl.int32)
+        cc = tl.arange(0, BLOCK_C)
+        mc = cc < C
+        row = (pos % RATE) * C + cc
+        tl.store(kv_ptr + row, tl.load(new_kv_ptr + b * new_kv_sb + cc * new_kv_sc, mask=mc).to(tl.float32), mask=mc)
+        tl.store(gate_ptr + row, tl.load(new_gate_ptr + b * new_gate_sb + cc * new_gate_sc, mask=mc).to(tl.float32),
+                 mask=mc)
+        if (pos + 1) % RATE != 0:
+            return
+        tl.debug_barrier()
+        first = pos // RATE
+        out_ptr += first.to(tl.int64) * stride_first
+        enc_ptr += first.to(tl.int64) * stride_et
+    c0 = 2 * tl.arange(0, BLOCK_P) - NOPE % 2
+    c1 = c0 + 1
+    m0, m1 = (c0 >= 0) & (c0 < D), c1 < D
+    x0 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c0, m0, RATE, C, D, WIN, OFF, COL_CUR,
+               HAS_PREV, BLOCK_R, BLOCK_P)
+    x1 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c1, m1, RATE, C, D, WIN, OFF, COL_CUR,
+               HAS_PREV, BLOCK_R, BLOCK_P)
+    # RMSNorm over the D channels: y = x / sqrt(mean(x^2) + eps) * weight
+    rstd = tl.math.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / D + eps)
+    y0, y1 = x0 * rstd, x1 * rstd
+    if HAS_W:
+        y0 = tl.load(w_ptr + c0, mask=m0, other=0.0) * y0
+        y1 = tl.load(w_ptr + c1, mask=m1, other=0.0) * y1
+    # interleaved RoPE on channels >= NOPE at position (first entry + w) * RATE
+    rot = m0 & (c0 >= NOPE)
+    freq = tl.load(inv_ptr + (c0 - NOPE) // 2, mask=rot, other=0.0)
+    angle = ((first + w) * RATE).to(tl.float32) * freq
+    cos, sin = tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
+    y0, y1 = tl.where(rot, y0 * cos - y1 * sin, y0), tl.where(rot, y1 * cos + y0 * sin, y1)
+    out_row = out_ptr + b * stride_ob + w * stride_ot
+    if FMT == 1:
+        tl.store(out_row + c0, bf16_bits(y0).to(tl.int16), mask=m0)
+        tl.store(out_row + c1, bf16_bits(y1).to(tl.int16), mask=m1)
+    elif FMT == 2:
+        _store_fp8_split(out_row, y0, y1, c0, c1, m0, m1, D, NOPE, BLOCK_G)
+    else:
+        tl.store(out_row + c0, y0, mask=m0)
+        tl.store(out_row + c1, y1, mask=m1)
+        if FMT >= 3:  # the block formats' scales need the whole row: encode it from the scratch row
+            tl.debug_barrier()
+            _encode_blocks(out_row, enc_ptr + b * stride_eb + w * stride_et, D, FMT == 4, BLOCK_E)
+    if CARRY:
+        tl.debug_barrier()
+        cd = tl.arange(0, BLOCK_C)
+        md = cd < D
+        for r in range(RATE):
+            tl.store(ovl_kv_ptr + r * D + cd, tl.load(kv_ptr + r * C + cd, mask=md), mask=md)
+            ape = tl.load(ape_ptr + r * C + cd, mask=md).to(tl.float32)
+            tl.store(ovl_gate_ptr + r * D + cd, tl.load(gate_ptr + r * C + cd, mask=md) + ape, mask=md)
 
 
 # --- host side ----------------------------------------------------------------------------------
@@ -300,34 +285,34 @@ def _entry_target(entries, first: int, n_win: int, batch: int, dtype, width: int
 
 
 def _launch(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, first, n_win, rate, overlap, eps,
-            rope_scale, kv_format, cfg, pos=None):
-    """Pool, normalize, rotate and encode entries first .. first+n_win-1 into `rows` [B, n_win, W]. With a device
-    position `pos` (a decode step, kv = the window buffers): entry pos // rate into its row of `rows` (the
-    whole entries tensor), if the token at pos closes its window."""
+            rope_scale, kv_format, cfg, new=None, pos=None):
+    """Pool, normalize, rotate and encode entries first .. first+n_win-1 into `rows` [B, n_win, W], one launch.
+    With a device position `pos` (a decode step, kv = the window buffers, `new` = the token's (kv, gate)): the
+    token joins the buffers, and entry pos // rate goes into its row of `rows` (the whole entries tensor) if the
+    token closes its window; with overlap that window's Ca is then saved."""
     batch, length, width = kv.shape
     d = width // 2 if overlap else width
     rope = 2 * inv_freq.shape[0]
-    direct = kv_format in ("f32", "bf16", "fp8_split")
+    fmt = FMTS[kv_format]
+    direct = fmt <= FMT_FP8_SPLIT
     out = rows if direct else torch.empty(batch, n_win, d, dtype=torch.float32, device=kv.device)
-    fmt = {"f32": FMT_F32, "bf16": FMT_BF16, "fp8_split": FMT_FP8_SPLIT}.get(kv_format, FMT_F32)
     device_pos = pos is not None
     has_prev = overlap and (first > 0 or device_pos)  # a device position's `first` is the kernel's to read
     win = 2 * rate if overlap else rate
     block_r = min(cfg["block_r"], next_pow2(win))
+    new_kv, new_gate = new if device_pos else (kv, gate)
     _compress_kernel[(n_win, batch)](
         kv, gate, ape.float().contiguous(), ovl_kv if has_prev else kv, ovl_gate if has_prev else gate,
         kv if norm_weight is None else norm_weight.float().contiguous(), inv_freq.float().contiguous(),
-        out.view(torch.int16) if fmt == FMT_BF16 else out, pos if device_pos else kv, length, out.stride(0),
-        out.stride(1), out.stride(1) if direct else 0, 0 if device_pos else first, float(eps), float(rope_scale),
-        RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0, COL_CUR=d if overlap else 0,
-        HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt, DEVICE_POS=device_pos, BLOCK_R=block_r,
-        BLOCK_P=next_pow2(cdiv(d + 1, 2)), BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)), num_warps=cfg["num_warps"])
-    if not direct:
-        fp4 = kv_format == "fp4_block"
-        _encode_blocks_kernel[(n_win, batch)](
-            out, rows, pos if device_pos else out, n_win, rows.stride(0), rows.stride(1), rate, D=d, FP4=fp4,
-            DEVICE_POS=device_pos, BLOCK_G=next_pow2(cdiv(d, FP4_BLOCK if fp4 else FP8_BLOCK)),
-            num_warps=cfg["num_warps"])
+        out.view(torch.int16) if fmt == FMT_BF16 else out, rows, pos if device_pos else kv, new_kv, new_gate,
+        new_kv.stride(0), new_kv.stride(2), new_gate.stride(0), new_gate.stride(2), length, out.stride(0),
+        out.stride(1), rows.stride(0), rows.stride(1), out.stride(1) if direct else 0, 0 if device_pos else first,
+        float(eps), float(rope_scale), RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0,
+        COL_CUR=d if overlap else 0, HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt,
+        DEVICE_POS=device_pos, CARRY=device_pos and overlap, BLOCK_R=block_r, BLOCK_P=next_pow2(cdiv(d + 1, 2)),
+        BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
+        BLOCK_E=next_pow2(cdiv(d, FP4_BLOCK if fmt == FMT_FP4_BLOCK else FP8_BLOCK)),
+        BLOCK_C=next_pow2(width) if device_pos else 1, num_warps=cfg["num_warps"])
 
 
 def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap, eps, rope_scale=1.0,
@@ -377,9 +362,9 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
 
 def _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, buf_gate, ovl_kv, ovl_gate, entries,
                                  pos, *, rate, overlap, eps, rope_scale, kv_format, cfg):
-    """One token a sequence at a device position p: it joins the window buffers (`_push_kernel`); the
-    compress kernel pools the buffers into entry p // rate if p closes a window (its programs exit at once
-    otherwise); with overlap, `_carry_kernel` then saves that window's Ca. Three launches whatever p is."""
+    """One token a sequence at a device position p, one launch whatever p is: the token joins the window
+    buffers, the kernel pools them into entry p // rate if p closes a window (its programs stop after the
+    buffers otherwise) and, with overlap, then saves that window's Ca."""
     batch, s, width = kv.shape
     d = width // 2 if overlap else width
     check(s == 1, f"pos0: a device position serves one token a call (a decode step), got {s}")
@@ -392,13 +377,8 @@ def _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, b
     for name, t in (("buf_kv", buf_kv), ("buf_gate", buf_gate), ("ovl_kv", ovl_kv), ("ovl_gate", ovl_gate)):
         if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
             raise ValueError(f"state {name}: a device position needs it float32 and contiguous, got {t.dtype}")
-    _push_kernel[(batch,)](kv, gate, buf_kv, buf_gate, pos, kv.stride(0), kv.stride(2), gate.stride(0),
-                           gate.stride(2), RATE=rate, C=width, BLOCK_C=next_pow2(width))
     _launch(buf_kv, buf_gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, entries, first=0, n_win=1, rate=rate,
-            overlap=overlap, eps=eps, rope_scale=rope_scale, kv_format=kv_format, cfg=cfg, pos=pos)
-    if overlap:
-        _carry_kernel[(rate, batch)](buf_kv, buf_gate, ape, ovl_kv, ovl_gate, pos, RATE=rate, C=width, D=d,
-                                     BLOCK_D=next_pow2(d))
+            overlap=overlap, eps=eps, rope_scale=rope_scale, kv_format=kv_format, cfg=cfg, new=(kv, gate), pos=pos)
 
 
 compress.device_position = True  # takes pos0 as a device tensor (common.position)
