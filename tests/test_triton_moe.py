@@ -18,7 +18,7 @@ from v4c.runtime.kernels.moe import route_topk as ref_topk
 from v4c.runtime.kernels.quantized import moe_experts_q as ref_experts_q
 from v4c.runtime.quant import fake_quant_act, quant_fp4, quant_fp8
 from v4c.targets.triton import kernels
-from v4c.targets.triton.kernels import moe, router
+from v4c.targets.triton.kernels import common, moe, router
 from v4c.targets.triton.kernels.moe import (LAUNCHERS, _act, _load_chunk, _quant_chunk, _segment_scale, moe_experts,
                                             moe_experts_q)
 from v4c.targets.triton.kernels.router import route_hash, route_topk
@@ -237,6 +237,47 @@ def test_experts_reading_codes_are_checked():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+@pytest.mark.parametrize("config", [{}, {"BLOCK_N": 16, "BLOCK_M": 16}])
+def test_combine_in_the_down_gemm_equals_the_combine_kernel(tokens, config, monkeypatch):
+    """SUM_IN_KERNEL: the last of each down column block's programs adds every token's pair rows (one launch
+    fewer): the combine kernel's sums bit for bit, at 1 to 17 tokens (past COMBINE_TOKENS only when asked), over
+    counters that are the first of a larger buffer whose sentinel past them must stay, and which end zero."""
+    x, weights, idx, gate_up, down = problem(1, tokens, 50, 36, 4, 3, seed=14)
+    q = quantized(gate_up, down, "fp8", [32, 16], [16, 32], "fp32")
+    kw = {"format": "fp8", "block": [32, 16], "down_block": [16, 32], "act_in": DYN, "act_mid": DYN_UE}
+    launches = []
+    real = moe._combine_kernel
+    monkeypatch.setattr(moe, "_combine_kernel", type("Counted", (), {"__getitem__": lambda self, grid: (
+        launches.append(grid), real[grid])[1]})())
+    separate = moe_experts_q(x, weights, idx, *q, **kw, config={**config, "SUM_IN_KERNEL": False})
+    assert len(launches) == 1
+    needed = -(-50 // config.get("BLOCK_N", moe.EXPERT_CONFIG["BLOCK_N"]))
+    buffer = torch.full((64,), 7, dtype=torch.int32)
+    buffer[:needed] = 0
+    monkeypatch.setattr(common, "_COUNTERS", {torch.device("cpu"): buffer[:needed]})
+    monkeypatch.setattr(common, "TILE_COUNTERS", needed)
+    fused = moe_experts_q(x, weights, idx, *q, **kw, config={**config, "SUM_IN_KERNEL": True})
+    auto = moe_experts_q(x, weights, idx, *q, **kw, config=config)
+    assert len(launches) == 1 + (tokens > moe.COMBINE_TOKENS)  # 'auto' past COMBINE_TOKENS: the combine kernel
+    assert torch.equal(fused, separate) and torch.equal(auto, separate)
+    assert not buffer[:needed].any() and (buffer[needed:] == 7).all()
+    assert_close(fused, ref_experts_q(x, weights, idx, *q, **kw), EXPERTS_RTOL)
+
+
+def test_combine_in_the_down_gemm_needs_its_counters(monkeypatch):
+    """Fewer arrival counters than down column blocks: SUM_IN_KERNEL true names why not, 'auto' combines in the
+    combine kernel (the same result)."""
+    x, weights, idx, gate_up, down = problem(2, 3, 50, 36, 4, 2, seed=15)
+    expected = moe_experts(x, weights, idx, gate_up, down, config={"SUM_IN_KERNEL": False})
+    monkeypatch.setattr(common, "TILE_COUNTERS", 1)  # 50 channels: 2 column blocks of 32
+    with pytest.raises(ValueError, match=r"SUM_IN_KERNEL.*at most 1 arrival counters \(2 here\)"):
+        moe_experts(x, weights, idx, gate_up, down, config={"SUM_IN_KERNEL": True})
+    assert torch.equal(moe_experts(x, weights, idx, gate_up, down), expected)
+    with pytest.raises(ValueError, match="SUM_IN_KERNEL"):
+        moe_experts(x, weights, idx, gate_up, down, config={"SUM_IN_KERNEL": "yes"})
 
 
 def test_quant_once_auto_from_64_pairs(monkeypatch):

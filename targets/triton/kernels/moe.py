@@ -8,6 +8,8 @@ tiles of <= BLOCK_M pairs of one expert:
   gate_up  grid (tiles, I tiles)  mid[p] = swiglu(q_in(x[tok p]) W_gu[e p]^T)       [P, I]
   down     grid (tiles, D tiles)  y[p] = w[p] * q_mid(mid[p]) W_down[e p]^T          [P, D]
   combine  grid (T, D tiles)      out[t] = sum of y over t's pairs, in ascending expert order
+Up to COMBINE_TOKENS tokens (a decode step; SUM_IN_KERNEL) the combine is no launch of its own: the last of each
+down column block's programs to finish adds that block for every token (common.arrived_last), the same sums.
 Weights are dequantized to fp32 in registers (f32 / bf16 / f16; FP8 e4m3 x block scale, fp32 or
 UE8M0; FP4 e2m1, two codes a byte, x per-32 UE8M0 scale). Activation fake-quant (quant.fake_quant_act)
 is fused into the operand loads: "dynamic" walks K one group at a time (an amax pass, then the dot
@@ -21,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, FP8_DOT_MIN_K, cdiv, check, check_tensor, config_switch, decode_scale, e2m1_value,
-                     fake_quant, fp8_dot_supported, group_scale, host_values, launch_config, native_cvt, next_pow2,
-                     result, same_device, swiglu_value, to_e4m3)
+from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
+                     e2m1_value, fake_quant, fp8_dot_supported, group_scale, host_values, in_kernel_counters,
+                     launch_config, native_cvt, next_pow2, result, same_device, swiglu_value, to_e4m3)
 from .gemm import act_quant, check_x_scale, quant_once
 from .pairs import sort_pairs
 
@@ -32,7 +34,9 @@ INTS = (torch.int32, torch.int64)
 ACT_NONE, ACT_STATIC, ACT_DYNAMIC, ACT_CODES = 0, 1, 2, 3  # ACT_CODES: dynamic, quantized once (gemm.act_quant)
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
 EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
-                 "num_warps": 4, "num_stages": 3}  # num_warps / num_stages: the two expert GEMMs' (Triton's defaults)
+                 "SUM_IN_KERNEL": "auto", "num_warps": 4,
+                 "num_stages": 3}  # num_warps / num_stages: the two expert GEMMs' (Triton's defaults)
+COMBINE_TOKENS = 16  # SUM_IN_KERNEL 'auto': the down GEMM combines up to this many tokens (a decode step)
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -126,7 +130,8 @@ def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s
 # --- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr,
-                         N, K, s_rows, s_cols, act_scale, limit, SEG, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                         slot_rows_ptr, cnt_ptr, res_ptr, T, N, K, s_rows, s_cols, act_scale, limit, SEG,
+                         COMBINE: tl.constexpr, KSLOT: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
                          ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
                          SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
                          NATIVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -137,7 +142,10 @@ def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_pt
     FP8_DOT (e4m3 weights as uint8 bytes, quantized activations, each chunk in one weight block column):
     fp8 tensor-core dots over the codes, scaled after; else fp32 dots over dequantized tiles.
     ACT 3 (ACT_CODES): A holds the e4m3 codes of the dynamic quantization already (uint8) and sa_ptr their
-    scales [rows of A, cdiv(K, SEG)], so no tile redoes the amax, division and rounding."""
+    scales [rows of A, cdiv(K, SEG)], so no tile redoes the amax, division and rounding.
+    COMBINE (down): the last of column pid_n's programs to arrive (cnt_ptr[pid_n], common.arrived_last) adds
+    that column block of every token's KSLOT pair rows, as _combine_kernel does: res[t] = sum_j out[slot_rows[t,
+    j]], j ascending, for the T tokens."""
     t, pid_n = tl.program_id(0), tl.program_id(1)
     e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
     pairs = lo + tl.arange(0, BM)
@@ -189,18 +197,28 @@ def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_pt
     else:
         acc = acc * tl.load(pw_ptr + pairs, mask=pmask, other=0.0)[:, None]
     tl.store(out_ptr + pairs.to(tl.int64)[:, None] * N + n[None, :], acc, mask=pmask[:, None] & nmask[None, :])
+    if COMBINE:
+        if arrived_last(cnt_ptr + pid_n, tl.num_programs(0)):
+            zero = (pid_n * 0).to(tl.int64)
+            for tok in range(T):  # .cg: other SMs wrote y
+                _combine_row(out_ptr, slot_rows_ptr, res_ptr, zero + tok, n, nmask, N, KSLOT, ".cg")
+
+
+@triton.jit
+def _combine_row(y_ptr, slot_rows_ptr, out_ptr, t, d, dmask, D, K: tl.constexpr, CACHE: tl.constexpr):
+    """out[t, d] = sum_j y[slot_rows[t, j], d], j ascending (= ascending expert, as the reference adds); t: int64."""
+    acc = tl.zeros(d.shape, dtype=tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(slot_rows_ptr + t * K + j).to(tl.int64)
+        acc += tl.load(y_ptr + row * D + d, mask=dmask, other=0.0, cache_modifier=CACHE)
+    tl.store(out_ptr + t * D + d, acc, mask=dmask)
 
 
 @triton.jit
 def _combine_kernel(y_ptr, slot_rows_ptr, out_ptr, D, K: tl.constexpr, BD: tl.constexpr):
-    """out[t, d] = sum_j y[slot_rows[t, j], d], j ascending (= ascending expert, as the reference adds)."""
-    t, pid_d = tl.program_id(0), tl.program_id(1)
-    d = pid_d * BD + tl.arange(0, BD)
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for j in tl.static_range(K):
-        row = tl.load(slot_rows_ptr + t * K + j).to(tl.int64)
-        acc += tl.load(y_ptr + row * D + d, mask=d < D, other=0.0)
-    tl.store(out_ptr + t.to(tl.int64) * D + d, acc, mask=d < D)
+    """_combine_row for token t = program 0, channels of block program 1 (BD wide)."""
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    _combine_row(y_ptr, slot_rows_ptr, out_ptr, tl.program_id(0).to(tl.int64), d, d < D, D, K, "")
 
 
 # --- host glue -----------------------------------------------------------------------------------
@@ -251,14 +269,16 @@ def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_
     return config_switch("FP8_DOT", want, needs, name)
 
 
-def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=None, a_scales=None, name):
+def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=None, a_scales=None, combine=None,
+                  name):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
     cfg: the launch config (`_run_experts`). QUANT_ONCE ("auto": from 64 pairs on, with more
     than one N tile) quantizes dynamic activations once, one row of `a` at a time (gemm.act_quant), instead of
     in every N tile of every pair: gate_up's input is then quantized once per token, not per (token, expert).
     a_scales: `a` holds those codes already (uint8; the fuse pass's rms_norm_quant), with these scales
-    [rows of a, cdiv(K, SEG)] fp32."""
+    [rows of a, cdiv(K, SEG)] fp32. combine: (slot_rows [T, k], counters, res [T, N]): the down GEMM also adds
+    each token's pair rows into res (COMBINE)."""
     swiglu = rows is not None
     fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], cfg["FP8_DOT"], name)
     if fp8_dot:
@@ -271,9 +291,12 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
         a, act = codes.squeeze(1), {**act, "ACT": ACT_CODES}
     else:
         a_scales = a  # (an unused pointer)
+    slot_rows, counters, res = combine or (out, out, out)
     _experts_gemm_kernel[(tiles[0].numel(), n_tiles)](
-        a, a_scales, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, N=out.shape[1], K=a.shape[1],
-        limit=0.0 if limit is None else float(limit), SWIGLU=swiglu, HAS_LIMIT=limit is not None,
+        a, a_scales, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, slot_rows_ptr=slot_rows,
+        cnt_ptr=counters, res_ptr=res, T=res.shape[0], N=out.shape[1], K=a.shape[1],
+        limit=0.0 if limit is None else float(limit), COMBINE=combine is not None,
+        KSLOT=slot_rows.shape[1] if combine else 1, SWIGLU=swiglu, HAS_LIMIT=limit is not None,
         BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -308,9 +331,21 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
         xf, x_scale = xf.view(torch.uint8), x_scale.reshape(tokens, -1).contiguous()
     _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), cfg, rows=rows, limit=limit, a_scales=x_scale,
                   name=name)
-    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), cfg, pw=pw, name=name)
-    _combine_kernel[(tokens, cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
+    counters = _combine_counters(cfg["SUM_IN_KERNEL"], x.device, tokens, cdiv(d, cfg["BLOCK_N"]), name)
+    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), cfg, pw=pw, name=name,
+                  combine=None if counters is None else (slot_rows, counters, out))
+    if counters is None:
+        _combine_kernel[(tokens, cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return res
+
+
+def _combine_counters(want, device, tokens: int, n_tiles: int, name: str):
+    """The arrival counters when the down GEMM adds each token's pair rows itself (SUM_IN_KERNEL; 'auto': up to
+    COMBINE_TOKENS tokens, where the last program of each column block adding them all costs less than a
+    launch), else None: _combine_kernel adds them, one program per (token, channel block)."""
+    if want == "auto" and tokens > COMBINE_TOKENS:
+        return None
+    return in_kernel_counters(want, device, n_tiles, name)
 
 
 def _check_x(x, d, what, codes=False):
