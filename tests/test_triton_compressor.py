@@ -196,6 +196,26 @@ def test_a_decode_step_at_a_device_position_equals_the_host_positions(fmt, overl
     assert host[-1].view(torch.uint8)[:, (1 + n) // rate:].sum() == 0  # nothing written past the closed windows
 
 
+@pytest.mark.parametrize("fmt", ["fp8_split", "fp4_block"])
+def test_a_call_is_one_launch(fmt, monkeypatch):
+    """Whatever the position and format, one kernel launch a call: the device position's buffer push and overlap
+    carry, and the block formats' encoding, are in the compress kernel (they were three more launches)."""
+    b, rate, d, half = 2, 3, 70, 3
+    kv, gate, ape, w, inv = make_inputs(b, 4, d, rate, half, True)
+    state = make_state(b, d, rate, half, True, fmt)
+    launches = []
+    for name in [n for n in dir(compressor) if n.endswith("_kernel")]:  # every kernel of the module, counted
+        monkeypatch.setattr(compressor, name, type("Counted", (), {"__getitem__": lambda self, grid, real=getattr(
+            compressor, name), name=name: (launches.append((name, grid)), real[grid])[1]})())
+    kw = dict(rate=rate, overlap=True, eps=1e-6, kv_format=fmt)
+    for i in range(3):  # positions 1, 2 (closes window 0), 3
+        pos = torch.tensor([1 + i])
+        compressor.compress(kv[:, i:i + 1], gate[:, i:i + 1], ape, w, inv, state=state, pos0=pos, **kw)
+    assert launches == [("_compress_kernel", (1, b))] * 3
+    compressor.compress(kv, gate, ape, w, inv, state=make_state(b, d, rate, half, True, fmt), pos0=0, **kw)
+    assert launches[3:] == [("_compress_kernel", (1, b))]  # an int position: one launch for the closed window
+
+
 def test_compress_without_norm_weight():
     b, rate, d, half = 2, 3, 9, 2
     kv, gate, ape, _, inv = make_inputs(b, 8, d, rate, half, False)
