@@ -126,7 +126,7 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
-                                          "_topk_kernel", "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
+                                          "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
                                           "_compress_kernel", "_gemm_kernel", "_rms_norm_kernel",
                                           "_rms_norm_quant_kernel", "_hc_pre_kernel", "_hc_head_kernel"}
     # the fuse pass's q_a_norm -> q_b_proj: the GEMM reads the norm's e4m3 codes (ACT 3), and a prefill

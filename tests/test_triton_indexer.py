@@ -8,6 +8,7 @@ from v4c.runtime.kernels.attention import index_scores as ref_scores
 from v4c.runtime.kernels.attention import index_topk as ref_topk
 from v4c.runtime.kv_tiers import PagedEntries, PagePool, TierAllocator, TierStats
 from v4c.runtime.quant import decode_entries, encode_entries
+from v4c.targets.triton.kernels import common
 from v4c.targets.triton.kernels import indexer as module
 from v4c.targets.triton.kernels.indexer import _config, index_scores, index_topk
 
@@ -141,6 +142,37 @@ def test_at_a_device_position_a_few_programs_score_every_causal_tile():
     q, w, keys = make_case("fp8_block", 2, 2, 3, 24, 80, seed=21)
     assert_distinct(q, w, keys, "fp8_block", 119, 2, 5)
     run_both(q, w, keys, pos0=119, topk=5, rate=2, fmt="fp8_block", config={"BLOCK_T": 16, "num_warps": 2})
+
+
+@pytest.mark.parametrize("pos0", [7, torch.tensor([7, 0])])
+def test_the_last_score_program_selects(pos0, monkeypatch):
+    """SUM_IN_KERNEL: the last of each query's score programs picks its top-k (no top-k launch): the top-k
+    kernel's picks exactly, at an int and a device position, with several score programs a query; over counters
+    that are the first of a larger buffer whose sentinel past them must stay, and which end zero. Too few
+    counters: true names why, 'auto' launches the top-k kernel."""
+    q, w, keys = make_case("fp8_block", 2, 3, 3, 24, 40, seed=23)
+    kw = dict(state=(keys,), pos0=pos0, topk=4, rate=1, key_format="fp8_block", **SCALES)
+    launches = []
+    for name in ("_score_kernel", "_topk_kernel"):
+        monkeypatch.setattr(module, name, type("Counted", (), {"__getitem__": lambda self, grid, real=getattr(
+            module, name), name=name: (launches.append(name), real[grid])[1]})())
+    config = {"BLOCK_T": 4}  # 2 to 3 tiles a query (device position: 2 programs a query off a GPU)
+    separate = index_topk(q, w, **kw, config={**config, "SUM_IN_KERNEL": False})
+    assert launches == ["_score_kernel", "_topk_kernel"]
+    needed = 2 * 3
+    buffer = torch.full((16,), 7, dtype=torch.int32)
+    buffer[:needed] = 0
+    monkeypatch.setattr(common, "_COUNTERS", {torch.device("cpu"): buffer[:needed]})
+    monkeypatch.setattr(common, "TILE_COUNTERS", needed)
+    assert torch.equal(index_topk(q, w, **kw, config={**config, "SUM_IN_KERNEL": True}), separate)
+    assert launches[2:] == ["_score_kernel"]
+    assert not buffer[:needed].any() and (buffer[needed:] == 7).all()
+    assert torch.equal(separate, ref_topk(q, w, **{**kw, "pos0": 7}))
+    monkeypatch.setattr(common, "TILE_COUNTERS", needed - 1)
+    with pytest.raises(ValueError, match=r"SUM_IN_KERNEL.*at most 5 arrival counters \(6 here\)"):
+        index_topk(q, w, **kw, config={**config, "SUM_IN_KERNEL": True})
+    assert torch.equal(index_topk(q, w, **kw, config=config), separate)
+    assert launches[3:] == ["_score_kernel", "_topk_kernel"]
 
 
 def test_a_device_position_needs_dense_keys():

@@ -6,9 +6,10 @@ for causal entries w < (t + 1) // rate (t = pos0 + s), -inf otherwise; keys are 
 `key_format` in the kernel (f32, bf16, fp8_block: e4m3 with one fp32 scale per 128 values, fp4_block:
 e2m1 two per byte, low nibble first, one UE8M0 scale per 32 values).
 
-Selection (one program per (query token, batch row)): each causal score becomes a sortable int64
-key (order-preserving int32 image of the fp32 score << 32 | (2^31 - 1 - w)), so the descending
-order of keys is "higher score first, then lower index", exactly torch.sort(stable=True) on
+Selection (one program per (query token, batch row); where the arrival counters can be had, SUM_IN_KERNEL,
+the last of the query's score programs to finish, so scores and selection are one launch): each causal score
+becomes a sortable int64 key (order-preserving int32 image of the fp32 score << 32 | (2^31 - 1 - w)), so
+the descending order of keys is "higher score first, then lower index", exactly torch.sort(stable=True) on
 descending scores (-0.0 counts as +0.0, NaN ranks first). Tiles of KP = next_pow2(topk) keys are
 merged into the running best KP by a bitonic top-k (tl.topk); picks past the causal ones are -1.
 """
@@ -17,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (STORAGE_DTYPES, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout, launch_config,
-                     next_pow2, position, result, same_device, sm_count, ue8m0_value)
+from .common import (STORAGE_DTYPES, arrived_last, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout,
+                     in_kernel_counters, launch_config, next_pow2, position, result, same_device, sm_count,
+                     ue8m0_value)
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,14 +61,17 @@ def _load_keys(base, rows, row_ok, offs_d, D: tl.constexpr, W: tl.constexpr, FMT
 
 
 @triton.jit
-def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, S, H, T, pos0, rate, k_stride, score_scale, weight_scale,
-                  D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr, DEVICE_POS: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, S, H, T, TOPK, pos0, rate, k_stride,
+                  score_scale, weight_scale, D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr,
+                  DEVICE_POS: tl.constexpr, SELECT: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     """out[b, s, w] for w in one key tile (w < T), -inf where w >= (pos0 + s + 1) // rate.
     Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W].
     DEVICE_POS: pos0 is read from pos_ptr, T is the keys' capacity, the grid's third axis is a fixed number of
     programs (not one per tile of the capacity), each scoring every num_programs-th tile of the causal
-    entries; tiles past them are not written (the top-k kernel reads only causal scores)."""
+    entries; tiles past them are not written (the selection reads only causal scores).
+    SELECT: the last of query (b, s)'s programs to arrive at cnt_ptr[b * S + s] (common.arrived_last) then picks
+    its top-k into sel_ptr, as _topk_kernel does (one launch fewer)."""
     s, b, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if DEVICE_POS:
         pos0 = tl.load(pos_ptr).to(tl.int32)
@@ -77,6 +82,9 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, S, H, T, pos0, rate, k_
     else:
         _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tb, (pos0 + s + 1) // rate, S, H, T, k_stride, score_scale,
                     weight_scale, D, W, FMT, BLOCK_T, BLOCK_D)
+    if SELECT:
+        if arrived_last(cnt_ptr + b * S + s, tl.num_programs(2)):
+            _select(out_ptr, sel_ptr, s, b, S, T, TOPK, pos0, rate, KP, ".cg")  # (other SMs wrote the scores)
 
 
 @triton.jit
@@ -113,18 +121,22 @@ def _sort_key(score, w):
 
 @triton.jit
 def _topk_kernel(scores_ptr, out_ptr, pos_ptr, S, T, TOPK, pos0, rate, DEVICE_POS: tl.constexpr, KP: tl.constexpr):
-    """out[b, s, :TOPK] = the causal entries' indices by score, best first, lower index on ties,
-    -1 past the causal ones. Grid: (S, B). scores: [B, S, T], out: [B, S, TOPK] int64.
-    DEVICE_POS: pos0 is read from pos_ptr."""
-    s, b = tl.program_id(0), tl.program_id(1)
+    """_select for query (b, s) = (program 1, program 0). Grid: (S, B). DEVICE_POS: pos0 is read from pos_ptr."""
     if DEVICE_POS:
         pos0 = tl.load(pos_ptr).to(tl.int32)
+    _select(scores_ptr, out_ptr, tl.program_id(0), tl.program_id(1), S, T, TOPK, pos0, rate, KP, "")
+
+
+@triton.jit
+def _select(scores_ptr, out_ptr, s, b, S, T, TOPK, pos0, rate, KP: tl.constexpr, CACHE: tl.constexpr):
+    """out[b, s, :TOPK] = the causal entries' indices by score, best first, lower index on ties,
+    -1 past the causal ones. scores: [B, S, T], out: [B, S, TOPK] int64."""
     token = (b * S + s).to(tl.int64)
     limit = tl.minimum((pos0 + s + 1) // rate, T)
     best = tl.full([KP], PAD_KEY, dtype=tl.int64)
     for start in range(0, limit, KP):
         w = start + tl.arange(0, KP)
-        score = tl.load(scores_ptr + token * T + w, mask=w < limit, other=0.0)
+        score = tl.load(scores_ptr + token * T + w, mask=w < limit, other=0.0, cache_modifier=CACHE)
         key = tl.where(w < limit, _sort_key(score, w), PAD_KEY)
         best = tl.topk(tl.reshape(tl.join(best, key), [2 * KP]), KP)  # best KP of 2 KP, sorted
     idx = tl.where(best == PAD_KEY, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF))
@@ -159,7 +171,7 @@ def _check_inputs(q, weights, state, pos0, topk, rate, key_format):
 
 
 def _config(config):
-    defaults = {"BLOCK_T": 32, "num_warps": 4}
+    defaults = {"BLOCK_T": 32, "num_warps": 4, "SUM_IN_KERNEL": "auto"}
     return launch_config(config, defaults, "index_topk")
 
 
@@ -167,10 +179,11 @@ SCORE_PROGRAMS_PER_SM = 8  # a device position's score grid: (query, batch row) 
 # GPU, so the tests loop); a capacity-sized grid would launch ~8k programs a query at V4's 1M context, most idle
 
 
-def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg):
+def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg, select=None):
     """q: [B, S, H, Di], weights: [B, S, H], keys: [B, >= T, W] storage -> scores [B, S, T] fp32,
     T = (pos0 + S) // rate, -inf where not causal (`_score_kernel`). With a device position (pos0 a tensor)
-    T is the keys' capacity and only the causal scores are written."""
+    T is the keys' capacity and only the causal scores are written. select: (picks [B, S, topk] int64, arrival
+    counters): the score kernel also picks each query's top-k (SELECT)."""
     batch, s, heads, d = q.shape
     device_pos = isinstance(pos0, torch.Tensor)
     n_entries = keys.shape[1] if device_pos else (pos0 + s) // rate
@@ -180,11 +193,13 @@ def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key
         tiles = cdiv(n_entries, cfg["BLOCK_T"])
         if device_pos:  # a fixed number of programs looping over the causal tiles, whatever the capacity
             tiles = min(tiles, max(2, cdiv(SCORE_PROGRAMS_PER_SM * sm_count(q.device), s * batch)))
+        picks, counters = select or (scores, scores)
         _score_kernel[(s, batch, tiles)](
-            q, weights, view, scores, pos0 if device_pos else scores, s, heads, n_entries, 0 if device_pos else pos0,
-            rate, keys.shape[1], float(score_scale), float(weight_scale), D=d, W=keys.shape[2],
-            FMT=FORMATS[key_format], DEVICE_POS=device_pos, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=next_pow2(d),
-            num_warps=cfg["num_warps"])
+            q, weights, view, scores, pos0 if device_pos else scores, picks, counters, s, heads, n_entries,
+            picks.shape[-1] if select else 0, 0 if device_pos else pos0, rate, keys.shape[1], float(score_scale),
+            float(weight_scale), D=d, W=keys.shape[2], FMT=FORMATS[key_format], DEVICE_POS=device_pos,
+            SELECT=select is not None, KP=next_pow2(picks.shape[-1]) if select else 1, BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_D=next_pow2(d), num_warps=cfg["num_warps"])
     return scores
 
 
@@ -209,10 +224,14 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
         keys = keys.read(n_entries).contiguous()
         _check_keys("indexer keys read", keys, batch, key_format, width)
     check(keys.shape[1] >= n_entries, f"state[0] (indexer keys): {n_entries} closed windows but capacity {keys.shape[1]}")
-    scores = index_scores(q, weights, keys, pos0=pos0, rate=rate, score_scale=score_scale,
-                          weight_scale=weight_scale, key_format=key_format, cfg=cfg)  # [B, S, T]
-    _topk_kernel[(s, batch)](scores, out, pos0 if device_pos else out, s, n_entries, topk, 0 if device_pos else pos0,
-                             rate, DEVICE_POS=device_pos, KP=next_pow2(topk), num_warps=cfg["num_warps"])
+    # the picks by the last score program of each query (SUM_IN_KERNEL), else by the top-k kernel
+    counters = in_kernel_counters(cfg["SUM_IN_KERNEL"], q.device, batch * s, "index_topk")
+    scores = index_scores(q, weights, keys, pos0=pos0, rate=rate, score_scale=score_scale, weight_scale=weight_scale,
+                          key_format=key_format, cfg=cfg, select=None if counters is None else (out, counters))
+    if counters is None:
+        _topk_kernel[(s, batch)](scores, out, pos0 if device_pos else out, s, n_entries, topk,
+                                 0 if device_pos else pos0, rate, DEVICE_POS=device_pos, KP=next_pow2(topk),
+                                 num_warps=cfg["num_warps"])
     return out
 
 
