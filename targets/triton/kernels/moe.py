@@ -199,7 +199,7 @@ def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_pt
     tl.store(out_ptr + pairs.to(tl.int64)[:, None] * N + n[None, :], acc, mask=pmask[:, None] & nmask[None, :])
     if COMBINE:
         if arrived_last(cnt_ptr + pid_n, tl.num_programs(0)):
-            zero = (pid_n * 0).to(tl.int64)
+            zero = (pid_n * 0).to(tl.int64)  # the token index as int64 (the interpreter's loop variable is an int)
             for tok in range(T):  # .cg: other SMs wrote y
                 _combine_row(out_ptr, slot_rows_ptr, res_ptr, zero + tok, n, nmask, N, KSLOT, ".cg")
 
