@@ -1,6 +1,7 @@
 """Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it (`norm_quant`); a
 norm read only by RoPE and that RoPE as one op (`norm_rope`); an add read only by hc_post done in hc_post
-(`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`).
+(`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`); a SwiGLU read only by an FP8
+projection as one op (`swiglu_linear`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -50,11 +51,22 @@ streams stay a result (the next hc_post reads them as its residual). In V4 that 
 last (whose hc_post feeds hc_head): 2 x layers - 1 launches fewer. The Triton kernel is hc_pre's, computing each
 K tile of its input as hc_post does and storing it, so the same bits again.
 
+`swiglu_linear`:
+
+    %h = swiglu(%g, %u) {limit?}                     ->   %y = swiglu_linear_fp8(%g, %u, @W, @W.scale) {act, block,
+    %y = linear_fp8(%h, @W, @W.scale) {act, block}                                                      limit?}
+
+for every `swiglu` whose only reader is a `linear_fp8` (as its float x) and which is not the program's output. In
+V4 that is every layer's shared expert (gate and up projections, SwiGLU, down projection): the Triton GEMM
+computes the SwiGLU as it loads its activation tiles (kernels/quantize.load_act), so the hidden activation
+never goes through memory and its kernel is one launch a layer fewer. The numbers do not change: the tiles
+hold the swiglu kernel's fp32 values, bit for bit.
+
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
 their own, which at decode sizes costs next to nothing against the weight reads, and it has no fused norm and
-RoPE, add and hc_post, or hc_post and hc_pre kernels (on a CPU there is no launch to save).
+RoPE, add and hc_post, hc_post and hc_pre, or SwiGLU and GEMM kernels (on a CPU there is no launch to save).
 """
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,6 +85,8 @@ class Options(BaseModel):
                                              "(V4's routed + shared expert sum)")
     post_pre: bool = Field(True, description="hc_post and the hc_pre that reads its streams -> one hc_post_pre "
                                              "(every block boundary but the last)")
+    swiglu_linear: bool = Field(True, description="swiglu read only by a linear_fp8 -> one swiglu_linear_fp8 "
+                                                  "(V4's shared expert: its SwiGLU computed in the down projection)")
 
 
 def check_order(options: Options, earlier: list) -> str | None:
@@ -164,9 +178,12 @@ def run(m: Module, options: Options, progress=None) -> Module:
     joined = 0
     if options.post_pre:
         body, joined = _post_pre(body)
+    swiglus = 0
+    if options.swiglu_linear:
+        body, swiglus = _fold_into_reader(body, m.func.output.name, "swiglu", "linear_fp8", _swiglu_linear)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
-                            "norm_rope": roped, "add_post": added, "post_pre": joined}
+                            "norm_rope": roped, "add_post": added, "post_pre": joined, "swiglu_linear": swiglus}
     return out
 
 
@@ -217,12 +234,21 @@ def _add_post(add: Instr, post: Instr) -> Instr | None:
         if same and len(post.operands) == 4 else None
 
 
+def _swiglu_linear(act: Instr, linear: Instr) -> Instr | None:
+    """swiglu_linear_fp8(gate, up, @W, @W.scale) {the projection's attributes, the SwiGLU's limit} for a linear_fp8
+    of a float x (not codes with their scales)."""
+    if len(linear.operands) != 3:
+        return None
+    return Instr("swiglu_linear_fp8", [*act.operands, *linear.operands[1:]], linear.results,
+                 {**linear.attrs, **act.attrs})
+
+
 def unfuse(m: Module) -> tuple[Module, int]:
     """The inverse rewrite, for a target whose FP8 kernels quantize their input in a first stage of their own and
     take no codes (TVM: at decode sizes that stage costs next to nothing against the weight reads): every
     rms_norm_quant back to rms_norm, its readers back to reading the norm's output; every rms_norm_rope back to
     rms_norm then rope, every hc_post_pre back to hc_post then hc_pre, every hc_post with an addend back to add
-    then hc_post. -> (module, ops unfused)."""
+    then hc_post, every swiglu_linear_fp8 back to swiglu then linear_fp8. -> (module, ops unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
     body, norm_of, undone = [], {}, 0  # codes name -> the norm's output; the other rules undone
     for fused in m.func.body:
@@ -245,7 +271,8 @@ def unfuse(m: Module) -> tuple[Module, int]:
 
 
 def _split(ins: Instr, names: set[str]) -> list[Instr]:
-    """rms_norm_rope, hc_post_pre and hc_post with an addend as the plain ops they fused; any other op as is."""
+    """rms_norm_rope, hc_post_pre, hc_post with an addend and swiglu_linear_fp8 as the plain ops they fused; any other
+    op as is."""
     if ins.op == "hc_post_pre":
         out, streams, post, comb, fn, base, scale, *addend = ins.operands
         new, *pre = ins.results
@@ -261,4 +288,11 @@ def _split(ins: Instr, names: set[str]) -> list[Instr]:
         y = Value(_fresh(names, f"{r.name}.norm"), r.type)
         return [Instr("rms_norm", [x, *weight], [y], {"eps": ins.attrs["eps"]}),
                 Instr("rope", [y, positions, inv_freq], [r], {k: v for k, v in ins.attrs.items() if k != "eps"})]
+    if ins.op == "swiglu_linear_fp8":
+        gate, up, *weights = ins.operands
+        attrs = dict(ins.attrs)
+        hidden = Value(_fresh(names, f"{ins.results[0].name}.act"), TensorType(gate.type.shape, "f32"))
+        swiglu_attrs = {"limit": attrs.pop("limit")} if "limit" in attrs else {}
+        return [Instr("swiglu", [gate, up], [hidden], swiglu_attrs), Instr("linear_fp8", [hidden, *weights],
+                                                                             ins.results, attrs)]
     return [ins]

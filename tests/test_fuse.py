@@ -29,7 +29,7 @@ def _fp8(module, *passes, **fp8):
 
 def _fuse_only(module, *rules):
     """The fuse pass with only `rules` on."""
-    options = {rule: rule in rules for rule in ("norm_quant", "norm_rope", "add_post", "post_pre")}
+    options = {rule: rule in rules for rule in ("norm_quant", "norm_rope", "add_post", "post_pre", "swiglu_linear")}
     return run_pipeline(module, [PassSpec(name="fuse", options=options)])
 
 
@@ -133,7 +133,7 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
     assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
                                       "experts_reading_codes": layers, "norm_rope": len(roped), "add_post": layers,
-                                      "post_pre": 2 * layers - 1}
+                                      "post_pre": 2 * layers - 1, "swiglu_linear": layers}
     assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
     for ins in norms:
@@ -221,8 +221,9 @@ def test_unfuse_gives_back_the_plain_program(module):
     back, n = unfuse(fused)
     verify(back)
     counts = fused.counters["fuse"]
-    assert n == counts["norm_quant"] + counts["norm_rope"] + counts["add_post"] + counts["post_pre"]
-    assert counts["norm_quant"] and counts["norm_rope"] and counts["add_post"] and counts["post_pre"]
+    rules = ("norm_quant", "norm_rope", "add_post", "post_pre", "swiglu_linear")
+    assert n == sum(counts[rule] for rule in rules)
+    assert all(counts[rule] for rule in rules)
     assert [(i.op, len(i.operands), len(i.results)) for i in back.func.body] == \
         [(i.op, len(i.operands), len(i.results)) for i in plain.func.body]
     assert unfuse(plain)[1] == 0
@@ -324,3 +325,36 @@ def test_fuse_joins_each_hc_post_with_the_next_blocks_hc_pre(module):
     assert sum(len(ins.operands) == 8 for ins in joined) == layers - 1  # MoE halves carry the experts' addend
     ids = tokens(1, 40, seed=8)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+
+
+def test_fuse_computes_the_shared_experts_swiglu_in_its_down_projection(module):
+    """swiglu_linear: a swiglu whose only reader is a linear_fp8 (as its float x) -> one swiglu_linear_fp8 in the
+    projection's place, with the swiglu's operands and limit and the projection's weights, attributes and result;
+    every layer's shared expert; the logits bit for bit (the torch kernel is linear_fp8 over swiglu); a swiglu
+    with another reader, or read by a projection that takes codes, stays."""
+    plain = _fp8(module)
+    fused = _fuse_only(plain, "swiglu_linear")
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
+    downs = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "linear_fp8"
+             and by_result.get(ins.operands[0].name, ins).op == "swiglu"}
+    layers = module.config["num_layers"]
+    assert len(downs) == fused.counters["fuse"]["swiglu_linear"] == layers
+    assert not any(ins.op == "swiglu" for ins in fused.func.body)  # V4's routed experts do theirs in moe_experts
+    for ins in fused.func.body:
+        if ins.op == "swiglu_linear_fp8":
+            down = downs[ins.results[0].name]
+            act = by_result[down.operands[0].name]
+            assert ins.operands == [*act.operands, *down.operands[1:]]
+            assert ins.attrs == {**down.attrs, "limit": act.attrs["limit"]} and act.attrs["limit"] is not None
+    ids = tokens(1, 40, seed=9)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+    body = list(plain.func.body)
+    act = next(ins for ins in body if ins.op == "swiglu")
+    body.insert(body.index(act) + 1, Instr("add", [act.results[0], act.results[0]], [Value("extra",
+                                                                                           act.results[0].type)]))
+    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
+    verify(changed)
+    assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["swiglu_linear"] == layers - 1
+    assert _fuse_only(plain).func.body == plain.func.body

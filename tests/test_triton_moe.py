@@ -178,7 +178,7 @@ ONCE_CASES = [  # fmt, block, down_block, act_in, act_mid, config
 
 @pytest.mark.parametrize("fmt, block, down_block, act_in, act_mid, config", ONCE_CASES)
 def test_activations_quantized_once_equal_the_fused_path(fmt, block, down_block, act_in, act_mid, config):
-    """QUANT_ONCE: dynamic activations quantized once by gemm.act_quant (per token for gate_up, per pair for
+    """QUANT_ONCE: dynamic activations quantized once by quantize.act_quant (per token for gate_up, per pair for
     down), then e4m3 codes in the grouped GEMMs: the fused path's output bit for bit, with both dots, groups
     of one chunk, of several chunks, and over all of K, and every weight format."""
     x, weights, idx, gate_up, down = problem(2, 7, 64, 34, 5, 3, seed=12)
@@ -284,7 +284,7 @@ def test_quant_once_auto_from_64_pairs(monkeypatch):
     """"auto" quantizes once from 64 (token, expert) pairs on, for both GEMMs; true insists on dynamic
     activations and names what it needs."""
     calls = []
-    monkeypatch.setattr(moe, "act_quant", lambda a, *args: calls.append(a.shape) or kernels.gemm.act_quant(a, *args))
+    monkeypatch.setattr(moe, "act_quant", lambda a, *args: calls.append(a.shape) or kernels.quantize.act_quant(a, *args))
     dyn = {"act_in": DYN, "act_mid": DYN_UE}
     for tokens, want in ((16, [(16, 1, 48), (64, 1, 40)]), (15, [])):
         x, weights, idx, gate_up, down = problem(1, tokens, 48, 40, 6, 4, seed=13)

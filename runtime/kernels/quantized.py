@@ -5,13 +5,14 @@ copy is kept; activations are quantized as the op's `act` attribute says (see
 `quant.fake_quant_act`). `fake_quant` is the same activation quantization as an op, for the
 fake-quant reference path that tests compare these kernels against. `rms_norm_quant` (made by the
 fuse pass) quantizes a norm's output once for the FP8 projections that read it: `linear_fp8` and
-`moe_experts_q` then get e4m3 codes and their group scales instead of a float x.
+`moe_experts_q` then get e4m3 codes and their group scales instead of a float x; `swiglu_linear_fp8` (fuse
+too) is a linear_fp8 of a SwiGLU.
 """
 
 import torch.nn.functional as F
 
 from ..quant import dequant_fp4, dequant_fp8, dequant_groups, fake_quant_act, quant_groups
-from .basic import grouped_linear, rms_norm
+from .basic import grouped_linear, rms_norm, swiglu
 from .moe import run_experts
 
 
@@ -32,6 +33,12 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act):
     x holds q(x) already: e4m3 codes with their fp32 scales [..., ceil(K/group)] (act's group)."""
     xq = fake_quant_act(x, act) if x_scale is None else dequant_groups(x, x_scale, act["group"])
     return F.linear(xq, dequant_fp8(weight, scale, block))
+
+
+def swiglu_linear_fp8(gate, up, weight, scale, *, block, act, limit=None):
+    """linear_fp8(swiglu(gate, up, limit=limit), weight, scale): the fuse pass's one op for a SwiGLU read only by
+    an FP8 projection (V4's shared expert down projection), which the triton target runs as one GEMM launch."""
+    return linear_fp8(swiglu(gate, up, limit=limit), weight, scale, block=block, act=act)
 
 
 def linear_fp8_cat(x, weight, scale, x_scale=None, *, sizes, block, act):

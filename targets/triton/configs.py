@@ -28,8 +28,9 @@ _EXPERTS = {
     "prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3},
 }
 HEURISTIC = {
-    "linear": _GEMM_FLOAT, "linear_fp8": _GEMM, "grouped_linear": _GEMM_FLOAT, "grouped_linear_fp8": _GEMM,
-    "linear_cat": _GEMM_FLOAT, "linear_fp8_cat": _GEMM, "moe_experts": _EXPERTS, "moe_experts_q": _EXPERTS,
+    "linear": _GEMM_FLOAT, "linear_fp8": _GEMM, "swiglu_linear_fp8": _GEMM, "grouped_linear": _GEMM_FLOAT,
+    "grouped_linear_fp8": _GEMM, "linear_cat": _GEMM_FLOAT, "linear_fp8_cat": _GEMM, "moe_experts": _EXPERTS,
+    "moe_experts_q": _EXPERTS,
 }
 
 
@@ -54,7 +55,7 @@ CANDIDATES = {
         "index_topk": _grid(BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
     },
 }
-FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "grouped_linear": "gemm", "grouped_linear_fp8": "gemm",
+FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "grouped_linear": "gemm", "grouped_linear_fp8": "gemm",
           "linear_cat": "gemm", "linear_fp8_cat": "gemm",
           "moe_experts": "experts", "moe_experts_q": "experts", "attention": "attention", "index_topk": "index_topk"}
 

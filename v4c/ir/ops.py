@@ -331,6 +331,12 @@ def _linear_cat(ins, st, a):
     return [f32(*y.shape[:-1], n) for n in _sizes(ins[1], a)]
 
 
+def _swiglu_linear_fp8(ins, st, a):
+    gate, up, w, scale = ins
+    _elementwise([gate, up], st, a)
+    return _linear_fp8([gate, w, scale, None], st, a)
+
+
 def _linear_fp8_cat(ins, st, a):
     (y,) = _linear_fp8(ins, st, a)
     return [f32(*y.shape[:-1], n) for n in _sizes(ins[1], a, a["block"][0])]
@@ -402,6 +408,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("rms_norm_quant", ("x", "weight?"), _rms_norm_quant, attrs=("eps", "group", "scale_format")),
     OpDef("rms_norm_rope", ("x", "positions", "inv_freq", "weight?"), _rms_norm_rope, attrs=("eps",)),
     OpDef("linear_fp8", ("x", "weight", "scale", "x_scale?"), _linear_fp8, attrs=("block", "act")),
+    OpDef("swiglu_linear_fp8", ("gate", "up", "weight", "scale"), _swiglu_linear_fp8, attrs=("block", "act")),
     OpDef("grouped_linear_fp8", ("x", "weight", "scale"), _grouped_linear_fp8, attrs=("groups", "block", "act")),
     OpDef("linear_cat", ("x", "weight"), _linear_cat, attrs=("sizes",)),
     OpDef("linear_fp8_cat", ("x", "weight", "scale", "x_scale?"), _linear_fp8_cat, attrs=("sizes", "block", "act")),

@@ -62,7 +62,7 @@ def _activation_modes(final: Module) -> dict[str, dict]:
     modes = {}
     for ins in final.func.body:
         ws = [o.name for o in ins.operands if isinstance(o, ParamRef)]
-        if ins.op in ("linear_fp8", "grouped_linear_fp8"):
+        if ins.op in ("linear_fp8", "grouped_linear_fp8", "swiglu_linear_fp8"):
             modes[ws[0]] = ins.attrs["act"]
         elif ins.op in ("linear", "grouped_linear") and not isinstance(ins.operands[0], ParamRef):
             src = made_by.get(ins.operands[0].name)

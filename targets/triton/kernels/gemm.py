@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
-                     e4m3_quant, fake_quant, fp8_dot_supported, group_scale, in_kernel_counters,
-                     launch_config, native_cvt, next_pow2, result, results, same_device, sm_count, sum_runs, to_e4m3)
+                     fake_quant, fp8_dot_supported, group_scale, in_kernel_counters, launch_config, native_cvt,
+                     next_pow2, result, results, same_device, sm_count, sum_runs, to_e4m3)
+from .quantize import act_quant, load_act, quant_once
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
@@ -28,20 +29,23 @@ ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 
 # --- kernels -----------------------------------------------------------------------------------
 @triton.jit
-def _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk, ssn, ssk, sx_rows, GS,
-               ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
-               FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, TILE_GROUP: tl.constexpr, BK: tl.constexpr):
+def _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk, ssn, ssk, sx_rows,
+               GS, limit, ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
+               FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, TILE_GROUP: tl.constexpr, SWIGLU: tl.constexpr,
+               HAS_LIMIT: tl.constexpr, BK: tl.constexpr):
     """acc + q(x[:, kk:kk+BK]) dq(W[:, kk:kk+BK])^T. s: the activation scale (scalar or [BM, 1]); with
     TILE_GROUP (dynamic, the group is this one tile) it is taken here from the tile's row amax. ACT 3: x
-    holds e4m3 codes already (_act_quant_kernel) and s is read from the rows' group scales `sx_rows`."""
+    holds e4m3 codes already (_act_quant_kernel) and s is read from the rows' group scales `sx_rows`.
+    SWIGLU: x is swiglu(x, u) (quantize.load_act)."""
     offs_k = kk + tl.arange(0, BK)  # [BK]
     k_ok = offs_k < K
-    xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0)
     if ACT == 3:
+        xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0)
         xt = xt.to(tl.float8e4nv, bitcast=True)  # [BM, BK] codes
         s = tl.load(sx_rows + kk // GS, mask=m_ok, other=1.0)[:, None]  # [BM, 1]
-    else:
-        xt = xt.to(tl.float32)  # [BM, BK]
+    else:  # [BM, BK] fp32
+        xt = load_act(x_rows + offs_k[None, :] * sxk, u_rows + offs_k[None, :] * sxk, m_ok[:, None] & k_ok[None, :],
+                      limit, SWIGLU, HAS_LIMIT)
     if ACT == 1 and TILE_GROUP:
         s = group_scale(tl.max(tl.abs(xt), axis=1), E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
     wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
@@ -77,13 +81,13 @@ def _segment(pid_n, tiles, lo, hi, y_i, first, s_lo, s_hi, s_y, BN: tl.constexpr
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale, bo, bi,
-                 sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn,
+def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale,
+                 limit, bo, bi, sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn,
                  y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7,
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
                  FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
-                 SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
+                 SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
     GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
     3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
@@ -99,7 +103,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
     NATIVE: the hardware e4m3 cast (a GPU) instead of integer rounding (the interpreter).
     SEGS > 1 (G = 1): the weight is SEGS siblings' weights one after another (linear_cat): rows [0, e1) are the
     first's, [e1, e2) the second's, .. [e_{SEGS-1}, N) the last's; each N tile lies in one of them (the grid has
-    cdiv(rows, BN) tiles per sibling) and is written to its own output, y_ptr, y1, .. (contiguous [M, rows])."""
+    cdiv(rows, BN) tiles per sibling) and is written to its own output, y_ptr, y1, .. (contiguous [M, rows]).
+    SWIGLU (swiglu_linear_fp8): x is swiglu(x, u), u at u_ptr with x's strides, clamped at `limit` with HAS_LIMIT;
+    computed where x is loaded (quantize.load_act)."""
     pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, part = pid_g // SPLIT, pid_g % SPLIT
     lo, hi, first, y_base = 0, N, 0, y_ptr  # this tile's sibling: its rows [lo, hi), first tile and output
@@ -125,6 +131,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
     m_ok, n_ok = offs_m < M, offs_n < hi
     rows_w = g * N + offs_n  # [BN] rows of the full weight
     x_rows = x_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1]
+    u_rows = u_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1] (SWIGLU)
     w_rows = w_ptr + rows_w[None, :] * swn  # [1, BN]
     sx_rows = sx_ptr + (offs_m * (tl.num_programs(2) // SPLIT) + g) * tl.cdiv(K, GS)  # [BM] (ACT 3)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -132,8 +139,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
     k_hi = tl.minimum(k_lo + spans_per_split * GS, K)
     if FLAT:
         for kk in range(k_lo, k_hi, BK):
-            acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, act_scale, bo, bi, sxk, swk,
-                             ssn, ssk, sx_rows, GS, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, True, BK)
+            acc = _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, act_scale, bo, bi, sxk,
+                             swk, ssn, ssk, sx_rows, GS, limit, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE,
+                             True, SWIGLU, HAS_LIMIT, BK)
     else:
         for k0 in range(k_lo, k_hi, GS):  # one activation group at a time
             k_end = tl.minimum(k0 + GS, K)
@@ -142,13 +150,14 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
                 amax = tl.zeros((BM,), dtype=tl.float32)
                 for kk in range(k0, k_end, BK):
                     offs_k = kk + tl.arange(0, BK)
-                    xt = tl.load(x_rows + offs_k[None, :] * sxk, mask=m_ok[:, None] & (offs_k < K)[None, :],
-                                 other=0.0)
-                    amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
+                    xt = load_act(x_rows + offs_k[None, :] * sxk, u_rows + offs_k[None, :] * sxk,
+                                  m_ok[:, None] & (offs_k < K)[None, :], limit, SWIGLU, HAS_LIMIT)
+                    amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=1))
                 s = group_scale(amax, E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
             for kk in range(k0, k_end, BK):
-                acc = _gemm_step(acc, x_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk,
-                                 ssn, ssk, sx_rows, GS, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, False, BK)
+                acc = _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk,
+                                 ssn, ssk, sx_rows, GS, limit, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE,
+                                 False, SWIGLU, HAS_LIMIT, BK)
     ok = m_ok[:, None] & n_ok[None, :]
     y = y_base + offs_m[:, None] * sym + g * syg + (offs_n - lo)[None, :] * syn
     if SPLIT == 1:
@@ -161,63 +170,12 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS
                 tl.store(y, sum_runs(partial, spp, ok, SPLIT), mask=ok)
 
 
-@triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, GS, NG, sxm, sxg, sxk, UE8M0: tl.constexpr, BR: tl.constexpr,
-                      BG: tl.constexpr):
-    """Dynamic activation quantization, once for all N tiles of a GEMM: for rows m < M (of group g) and
-    activation group j (K span GS): s[m, g, j] = group_scale(amax x[m, g, j GS:(j+1) GS]) and
-    q[m, g, k] = e4m3 code of clamp(x / s, +-448), exactly as the fused path. Grid: (cdiv(M, BR), G * NG)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
-    g, j = tl.program_id(1) // NG, tl.program_id(1) % NG
-    n_groups = tl.num_programs(1) // NG  # G
-    c = tl.arange(0, BG)
-    k = j * GS + c  # [BG]
-    r_ok = rows < M
-    ok = r_ok[:, None] & ((c < GS) & (k < K))[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxm + g * sxg + k[None, :] * sxk, mask=ok, other=0.0)
-    x = x.to(tl.float32)
-    s = group_scale(tl.max(tl.abs(x), axis=1), E4M3_MAX, UE8M0)  # [BR]
-    out_row = rows.to(tl.int64) * n_groups + g  # [BR] rows of [M * G, K]
-    tl.store(q_ptr + out_row[:, None] * K + k[None, :], e4m3_quant(x, s[:, None]).to(tl.uint8), mask=ok)
-    tl.store(s_ptr + out_row * NG + j, s, mask=r_ok)
-
-
 # --- host-side checks and tiling ---------------------------------------------------------------
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
                 "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
                 "SUM_IN_KERNEL": "auto"}
     return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
-
-
-# Dynamic activations are quantized by a separate kernel, once, instead of inside every N tile's K loop, from
-# this many tokens on (QUANT_ONCE "auto"). The fused path re-reads the fp32 activations and redoes the amax, the
-# correctly rounded division and the e4m3 rounding N / BLOCK_N times: at prefill (M = 4096, N = 32768) that is
-# ~1e9 divisions and 4 GB of activation reads per GEMM; once, the GEMM reads 1-byte codes. At decode sizes
-# the fused path saves a launch and its activation tile is small.
-QUANT_ONCE_MIN_TOKENS = 64
-
-
-def quant_once(want, dynamic: bool, m: int, n_tiles: int, name: str) -> bool:
-    """Whether to quantize the activations once (act_quant) rather than in every N tile: the QUANT_ONCE switch
-    `want` ("auto": from QUANT_ONCE_MIN_TOKENS rows on, when there is more than one N tile). The MoE grouped
-    GEMM decides the same way over its (token, expert) pairs."""
-    return config_switch("QUANT_ONCE", want, [(dynamic, "dynamic activations (act mode 'dynamic')")],
-                         name, auto=m >= QUANT_ONCE_MIN_TOKENS and n_tiles > 1)
-
-
-def act_quant(x3: torch.Tensor, span: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x3 [M, G, K] -> (e4m3 codes as uint8 [M, G, K], fp32 scales [M, G, cdiv(K, span)]) by _act_quant_kernel."""
-    m, groups, k = x3.shape
-    n_groups = cdiv(k, span)
-    codes = torch.empty(m, groups, k, dtype=torch.uint8, device=x3.device)
-    scales = torch.empty(m, groups, n_groups, dtype=torch.float32, device=x3.device)
-    block_g = next_pow2(span)
-    block_r = max(1, min(next_pow2(m), 4096 // block_g))
-    _act_quant_kernel[(cdiv(m, block_r), groups * n_groups)](
-        x3, codes, scales, m, k, span, n_groups, *x3.stride(), UE8M0=ue8m0, BR=block_r, BG=block_g,
-        num_warps=4)
-    return codes, scales
 
 
 def _use_fp8_dot(cfg: dict, device, mode: int, scaled: bool, bk: int, name: str) -> bool:
@@ -305,11 +263,13 @@ def _sibling_args(outs, sizes, r: int) -> tuple:
     return (*outs[1:], *outs[-1:] * (MAX_SIBLINGS - len(outs)), *ends, *[r] * (MAX_SIBLINGS - 1 - len(ends)))
 
 
-def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=None, x_scale3=None):
+def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=None, x_scale3=None, up3=None,
+          limit=None):
     """x3 [M, G, K] (any strides), weight [G*R, K] -> outs: [out], fp32 [M, G, R] (a contiguous view of the
     result); or, for siblings (linear_cat, G = 1), one fp32 [M, 1, R_i] per sibling, the weight their R_i rows
     one after another. x_scale3: x3 holds e4m3 codes already (rms_norm_quant), with these fp32 group scales
-    [M, G, cdiv(K, group)]."""
+    [M, G, cdiv(K, group)]. up3: the activation is swiglu(x3, up3) (clamped at `limit`), up3 of x3's shape and
+    strides (swiglu_linear_fp8)."""
     m, groups, k = x3.shape
     r = weight.shape[0] // groups
     mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
@@ -337,15 +297,17 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
         x_arg, x_scales = x3.view(torch.uint8), x_scale3.contiguous()
         mode, flat = 3, True
     elif quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
-        x_arg, x_scales = act_quant(x3, span, ue8m0)
-        mode, flat = 3, True  # every K tile lies in one group, whose scale is looked up
-    _gemm_kernel[grid](x_arg, weight, s, out, x_scales, partials, out if counters is None else counters,
-                       m, r, k, span, per_split, static, bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
+        x_arg, x_scales = act_quant(x3, span, ue8m0, up3, limit)
+        mode, flat, up3 = 3, True, None  # every K tile lies in one group, whose scale is looked up
+    _gemm_kernel[grid](x_arg, x_arg if up3 is None else up3, weight, s, out, x_scales, partials,
+                       out if counters is None else counters, m, r, k, span, per_split, static,
+                       0.0 if limit is None else float(limit), bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
                        s.stride(-1), *out.stride(), *(partials.stride() if split > 1 else (0, 0, 0, 0)),
                        *_sibling_args(outs, sizes, r),
                        ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
                        FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
-                       SUM_IN_KERNEL=counters is not None, SEGS=len(outs), BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"],
+                       SUM_IN_KERNEL=counters is not None, SEGS=len(outs), SWIGLU=up3 is not None,
+                       HAS_LIMIT=limit is not None, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"],
                        BK=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1 and counters is None:
         if len(outs) == 1:
@@ -430,6 +392,25 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act, config=None, into=
     return y
 
 
+def swiglu_linear_fp8(gate, up, weight, scale, *, block, act, limit=None, config=None, into=None):
+    """linear_fp8(swiglu(gate, up, limit=limit), weight, scale) in one launch: the GEMM computes the SwiGLU where
+    it loads its activation tiles (the fuse pass's swiglu_linear: V4's shared expert down projection). gate, up:
+    [..., K], the same shape."""
+    _check_gemm_inputs(gate, weight, scale, 1)
+    check_tensor("up", up, dtypes=FLOAT_DTYPES, contiguous=False)
+    check(up.shape == gate.shape, f"gate, up: shapes {list(gate.shape)} and {list(up.shape)} differ (no broadcasting)")
+    check(limit is None or isinstance(limit, (int, float)), f"limit: expected None or a number, got {limit!r}")
+    same_device(gate=gate, up=up)
+    bo_bi = _check_block(block, weight, scale)
+    if gate.stride() != up.stride():  # the kernel reads both at the same offsets
+        gate, up = gate.contiguous(), up.contiguous()
+    lead, k = gate.shape[:-1], gate.shape[-1]
+    y, y3 = _result(into, (*lead, weight.shape[0]), 1, gate.device)
+    _gemm("swiglu_linear_fp8", gate.reshape(-1, 1, k), weight, [y3], scale, bo_bi, act, config,
+          up3=up.reshape(-1, 1, k), limit=limit)
+    return y
+
+
 def grouped_linear_fp8(x, weight, scale, *, groups, block, act, config=None, into=None):
     """grouped_linear over q(x) (`act`) and the dequantized e4m3 weight [G*R, K] (block scales as in
     linear_fp8; blocks may straddle groups). x [..., G, K] -> fp32 [..., G, R]."""
@@ -488,6 +469,7 @@ LAUNCHERS = {
     "linear": linear,
     "grouped_linear": grouped_linear,
     "linear_fp8": linear_fp8,
+    "swiglu_linear_fp8": swiglu_linear_fp8,
     "grouped_linear_fp8": grouped_linear_fp8,
     "linear_cat": linear_cat,
     "linear_fp8_cat": linear_fp8_cat,

@@ -15,7 +15,7 @@ UE8M0; FP4 e2m1, two codes a byte, x per-32 UE8M0 scale). Activation fake-quant 
 is fused into the operand loads: "dynamic" walks K one group at a time (an amax pass, then the dot
 pass), "static" divides by its scale; both round to e4m3 like torch's cast (RTNE) in registers
 (common.fake_quant), with exact UE8M0 scales (common.group_scale). From 64 pairs on (QUANT_ONCE), dynamic
-activations are instead quantized once by gemm.act_quant (the same codes and scales) and the GEMMs read
+activations are instead quantized once by quantize.act_quant (the same codes and scales) and the GEMMs read
 1-byte codes: at prefill the fused path would redo each token's quantization k x (N / BLOCK_N) times.
 """
 
@@ -26,12 +26,13 @@ import triton.language as tl
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
                      e2m1_value, fake_quant, fp8_dot_supported, group_scale, host_values, in_kernel_counters,
                      launch_config, native_cvt, next_pow2, result, same_device, swiglu_value, to_e4m3)
-from .gemm import act_quant, check_x_scale, quant_once
+from .gemm import check_x_scale
+from .quantize import act_quant, quant_once
 from .pairs import sort_pairs
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
-ACT_NONE, ACT_STATIC, ACT_DYNAMIC, ACT_CODES = 0, 1, 2, 3  # ACT_CODES: dynamic, quantized once (gemm.act_quant)
+ACT_NONE, ACT_STATIC, ACT_DYNAMIC, ACT_CODES = 0, 1, 2, 3  # ACT_CODES: dynamic, quantized once (quantize.act_quant)
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
 EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
                  "SUM_IN_KERNEL": "auto", "num_warps": 4,
@@ -62,7 +63,7 @@ def _load_chunk(ptr, rows, rmask, k0, c, K, SEG, BK: tl.constexpr):
 
 @triton.jit
 def _load_codes(ptr, rows, rmask, k0, c, K, SEG, BK: tl.constexpr):
-    """As _load_chunk over e4m3 codes stored as uint8 (gemm.act_quant) -> float8e4nv [BM, BK] (code 0 = +0.0
+    """As _load_chunk over e4m3 codes stored as uint8 (quantize.act_quant) -> float8e4nv [BM, BK] (code 0 = +0.0
     where masked)."""
     kk = c * BK + tl.arange(0, BK)
     mask = rmask[:, None] & ((kk < SEG) & (k0 + kk < K))[None, :]
@@ -274,7 +275,7 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
     cfg: the launch config (`_run_experts`). QUANT_ONCE ("auto": from 64 pairs on, with more
-    than one N tile) quantizes dynamic activations once, one row of `a` at a time (gemm.act_quant), instead of
+    than one N tile) quantizes dynamic activations once, one row of `a` at a time (quantize.act_quant), instead of
     in every N tile of every pair: gate_up's input is then quantized once per token, not per (token, expert).
     a_scales: `a` holds those codes already (uint8; the fuse pass's rms_norm_quant), with these scales
     [rows of a, cdiv(K, SEG)] fp32. combine: (slot_rows [T, k], counters, res [T, N]): the down GEMM also adds
