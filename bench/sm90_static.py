@@ -228,10 +228,13 @@ def compress_cases(batches: list[int]) -> list[dict]:
 
 
 def hyper_cases() -> list[dict]:
-    """mHC's hc_pre, hc_post_pre (the fuse pass's: the previous block's hc_post computed in hc_pre's K loop) and
-    hc_head at V4-Flash sizes (hc 4, D 4096: fn [24, 16384] fp32) for 1 and 16 decode tokens (their projection
+    """mHC's hc_pre, hc_post_pre (the fuse pass's: the previous block's hc_post computed in hc_pre's K loop),
+    hc_post_pre_quant (the fuse pass's: with the next input norm's rms_norm_quant) and hc_head at V4-Flash sizes (hc 4, D 4096: fn [24, 16384] fp32) for 1 and 16 decode tokens (their projection
     split over the SMs) and a 4096-token prefill (one program a token)."""
+    from triton_gpu import ACT
+
     from v4c.targets.triton.kernels.hyper import hc_head, hc_post_pre, hc_pre
+    from v4c.targets.triton.kernels.hyper_quant import hc_post_pre_quant
     hc, d = 4, 4096
     n = (2 + hc) * hc
     fn, base, scale = torch.randn(n, hc * d) * 0.01, torch.randn(n), torch.ones(3)
@@ -244,6 +247,11 @@ def hyper_cases() -> list[dict]:
         out.append({"case": f"hc_post_pre hc={hc} d={d} tokens={tokens}", "config": {},
                     "call": lambda x=streams, p=prev: hc_post_pre(p[0], x, p[1], p[2], fn, base, scale, p[0], iters=20,
                                                                   eps=1e-6, norm_eps=1e-6)})
+        quant = {"eps": 1e-6, "group": ACT["group"], "scale_format": ACT["scale_format"], "keep": True}
+        out.append({"case": f"hc_post_pre_quant hc={hc} d={d} tokens={tokens}", "config": {},
+                    "call": lambda x=streams, p=prev: hc_post_pre_quant(p[0], x, p[1], p[2], fn, base, scale,
+                                                                        torch.ones(d), p[0], iters=20, eps=1e-6,
+                                                                        norm_eps=1e-6, quant=quant)})
         out.append({"case": f"hc_head hc={hc} d={d} tokens={tokens}", "config": {},
                     "call": lambda x=streams: hc_head(x, fn[:hc], base[:hc], scale[:1], eps=1e-6, norm_eps=1e-6)})
     return out
@@ -254,7 +262,7 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
 
     from v4c.runtime.quant import quant_fp8
     from v4c.targets.triton.configs import heuristic
-    from v4c.targets.triton.kernels.gemm import linear_fp8
+    from v4c.targets.triton.kernels.gemm import linear_fp8, swiglu_linear_fp8
     n, k = FLASH_GEMMS["expert_gate_up"]
     q, s = quant_fp8(torch.randn(n, k) * 0.02, (128, 128))
     out = []
@@ -263,6 +271,15 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
         for cfg in [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]] + extra:
             out.append({"case": f"linear_fp8 expert_gate_up n={n} k={k} m={m}", "config": cfg,
                         "call": lambda cfg=cfg, x=x: linear_fp8(x, q, s, block=(128, 128), act=ACT, config=cfg)})
+    # the fuse pass's swiglu_linear: the shared expert's down projection computing its SwiGLU from gate and up
+    n_d, k_d = FLASH_GEMMS["expert_down"]
+    q_d = quant_fp8(torch.randn(n_d, k_d) * 0.02, (128, 128))
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        cfg = heuristic("swiglu_linear_fp8")[0 if bucket == "decode" else 1]["config"]
+        gate, up = torch.randn(m, k_d), torch.randn(m, k_d)
+        out.append({"case": f"swiglu_linear_fp8 expert_down n={n_d} k={k_d} m={m}", "config": cfg,
+                    "call": lambda cfg=cfg, g=gate, u=up: swiglu_linear_fp8(g, u, *q_d, block=(128, 128), act=ACT,
+                                                                            limit=10.0, config=cfg)})
     # the fuse pass's pair: q_a_norm quantizing once (rms_norm_quant) for q_b_proj, which reads the codes
     n_b, k_b = FLASH_GEMMS["q_b"]
     q_b = quant_fp8(torch.randn(n_b, k_b) * 0.02, (128, 128))

@@ -1,7 +1,7 @@
 """Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it (`norm_quant`); a
 norm read only by RoPE and that RoPE as one op (`norm_rope`); an add read only by hc_post done in hc_post
-(`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`); a SwiGLU read only by an FP8
-projection as one op (`swiglu_linear`).
+(`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`), and with the norm that quantizes its
+collapsed row (`post_pre_quant`); a SwiGLU read only by an FP8 projection as one op (`swiglu_linear`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -51,6 +51,16 @@ streams stay a result (the next hc_post reads them as its residual). In V4 that 
 last (whose hc_post feeds hc_head): 2 x layers - 1 launches fewer. The Triton kernel is hc_pre's, computing each
 K tile of its input as hc_post does and storing it, so the same bits again.
 
+`post_pre_quant`:
+
+    %n, %x, %p2, %c2 = hc_post_pre(..) {..}          ->   %n, %x, %p2, %c2, %xq, %xs, %y? = hc_post_pre_quant(..
+    %xq, %xs, %y? = rms_norm_quant(%x, @w) {q}                 hc_post_pre's operands, @w, %a?) {hc_post_pre's, quant: q}
+
+for every rms_norm_quant (with a weight) of an hc_post_pre's collapsed row, at the hc_post_pre's place. In V4 with
+`norm_quant` that is the input norm of every block but the first: two launches a layer fewer. The kernel that
+finishes each token's collapse then norms and quantizes the row as the rms_norm_quant kernel does (the same row
+code: the same bits). The collapsed row stays a result (the kernel stores it, then reads it back).
+
 `swiglu_linear`:
 
     %h = swiglu(%g, %u) {limit?}                     ->   %y = swiglu_linear_fp8(%g, %u, @W, @W.scale) {act, block,
@@ -85,6 +95,8 @@ class Options(BaseModel):
                                              "(V4's routed + shared expert sum)")
     post_pre: bool = Field(True, description="hc_post and the hc_pre that reads its streams -> one hc_post_pre "
                                              "(every block boundary but the last)")
+    post_pre_quant: bool = Field(True, description="hc_post_pre and the rms_norm_quant of its collapsed row -> one "
+                                                   "hc_post_pre_quant (every block's input norm but the first)")
     swiglu_linear: bool = Field(True, description="swiglu read only by a linear_fp8 -> one swiglu_linear_fp8 "
                                                   "(V4's shared expert: its SwiGLU computed in the down projection)")
 
@@ -178,12 +190,16 @@ def run(m: Module, options: Options, progress=None) -> Module:
     joined = 0
     if options.post_pre:
         body, joined = _post_pre(body)
+    quantized = 0
+    if options.post_pre_quant:
+        body, quantized = _post_pre_quant(body)
     swiglus = 0
     if options.swiglu_linear:
         body, swiglus = _fold_into_reader(body, m.func.output.name, "swiglu", "linear_fp8", _swiglu_linear)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
-                            "norm_rope": roped, "add_post": added, "post_pre": joined, "swiglu_linear": swiglus}
+                            "norm_rope": roped, "add_post": added, "post_pre": joined, "post_pre_quant": quantized,
+                            "swiglu_linear": swiglus}
     return out
 
 
@@ -200,6 +216,21 @@ def _post_pre(body: list[Instr]) -> tuple[list[Instr], int]:
             dropped.add(id(ins))
             joined[id(post)] = Instr("hc_post_pre", [*post.operands[:4], *ins.operands[1:], *post.operands[4:]],
                                      [*post.results, *ins.results], dict(ins.attrs))
+    return [joined.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(joined)
+
+
+def _post_pre_quant(body: list[Instr]) -> tuple[list[Instr], int]:
+    """Each rms_norm_quant (with a weight) of an hc_post_pre's collapsed row, with that hc_post_pre -> one
+    hc_post_pre_quant in the hc_post_pre's place, with both ops' results. -> (body, pairs joined)."""
+    collapsed = {ins.results[1].name: ins for ins in body if ins.op == "hc_post_pre"}
+    dropped, joined = set(), {}
+    for ins in body:
+        x = ins.operands[0] if ins.op == "rms_norm_quant" and len(ins.operands) == 2 else None
+        mix = collapsed.get(x.name) if isinstance(x, Value) else None
+        if mix is not None and id(mix) not in joined and isinstance(ins.operands[1], ParamRef):
+            dropped.add(id(ins))
+            joined[id(mix)] = Instr("hc_post_pre_quant", [*mix.operands[:7], ins.operands[1], *mix.operands[7:]],
+                                    [*mix.results, *ins.results], {**mix.attrs, "quant": dict(ins.attrs)})
     return [joined.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(joined)
 
 
@@ -248,12 +279,13 @@ def unfuse(m: Module) -> tuple[Module, int]:
     take no codes (TVM: at decode sizes that stage costs next to nothing against the weight reads): every
     rms_norm_quant back to rms_norm, its readers back to reading the norm's output; every rms_norm_rope back to
     rms_norm then rope, every hc_post_pre back to hc_post then hc_pre, every hc_post with an addend back to add
-    then hc_post, every swiglu_linear_fp8 back to swiglu then linear_fp8. -> (module, ops unfused)."""
+    then hc_post, every hc_post_pre_quant back to hc_post_pre then rms_norm_quant (and on), every swiglu_linear_fp8
+    back to swiglu then linear_fp8. -> (module, ops unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
     body, norm_of, undone = [], {}, 0  # codes name -> the norm's output; the other rules undone
     for fused in m.func.body:
         plain = _split(fused, names)
-        undone += len(plain) - 1  # (an hc_post_pre with an addend undoes two rules)
+        undone += len(plain) - 1  # (an hc_post_pre with an addend undoes two rules, hc_post_pre_quant one more)
         for ins in plain:
             if ins.op == "rms_norm_quant":
                 codes, scales, *kept = ins.results
@@ -271,8 +303,13 @@ def unfuse(m: Module) -> tuple[Module, int]:
 
 
 def _split(ins: Instr, names: set[str]) -> list[Instr]:
-    """rms_norm_rope, hc_post_pre, hc_post with an addend and swiglu_linear_fp8 as the plain ops they fused; any other
-    op as is."""
+    """rms_norm_rope, hc_post_pre(_quant), hc_post with an addend and swiglu_linear_fp8 as the plain ops they fused;
+    any other op as is (rms_norm_quant: unfuse's)."""
+    if ins.op == "hc_post_pre_quant":
+        attrs = dict(ins.attrs)
+        quant = attrs.pop("quant")
+        mix = Instr("hc_post_pre", [*ins.operands[:7], *ins.operands[8:]], ins.results[:4], attrs)
+        return [*_split(mix, names), Instr("rms_norm_quant", [ins.results[1], ins.operands[7]], ins.results[4:], quant)]
     if ins.op == "hc_post_pre":
         out, streams, post, comb, fn, base, scale, *addend = ins.operands
         new, *pre = ins.results

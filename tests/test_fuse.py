@@ -27,9 +27,12 @@ def _fp8(module, *passes, **fp8):
     return run_pipeline(module, [PassSpec(name="fp8", options=fp8), *(PassSpec(name=p) for p in passes)])
 
 
+RULES = ("norm_quant", "norm_rope", "add_post", "post_pre", "post_pre_quant", "swiglu_linear")
+
+
 def _fuse_only(module, *rules):
     """The fuse pass with only `rules` on."""
-    options = {rule: rule in rules for rule in ("norm_quant", "norm_rope", "add_post", "post_pre", "swiglu_linear")}
+    options = {rule: rule in rules for rule in RULES}
     return run_pipeline(module, [PassSpec(name="fuse", options=options)])
 
 
@@ -124,7 +127,8 @@ def _readers(m) -> dict:
 
 
 def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number(module):
-    plain, fused = _fp8(module), _fp8(module, "fuse")
+    plain = _fp8(module)
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"post_pre_quant": False})])  # (every norm apart)
     verify(fused)
     assert parse_module(print_module(fused)) == fused  # the new op and the multi-result form round-trip
     norms = [ins for ins in fused.func.body if ins.op == "rms_norm_quant"]
@@ -133,7 +137,7 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
     assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
                                       "experts_reading_codes": layers, "norm_rope": len(roped), "add_post": layers,
-                                      "post_pre": 2 * layers - 1, "swiglu_linear": layers}
+                                      "post_pre": 2 * layers - 1, "post_pre_quant": 0, "swiglu_linear": layers}
     assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
     for ins in norms:
@@ -171,18 +175,20 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
 def test_fuse_with_the_default_skip_list_keeps_y_for_the_unquantized_readers(module):
     m = run_pipeline(module, [PassSpec(name="fp8", options={}), PassSpec(name="fuse")])
     verify(m)
-    by_weight = {ins.operands[1].name: ins for ins in m.func.body if ins.op == "rms_norm_quant"}
+    # norm weight -> (rms_norm_quant's attributes, its results), apart or in an hc_post_pre_quant (post_pre_quant)
+    by_weight = {ins.operands[1].name: (ins.attrs, ins.results) for ins in m.func.body if ins.op == "rms_norm_quant"}
+    by_weight |= {ins.operands[7].name: (ins.attrs["quant"], ins.results[4:]) for ins in m.func.body
+                  if ins.op == "hc_post_pre_quant"}
     readers = _readers(m)
     kinds = module.config["attention"]
     for i, kind in enumerate(kinds):
-        assert not by_weight[f"layers.{i}.self_attn.q_a_norm.weight"].attrs.get("keep")
-        norm = by_weight[f"layers.{i}.input_layernorm.weight"]
+        assert not by_weight[f"layers.{i}.self_attn.q_a_norm.weight"][0].get("keep")
+        attrs, results = by_weight[f"layers.{i}.input_layernorm.weight"]
         # sliding layers: q_a and kv only; CSA / HCA: the compressor's projections stay unquantized and read y
-        assert bool(norm.attrs.get("keep")) == (kind != "sliding")
+        assert bool(attrs.get("keep")) == (kind != "sliding")
         if kind != "sliding":
-            assert any("compressor" in r.operands[1].name for r, _ in readers[norm.results[2].name]
-                       if r.op == "linear")
-        assert by_weight[f"layers.{i}.post_attention_layernorm.weight"].attrs["keep"]
+            assert any("compressor" in r.operands[1].name for r, _ in readers[results[2].name] if r.op == "linear")
+        assert by_weight[f"layers.{i}.post_attention_layernorm.weight"][0]["keep"]
     assert "norm.weight" not in by_weight  # the final norm feeds lm_head, kept f32 by the default skip list
     ids = tokens(1, 40, seed=4)
     plain = run_pipeline(module, [PassSpec(name="fp8", options={})])
@@ -221,9 +227,8 @@ def test_unfuse_gives_back_the_plain_program(module):
     back, n = unfuse(fused)
     verify(back)
     counts = fused.counters["fuse"]
-    rules = ("norm_quant", "norm_rope", "add_post", "post_pre", "swiglu_linear")
-    assert n == sum(counts[rule] for rule in rules)
-    assert all(counts[rule] for rule in rules)
+    assert n == sum(counts[rule] for rule in RULES)
+    assert all(counts[rule] for rule in RULES)
     assert [(i.op, len(i.operands), len(i.results)) for i in back.func.body] == \
         [(i.op, len(i.operands), len(i.results)) for i in plain.func.body]
     assert unfuse(plain)[1] == 0
@@ -358,3 +363,35 @@ def test_fuse_computes_the_shared_experts_swiglu_in_its_down_projection(module):
     verify(changed)
     assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["swiglu_linear"] == layers - 1
     assert _fuse_only(plain).func.body == plain.func.body
+
+
+def test_fuse_norms_and_quantizes_each_blocks_input_in_the_hc_post_pre_before_it(module):
+    """post_pre_quant: an rms_norm_quant (with a weight) of an hc_post_pre's collapsed row, and that hc_post_pre ->
+    one hc_post_pre_quant in the hc_post_pre's place, with its operands and the norm weight before the addend, its
+    attributes and the norm's as `quant`, and both ops' results; every block's input norm but the first (whose
+    collapse is the first hc_pre's); the logits bit for bit (the torch kernel is rms_norm_quant over hc_post_pre);
+    off, or without norm_quant (no rms_norm_quant to take), nothing joins; unfuse gives the plain ops back."""
+    plain = _fuse_only(_fp8(module), "norm_quant", "add_post", "post_pre")
+    fused = _fuse_only(_fp8(module), "norm_quant", "add_post", "post_pre", "post_pre_quant")
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    mixes = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "hc_post_pre"}
+    norms = {ins.operands[0].name: ins for ins in plain.func.body if ins.op == "rms_norm_quant"}
+    joined = [ins for ins in fused.func.body if ins.op == "hc_post_pre_quant"]
+    layers = module.config["num_layers"]
+    assert len(joined) == fused.counters["fuse"]["post_pre_quant"] == 2 * layers - 1
+    assert not any(ins.op == "hc_post_pre" for ins in fused.func.body)
+    assert sum(ins.op == "rms_norm_quant" for ins in fused.func.body) == len(norms) - len(joined)
+    for ins in joined:
+        mix = mixes[ins.results[0].name]
+        norm = norms[mix.results[1].name]
+        assert ins.operands == [*mix.operands[:7], norm.operands[1], *mix.operands[7:]]
+        assert ins.results == [*mix.results, *norm.results] and ins.attrs == {**mix.attrs, "quant": norm.attrs}
+    assert {len(ins.results) for ins in joined} == {6, 7}  # the post-attention norms keep y for the router
+    ids = tokens(1, 40, seed=10)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+    assert _fuse_only(_fp8(module), "add_post", "post_pre", "post_pre_quant").counters["fuse"]["post_pre_quant"] == 0
+    back, n = unfuse(fused)
+    verify(back)
+    assert n == sum(fused.counters["fuse"][rule] for rule in RULES)
+    assert [ins.op for ins in back.func.body] == [ins.op for ins in unfuse(plain)[0].func.body]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from v4c.runtime.kernels import hyper as ref
+from v4c.runtime.kernels import quantized as ref_quantized
 from v4c.targets.triton.kernels import hyper as tri
-from v4c.targets.triton.kernels import norm
+from v4c.targets.triton.kernels import hyper_quant, norm
 
 HCS = (1, 2, 3, 4)
 SHAPES = ((1, 1, 17), (2, 3, 33), (1, 5, 48), (2, 2, 100))  # (B, S, D)
@@ -40,12 +41,14 @@ def head_params(hc, d, seed=2):
 
 def test_launchers_match_the_reference_signatures():
     assert set(tri.LAUNCHERS) == {"hc_expand", "hc_pre", "hc_post", "hc_post_pre", "hc_head"}
-    for name, launcher in tri.LAUNCHERS.items():
+    assert set(hyper_quant.LAUNCHERS) == {"hc_post_pre_quant"}
+    for name, launcher in {**tri.LAUNCHERS, **hyper_quant.LAUNCHERS}.items():
         params = dict(inspect.signature(launcher).parameters)
         for extra in ("config", "into"):  # launch parameters, and the runtime's buffer to write (common.result)
             param = params.pop(extra)
             assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None
-        assert list(params.values()) == list(inspect.signature(getattr(ref, name)).parameters.values())
+        reference = getattr(ref, name, None) or getattr(ref_quantized, name)
+        assert list(params.values()) == list(inspect.signature(reference).parameters.values())
 
 
 # --- parity --------------------------------------------------------------------------------------
@@ -100,6 +103,62 @@ def test_hc_post_pre_is_hc_post_then_hc_pre(hc, b, s, d, split):
         assert len(ours) == 4 and all(torch.equal(a, b) for a, b in zip(ours, apart, strict=True))
         for a, b in zip(ours, ref.hc_post_pre(out, streams, post, comb, *params, extra, **kw), strict=True):
             assert_close(a, b)
+
+
+@pytest.mark.parametrize("hc,b,s,d", [(1, 1, 1, 17), (2, 2, 3, 33), (3, 1, 5, 48), (4, 2, 2, 100)])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("quant", [{"eps": 1e-6, "group": 16, "scale_format": "ue8m0", "keep": True},
+                                   {"eps": 1e-5, "group": 7, "scale_format": "fp32"},
+                                   {"eps": 1e-6, "group": 128, "scale_format": "fp32", "keep": False}],
+                         ids=["g16-ue8m0-keep", "g7-fp32", "g128-fp32"])
+def test_hc_post_pre_quant_is_hc_post_pre_then_rms_norm_quant(hc, b, s, d, split, quant):
+    """The fuse pass's post_pre_quant in one launch: hc_post_pre's four results, then the rms_norm_quant kernel's
+    codes, scales (and with keep the normed row) of the collapsed row, bit for bit as the two launches, in one run
+    a token and split over runs (the norm then runs in the last run to arrive), with and without the addend; groups
+    that divide D, do not, and exceed it; within fp32 tolerance of the reference (the codes: the same e4m3 values
+    where the reference's row agrees, checked as dequantized values)."""
+    out, streams, addend = randn(b, s, d, seed=31), randn(b, s, hc, d, seed=32), randn(b, s, d, seed=33)
+    post, comb = 2 * torch.rand(b, s, hc), torch.rand(b, s, hc, hc)
+    params, weight = pre_params(hc, d, seed=34), torch.rand(d) + 0.5
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    config = {"BLOCK_K": 16, "SPLIT_K": split}
+    keep = quant.get("keep", False)
+    for extra in (None, addend):
+        ours = hyper_quant.hc_post_pre_quant(out, streams, post, comb, *params, weight, extra, **kw, quant=quant,
+                                             config=config)
+        mixed = tri.hc_post_pre(out, streams, post, comb, *params, extra, **kw, config=config)
+        apart = (*mixed, *norm.rms_norm_quant(mixed[1], weight, **quant))
+        assert len(ours) == 6 + keep and ours[4].dtype == torch.float8_e4m3fn
+        assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+                   for a, b in zip(ours, apart, strict=True))
+        expected = ref_quantized.hc_post_pre_quant(out, streams, post, comb, *params, weight, extra, **kw, quant=quant)
+        for a, b in zip(ours[:4], expected[:4], strict=True):
+            assert_close(a, b)
+        group = quant["group"]
+        dequant = [(c.float() * sc.repeat_interleave(group, -1)[..., :d]) for c, sc in (ours[4:6], expected[4:6])]
+        assert_close(*dequant, rtol=0.13, atol=1e-5)  # one e4m3 step where a last-bit difference crosses a tie
+        if keep:
+            assert_close(ours[6], expected[6])
+
+
+def test_hc_post_pre_quant_checks_its_norm():
+    hc, d = 2, 17
+    streams, out, post, comb = randn(1, 2, hc, d), randn(1, 2, d), torch.rand(1, 2, hc), torch.rand(1, 2, hc, hc)
+    args = (out, streams, post, comb, *pre_params(hc, d))
+    kw = dict(iters=20, eps=EPS, norm_eps=NORM_EPS)
+    q = {"eps": 1e-6, "group": 16, "scale_format": "fp32"}
+    cases = [
+        (lambda: hyper_quant.hc_post_pre_quant(*args, torch.ones(d + 1), **kw, quant=q), "norm_weight: expected shape"),
+        (lambda: hyper_quant.hc_post_pre_quant(*args, torch.ones(d), **kw, quant={**q, "scale_format": "e5m2"}),
+         "scale_format 'e5m2' is not supported"),
+        (lambda: hyper_quant.hc_post_pre_quant(*args, torch.ones(d), **kw, quant={**q, "group": 0}), "group: expected"),
+        (lambda: hyper_quant.hc_post_pre_quant(*args, torch.ones(d), **kw, quant={"eps": 1e-6}), "quant: expected"),
+        (lambda: hyper_quant.hc_post_pre_quant(*args, torch.ones(d), **kw, quant={**q, "keep": 1}), "keep must be"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
 
 
 @pytest.mark.parametrize("hc", HCS)

@@ -10,8 +10,8 @@ from .basic import add, embed, grouped_linear, linear, linear_cat, reshape, rms_
 from .compressor import compress
 from .hyper import hc_expand, hc_head, hc_post, hc_post_pre, hc_pre
 from .moe import moe_experts, route_hash, route_topk
-from .quantized import (embed_fp8, fake_quant, grouped_linear_fp8, linear_fp8, linear_fp8_cat, moe_experts_q,
-                        rms_norm_quant, swiglu_linear_fp8)
+from .quantized import (embed_fp8, fake_quant, grouped_linear_fp8, hc_post_pre_quant, linear_fp8, linear_fp8_cat,
+                        moe_experts_q, rms_norm_quant, swiglu_linear_fp8)
 
 KERNELS = {
     "embed": embed,
@@ -27,6 +27,7 @@ KERNELS = {
     "hc_pre": hc_pre,
     "hc_post": hc_post,
     "hc_post_pre": hc_post_pre,
+    "hc_post_pre_quant": hc_post_pre_quant,
     "hc_head": hc_head,
     "route_topk": route_topk,
     "route_hash": route_hash,

@@ -6,13 +6,14 @@ copy is kept; activations are quantized as the op's `act` attribute says (see
 fake-quant reference path that tests compare these kernels against. `rms_norm_quant` (made by the
 fuse pass) quantizes a norm's output once for the FP8 projections that read it: `linear_fp8` and
 `moe_experts_q` then get e4m3 codes and their group scales instead of a float x; `swiglu_linear_fp8` (fuse
-too) is a linear_fp8 of a SwiGLU.
+too) is a linear_fp8 of a SwiGLU, `hc_post_pre_quant` an rms_norm_quant of hc_post_pre's collapsed row.
 """
 
 import torch.nn.functional as F
 
 from ..quant import dequant_fp4, dequant_fp8, dequant_groups, fake_quant_act, quant_groups
 from .basic import grouped_linear, rms_norm, swiglu
+from .hyper import hc_post_pre
 from .moe import run_experts
 
 
@@ -26,6 +27,15 @@ def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", keep=Fals
     keep: also the norm's output itself (third), for the readers that take it unquantized."""
     y = rms_norm(x, weight, eps=eps)
     return (*quant_groups(y, group, scale_format), y) if keep else quant_groups(y, group, scale_format)
+
+
+def hc_post_pre_quant(out, streams, post, comb, fn, base, scale, norm_weight, addend=None, *, iters, eps, norm_eps,
+                      quant):
+    """hc_post_pre, then rms_norm_quant of its collapsed row (the fuse pass's post_pre_quant: the next block's input
+    norm) -> (new streams, collapsed, post, comb, codes, scales[, the normed row with quant's keep]);
+    quant: rms_norm_quant's attributes {eps, group, scale_format, keep?}."""
+    mixed = hc_post_pre(out, streams, post, comb, fn, base, scale, addend, iters=iters, eps=eps, norm_eps=norm_eps)
+    return (*mixed, *rms_norm_quant(mixed[1], norm_weight, **quant))
 
 
 def linear_fp8(x, weight, scale, x_scale=None, *, block, act):

@@ -247,13 +247,13 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
     import tvm
 
     # the fuse pass's e4m3 codes: these kernels take float inputs and quantize them in a first stage of their own
-    # (and they have no fused norm + RoPE, add + hc_post, hc_post + hc_pre, SwiGLU + GEMM)
+    # (and they have no fused norm + RoPE, add + hc_post, hc_post + hc_pre (+ norm), SwiGLU + GEMM)
     module, unfused = fuse.unfuse(module)
     if unfused:
         module = memory_plan.run(module, memory_plan.Options())
         if progress:
             progress(f"tvm: {unfused} fusions of the fuse pass (rms_norm_quant, rms_norm_rope, hc_post adding, "
-                     "hc_post_pre, swiglu_linear_fp8) back to the plain ops: these kernels quantize their own input")
+                     "hc_post_pre(_quant), swiglu_linear_fp8) back to the plain ops: these kernels quantize their own input")
     program = torch_lower(module, prefill_chunk=prefill_chunk)
     tgt = host_target(target)
     steps, torch_ops, funcs, names = {}, {}, [], {}

@@ -159,6 +159,16 @@ def _hc_post_pre(ins, st, a):
     return [new, *_hc_pre([new, fn, base, scale], st, a)]
 
 
+def _hc_post_pre_quant(ins, st, a):
+    out, streams, post, comb, fn, base, scale, norm_weight, addend = ins
+    mixed = _hc_post_pre([out, streams, post, comb, fn, base, scale, addend], st, a)
+    quant = a["quant"]
+    expect(isinstance(quant, dict) and {"eps", "group", "scale_format"} <= set(quant) <= {"eps", "group",
+                                                                                         "scale_format", "keep"},
+           f"quant must be rms_norm_quant's attributes {{eps, group, scale_format, keep?}}, got {quant!r}")
+    return [*mixed, *_rms_norm_quant([mixed[1], norm_weight], st, quant)]
+
+
 def _hc_head(ins, st, a):
     x, fn, base, scale = ins
     expect_rank("streams", x, 4)
@@ -394,6 +404,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("hc_post", ("out", "streams", "post", "comb", "addend?"), _hc_post),
     OpDef("hc_post_pre", ("out", "streams", "post", "comb", "fn", "base", "scale", "addend?"), _hc_post_pre,
           attrs=("iters", "eps", "norm_eps")),
+    OpDef("hc_post_pre_quant", ("out", "streams", "post", "comb", "fn", "base", "scale", "norm_weight", "addend?"),
+          _hc_post_pre_quant, attrs=("iters", "eps", "norm_eps", "quant")),
     OpDef("hc_head", ("streams", "fn", "base", "scale"), _hc_head, attrs=("eps", "norm_eps")),
     OpDef("route_topk", ("x", "weight", "bias"), _route_topk, attrs=("k", "score_func", "scale")),
     OpDef("route_hash", ("x", "weight", "table", "tokens"), _route_hash, attrs=("score_func", "scale")),

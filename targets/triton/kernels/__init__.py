@@ -13,7 +13,7 @@ missing here run as the torch kernel, and the runtime reports them as fallbacks.
 
 import importlib
 
-MODULES = ("gemm", "embed", "moe", "router", "attention", "indexer", "compressor", "norm", "hyper")
+MODULES = ("gemm", "embed", "moe", "router", "attention", "indexer", "compressor", "norm", "hyper", "hyper_quant")
 
 LAUNCHERS: dict = {}
 for _name in MODULES:

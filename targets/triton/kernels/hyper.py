@@ -8,6 +8,8 @@ in fp32 and returns fp32, like the reference. Tokens are flattened to T = B*S ro
                                 Sinkhorn in registers, the pre-weighted collapse
   hc_post    grid (T, D tiles)  new[t, j, :] = post[t, j] * out[t, :] + sum_i comb[t, i, j] * streams[t, i, :]
   hc_post_pre grid (T, SPLIT)   hc_pre's kernel computing each K tile of its input as hc_post does (and storing it)
+  hc_post_pre_quant             hc_post_pre whose token-finishing program then norms and quantizes the collapsed row
+                                (norm.norm_quant_row, the rms_norm_quant kernel's row; launcher: hyper_quant.py)
   hc_head    grid (T, SPLIT)    the hc_pre collapse with an hc-row projection and one scale
 
 The projection reads all of fn ([(2+hc)*hc, hc*D] fp32, 1.5 MB at V4-Flash's hc 4, D 4096) for every token: with
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from .common import (arrived_last, cdiv, check, check_tensor, launch_config, next_pow2, result, results, same_device,
                      sm_count, sum_runs, tile_counters)
+from .norm import norm_quant_row
 
 MAX_HC = 8
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -121,16 +124,21 @@ def _post_tile(out_ptr, add_ptr, old_ptr, ppost_ptr, pcomb_ptr, new_ptr, t, offs
 
 @triton.jit
 def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, ws_ptr, cnt_ptr, out_ptr, add_ptr,
-                   ppost_ptr, pcomb_ptr, new_ptr, D, iters, eps, norm_eps, per_split, HC: tl.constexpr,
-                   HCP: tl.constexpr, SPLIT: tl.constexpr, POST: tl.constexpr, ADD: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                   ppost_ptr, pcomb_ptr, new_ptr, nw_ptr, q_ptr, qs_ptr, y_ptr, D, iters, eps, norm_eps, per_split,
+                   q_eps, NG, HC: tl.constexpr, HCP: tl.constexpr, SPLIT: tl.constexpr, POST: tl.constexpr,
+                   ADD: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr,
+                   HAS_Y: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
+                   BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
     """x: [T, HC*D], fn: [(2+HC)*HC, HC*D], base: [(2+HC)*HC], scale: [3]
     -> collapsed [T, D], post [T, HC], comb [T, HC, HC].
     mixes = rsqrt(mean(x^2) + norm_eps) * (fn @ x), then the gates, Sinkhorn and the collapse.
     POST (hc_post_pre): x is the previous block's hc_post of (out (+ addend), x_ptr's streams, ppost, pcomb),
     computed tile by tile (_post_tile) and stored to new_ptr, from which the collapse reads it.
     SPLIT > 1: program (t, p) projects K span p (per_split wide) into its record of ws [T, SPLIT, REC] (sum of
-    squares, pre, post, comb; REC = 1 + (2 + HCP) * HCP); the last of token t's programs (cnt_ptr[t]) finishes."""
+    squares, pre, post, comb; REC = 1 + (2 + HCP) * HCP); the last of token t's programs (cnt_ptr[t]) finishes.
+    QUANT (hc_post_pre_quant): the finishing program then norms the collapsed row (weight nw_ptr, eps q_eps) and
+    quantizes it in groups of GROUP (NG a row): codes to q_ptr [T, D], scales to qs_ptr [T, NG], HAS_Y: the
+    normed row to y_ptr [T, D] (_finish_quant)."""
     t = tl.program_id(0).to(tl.int64)
     K = HC * D
     x_row = x_ptr + t * K
@@ -160,6 +168,9 @@ def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_p
             tl.debug_barrier()
         _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D, iters, eps, norm_eps, ss,
                        pre_acc, post_acc, comb_acc, HC, HCP, BLOCK_D)
+        if QUANT:
+            _finish_quant(col_ptr, nw_ptr, q_ptr, qs_ptr, y_ptr, t, D, NG, q_eps, GROUP, UE8M0, HAS_Y, BLOCK_ROW,
+                          BLOCK_NG, BLOCK_G)
     else:
         REC: tl.constexpr = 1 + (2 + HCP) * HCP
         rec = ws_ptr + (t * SPLIT + tl.program_id(1)) * REC
@@ -175,6 +186,19 @@ def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, post_ptr, comb_p
             comb_acc = sum_runs(runs + 1 + 2 * HCP + i[:, None] * HCP + j[None, :], REC, (i < HCP)[:, None], SPLIT)
             _hc_pre_finish(x_row, base_ptr, scale_ptr, col_ptr, post_ptr, comb_ptr, t, D, iters, eps, norm_eps, ss,
                            pre_acc, post_acc, comb_acc, HC, HCP, BLOCK_D)
+            if QUANT:
+                _finish_quant(col_ptr, nw_ptr, q_ptr, qs_ptr, y_ptr, t, D, NG, q_eps, GROUP, UE8M0, HAS_Y, BLOCK_ROW,
+                              BLOCK_NG, BLOCK_G)
+
+
+@triton.jit
+def _finish_quant(col_ptr, nw_ptr, q_ptr, qs_ptr, y_ptr, t, D, NG, q_eps, GROUP: tl.constexpr, UE8M0: tl.constexpr,
+                  HAS_Y: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Token t's collapsed row (just stored by the program's threads: a barrier, and loads that bypass L1) normed
+    and quantized as the rms_norm_quant kernel does it (norm.norm_quant_row: the same bits)."""
+    tl.debug_barrier()
+    norm_quant_row(col_ptr + t * D, nw_ptr, q_ptr + t * D, qs_ptr + t * NG, y_ptr + t * D, D, NG, q_eps, GROUP, UE8M0,
+                   True, HAS_Y, ".cg", BLOCK_ROW, BLOCK_NG, BLOCK_G)
 
 
 @triton.jit
@@ -359,9 +383,10 @@ def hc_post_pre(out, streams, post, comb, fn, base, scale, addend=None, *, iters
                        "hc_post_pre"))
 
 
-def _pre(streams, dims, fn, base, scale, prev, iters, eps, norm_eps, config, into, name):
+def _pre(streams, dims, fn, base, scale, prev, iters, eps, norm_eps, config, into, name, norm=None):
     """The hc_pre launch on checked streams of `dims` (B, S, hc, D); prev: None, or hc_post_pre's (out, addend or
-    None, post, comb, new streams)."""
+    None, post, comb, new streams); norm: None, or hc_post_pre_quant's (weight, eps, group, UE8M0 scales, codes,
+    scales, normed row or None, norm_quant_row's tiles)."""
     b, s, hc, d = dims
     n = (2 + hc) * hc
     _check_param("fn", fn, (n, hc * d))
@@ -383,11 +408,16 @@ def _pre(streams, dims, fn, base, scale, prev, iters, eps, norm_eps, config, int
     hcp = next_pow2(hc)
     ws = torch.empty(b * s * split * (1 + (2 + hcp) * hcp), dtype=torch.float32, device=dev) if split > 1 else post
     p_out, p_add, p_post, p_comb, p_new = prev or (post,) * 5
+    n_w, n_eps, group, ue8m0, codes, n_scales, normed, tiles = norm or (post, 0.0, 1, False, post, post, None, (1, 1, 1))
+    codes = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
     _hc_pre_kernel[(b * s, split)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
                                    collapsed, post, comb, ws, post if counters is None else counters, p_out,
-                                   p_out if p_add is None else p_add, p_post, p_comb, p_new, d, iters, float(eps),
-                                   float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split, POST=prev is not None,
-                                   ADD=p_add is not None, BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"],
+                                   p_out if p_add is None else p_add, p_post, p_comb, p_new, n_w, codes, n_scales,
+                                   n_scales if normed is None else normed, d, iters, float(eps), float(norm_eps), per,
+                                   n_eps, cdiv(d, group), HC=hc, HCP=hcp, SPLIT=split, POST=prev is not None,
+                                   ADD=p_add is not None, QUANT=norm is not None, GROUP=group, UE8M0=ue8m0,
+                                   HAS_Y=normed is not None, BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"],
+                                   BLOCK_ROW=tiles[0], BLOCK_NG=tiles[1], BLOCK_G=tiles[2],
                                    num_warps=opts["num_warps"])
     return collapsed, post, comb
 

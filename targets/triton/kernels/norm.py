@@ -26,11 +26,35 @@ MAX_ROW = 1 << 16  # the row kernels hold one padded row in a block
 
 # --- device helpers ----------------------------------------------------------------------------
 @triton.jit
-def _rstd(x_row, K, eps, BLOCK_K: tl.constexpr):
+def _rstd(x_row, K, eps, BLOCK_K: tl.constexpr, CACHE: tl.constexpr):
     """1 / sqrt(mean(x^2) + eps) of one row x_row[0:K], fp32."""
     k = tl.arange(0, BLOCK_K)
-    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    x = tl.load(x_row + k, mask=k < K, other=0.0, cache_modifier=CACHE).to(tl.float32)
     return tl.math.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+
+
+@triton.jit
+def norm_quant_row(x_row, w_ptr, q_row, s_row, y_row, K, NG, eps, GROUP: tl.constexpr, UE8M0: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_Y: tl.constexpr, CACHE: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
+    """One row x_row[0:K], viewed as a [NG, GROUP] tile (last group partial): y = rms_norm(x); s_g = max(amax_g,
+    1e-4) / 448 (or its pow2_ceil for UE8M0); q = e4m3(clamp(y / s_g, +-448)) to q_row (bytes), s to s_row;
+    HAS_Y: y is stored to y_row too (as _rms_norm_kernel computes it). CACHE: the loads' cache modifier (".cg"
+    where other threads of the program just stored the row: hyper.py's collapse)."""
+    rstd = _rstd(x_row, K, eps, BLOCK_K, CACHE)
+    g = tl.arange(0, BLOCK_NG)[:, None]
+    i = tl.arange(0, BLOCK_G)[None, :]
+    k = g * GROUP + i  # [BLOCK_NG, BLOCK_G] channel index
+    mask = (i < GROUP) & (k < K)
+    y = tl.load(x_row + k, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32) * rstd
+    if HAS_W:
+        y = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32) * y
+    s = group_scale(tl.max(tl.abs(y), axis=1), E4M3_MAX, UE8M0)  # [BLOCK_NG]
+    q = e4m3_quant(y, s[:, None])
+    tl.store(q_row + k, q.to(tl.uint8), mask=mask)
+    tl.store(s_row + g, s[:, None], mask=g < NG)
+    if HAS_Y:
+        tl.store(y_row + k, y, mask=mask)
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -38,7 +62,7 @@ def _rstd(x_row, K, eps, BLOCK_K: tl.constexpr):
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, eps, HAS_W: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row per program: y = x * rstd [* w]."""
     row = tl.program_id(0).to(tl.int64)
-    rstd = _rstd(x_ptr + row * K, K, eps, BLOCK_K)
+    rstd = _rstd(x_ptr + row * K, K, eps, BLOCK_K, "")
     k = tl.arange(0, BLOCK_K)
     mask = k < K
     y = tl.load(x_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32) * rstd
@@ -51,24 +75,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, eps, HAS_W: tl.constexpr, BLOCK_K: 
 def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, K, NG, eps, GROUP: tl.constexpr, UE8M0: tl.constexpr,
                            HAS_W: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NG: tl.constexpr,
                            BLOCK_G: tl.constexpr):
-    """One row per program, viewed as a [NG, GROUP] tile (last group partial):
-    y = rms_norm(x); s_g = max(amax_g, 1e-4) / 448 (or its pow2_ceil for UE8M0);
-    q = e4m3(clamp(y / s_g, +-448)); HAS_Y: y is stored too (as _rms_norm_kernel computes it)."""
+    """One row per program (norm_quant_row)."""
     row = tl.program_id(0).to(tl.int64)
-    rstd = _rstd(x_ptr + row * K, K, eps, BLOCK_K)
-    g = tl.arange(0, BLOCK_NG)[:, None]
-    i = tl.arange(0, BLOCK_G)[None, :]
-    k = g * GROUP + i  # [BLOCK_NG, BLOCK_G] channel index
-    mask = (i < GROUP) & (k < K)
-    y = tl.load(x_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32) * rstd
-    if HAS_W:
-        y = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32) * y
-    s = group_scale(tl.max(tl.abs(y), axis=1), E4M3_MAX, UE8M0)  # [BLOCK_NG]
-    q = e4m3_quant(y, s[:, None])
-    tl.store(q_ptr + row * K + k, q.to(tl.uint8), mask=mask)
-    tl.store(s_ptr + row * NG + g, s[:, None], mask=g < NG)
-    if HAS_Y:
-        tl.store(y_ptr + row * K + k, y, mask=mask)
+    norm_quant_row(x_ptr + row * K, w_ptr, q_ptr + row * K, s_ptr + row * NG, y_ptr + row * K, K, NG, eps, GROUP,
+                   UE8M0, HAS_W, HAS_Y, "", BLOCK_K, BLOCK_NG, BLOCK_G)
 
 
 @triton.jit
@@ -135,7 +145,7 @@ def _rms_norm_rope_kernel(x_ptr, pos_ptr, inv_ptr, w_ptr, y_ptr, S, H, scale, ep
     _rope_kernel does."""
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = x_ptr + row * D, y_ptr + row * D
-    rstd = _rstd(x_row, D, eps, BLOCK_D)
+    rstd = _rstd(x_row, D, eps, BLOCK_D, "")
     c = tl.arange(0, BLOCK_NOPE)
     nope = tl.load(x_row + c, mask=c < NOPE, other=0.0).to(tl.float32) * rstd
     i = tl.arange(0, BLOCK_HALF)
@@ -162,6 +172,18 @@ def _row_size(name: str, k: int) -> int:
     check(k >= 1, f"{name}: the last dimension must be non-empty")
     check(next_pow2(k) <= MAX_ROW, f"{name}: rows of {k} channels are not supported (at most {MAX_ROW})")
     return next_pow2(k)
+
+
+def quant_tiles(name: str, k: int, group) -> tuple[int, int, int]:
+    """norm_quant_row's tiles for rows of k channels (named `name`) in activation groups of `group`: (BLOCK_K,
+    BLOCK_NG, BLOCK_G), checking both."""
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group: expected a positive int, got {group!r}")
+    block_k = _row_size(name, k)
+    block_g, block_ng = next_pow2(min(group, k)), next_pow2(-(-k // group))
+    if block_g * block_ng > 2 * MAX_ROW:
+        raise ValueError(f"group: {group} does not tile rows of {k} channels")
+    return block_k, block_ng, block_g
 
 
 def _weight(weight, k: int):
@@ -196,17 +218,12 @@ def rms_norm_quant(x, weight=None, *, eps, group, scale_format="fp32", keep=Fals
     cfg = launch_config(config, {"num_warps": 4}, "rms_norm_quant")
     if scale_format not in ("fp32", "ue8m0"):  # (messages built only on failure: a decode step makes ~30 calls)
         raise ValueError(f"scale_format {scale_format!r} is not supported; expected fp32 or ue8m0")
-    if not isinstance(group, int) or group < 1:
-        raise ValueError(f"group: expected a positive int, got {group!r}")
     x = _float_input("x", x)
     k = x.shape[-1] if x.dim() else 0
-    block_k = _row_size("x", k)
+    block_k, block_ng, block_g = quant_tiles("x", k, group)
     w = _weight(weight, k)
     same_device(x=x, weight=w)
     n_groups = -(-k // group)
-    block_g, block_ng = next_pow2(min(group, k)), next_pow2(n_groups)
-    if block_g * block_ng > 2 * MAX_ROW:
-        raise ValueError(f"group: {group} does not tile rows of {k} channels")
     into_q, into_s, *into_y = results(into, 3 if keep else 2)
     q = result(into_q, x.shape, torch.float8_e4m3fn, x.device)
     scales = result(into_s, (*x.shape[:-1], n_groups), torch.float32, x.device)
