@@ -45,7 +45,7 @@ def count(path: Path) -> dict:
     graphed = Session(art.program, art.weights(), kernels=kernels, graphs=PlanOnly())
     graphed._plans[1] = graphed._plan(1)
     report = graphed.graph_report()["shapes"]["1"]
-    stateful = sum(label.split(":")[1] in ("compress", "index_topk", "attention") for label in eager.labels)
+    stateful = sum(label.split(":")[1] in ("compress", "index_topk", "attention", "attention_rope") for label in eager.labels)
     return {"eager_host_calls": len(eager.entries), "graph_host_calls": report["host_calls"],
             "graphs": report["graphs"], "stateful_entries": stateful,
             "entries_in_graphs": report["entries_in_graphs"]}

@@ -165,8 +165,9 @@ def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
     from triton_gpu import ATTN
 
     from v4c.runtime.quant import encode_entries
-    from v4c.targets.triton.kernels.attention import attention
+    from v4c.targets.triton.kernels.attention import attention, attention_rope
     h, d, rope, topk, cap, window = (ATTN[k] for k in ("heads", "dim", "rope", "topk", "entries", "window"))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rope, 2) / rope)
     out = []
     for batch in batches:
         g = torch.Generator().manual_seed(0)
@@ -180,6 +181,12 @@ def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
                         "call": lambda cfg=cfg, pos0=pos0, a=(q, kv, sinks, selected, ring, entries): attention(
                             *a[:4], state=a[4:], pos0=pos0, window=window, rate=4, scale=d ** -0.5,
                             kv_format="fp8_split", rope_dim=rope, config=cfg)})
+        # the fuse pass's attention_rope: the output's inverse RoPE in the launch, at a device position
+        out.append({"case": f"attention_rope CSA fp8_split batch={batch} at a device position", "config": {},
+                    "call": lambda a=(q, kv, sinks, selected, ring, entries): attention_rope(
+                        *a[:3], torch.tensor([cap * 4 + 3]), inv_freq, a[3], state=a[4:], pos0=torch.tensor([cap * 4 + 3]),
+                        window=window, rate=4, scale=d ** -0.5, kv_format="fp8_split", rope_dim=rope,
+                        out_rope={"inverse": True})})
     return out
 
 

@@ -1,7 +1,8 @@
 """Kernel fusion: quantize a norm's output once, in the norm, for the FP8 ops that read it (`norm_quant`); a
 norm read only by RoPE and that RoPE as one op (`norm_rope`); an add read only by hc_post done in hc_post
 (`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`), and with the norm that quantizes its
-collapsed row (`post_pre_quant`); a SwiGLU read only by an FP8 projection as one op (`swiglu_linear`).
+collapsed row (`post_pre_quant`); a SwiGLU read only by an FP8 projection as one op (`swiglu_linear`); an
+attention read only by a RoPE as one op (`attention_rope`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -72,6 +73,17 @@ computes the SwiGLU as it loads its activation tiles (kernels/quantize.load_act)
 never goes through memory and its kernel is one launch a layer fewer. The numbers do not change: the tiles
 hold the swiglu kernel's fp32 values, bit for bit.
 
+`attention_rope`:
+
+    %o = attention(%q, %kv, @sinks, %sel?) {..} state(..)   ->   %r = attention_rope(%q, %kv, @sinks, %positions,
+    %r = rope(%o, %positions, @inv_freq) {inverse?, scale?}          @inv_freq, %sel?) {.., out_rope: {inverse?, scale?}}
+                                                                    state(..)
+
+for every `attention` whose only reader is a `rope` (as x) and which is not the program's output, in the rope's
+place. In V4 that is every layer's inverse RoPE of the attention output: one launch a layer fewer. The Triton
+program that finishes an output row rotates its RoPE channels after a barrier, as the rope kernel does (the same
+bits).
+
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
@@ -95,6 +107,8 @@ class Options(BaseModel):
                                              "(V4's routed + shared expert sum)")
     post_pre: bool = Field(True, description="hc_post and the hc_pre that reads its streams -> one hc_post_pre "
                                              "(every block boundary but the last)")
+    attention_rope: bool = Field(True, description="attention read only by a rope -> one attention_rope (V4's "
+                                                   "inverse RoPE of each layer's attention output)")
     post_pre_quant: bool = Field(True, description="hc_post_pre and the rms_norm_quant of its collapsed row -> one "
                                                    "hc_post_pre_quant (every block's input norm but the first)")
     swiglu_linear: bool = Field(True, description="swiglu read only by a linear_fp8 -> one swiglu_linear_fp8 "
@@ -185,6 +199,9 @@ def run(m: Module, options: Options, progress=None) -> Module:
     roped = added = 0
     if options.norm_rope:
         body, roped = _fold_into_reader(body, m.func.output.name, "rms_norm", "rope", _norm_rope)
+    roped_out = 0
+    if options.attention_rope:
+        body, roped_out = _fold_into_reader(body, m.func.output.name, "attention", "rope", _attention_rope)
     if options.add_post:
         body, added = _fold_into_reader(body, m.func.output.name, "add", "hc_post", _add_post)
     joined = 0
@@ -198,7 +215,7 @@ def run(m: Module, options: Options, progress=None) -> Module:
         body, swiglus = _fold_into_reader(body, m.func.output.name, "swiglu", "linear_fp8", _swiglu_linear)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
-                            "norm_rope": roped, "add_post": added, "post_pre": joined, "post_pre_quant": quantized,
+                            "norm_rope": roped, "attention_rope": roped_out, "add_post": added, "post_pre": joined, "post_pre_quant": quantized,
                             "swiglu_linear": swiglus}
     return out
 
@@ -256,6 +273,14 @@ def _norm_rope(norm: Instr, rope: Instr) -> Instr:
                  {**rope.attrs, "eps": norm.attrs["eps"]})
 
 
+def _attention_rope(attention: Instr, rope: Instr) -> Instr:
+    """attention_rope(q, kv, sinks, positions, inv_freq, selected?) {attention's attributes, out_rope: the rope's},
+    with the attention's state."""
+    q, kv, sinks, *selected = attention.operands
+    return Instr("attention_rope", [q, kv, sinks, *rope.operands[1:], *selected], rope.results,
+                 {**attention.attrs, "out_rope": dict(rope.attrs)}, list(attention.state))
+
+
 def _add_post(add: Instr, post: Instr) -> Instr | None:
     """hc_post(a, streams, post, comb, b) for a = add(a, b) of two values of the block output's shape (no
     broadcast), into an hc_post without an addend yet."""
@@ -280,7 +305,7 @@ def unfuse(m: Module) -> tuple[Module, int]:
     rms_norm_quant back to rms_norm, its readers back to reading the norm's output; every rms_norm_rope back to
     rms_norm then rope, every hc_post_pre back to hc_post then hc_pre, every hc_post with an addend back to add
     then hc_post, every hc_post_pre_quant back to hc_post_pre then rms_norm_quant (and on), every swiglu_linear_fp8
-    back to swiglu then linear_fp8. -> (module, ops unfused)."""
+    back to swiglu then linear_fp8, every attention_rope back to attention then rope. -> (module, ops unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
     body, norm_of, undone = [], {}, 0  # codes name -> the norm's output; the other rules undone
     for fused in m.func.body:
@@ -305,6 +330,14 @@ def unfuse(m: Module) -> tuple[Module, int]:
 def _split(ins: Instr, names: set[str]) -> list[Instr]:
     """rms_norm_rope, hc_post_pre(_quant), hc_post with an addend and swiglu_linear_fp8 as the plain ops they fused;
     any other op as is (rms_norm_quant: unfuse's)."""
+    if ins.op == "attention_rope":
+        q, kv, sinks, positions, inv_freq, *selected = ins.operands
+        attrs = dict(ins.attrs)
+        rope = attrs.pop("out_rope")
+        (r,) = ins.results
+        out = Value(_fresh(names, f"{r.name}.attn"), r.type)
+        return [Instr("attention", [q, kv, sinks, *selected], [out], attrs, list(ins.state)),
+                Instr("rope", [out, positions, inv_freq], [r], rope)]
     if ins.op == "hc_post_pre_quant":
         attrs = dict(ins.attrs)
         quant = attrs.pop("quant")

@@ -30,7 +30,7 @@ import torch
 
 from .dtypes import torch_dtype
 from .errors import ArtifactError, InputError
-from .kernels import STATEFUL
+from .kernels import ATTENTION, STATEFUL
 from .kernelset import VIEWS, TorchKernels
 from .kv_tiers import PagedEntries, PagePool, Prefetcher, TierAllocator, TierStats
 from .program import Program, Step
@@ -107,7 +107,7 @@ class Session:
                 attrs["state"] = tuple(self.state[name] for name in step.state)
             outs = [buffers.get(slot) for slot in step.outputs]
             tiered = next((self.state[n] for n in step.state if isinstance(self.state[n], PagedEntries)), None)
-            if step.kernel != "attention":
+            if step.kernel not in ATTENTION:
                 tiered = None  # prefetch the next tiered layer once this layer has read its own
             self._steps.append((fn, step.kernel in STATEFUL, args, step.outputs, outs, attrs, tiered))
         self._plans: dict[int, _Plan] = {}

@@ -27,7 +27,7 @@ def _fp8(module, *passes, **fp8):
     return run_pipeline(module, [PassSpec(name="fp8", options=fp8), *(PassSpec(name=p) for p in passes)])
 
 
-RULES = ("norm_quant", "norm_rope", "add_post", "post_pre", "post_pre_quant", "swiglu_linear")
+RULES = ("norm_quant", "norm_rope", "attention_rope", "add_post", "post_pre", "post_pre_quant", "swiglu_linear")
 
 
 def _fuse_only(module, *rules):
@@ -136,7 +136,7 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     layers = module.config["num_layers"]
     roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
     assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
-                                      "experts_reading_codes": layers, "norm_rope": len(roped), "add_post": layers,
+                                      "experts_reading_codes": layers, "norm_rope": len(roped), "attention_rope": layers, "add_post": layers,
                                       "post_pre": 2 * layers - 1, "post_pre_quant": 0, "swiglu_linear": layers}
     assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
@@ -165,7 +165,7 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     assert sum(ins.op == "rms_norm" for ins in fused.func.body) == \
         sum(ins.op == "rms_norm" for ins in plain.func.body) - len(norms) - len(roped)
     assert sum(ins.op == "rope" for ins in fused.func.body) == \
-        sum(ins.op == "rope" for ins in plain.func.body) - len(roped)
+        sum(ins.op == "rope" for ins in plain.func.body) - len(roped) - layers  # (attention_rope: the inverse RoPEs)
     ids = tokens(2, 40, seed=3)
     a, b = interpret(plain, batch=2, prefill_chunk=16), interpret(fused, batch=2, prefill_chunk=16)
     for i in range(0, 40, 16):
@@ -395,3 +395,40 @@ def test_fuse_norms_and_quantizes_each_blocks_input_in_the_hc_post_pre_before_it
     verify(back)
     assert n == sum(fused.counters["fuse"][rule] for rule in RULES)
     assert [ins.op for ins in back.func.body] == [ins.op for ins in unfuse(plain)[0].func.body]
+
+
+def test_fuse_ropes_each_attention_output_in_the_attention(module):
+    """attention_rope: an attention whose only reader is a rope (as x) -> one attention_rope in the rope's place,
+    with the attention's operands (the rope's positions and inv_freq before `selected`), state and attributes,
+    the rope's as `out_rope`, and the rope's result; every layer's inverse RoPE; the logits bit for bit (the torch
+    kernel is rope over attention); an attention with another reader stays; unfuse gives the two ops back."""
+    plain = _fp8(module)
+    fused = _fuse_only(plain, "attention_rope")
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
+    ropes = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "rope"
+             and by_result.get(ins.operands[0].name, ins).op == "attention"}
+    layers = module.config["num_layers"]
+    assert len(ropes) == fused.counters["fuse"]["attention_rope"] == layers
+    assert not any(ins.op == "attention" for ins in fused.func.body)
+    for ins in fused.func.body:
+        if ins.op == "attention_rope":
+            rope = ropes[ins.results[0].name]
+            attn = by_result[rope.operands[0].name]
+            assert ins.operands == [*attn.operands[:3], *rope.operands[1:], *attn.operands[3:]]
+            assert ins.state == attn.state and ins.attrs == {**attn.attrs, "out_rope": rope.attrs}
+            assert rope.attrs == {"inverse": True}
+    assert {len(ins.operands) for ins in fused.func.body if ins.op == "attention_rope"} == {5, 6}  # CSA: selected
+    ids = tokens(1, 40, seed=11)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+    body = list(plain.func.body)
+    attn = next(ins for ins in body if ins.op == "attention")
+    body.insert(body.index(attn) + 1, Instr("add", [attn.results[0], attn.results[0]],
+                                            [Value("extra", attn.results[0].type)]))
+    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
+    verify(changed)
+    assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["attention_rope"] == layers - 1
+    back, n = unfuse(fused)
+    verify(back)
+    assert n == layers and [ins.op for ins in back.func.body] == [ins.op for ins in plain.func.body]

@@ -5,11 +5,13 @@ decode, tiered entry stores; and clear errors for unsupported input."""
 import pytest
 import torch
 from v4c.runtime.kernels.attention import attention as ref_attention
+from v4c.runtime.kernels.attention import attention_rope as ref_attention_rope
 from v4c.runtime.kv_tiers import PagedEntries, PagePool, TierAllocator, TierStats
 from v4c.runtime.quant import encode_entries, entry_layout
 from v4c.targets.triton.kernels import attention as module
 from v4c.targets.triton.kernels import common
-from v4c.targets.triton.kernels.attention import attention, encode_kv
+from v4c.targets.triton.kernels.attention import attention, attention_rope, encode_kv
+from v4c.targets.triton.kernels.norm import rope
 
 TOL = 1e-5  # max |ours - ref| / max |ref|
 FORMATS = {"f32": (19, 0), "bf16": (21, 5), "fp8_split": (70, 4)}  # kv_format -> (head dim, rope channels)
@@ -315,7 +317,53 @@ def test_tiered_entries(fmt, mode):
 
 
 def test_launcher_is_registered():
-    assert module.LAUNCHERS == {"attention": attention}
+    assert module.LAUNCHERS == {"attention": attention, "attention_rope": attention_rope}
+
+
+# --- the output RoPE in the attention launch (attention_rope, the fuse pass's) --------------------------------
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("config", [{"SPLIT_KV": 1}, {"BLOCK_N": 16, "SPLIT_KV": 3},
+                                    {"BLOCK_N": 16, "SPLIT_KV": 3, "SUM_IN_KERNEL": False}],
+                         ids=["one-run", "split-last-run", "split-combine-kernel"])
+def test_attention_rope_is_attention_then_the_rope_kernel(mode, config):
+    """One launch: the attention output with RoPE on its rows' trailing channels (inverse, and forward with a
+    scale), bit for bit the attention then the rope kernel (outputs and ring), at an int and a device position,
+    each row roped by the program that finishes it: the single run, the last run to arrive, or the combine
+    kernel; and within the reference's tolerance. Decode past the window, and a prefill whose tokens each have
+    their own position."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)  # 4 pairs: the last 8 of the 70 channels
+    for batch, s, window, pos0, seed in [(2, 1, 40, 60, 51), (1, 6, 20, 3, 52)]:
+        (q, kv, sinks, selected), state, kwargs = make_case("fp8_split", batch, s, window, pos0, mode, seed=seed,
+                                                            capacity=40)
+        positions = torch.arange(pos0, pos0 + s)
+        for out_rope in ({"inverse": True}, {"scale": 0.8}):
+            for pos in (pos0, torch.tensor([pos0, 7])):
+                fused_state, apart_state = clone(state), clone(state)
+                call = dict(kwargs, pos0=pos, config=config)
+                ours = attention_rope(q, kv, sinks, positions, inv_freq, selected, state=fused_state, **call,
+                                      out_rope=out_rope)
+                apart = attention(q, kv, sinks, selected, state=apart_state, **call)
+                assert torch.equal(ours, rope(apart, positions, inv_freq, **out_rope))
+                assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state, strict=True))
+            ref = ref_attention_rope(q, kv, sinks, positions, inv_freq, selected, state=clone(state), **kwargs,
+                                     out_rope=out_rope)
+            assert float((ours - ref).abs().max() / ref.abs().max()) <= TOL
+
+
+def test_attention_rope_checks_its_rope():
+    (q, kv, sinks, selected), state, kwargs = make_case("fp8_split", 1, 2, 3, 4, "csa")
+    positions, inv_freq = torch.arange(4, 6), torch.ones(4)
+    cases = [
+        (dict(out_rope={"inverse": True, "theta": 1}), "out_rope: expected the rope's attributes"),
+        (dict(positions=positions[:1]), r"positions: expected \[2\] \(one per token\)"),
+        (dict(positions=positions.float()), "positions: dtype"),
+        (dict(inv_freq=torch.ones(36)), "inv_freq: 36 pairs do not fit 70 channels"),
+    ]
+    for change, message in cases:
+        call = {"positions": positions, "inv_freq": inv_freq, "selected": selected, "state": state, **kwargs,
+                "out_rope": {"inverse": True}, **change}
+        with pytest.raises(ValueError, match=message):
+            attention_rope(q, kv, sinks, **call)
 
 
 def bad(**changes):

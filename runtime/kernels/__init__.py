@@ -5,7 +5,7 @@ Stateless kernels are called `fn(*inputs, **attrs)`; stateful ones (in `STATEFUL
 this call). The IR's op registry uses these as the reference implementation of each op.
 """
 
-from .attention import attention, index_topk
+from .attention import attention, attention_rope, index_topk
 from .basic import add, embed, grouped_linear, linear, linear_cat, reshape, rms_norm, rms_norm_rope, rope, swiglu
 from .compressor import compress
 from .hyper import hc_expand, hc_head, hc_post, hc_post_pre, hc_pre
@@ -35,6 +35,7 @@ KERNELS = {
     "compress": compress,
     "index_topk": index_topk,
     "attention": attention,
+    "attention_rope": attention_rope,
     "fake_quant": fake_quant,
     "rms_norm_quant": rms_norm_quant,
     "linear_fp8": linear_fp8,
@@ -46,4 +47,5 @@ KERNELS = {
     "linear_fp8_cat": linear_fp8_cat,
 }
 
-STATEFUL = frozenset({"compress", "index_topk", "attention"})
+STATEFUL = frozenset({"compress", "index_topk", "attention", "attention_rope"})
+ATTENTION = frozenset({"attention", "attention_rope"})  # the ops that read (and write) a KV ring

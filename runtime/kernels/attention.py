@@ -13,6 +13,7 @@ KV format); position p lives in row p % (window - 1).
 import torch
 
 from ..quant import decode_entries, encode_entries
+from .basic import rope
 from .entries import gather_rows, read_rows
 from .moe import select_topk
 
@@ -37,6 +38,15 @@ def _write_ring(ring, stored, pos0):
     if slots:
         n = min(s, slots)
         ring[:, torch.arange(pos0 + s - n, pos0 + s, device=ring.device) % slots] = stored[:, s - n:]
+
+
+def attention_rope(q, kv, sinks, positions, inv_freq, selected=None, *, state, pos0, window, rate=0, scale,
+                   kv_format="f32", rope_dim=0, out_rope):
+    """rope(attention(..), positions, inv_freq, **out_rope): the fuse pass's one op for an attention read only by a
+    RoPE (V4's inverse RoPE of the attention output); out_rope: the rope's attributes {inverse?, scale?}."""
+    out = attention(q, kv, sinks, selected, state=state, pos0=pos0, window=window, rate=rate, scale=scale,
+                    kv_format=kv_format, rope_dim=rope_dim)
+    return rope(out, positions, inv_freq, **out_rope)
 
 
 def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0):

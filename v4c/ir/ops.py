@@ -268,6 +268,14 @@ def _attention(ins, st, a):
     return [f32(b, s, h, d)]
 
 
+def _attention_rope(ins, st, a):
+    q, kv, sinks, positions, inv_freq, selected = ins
+    out = _attention([q, kv, sinks, selected], st, a)
+    expect(isinstance(a.get("out_rope"), dict) and set(a["out_rope"]) <= {"inverse", "scale"},
+           f"out_rope must be the rope's attributes {{inverse?, scale?}}, got {a.get('out_rope')!r}")
+    return _rope([out[0], positions, inv_freq], st, {})
+
+
 def _expect_fp8(role: str, w: TensorType, scale: TensorType, block, shape) -> None:
     expect(w.dtype == "f8e4m3" and tuple(w.shape) == tuple(shape), f"{role} must be f8e4m3{list(shape)}, got {w}")
     grid = tuple(shape[:-2]) + (cdiv(shape[-2], block[0]), cdiv(shape[-1], block[1]))
@@ -416,6 +424,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
           attrs=("topk", "rate", "score_scale", "weight_scale")),
     OpDef("attention", ("q", "kv", "sinks", "selected?"), _attention, _attention_state,
           attrs=("window", "rate", "scale")),
+    OpDef("attention_rope", ("q", "kv", "sinks", "positions", "inv_freq", "selected?"), _attention_rope,
+          _attention_state, attrs=("window", "rate", "scale", "out_rope")),
     OpDef("fake_quant", ("x",), _fake_quant, attrs=("act",)),
     OpDef("rms_norm_quant", ("x", "weight?"), _rms_norm_quant, attrs=("eps", "group", "scale_format")),
     OpDef("rms_norm_rope", ("x", "positions", "inv_freq", "weight?"), _rms_norm_rope, attrs=("eps",)),

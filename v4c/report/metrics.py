@@ -117,7 +117,7 @@ def end_to_end(reference: Module, final: Module, data: torch.Tensor, progress=No
 def kv_error(reference: Module, final: Module, window: torch.Tensor) -> dict:
     """SQNR of the compressed KV entries (those `attention` reads) stored in the compiled format."""
     writer = {ins.state[-1]: ins for ins in final.func.body if ins.op == "compress"}  # entries -> its compress
-    kv_states = [ins.state[1] for ins in final.func.body if ins.op == "attention" and len(ins.state) > 1]
+    kv_states = [ins.state[1] for ins in final.func.body if ins.op in ("attention", "attention_rope") and len(ins.state) > 1]
     session = interpret(reference)
     session.forward(window[None])
     out = {}

@@ -19,91 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (E4M3_MAX, KV_GROUP, STORAGE_DTYPES, arrived_last, bf16_bits, bf16_value, cdiv, ceil_log2, check,
-                     check_tensor, dot_bf16, e4m3_quant, entry_layout, group_scale, in_kernel_counters, launch_config,
-                     native_cvt, next_pow2, position, pow2, result, same_device, sm_count, to_bf16, ue8m0_value)
-
-FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
+from .common import (STORAGE_DTYPES, arrived_last, cdiv, check, check_tensor, dot_bf16, entry_layout,
+                     in_kernel_counters, launch_config, native_cvt, next_pow2, position, result, same_device, sm_count,
+                     to_bf16)
+from .kv_codec import FORMATS, encode_kv, load_rows, storage_view
+from .norm import rotate
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 SLIDING, CSA, HCA, CSA_GATHERED = 0, 1, 2, 3  # CSA_GATHERED: CSA over picks gathered from a tiered store
-
-
-# --- storage codecs (device) -----------------------------------------------------------------
-@triton.jit
-def _load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-               FMT: tl.constexpr, KDT: tl.constexpr, NATIVE: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """Decode the storage rows that start at `row_ptr` [BN] (pointers; rows not `row_ok` read as 0) into
-    [BN, BD] of KDT (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
-    nearest even). fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
-    the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (NOPE even, so aligned) or as two
-    bytes (little endian). The scales are read as one 8-byte word per row where the layout allows (else as a
-    [BN, groups] tile of bytes) and broadcast over their 64 channels: a per-channel gather of the same bytes
-    was a synchronous load in every iteration, which the pipeliner cannot overlap with the dots."""
-    ptr = row_ptr[:, None]  # [BN, 1]
-    d = offs_d[None, :]
-    ok = row_ok[:, None] & (d < D)  # [BN, BD]
-    if FMT == 0:
-        x = tl.load(ptr + d, mask=ok, other=0.0)
-        if KDT == tl.float32:
-            return x
-        return to_bf16(x, NATIVE)
-    elif FMT == 1:
-        return tl.load(ptr + d, mask=ok, other=0).to(tl.bfloat16, bitcast=True).to(KDT)
-    else:
-        BN: tl.constexpr = row_ptr.shape[0]
-        GW: tl.constexpr = 64 if BLOCK_D > 64 else BLOCK_D  # channels per scale (the format's 64, or the whole tile)
-        G: tl.constexpr = BLOCK_D // GW
-        is_nope = d < NOPE
-        codes = tl.load(ptr + d, mask=ok & is_nope, other=0)
-        g = tl.arange(0, G)[None, :]
-        if (NOPE + 2 * ROPE) % 8 == 0 and G <= 8:  # the scale bytes are one aligned 8-byte word (padding after)
-            word = tl.load((row_ptr + NOPE + 2 * ROPE).to(tl.pointer_type(tl.int64)), mask=row_ok, other=0)
-            sc = (word[:, None] >> (8 * g).to(tl.int64)) & 0xFF  # [BN, G]
-        else:
-            sc = tl.load(ptr + NOPE + 2 * ROPE + g, mask=row_ok[:, None] & (g * GW < NOPE), other=0)  # [BN, G]
-        scale = tl.reshape(tl.broadcast_to(ue8m0_value(sc)[:, :, None], (BN, G, GW)), (BN, BLOCK_D))
-        nope = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(KDT)  # exact in bf16
-        r = d - NOPE  # negative on nope channels, which the mask skips (a plain offset keeps the loads vectorized)
-        if NOPE % 2 == 0:
-            rope = tl.load((ptr + NOPE).to(tl.pointer_type(tl.int16)) + r, mask=ok & ~is_nope, other=0)
-            rope = rope.to(tl.bfloat16, bitcast=True).to(KDT)
-        else:
-            lo = tl.load(ptr + NOPE + 2 * r, mask=ok & ~is_nope, other=0).to(tl.int32)
-            hi = tl.load(ptr + NOPE + 2 * r + 1, mask=ok & ~is_nope, other=0).to(tl.int32)
-            rope = bf16_value(lo | (hi << 8)).to(KDT)
-        return tl.where(is_nope, nope, rope)
-
-
-@triton.jit
-def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One storage row per program: x [R, D] float -> out [R, W] (f32 / bf16 bits / fp8_split bytes, its
-    padding bytes zero). fp8_split per 64-channel nope group:
-    e = ceil_log2(max(amax, 1e-4) / 448) (exact), byte e + 127, codes e4m3(clamp(x / 2^e, +-448))."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row, out_row = x_ptr + row * D, out_ptr + row * W
-    if FMT == 0 or FMT == 1:
-        d = tl.arange(0, BLOCK_D)
-        x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
-        if FMT == 0:
-            tl.store(out_row + d, x, mask=d < D)
-        else:
-            tl.store(out_row + d, bf16_bits(x).to(tl.int16), mask=d < D)
-    else:
-        g = tl.arange(0, BLOCK_G)  # [BG] nope groups
-        d = g[:, None] * 64 + tl.arange(0, 64)[None, :]  # [BG, 64]
-        x = tl.load(x_row + d, mask=d < NOPE, other=0.0).to(tl.float32)
-        e = ceil_log2(group_scale(tl.max(tl.abs(x), axis=1), E4M3_MAX, False))  # [BG] UE8M0 exponents
-        tl.store(out_row + d, e4m3_quant(x, pow2(e)[:, None]).to(tl.uint8), mask=d < NOPE)
-        tl.store(out_row + NOPE + 2 * ROPE + g, (e + 127).to(tl.uint8), mask=g * 64 < NOPE)
-        r = tl.arange(0, BLOCK_R)
-        bits = bf16_bits(tl.load(x_row + NOPE + r, mask=r < ROPE, other=0.0).to(tl.float32))
-        tl.store(out_row + NOPE + 2 * r, (bits & 0xFF).to(tl.uint8), mask=r < ROPE)
-        tl.store(out_row + NOPE + 2 * r + 1, (bits >> 8).to(tl.uint8), mask=r < ROPE)
-        pad = NOPE + 2 * ROPE + (NOPE + 63) // 64 + tl.arange(0, 8)  # to a multiple of 8 bytes
-        tl.store(out_row + pad, tl.zeros([8], dtype=tl.uint8), mask=pad < W)
 
 
 # --- attention (device) ------------------------------------------------------------------------
@@ -133,11 +56,13 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.c
 
 @triton.jit
 def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, fin_ptr, cnt_ptr,
-                      pos_ptr, S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale, per_split,
-                      D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr,
-                      FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, KDT: tl.constexpr,
-                      NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, IN_KERNEL: tl.constexpr, RING: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
+                      pos_ptr, rpos_ptr, inv_ptr, S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale,
+                      per_split, rope_scale, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
+                      W: tl.constexpr, MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+                      KDT: tl.constexpr, NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, IN_KERNEL: tl.constexpr,
+                      RING: tl.constexpr, OUT_ROPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
     ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
@@ -157,7 +82,9 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     Each key tile is decoded once: a window key's row pointer is the ring's (p < pos0) or the new keys'.
     The ring holds min(pos0, n_old) old keys. DEVICE_POS: pos0 is read from pos_ptr (n_old is then the ring's
     size), and the runs of a split cover the most keys any position has: runs past this position's keys
-    store an empty (max -inf, sum 0) result, which the combine weighs 0."""
+    store an empty (max -inf, sum 0) result, which the combine weighs 0.
+    OUT_ROPE (attention_rope): each finished output row then has RoPE applied to its last 2 HALF channels at
+    position rpos[s] (inv_ptr, rope_scale, INVERSE: _rope_rows), where the rope kernel would have."""
     pid, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if DEVICE_POS:
         pos0 = tl.load(pos_ptr).to(tl.int32)
@@ -189,7 +116,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
         ok = p < w_hi
         rows = tl.where(p < pos0, ring_ptr + (b * slots + p % slots).to(tl.int64) * W,
                         new_ptr + (b * S + p - pos0).to(tl.int64) * W)
-        k = _load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D)
+        k = load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D)
         m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     e0 = tl.maximum(u0 - n_win, 0)
@@ -204,7 +131,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
                 rows = token.to(tl.int64) * K + j
             else:
                 rows = b.to(tl.int64) * ent_stride + sel
-            k = _load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
+            k = load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
                            NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
     elif MODE == 2:  # HCA: every closed window, causally
@@ -212,13 +139,16 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
         for start in range(tl.minimum(e0, e_hi), e_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             ok = j < e_hi
-            k = _load_rows(ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
+            k = load_rows(ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
                            NATIVE, BLOCK_D)
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     n_rows = tl.num_programs(2) * S
     if SPLIT == 1:
         tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
+        if OUT_ROPE:
+            _rope_rows(out_ptr + (token * H + heads).to(tl.int64) * D, heads < H, tl.load(rpos_ptr + s + 0 * heads),
+                       inv_ptr, rope_scale, D - 2 * HALF, HALF, INVERSE, BLOCK_HALF)
     else:
         rows_ml = (part * n_rows + token) * H + heads  # [BH] in [SPLIT, B, S, H]
         tl.store(ml_ptr + rows_ml, m_i, mask=heads < H)
@@ -228,6 +158,10 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             if arrived_last(cnt_ptr + token * n_hb + hb, SPLIT):
                 merged = _merge_runs(out_ptr, ml_ptr, token * H + heads, n_rows * H, heads < H, offs_d, D, SPLIT)
                 tl.store(fin_ptr + q_off, merged, mask=q_mask)
+                if OUT_ROPE:
+                    _rope_rows(fin_ptr + (token * H + heads).to(tl.int64) * D, heads < H,
+                               tl.load(rpos_ptr + s + 0 * heads), inv_ptr, rope_scale, D - 2 * HALF, HALF, INVERSE,
+                               BLOCK_HALF)
     if RING:
         ring_cnt = cnt_ptr + b  # after the (token, head block) counters when split
         if SPLIT > 1:
@@ -237,6 +171,23 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             for i in range(tl.maximum(S - slots, 0), S):
                 dest = ring_ptr + (b * slots + (pos0 + i) % slots).to(tl.int64) * W
                 tl.store(dest + c, tl.load(new_ptr + (b * S + i).to(tl.int64) * W + c, mask=c < W), mask=c < W)
+
+
+@triton.jit
+def _rope_rows(rows, ok, pos, inv_ptr, rope_scale, R_NOPE, HALF: tl.constexpr, INVERSE: tl.constexpr,
+               BLOCK_HALF: tl.constexpr):
+    """RoPE on output rows `rows` [R] (pointers; those not `ok` untouched) just stored by other threads of the
+    program: after a barrier, the pairs (R_NOPE + 2i, R_NOPE + 2i + 1) are read back past L1 and rotated by angle
+    pos[r] * inv[i] as the rope kernel does (norm.rotate: the same bits). pos: [R] ints."""
+    tl.debug_barrier()
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    m = ok[:, None] & (i < HALF)
+    even = rows[:, None] + R_NOPE + 2 * i
+    a = tl.load(even, mask=m, other=0.0, cache_modifier=".cg")
+    b = tl.load(even + 1, mask=m, other=0.0, cache_modifier=".cg")
+    a, b = rotate(a, b, pos.to(tl.float32)[:, None], inv_ptr, i, HALF, rope_scale, INVERSE)
+    tl.store(even, a, mask=m)
+    tl.store(even + 1, b, mask=m)
 
 
 @triton.jit
@@ -275,36 +226,22 @@ def _merge_runs(part_ptr, ml_ptr, r, TH, r_ok, offs_d, D, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _combine_kernel(part_ptr, ml_ptr, out_ptr, TH, D, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """out[r] = the SPLIT runs of row r < TH merged (_merge_runs). Grid: (cdiv(TH, BLOCK_R),)."""
+def _combine_kernel(part_ptr, ml_ptr, out_ptr, rpos_ptr, inv_ptr, TH, D, S, H, rope_scale, SPLIT: tl.constexpr,
+                    OUT_ROPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """out[r] = the SPLIT runs of row r < TH merged (_merge_runs); OUT_ROPE: then roped at position rpos[s] of its
+    token (_rope_rows). Grid: (cdiv(TH, BLOCK_R),)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = r < TH
     tl.store(out_ptr + r.to(tl.int64)[:, None] * D + offs_d[None, :], _merge_runs(part_ptr, ml_ptr, r, TH, r_ok, offs_d,
              D, SPLIT), mask=r_ok[:, None] & (offs_d[None, :] < D))
+    if OUT_ROPE:
+        _rope_rows(out_ptr + r.to(tl.int64) * D, r_ok, tl.load(rpos_ptr + (r // H) % S, mask=r_ok, other=0), inv_ptr,
+                   rope_scale, D - 2 * HALF, HALF, INVERSE, BLOCK_HALF)
 
 
 # --- host ------------------------------------------------------------------------------------
-def encode_kv(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
-    """x: [..., d] float -> storage [..., W] in `fmt` (= quant.encode_entries), by `_encode_kernel`."""
-    d = x.shape[-1]
-    nope = d - rope
-    dtype, width = entry_layout(fmt, d, rope)
-    rows = x.reshape(-1, d)
-    out = torch.empty(rows.shape[0], width, dtype=dtype, device=x.device)  # every byte written
-    if rows.shape[0]:
-        dest = out.view(torch.int16) if fmt == "bf16" else out
-        _encode_kernel[(rows.shape[0],)](rows, dest, d, nope, rope, width, FMT=FORMATS[fmt], BLOCK_D=next_pow2(d),
-                                         BLOCK_G=next_pow2(-(-nope // KV_GROUP)), BLOCK_R=next_pow2(rope))
-    return out.view(*x.shape[:-1], width)
-
-
-def _storage_view(t: torch.Tensor) -> torch.Tensor:
-    """bf16 storage is read as its int16 bit patterns; other storage as is."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
 def _check_entries(name, t, batch, fmt, width):
     check_tensor(name, t, dtypes=(STORAGE_DTYPES[fmt],), dim=3)
     check(t.shape[0] == batch and t.shape[2] == width,
@@ -414,7 +351,7 @@ def _write_ring(ring, stored, pos0):
     slots, s = ring.shape[1], stored.shape[1]
     if slots and isinstance(pos0, torch.Tensor):
         batch, _, width = stored.shape
-        _ring_kernel[(s, batch)](_storage_view(stored), _storage_view(ring), pos0, s, slots, W=width,
+        _ring_kernel[(s, batch)](storage_view(stored), storage_view(ring), pos0, s, slots, W=width,
                                  BLOCK_W=next_pow2(width))
     elif slots:
         n = min(s, slots)
@@ -425,14 +362,15 @@ def _write_ring(ring, stored, pos0):
             ring[:, :n - first] = stored[:, s - n + first:]
 
 
-def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0,
-              config=None, into=None):
+def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format, rope_dim, config, into, out_rope):
     """q: [B, S, H, D] roped queries, kv: [B, S, D] roped keys (= values) of the new tokens, sinks: [H],
     selected: [B, S, K] entry indices (-1 = none) or None; state: (ring [B, window-1, W],) or
     (ring, entries [B, T, W] or a tiered store), stored in `kv_format` with `rope_dim` RoPE channels.
     -> [B, S, H, D] fp32. The ring is updated in place after attention. pos0: an int, or a device position
     (common.position): the launches are then the same at every position, the key runs of a split sized
-    for the most keys a query can have (window - 1 + S, plus top-k or the HCA entries' capacity)."""
+    for the most keys a query can have (window - 1 + S, plus top-k or the HCA entries' capacity).
+    out_rope: None, or attention_rope's (positions, inv_freq, inverse, rope scale): the output roped in the
+    kernel."""
     _check_inputs(q, kv, sinks, selected, state, window, rate, kv_format, rope_dim)
     host_pos = position(pos0, q.device)
     q, kv, sinks = q.contiguous(), kv.contiguous(), sinks.contiguous()  # inputs may be views; state may not
@@ -462,28 +400,59 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
         if split > 1:
             part = torch.empty(split, batch, s, heads, d, dtype=torch.float32, device=q.device)
             ml = torch.empty(2, split, batch, s, heads, dtype=torch.float32, device=q.device)
-        new = _storage_view(stored)
+        new = storage_view(stored)
         dot = _dot_precision(cfg, q.device)
+        rpos, inv, inverse, rope_scale = out_rope or (new, new, False, 1.0)
+        half = inv.shape[0] if out_rope else 0
         _attention_kernel[(h_blocks * split, s, batch)](
-            q, _storage_view(ring) if slots else new, new, _storage_view(entries) if entries is not None else new,
+            q, storage_view(ring) if slots else new, new, storage_view(entries) if entries is not None else new,
             table if table is not None else new, sinks, part, ml, out, counters if counters is not None else new,
-            pos0 if host_pos is None else new, s, heads, k, host_pos or 0, slots, max(slots, 1), window, max(rate, 1),
-            ent_stride, float(scale), per, D=d, NOPE=d - rope_dim, ROPE=rope_dim, W=width, MODE=mode,
-            FMT=FORMATS[kv_format], SPLIT=split, DOT=dot, KDT=tl.bfloat16 if dot == "bf16" else tl.float32,
-            NATIVE=native_cvt(q.device), DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None,
-            RING=counters is not None and slots > 0, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            pos0 if host_pos is None else new, rpos, inv, s, heads, k, host_pos or 0, slots, max(slots, 1), window,
+            max(rate, 1), ent_stride, float(scale), per, float(rope_scale), D=d, NOPE=d - rope_dim, ROPE=rope_dim,
+            W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split, DOT=dot,
+            KDT=tl.bfloat16 if dot == "bf16" else tl.float32, NATIVE=native_cvt(q.device),
+            DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None, RING=counters is not None and slots > 0,
+            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), BLOCK_H=cfg["BLOCK_H"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width),
+            BLOCK_HALF=next_pow2(max(half, 1)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if split > 1 and counters is None:
             rows = batch * s * heads
             block_r = 16
-            _combine_kernel[(cdiv(rows, block_r),)](part, ml, out, rows, d, SPLIT=split, BLOCK_R=block_r,
-                                                           BLOCK_D=max(16, next_pow2(d)))
+            _combine_kernel[(cdiv(rows, block_r),)](part, ml, out, rpos, inv, rows, d, s, heads, float(rope_scale),
+                                                    SPLIT=split, OUT_ROPE=out_rope is not None, HALF=half,
+                                                    INVERSE=bool(inverse), BLOCK_R=block_r,
+                                                    BLOCK_D=max(16, next_pow2(d)), BLOCK_HALF=next_pow2(max(half, 1)))
         if counters is not None:
             return out  # the kernel wrote the ring too
     _write_ring(ring, stored, pos0)
     return out
 
 
+def attention_rope(q, kv, sinks, positions, inv_freq, selected=None, *, state, pos0, window, rate=0, scale,
+                   kv_format="f32", rope_dim=0, out_rope, config=None, into=None):
+    """rope(attention(q, kv, sinks, selected, ..), positions, inv_freq, **out_rope) in one launch (the fuse pass's
+    attention_rope: V4's inverse RoPE of the attention output): the program that finishes an output row (or the
+    combine kernel) rotates its trailing 2 len(inv_freq) channels as the rope kernel does, the same bits.
+    out_rope: the rope's attributes {inverse?, scale?}."""
+    check(isinstance(out_rope, dict) and set(out_rope) <= {"inverse", "scale"},
+          f"out_rope: expected the rope's attributes {{inverse?, scale?}}, got {out_rope!r}")
+    check_tensor("positions", positions, dtypes=INDEX_DTYPES, dim=1, contiguous=False)
+    check_tensor("inv_freq", inv_freq, dtypes=FLOAT_DTYPES, dim=1, contiguous=False)
+    check(positions.shape[0] == q.shape[1], f"positions: expected [{q.shape[1]}] (one per token), got "
+                                            f"{list(positions.shape)}")
+    check(2 * inv_freq.shape[0] <= q.shape[-1], f"inv_freq: {inv_freq.shape[0]} pairs do not fit {q.shape[-1]} channels")
+    same_device(q=q, positions=positions, inv_freq=inv_freq)
+    rope = (positions.contiguous(), inv_freq.float().contiguous(), out_rope.get("inverse", False),
+            out_rope.get("scale", 1.0))
+    return _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format, rope_dim, config, into, rope)
+
+
+def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0,
+              config=None, into=None):
+    """_attend without the output RoPE (see there)."""
+    return _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format, rope_dim, config, into, None)
+
+
 attention.device_position = True  # takes pos0 as a device tensor (common.position)
-LAUNCHERS = {"attention": attention}
+attention_rope.device_position = True
+LAUNCHERS = {"attention": attention, "attention_rope": attention_rope}

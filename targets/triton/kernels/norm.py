@@ -101,7 +101,7 @@ def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE: tl.constexpr):
+def rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE: tl.constexpr):
     """Pairs (a, b) at channels (NOPE + 2i, NOPE + 2i + 1) rotated by angle pos * inv[i]: (a cos - b sin,
     b cos + a sin), cos and sin scaled by `scale`, sin negated if INVERSE."""
     angle = pos * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)
@@ -117,7 +117,7 @@ def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.conste
                  HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NOPE: tl.constexpr,
                  BLOCK_HALF: tl.constexpr):
     """BLOCK_M rows of x viewed as [B*S*H, D]; row r has position pos[(r // H) % S]. Channels [0, NOPE)
-    are copied, the pairs after them rotated (_rotate)."""
+    are copied, the pairs after them rotated (rotate)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
     base = r[:, None] * D
@@ -131,7 +131,7 @@ def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.conste
     a = tl.load(x_ptr + even, mask=pmask, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + even + 1, mask=pmask, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + (r // H) % S, mask=rmask, other=0).to(tl.float32)
-    a, b = _rotate(a, b, pos[:, None], inv_ptr, i, HALF, scale, INVERSE)
+    a, b = rotate(a, b, pos[:, None], inv_ptr, i, HALF, scale, INVERSE)
     tl.store(y_ptr + even, a, mask=pmask)
     tl.store(y_ptr + even + 1, b, mask=pmask)
 
@@ -157,7 +157,7 @@ def _rms_norm_rope_kernel(x_ptr, pos_ptr, inv_ptr, w_ptr, y_ptr, S, H, scale, ep
         b = tl.load(w_ptr + NOPE + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32) * b
     tl.store(y_row + c, nope, mask=c < NOPE)
     pos = tl.load(pos_ptr + (row // H) % S).to(tl.float32)
-    a, b = _rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE)
+    a, b = rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE)
     tl.store(y_row + NOPE + 2 * i, a, mask=i < HALF)
     tl.store(y_row + NOPE + 2 * i + 1, b, mask=i < HALF)
 
