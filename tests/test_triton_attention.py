@@ -11,7 +11,7 @@ from v4c.runtime.quant import encode_entries, entry_layout
 from v4c.targets.triton.kernels import attention as module
 from v4c.targets.triton.kernels import common
 from v4c.targets.triton.kernels.attention import attention, attention_rope, encode_kv
-from v4c.targets.triton.kernels.norm import rope
+from v4c.targets.triton.kernels.norm import rope as rope_kernel
 
 TOL = 1e-5  # max |ours - ref| / max |ref|
 FORMATS = {"f32": (19, 0), "bf16": (21, 5), "fp8_split": (70, 4)}  # kv_format -> (head dim, rope channels)
@@ -343,7 +343,7 @@ def test_attention_rope_is_attention_then_the_rope_kernel(mode, config):
                 ours = attention_rope(q, kv, sinks, positions, inv_freq, selected, state=fused_state, **call,
                                       out_rope=out_rope)
                 apart = attention(q, kv, sinks, selected, state=apart_state, **call)
-                assert torch.equal(ours, rope(apart, positions, inv_freq, **out_rope))
+                assert torch.equal(ours, rope_kernel(apart, positions, inv_freq, **out_rope))
                 assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state, strict=True))
             ref = ref_attention_rope(q, kv, sinks, positions, inv_freq, selected, state=clone(state), **kwargs,
                                      out_rope=out_rope)
