@@ -272,19 +272,38 @@ def test_fuse_takes_a_norm_and_its_rope_as_one_op_where_the_rope_is_its_only_rea
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
 
 
+def _one_rule(module, rule, producer, reader):
+    """The fp8 program and it with only `rule` on (verified, the same after printing and parsing), the plain
+    program's instructions by result, and its `reader` instructions whose x a `producer` makes, by result: one a
+    layer, each folded by the rule (its counter)."""
+    plain = _fp8(module)
+    fused = _fuse_only(plain, rule)
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
+    readers = {ins.results[0].name: ins for ins in plain.func.body if ins.op == reader
+               and by_result.get(ins.operands[0].name, ins).op == producer}
+    assert len(readers) == fused.counters["fuse"][rule] == module.config["num_layers"]
+    return plain, fused, by_result, readers
+
+
+def _folds_with_a_second_reader(plain, producer, rule) -> int:
+    """How many `rule` folds the fuse pass makes once the first `producer`'s result has a second reader (an add)."""
+    body = list(plain.func.body)
+    made = next(ins for ins in body if ins.op == producer)
+    body.insert(body.index(made) + 1, Instr("add", [made.results[0], made.results[0]],
+                                            [Value("extra", made.results[0].type)]))
+    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
+    verify(changed)
+    return run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"][rule]
+
+
 def test_fuse_adds_the_experts_sum_in_hc_post(module):
     """add_post: an add whose only reader is hc_post (as the block output) -> that hc_post with the add's second
     operand as its addend, in its place; every MoE layer's routed + shared sum; the logits bit for bit (the
     torch kernel adds them as add does); an add with another reader stays."""
-    plain = _fp8(module)
-    fused = _fuse_only(plain, "add_post")
-    verify(fused)
-    assert parse_module(print_module(fused)) == fused
-    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
-    posts = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "hc_post"
-             and by_result.get(ins.operands[0].name, ins).op == "add"}
+    plain, fused, by_result, posts = _one_rule(module, "add_post", "add", "hc_post")
     layers = module.config["num_layers"]
-    assert len(posts) == fused.counters["fuse"]["add_post"] == layers
     assert not any(ins.op == "add" for ins in fused.func.body)  # V4 has no other add
     for ins in fused.func.body:
         if ins.results and ins.results[0].name in posts:
@@ -293,15 +312,7 @@ def test_fuse_adds_the_experts_sum_in_hc_post(module):
             assert ins.op == "hc_post" and ins.operands == [add.operands[0], *post.operands[1:], add.operands[1]]
     ids = tokens(1, 40, seed=7)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
-    body = list(plain.func.body)
-    add = next(ins for ins in body if ins.op == "add")
-    out = Value("out2", plain.func.output.type)
-    body.append(Instr("add", [plain.func.output, plain.func.output], [out]))
-    body.insert(body.index(add) + 1, Instr("add", [add.results[0], add.results[0]], [Value("extra",
-                                                                                           add.results[0].type)]))
-    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, out))
-    verify(changed)
-    assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["add_post"] == layers - 1
+    assert _folds_with_a_second_reader(plain, "add", "add_post") == layers - 1
 
 
 def test_fuse_joins_each_hc_post_with_the_next_blocks_hc_pre(module):
@@ -337,15 +348,8 @@ def test_fuse_computes_the_shared_experts_swiglu_in_its_down_projection(module):
     projection's place, with the swiglu's operands and limit and the projection's weights, attributes and result;
     every layer's shared expert; the logits bit for bit (the torch kernel is linear_fp8 over swiglu); a swiglu
     with another reader, or read by a projection that takes codes, stays."""
-    plain = _fp8(module)
-    fused = _fuse_only(plain, "swiglu_linear")
-    verify(fused)
-    assert parse_module(print_module(fused)) == fused
-    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
-    downs = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "linear_fp8"
-             and by_result.get(ins.operands[0].name, ins).op == "swiglu"}
+    plain, fused, by_result, downs = _one_rule(module, "swiglu_linear", "swiglu", "linear_fp8")
     layers = module.config["num_layers"]
-    assert len(downs) == fused.counters["fuse"]["swiglu_linear"] == layers
     assert not any(ins.op == "swiglu" for ins in fused.func.body)  # V4's routed experts do theirs in moe_experts
     for ins in fused.func.body:
         if ins.op == "swiglu_linear_fp8":
@@ -355,13 +359,7 @@ def test_fuse_computes_the_shared_experts_swiglu_in_its_down_projection(module):
             assert ins.attrs == {**down.attrs, "limit": act.attrs["limit"]} and act.attrs["limit"] is not None
     ids = tokens(1, 40, seed=9)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
-    body = list(plain.func.body)
-    act = next(ins for ins in body if ins.op == "swiglu")
-    body.insert(body.index(act) + 1, Instr("add", [act.results[0], act.results[0]], [Value("extra",
-                                                                                           act.results[0].type)]))
-    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
-    verify(changed)
-    assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["swiglu_linear"] == layers - 1
+    assert _folds_with_a_second_reader(plain, "swiglu", "swiglu_linear") == layers - 1
     assert _fuse_only(plain).func.body == plain.func.body
 
 
@@ -402,15 +400,8 @@ def test_fuse_ropes_each_attention_output_in_the_attention(module):
     with the attention's operands (the rope's positions and inv_freq before `selected`), state and attributes,
     the rope's as `out_rope`, and the rope's result; every layer's inverse RoPE; the logits bit for bit (the torch
     kernel is rope over attention); an attention with another reader stays; unfuse gives the two ops back."""
-    plain = _fp8(module)
-    fused = _fuse_only(plain, "attention_rope")
-    verify(fused)
-    assert parse_module(print_module(fused)) == fused
-    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
-    ropes = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "rope"
-             and by_result.get(ins.operands[0].name, ins).op == "attention"}
+    plain, fused, by_result, ropes = _one_rule(module, "attention_rope", "attention", "rope")
     layers = module.config["num_layers"]
-    assert len(ropes) == fused.counters["fuse"]["attention_rope"] == layers
     assert not any(ins.op == "attention" for ins in fused.func.body)
     for ins in fused.func.body:
         if ins.op == "attention_rope":
@@ -422,13 +413,7 @@ def test_fuse_ropes_each_attention_output_in_the_attention(module):
     assert {len(ins.operands) for ins in fused.func.body if ins.op == "attention_rope"} == {5, 6}  # CSA: selected
     ids = tokens(1, 40, seed=11)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
-    body = list(plain.func.body)
-    attn = next(ins for ins in body if ins.op == "attention")
-    body.insert(body.index(attn) + 1, Instr("add", [attn.results[0], attn.results[0]],
-                                            [Value("extra", attn.results[0].type)]))
-    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
-    verify(changed)
-    assert run_pipeline(changed, [PassSpec(name="fuse")]).counters["fuse"]["attention_rope"] == layers - 1
+    assert _folds_with_a_second_reader(plain, "attention", "attention_rope") == layers - 1
     back, n = unfuse(fused)
     verify(back)
     assert n == layers and [ins.op for ins in back.func.body] == [ins.op for ins in plain.func.body]
