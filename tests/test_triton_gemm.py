@@ -362,7 +362,8 @@ def test_swiglu_linear_fp8_inputs():
     cases = [
         (lambda: swiglu_linear_fp8(gate, up[:, :49], w, s, block=[1, 32], act=act), "gate, up: shapes"),
         (lambda: swiglu_linear_fp8(gate, up, w, s, block=[1, 32], act=act, limit="10"), "limit: expected"),
-        (lambda: swiglu_linear_fp8(gate.to(torch.float8_e4m3fn), up, w, s, block=[1, 32], act=act), "x: dtype"),
+        (lambda: swiglu_linear_fp8(gate.to(torch.float8_e4m3fn), up, w, s, block=[1, 32], act=act), "gate: dtype"),
+        (lambda: swiglu_linear_fp8(gate[:, :40], up[:, :40], w, s, block=[1, 32], act=act), "match gate's K = 40"),
         (lambda: swiglu_linear_fp8(gate, up.long(), w, s, block=[1, 32], act=act), "up: dtype"),
     ]
     for call, message in cases:

@@ -317,16 +317,18 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
                 o.copy_(part)
 
 
-def _check_gemm_inputs(x, weight, scale, groups: int, codes: bool = False) -> None:
-    check_tensor("x", x, dtypes=(torch.float8_e4m3fn,) if codes else FLOAT_DTYPES, contiguous=False)
-    check(x.dim() >= 1, "x: expected at least one dimension")
+def _check_gemm_inputs(x, weight, scale, groups: int, codes: bool = False, name: str = "x") -> None:
+    """x (named `name` in the messages): the activations, e4m3 codes with `codes`."""
+    check_tensor(name, x, dtypes=(torch.float8_e4m3fn,) if codes else FLOAT_DTYPES, contiguous=False)
+    check(x.dim() >= 1, f"{name}: expected at least one dimension")
     if scale is None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
     else:
         check_tensor("weight", weight, dtypes=(torch.float8_e4m3fn,), dim=2, contiguous=False)
         check_tensor("scale", scale, dtypes=SCALE_DTYPES, contiguous=False)
-    same_device(x=x, weight=weight, scale=scale)
-    check(weight.shape[1] == x.shape[-1], f"weight: shape {list(weight.shape)} does not match x's K = {x.shape[-1]}")
+    same_device(**{name: x}, weight=weight, scale=scale)
+    check(weight.shape[1] == x.shape[-1],
+          f"weight: shape {list(weight.shape)} does not match {name}'s K = {x.shape[-1]}")
     check(isinstance(groups, int) and groups >= 1 and weight.shape[0] % groups == 0,
           f"groups: {groups!r} must be a positive int dividing weight rows {weight.shape[0]}")
 
@@ -396,7 +398,7 @@ def swiglu_linear_fp8(gate, up, weight, scale, *, block, act, limit=None, config
     """linear_fp8(swiglu(gate, up, limit=limit), weight, scale) in one launch: the GEMM computes the SwiGLU where
     it loads its activation tiles (the fuse pass's swiglu_linear: V4's shared expert down projection). gate, up:
     [..., K], the same shape."""
-    _check_gemm_inputs(gate, weight, scale, 1)
+    _check_gemm_inputs(gate, weight, scale, 1, name="gate")
     check_tensor("up", up, dtypes=FLOAT_DTYPES, contiguous=False)
     check(up.shape == gate.shape, f"gate, up: shapes {list(gate.shape)} and {list(up.shape)} differ (no broadcasting)")
     check(limit is None or isinstance(limit, (int, float)), f"limit: expected None or a number, got {limit!r}")
