@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from triton_gpu import MEDIUM, SMALL, _build  # noqa: E402
 
+from v4c.runtime.kernels import STATEFUL  # noqa: E402
+
 
 class PlanOnly:
     """A capturer that is never asked to capture: the plan is built, not run."""
@@ -45,7 +47,7 @@ def count(path: Path) -> dict:
     graphed = Session(art.program, art.weights(), kernels=kernels, graphs=PlanOnly())
     graphed._plans[1] = graphed._plan(1)
     report = graphed.graph_report()["shapes"]["1"]
-    stateful = sum(label.split(":")[1] in ("compress", "index_topk", "attention", "attention_rope") for label in eager.labels)
+    stateful = sum(label.split(":")[1] in STATEFUL for label in eager.labels)
     return {"eager_host_calls": len(eager.entries), "graph_host_calls": report["host_calls"],
             "graphs": report["graphs"], "stateful_entries": stateful,
             "entries_in_graphs": report["entries_in_graphs"]}

@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # gpu_semantics
 
 from triton_gpu import MEDIUM, SMALL, _build  # noqa: E402
 
-STATEFUL = ("compress", "index_topk", "attention", "attention_rope")
+from v4c.runtime.kernels import STATEFUL  # noqa: E402
+
 FACTORIES = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
 
 

@@ -204,51 +204,53 @@ def run(m: Module, options: Options, progress=None) -> Module:
         body, roped_out = _fold_into_reader(body, m.func.output.name, "attention", "rope", _attention_rope)
     if options.add_post:
         body, added = _fold_into_reader(body, m.func.output.name, "add", "hc_post", _add_post)
-    joined = 0
-    if options.post_pre:
-        body, joined = _post_pre(body)
-    quantized = 0
-    if options.post_pre_quant:
-        body, quantized = _post_pre_quant(body)
+    joined = quantized = 0
+    if options.post_pre:  # (hc_pre's operands but the streams are parameters)
+        body, joined = _fold_into_producer(body, "hc_post", 0, "hc_pre", _post_pre)
+    if options.post_pre_quant:  # the collapsed row (result 1), normed with a weight (a parameter)
+        body, quantized = _fold_into_producer(body, "hc_post_pre", 1, "rms_norm_quant", _post_pre_quant)
     swiglus = 0
     if options.swiglu_linear:
         body, swiglus = _fold_into_reader(body, m.func.output.name, "swiglu", "linear_fp8", _swiglu_linear)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
-                            "norm_rope": roped, "attention_rope": roped_out, "add_post": added, "post_pre": joined, "post_pre_quant": quantized,
-                            "swiglu_linear": swiglus}
+                            "norm_rope": roped, "attention_rope": roped_out, "add_post": added, "post_pre": joined,
+                            "post_pre_quant": quantized, "swiglu_linear": swiglus}
     return out
 
 
-def _post_pre(body: list[Instr]) -> tuple[list[Instr], int]:
-    """Each hc_post whose streams an hc_pre reads (with parameters for its other operands) and that hc_pre -> one
-    hc_post_pre in the hc_post's place, with both ops' results (the new streams stay a result: the next hc_post
-    reads them too). -> (body, pairs joined)."""
-    posts = {ins.results[0].name: ins for ins in body if ins.op == "hc_post"}
-    dropped, joined = set(), {}
+def _fold_into_producer(body: list[Instr], producer: str, result: int, reader: str, fold) -> tuple[list[Instr], int]:
+    """Each `reader` instruction whose operand 0 is result `result` of a `producer` instruction, and whose other
+    operands are parameters -> fold(producer, reader) in the producer's place (None: left alone), the reader dropped
+    (at most one reader a producer; the producer's results stay results, as other ops may read them).
+    -> (body, folded)."""
+    made = {ins.results[result].name: ins for ins in body if ins.op == producer}
+    dropped, folded = set(), {}
     for ins in body:
-        x = ins.operands[0] if ins.op == "hc_pre" else None
-        post = posts.get(x.name) if isinstance(x, Value) else None
-        if post is not None and id(post) not in joined and all(isinstance(o, ParamRef) for o in ins.operands[1:]):
-            dropped.add(id(ins))
-            joined[id(post)] = Instr("hc_post_pre", [*post.operands[:4], *ins.operands[1:], *post.operands[4:]],
-                                     [*post.results, *ins.results], dict(ins.attrs))
-    return [joined.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(joined)
+        x = ins.operands[0] if ins.op == reader else None
+        source = made.get(x.name) if isinstance(x, Value) else None
+        if source is not None and id(source) not in folded and all(isinstance(o, ParamRef) for o in ins.operands[1:]):
+            new = fold(source, ins)
+            if new is not None:
+                dropped.add(id(ins))
+                folded[id(source)] = new
+    return [folded.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(folded)
 
 
-def _post_pre_quant(body: list[Instr]) -> tuple[list[Instr], int]:
-    """Each rms_norm_quant (with a weight) of an hc_post_pre's collapsed row, with that hc_post_pre -> one
-    hc_post_pre_quant in the hc_post_pre's place, with both ops' results. -> (body, pairs joined)."""
-    collapsed = {ins.results[1].name: ins for ins in body if ins.op == "hc_post_pre"}
-    dropped, joined = set(), {}
-    for ins in body:
-        x = ins.operands[0] if ins.op == "rms_norm_quant" and len(ins.operands) == 2 else None
-        mix = collapsed.get(x.name) if isinstance(x, Value) else None
-        if mix is not None and id(mix) not in joined and isinstance(ins.operands[1], ParamRef):
-            dropped.add(id(ins))
-            joined[id(mix)] = Instr("hc_post_pre_quant", [*mix.operands[:7], ins.operands[1], *mix.operands[7:]],
-                                    [*mix.results, *ins.results], {**mix.attrs, "quant": dict(ins.attrs)})
-    return [joined.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(joined)
+def _post_pre(post: Instr, pre: Instr) -> Instr:
+    """hc_post_pre: the hc_post's operands (its addend last) with the hc_pre's parameters, both ops' results (the
+    new streams stay a result: the next hc_post reads them too), the hc_pre's attributes."""
+    return Instr("hc_post_pre", [*post.operands[:4], *pre.operands[1:], *post.operands[4:]],
+                 [*post.results, *pre.results], dict(pre.attrs))
+
+
+def _post_pre_quant(mix: Instr, norm: Instr) -> Instr | None:
+    """hc_post_pre_quant: the hc_post_pre's operands with the norm weight before the addend, both ops' results, the
+    hc_post_pre's attributes and the norm's as `quant`; a norm without a weight is left alone."""
+    if len(norm.operands) != 2:
+        return None
+    return Instr("hc_post_pre_quant", [*mix.operands[:7], norm.operands[1], *mix.operands[7:]],
+                 [*mix.results, *norm.results], {**mix.attrs, "quant": dict(norm.attrs)})
 
 
 def _fold_into_reader(body: list[Instr], output: str, producer: str, reader: str, fold) -> tuple[list[Instr], int]:

@@ -389,6 +389,12 @@ def test_fuse_norms_and_quantizes_each_blocks_input_in_the_hc_post_pre_before_it
     ids = tokens(1, 40, seed=10)
     assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
     assert _fuse_only(_fp8(module), "add_post", "post_pre", "post_pre_quant").counters["fuse"]["post_pre_quant"] == 0
+    # a norm without a weight (the kernel's row code takes one) stays apart
+    body = [Instr(ins.op, ins.operands[:1], ins.results, ins.attrs) if ins is norms[joined[0].results[1].name]
+            else ins for ins in plain.func.body]
+    unweighted = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
+    verify(unweighted)
+    assert _fuse_only(unweighted, "post_pre_quant").counters["fuse"]["post_pre_quant"] == 2 * layers - 2
     back, n = unfuse(fused)
     verify(back)
     assert n == sum(fused.counters["fuse"][rule] for rule in RULES)

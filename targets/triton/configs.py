@@ -55,8 +55,8 @@ CANDIDATES = {
         "index_topk": _grid(BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
     },
 }
-FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "grouped_linear": "gemm", "grouped_linear_fp8": "gemm",
-          "linear_cat": "gemm", "linear_fp8_cat": "gemm",
+FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "grouped_linear": "gemm",
+          "grouped_linear_fp8": "gemm", "linear_cat": "gemm", "linear_fp8_cat": "gemm",
           "moe_experts": "experts", "moe_experts_q": "experts", "attention": "attention",
           "attention_rope": "attention", "index_topk": "index_topk"}
 

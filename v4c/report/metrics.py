@@ -20,6 +20,7 @@ from v4c.calibration import file_digest, split, token_stream, windows
 from v4c.interpret import interpret
 from v4c.ir import Module, ParamRef, load_weight
 from v4c.runtime.dtypes import torch_dtype
+from v4c.runtime.kernels import ATTENTION
 from v4c.runtime.quant import decode_entries, dequant_fp4, dequant_fp8, encode_entries, fake_quant_act
 
 MAX_DB = 200.0  # an exact copy; keeps the JSON finite
@@ -117,7 +118,7 @@ def end_to_end(reference: Module, final: Module, data: torch.Tensor, progress=No
 def kv_error(reference: Module, final: Module, window: torch.Tensor) -> dict:
     """SQNR of the compressed KV entries (those `attention` reads) stored in the compiled format."""
     writer = {ins.state[-1]: ins for ins in final.func.body if ins.op == "compress"}  # entries -> its compress
-    kv_states = [ins.state[1] for ins in final.func.body if ins.op in ("attention", "attention_rope") and len(ins.state) > 1]
+    kv_states = [ins.state[1] for ins in final.func.body if ins.op in ATTENTION and len(ins.state) > 1]
     session = interpret(reference)
     session.forward(window[None])
     out = {}
