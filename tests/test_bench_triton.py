@@ -125,7 +125,7 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"_encode_kernel", "_attention_kernel", "_combine_kernel", "_score_kernel",
+    assert {r["kernel"] for r in rows} == {"_attention_kernel", "_combine_kernel", "_score_kernel",
                                           "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
                                           "_compress_kernel", "_gemm_kernel", "_rms_norm_kernel",
                                           "_rms_norm_quant_kernel", "_hc_pre_kernel", "_hc_head_kernel"}
@@ -168,13 +168,14 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
                 (2, True, True) if split > 1 else (None, False, False)), r
     attn = next(r for r in rows if r["kernel"] == "_attention_kernel")
     assert attn["constexprs"]["DOT"] == "bf16" and attn["constexprs"]["NATIVE"] is True  # decided as on a GPU
-    # attention finishes in the kernel (no combine or ring launch; the _combine_kernel above is the MoE's): the last
-    # split run of a (query, head block) merges the runs, the last program of a batch row writes its ring, each
-    # after a release / acquire
-    assert {r["kernel"] for r in rows if r["case"].startswith("attention")} == {"_encode_kernel", "_attention_kernel"}
+    # attention is one launch (no encode, combine or ring launch; the _combine_kernel above is the MoE's): its
+    # programs encode the new keys, the last split run of a (query, head block) merges the runs, the last program
+    # of a batch row writes its ring, each after a release / acquire
+    assert {r["kernel"] for r in rows if r["case"].startswith("attention")} == {"_attention_kernel"}
     for r in rows:
         if r["kernel"] == "_attention_kernel":
             assert r["constexprs"]["IN_KERNEL"] is True and r["constexprs"]["RING"] is True, r
+            assert r["constexprs"]["ENCODE"] is True, r
             assert r["sass"].get("ATOMG") == 4 and r["sass"].get("MEMBAR") and r["sass"].get("CCTL"), r
     assert attn["sass"].get("HMMA", 0) + attn["sass"].get("HGMMA", 0) > 0  # tensor-core dots
     for r in rows:

@@ -170,6 +170,55 @@ def test_finishing_in_the_kernel_needs_its_counters(monkeypatch):
         attention(*args, state=clone(state), **kwargs, config={"SUM_IN_KERNEL": "yes"})
 
 
+def _garbage_storage(monkeypatch):
+    """The new keys' storage handed to the kernel full of 0x5a bytes, so a byte the kernel fails to encode shows."""
+    storage_for = module.storage_for
+
+    def filled(*args):
+        out = storage_for(*args)
+        out.view(torch.uint8).fill_(0x5A)
+        return out
+    monkeypatch.setattr(module, "storage_for", filled)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("config", [{"SPLIT_KV": 1}, {"SPLIT_KV": 3}, {"SPLIT_KV": 3, "SUM_IN_KERNEL": False}],
+                         ids=["one-run", "split", "split-apart"])
+def test_the_attention_programs_encode_the_new_keys(fmt, mode, config, monkeypatch):
+    """ENCODE_IN_KERNEL (the default up to 4 new tokens): every program encodes its batch row's new keys itself,
+    without the encode launch, bit for bit as the encode kernel does (outputs and ring, whether the last program
+    or the launcher writes the ring), at an int and a device position; the storage it fills starts as garbage.
+    Decode past the window, 4 new tokens at the start, 3 whose rows wrap around the ring (window 3)."""
+    config = {**config, "BLOCK_N": 16, "DOT": "ieee"}
+    for batch, s, window, pos0, seed in [(2, 1, 40, 60, 61), (1, 4, 40, 0, 62), (2, 3, 3, 5, 63)]:
+        args, state, kwargs = make_case(fmt, batch, s, window, pos0, mode, seed=seed, capacity=40, heads=19)
+        for pos in (pos0, torch.tensor([pos0, 7])):
+            apart_state = clone(state)
+            apart = attention(*args, state=apart_state, **dict(kwargs, pos0=pos),
+                              config={**config, "ENCODE_IN_KERNEL": False})
+            with monkeypatch.context() as m:
+                m.setattr(module, "encode_kv", _no_launch)
+                _garbage_storage(m)
+                fused_state = clone(state)
+                fused = attention(*args, state=fused_state, **dict(kwargs, pos0=pos), config=config)
+            assert torch.equal(fused, apart), (batch, s, pos)
+            assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state, strict=True)), (batch, s, pos)
+
+
+def test_encoding_in_the_kernel_is_for_a_few_tokens():
+    """Five new tokens: ENCODE_IN_KERNEL true names the limit, 'auto' launches the encode kernel (the same result)."""
+    args, state, kwargs = make_case("fp8_split", 1, 5, 4, 3, "sliding", seed=64)
+    with pytest.raises(ValueError, match=r"ENCODE_IN_KERNEL.*at most 4 new tokens a call \(here 5\)"):
+        attention(*args, state=clone(state), **kwargs, config={"ENCODE_IN_KERNEL": True})
+    auto_state, apart_state = clone(state), clone(state)
+    assert torch.equal(attention(*args, state=auto_state, **kwargs),
+                       attention(*args, state=apart_state, **kwargs, config={"ENCODE_IN_KERNEL": False}))
+    assert all(torch.equal(a, b) for a, b in zip(auto_state, apart_state, strict=True))
+    with pytest.raises(ValueError, match="ENCODE_IN_KERNEL"):
+        attention(*args, state=clone(state), **kwargs, config={"ENCODE_IN_KERNEL": "yes"})
+
+
 # bf16 dots (a GPU's default): q and the probabilities rounded to bf16 (2^-9 relative), which moves a logit s by
 # up to |s| 2^-8; at these cases' logits (|s| up to ~10) that is up to ~1e-2 of the output scale (measured 1.1e-2)
 BF16_TOL = 2.5e-2

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (STORAGE_DTYPES, arrived_last, cdiv, check, check_tensor, dot_bf16, entry_layout,
+from .common import (STORAGE_DTYPES, arrived_last, cdiv, check, check_tensor, config_switch, dot_bf16, entry_layout,
                      in_kernel_counters, launch_config, native_cvt, next_pow2, position, result, same_device, sm_count,
                      to_bf16)
-from .kv_codec import FORMATS, encode_kv, load_rows, storage_view
+from .kv_codec import FORMATS, encode_blocks, encode_kv, encode_row, load_rows, storage_for, storage_view
 from .norm import rotate
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -55,14 +55,15 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.c
 
 
 @triton.jit
-def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, fin_ptr, cnt_ptr,
-                      pos_ptr, rpos_ptr, inv_ptr, S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale,
+def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, fin_ptr,
+                      cnt_ptr, pos_ptr, rpos_ptr, inv_ptr, S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale,
                       per_split, rope_scale, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
                       W: tl.constexpr, MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                       KDT: tl.constexpr, NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, IN_KERNEL: tl.constexpr,
                       RING: tl.constexpr, OUT_ROPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr):
+                      ENCODE: tl.constexpr, NEW_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
     ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
@@ -84,8 +85,17 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
     size), and the runs of a split cover the most keys any position has: runs past this position's keys
     store an empty (max -inf, sum 0) result, which the combine weighs 0.
     OUT_ROPE (attention_rope): each finished output row then has RoPE applied to its last 2 HALF channels at
-    position rpos[s] (inv_ptr, rope_scale, INVERSE: _rope_rows), where the rope kernel would have."""
+    position rpos[s] (inv_ptr, rope_scale, INVERSE: _rope_rows), where the rope kernel would have.
+    ENCODE (ENCODE_IN_KERNEL, a few new tokens): every program first encodes its batch row's new keys kv [B, S, D]
+    into new (kv_codec.encode_row, the encode kernel's code): every program of the row writes the same bytes, so
+    after a barrier its own rows read back (NEW_CACHE ".cg": past L1, as the in-kernel merges read) whichever
+    program's write landed last. The encode launch is saved; the barrier cannot be checked in the interpreter."""
     pid, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if ENCODE:
+        for i in range(S):
+            row = (b * S + i).to(tl.int64)
+            encode_row(kv_ptr + row * D, new_ptr + row * W, D, NOPE, ROPE, W, FMT, BLOCK_D, BLOCK_G, BLOCK_R)
+        tl.debug_barrier()
     if DEVICE_POS:
         pos0 = tl.load(pos_ptr).to(tl.int32)
     n_old = tl.minimum(n_old, pos0)
@@ -116,7 +126,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
         ok = p < w_hi
         rows = tl.where(p < pos0, ring_ptr + (b * slots + p % slots).to(tl.int64) * W,
                         new_ptr + (b * S + p - pos0).to(tl.int64) * W)
-        k = load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D)
+        k = load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D, NEW_CACHE)
         m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     e0 = tl.maximum(u0 - n_win, 0)
@@ -132,7 +142,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             else:
                 rows = b.to(tl.int64) * ent_stride + sel
             k = load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                           NATIVE, BLOCK_D)
+                          NATIVE, BLOCK_D, "")
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
     elif MODE == 2:  # HCA: every closed window, causally
         e_hi = tl.minimum(e1, (t + 1) // rate)
@@ -140,7 +150,7 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             j = start + tl.arange(0, BLOCK_N)
             ok = j < e_hi
             k = load_rows(ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                           NATIVE, BLOCK_D)
+                          NATIVE, BLOCK_D, "")
             m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
 
     n_rows = tl.num_programs(2) * S
@@ -170,7 +180,8 @@ def _attention_kernel(q_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, o
             c = tl.arange(0, BLOCK_W)
             for i in range(tl.maximum(S - slots, 0), S):
                 dest = ring_ptr + (b * slots + (pos0 + i) % slots).to(tl.int64) * W
-                tl.store(dest + c, tl.load(new_ptr + (b * S + i).to(tl.int64) * W + c, mask=c < W), mask=c < W)
+                new_row = new_ptr + (b * S + i).to(tl.int64) * W
+                tl.store(dest + c, tl.load(new_row + c, mask=c < W, cache_modifier=NEW_CACHE), mask=c < W)
 
 
 @triton.jit
@@ -279,7 +290,8 @@ def _config(config, heads, d):
     # SM); BLOCK_N 32 x 4 warps spilled 256 bytes a thread. Not yet timed on a GPU: `tune: auto` times the grid.
     wide = d > 128
     defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 16 if wide else 64)), "BLOCK_N": 16 if wide else 32,
-                "num_warps": 4, "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto", "SUM_IN_KERNEL": "auto"}
+                "num_warps": 4, "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto", "SUM_IN_KERNEL": "auto",
+                "ENCODE_IN_KERNEL": "auto"}
     cfg = launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
     check(cfg["DOT"] in DOT_PRECISIONS,
           f"attention: config['DOT']: expected one of {list(DOT_PRECISIONS)}, got {cfg['DOT']!r}")
@@ -304,6 +316,9 @@ def _dot_precision(cfg, device) -> str:
 
 
 MIN_KEYS_PER_SPLIT = 64
+# ENCODE_IN_KERNEL: every program of a batch row encodes all its new keys, so only for a few (decode, a short
+# speculative step): S rows of D each, against the >= MIN_KEYS_PER_SPLIT keys a program reads
+ENCODE_MAX_TOKENS = 4
 
 
 def _split_kv(cfg, device, programs: int, max_keys: int) -> tuple[int, int]:
@@ -379,7 +394,11 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
     ring = state[0]
     slots = ring.shape[1]
     width = entry_layout(kv_format, d, rope_dim)[1]
-    stored = encode_kv(kv, kv_format, rope_dim)  # [B, S, W]
+    # the new keys' storage rows [B, S, W]: encoded by the attention kernel's programs (ENCODE_IN_KERNEL, one launch
+    # less), or by the encode kernel
+    encode = batch * s > 0 and config_switch("ENCODE_IN_KERNEL", cfg["ENCODE_IN_KERNEL"], [
+        (s <= ENCODE_MAX_TOKENS, f"at most {ENCODE_MAX_TOKENS} new tokens a call (here {s})")], "attention")
+    stored = storage_for(kv, kv_format, rope_dim) if encode else encode_kv(kv, kv_format, rope_dim)
     mode, entries, table, ent_stride = _entry_source(state, selected, batch, s, host_pos, rate, kv_format, width)
     k = table.shape[-1] if table is not None else 0
     out = result(into, (batch, s, heads, d), torch.float32, q.device)
@@ -401,20 +420,23 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
             part = torch.empty(split, batch, s, heads, d, dtype=torch.float32, device=q.device)
             ml = torch.empty(2, split, batch, s, heads, dtype=torch.float32, device=q.device)
         new = storage_view(stored)
+        blocks = encode_blocks(d, rope_dim)
         dot = _dot_precision(cfg, q.device)
         rpos, inv, inverse, rope_scale = out_rope or (new, new, False, 1.0)
         half = inv.shape[0] if out_rope else 0
         _attention_kernel[(h_blocks * split, s, batch)](
-            q, storage_view(ring) if slots else new, new, storage_view(entries) if entries is not None else new,
+            q, kv, storage_view(ring) if slots else new, new, storage_view(entries) if entries is not None else new,
             table if table is not None else new, sinks, part, ml, out, counters if counters is not None else new,
             pos0 if host_pos is None else new, rpos, inv, s, heads, k, host_pos or 0, slots, max(slots, 1), window,
             max(rate, 1), ent_stride, float(scale), per, float(rope_scale), D=d, NOPE=d - rope_dim, ROPE=rope_dim,
             W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split, DOT=dot,
             KDT=tl.bfloat16 if dot == "bf16" else tl.float32, NATIVE=native_cvt(q.device),
             DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None, RING=counters is not None and slots > 0,
-            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), BLOCK_H=cfg["BLOCK_H"],
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width),
-            BLOCK_HALF=next_pow2(max(half, 1)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode,
+            NEW_CACHE=".cg" if encode else "", BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width), BLOCK_HALF=next_pow2(max(half, 1)),
+            BLOCK_G=blocks["BLOCK_G"], BLOCK_R=blocks["BLOCK_R"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
         if split > 1 and counters is None:
             rows = batch * s * heads
             block_r = 16

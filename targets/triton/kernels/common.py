@@ -157,7 +157,8 @@ def _is_pow2(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
 
 
-SWITCHES = ("FP8_DOT", "QUANT_ONCE", "SUM_IN_KERNEL")  # config keys that take 'auto', true or false (config_switch)
+# config keys that take 'auto', true or false (config_switch)
+SWITCHES = ("FP8_DOT", "QUANT_ONCE", "SUM_IN_KERNEL", "ENCODE_IN_KERNEL")
 _CONFIGS: dict = {}  # validated configs by (name, config, defaults, at_least): a launch validates a config once
 
 

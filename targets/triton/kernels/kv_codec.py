@@ -18,58 +18,59 @@ FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 # --- storage codecs (device) -----------------------------------------------------------------
 @triton.jit
 def load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-               FMT: tl.constexpr, KDT: tl.constexpr, NATIVE: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+              FMT: tl.constexpr, KDT: tl.constexpr, NATIVE: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
     """Decode the storage rows that start at `row_ptr` [BN] (pointers; rows not `row_ok` read as 0) into
     [BN, BD] of KDT (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
     nearest even). fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
     the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (NOPE even, so aligned) or as two
     bytes (little endian). The scales are read as one 8-byte word per row where the layout allows (else as a
     [BN, groups] tile of bytes) and broadcast over their 64 channels: a per-channel gather of the same bytes
-    was a synchronous load in every iteration, which the pipeliner cannot overlap with the dots."""
+    was a synchronous load in every iteration, which the pipeliner cannot overlap with the dots. CACHE: the loads'
+    cache modifier ("" or ".cg": rows that other programs of the launch may have just written)."""
     ptr = row_ptr[:, None]  # [BN, 1]
     d = offs_d[None, :]
     ok = row_ok[:, None] & (d < D)  # [BN, BD]
     if FMT == 0:
-        x = tl.load(ptr + d, mask=ok, other=0.0)
+        x = tl.load(ptr + d, mask=ok, other=0.0, cache_modifier=CACHE)
         if KDT == tl.float32:
             return x
         return to_bf16(x, NATIVE)
     elif FMT == 1:
-        return tl.load(ptr + d, mask=ok, other=0).to(tl.bfloat16, bitcast=True).to(KDT)
+        return tl.load(ptr + d, mask=ok, other=0, cache_modifier=CACHE).to(tl.bfloat16, bitcast=True).to(KDT)
     else:
         BN: tl.constexpr = row_ptr.shape[0]
         GW: tl.constexpr = 64 if BLOCK_D > 64 else BLOCK_D  # channels per scale (the format's 64, or the whole tile)
         G: tl.constexpr = BLOCK_D // GW
         is_nope = d < NOPE
-        codes = tl.load(ptr + d, mask=ok & is_nope, other=0)
+        codes = tl.load(ptr + d, mask=ok & is_nope, other=0, cache_modifier=CACHE)
         g = tl.arange(0, G)[None, :]
         if (NOPE + 2 * ROPE) % 8 == 0 and G <= 8:  # the scale bytes are one aligned 8-byte word (padding after)
-            word = tl.load((row_ptr + NOPE + 2 * ROPE).to(tl.pointer_type(tl.int64)), mask=row_ok, other=0)
+            word = tl.load((row_ptr + NOPE + 2 * ROPE).to(tl.pointer_type(tl.int64)), mask=row_ok, other=0,
+                           cache_modifier=CACHE)
             sc = (word[:, None] >> (8 * g).to(tl.int64)) & 0xFF  # [BN, G]
         else:
-            sc = tl.load(ptr + NOPE + 2 * ROPE + g, mask=row_ok[:, None] & (g * GW < NOPE), other=0)  # [BN, G]
+            sc = tl.load(ptr + NOPE + 2 * ROPE + g, mask=row_ok[:, None] & (g * GW < NOPE), other=0,
+                         cache_modifier=CACHE)  # [BN, G]
         scale = tl.reshape(tl.broadcast_to(ue8m0_value(sc)[:, :, None], (BN, G, GW)), (BN, BLOCK_D))
         nope = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(KDT)  # exact in bf16
         r = d - NOPE  # negative on nope channels, which the mask skips (a plain offset keeps the loads vectorized)
         if NOPE % 2 == 0:
-            rope = tl.load((ptr + NOPE).to(tl.pointer_type(tl.int16)) + r, mask=ok & ~is_nope, other=0)
+            rope = tl.load((ptr + NOPE).to(tl.pointer_type(tl.int16)) + r, mask=ok & ~is_nope, other=0,
+                           cache_modifier=CACHE)
             rope = rope.to(tl.bfloat16, bitcast=True).to(KDT)
         else:
-            lo = tl.load(ptr + NOPE + 2 * r, mask=ok & ~is_nope, other=0).to(tl.int32)
-            hi = tl.load(ptr + NOPE + 2 * r + 1, mask=ok & ~is_nope, other=0).to(tl.int32)
+            lo = tl.load(ptr + NOPE + 2 * r, mask=ok & ~is_nope, other=0, cache_modifier=CACHE).to(tl.int32)
+            hi = tl.load(ptr + NOPE + 2 * r + 1, mask=ok & ~is_nope, other=0, cache_modifier=CACHE).to(tl.int32)
             rope = bf16_value(lo | (hi << 8)).to(KDT)
         return tl.where(is_nope, nope, rope)
 
 
 @triton.jit
-def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One storage row per program: x [R, D] float -> out [R, W] (f32 / bf16 bits / fp8_split bytes, its
-    padding bytes zero). fp8_split per 64-channel nope group:
+def encode_row(x_row, out_row, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """One storage row: x_row [D] float -> out_row [W] (f32 / bf16 bits / fp8_split bytes, its padding bytes
+    zero). fp8_split per 64-channel nope group:
     e = ceil_log2(max(amax, 1e-4) / 448) (exact), byte e + 127, codes e4m3(clamp(x / 2^e, +-448))."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row, out_row = x_ptr + row * D, out_ptr + row * W
     if FMT == 0 or FMT == 1:
         d = tl.arange(0, BLOCK_D)
         x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
@@ -92,19 +93,36 @@ def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D:
         tl.store(out_row + pad, tl.zeros([8], dtype=tl.uint8), mask=pad < W)
 
 
+@triton.jit
+def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One storage row per program (encode_row): x [R, D] float -> out [R, W]."""
+    row = tl.program_id(0).to(tl.int64)
+    encode_row(x_ptr + row * D, out_ptr + row * W, D, NOPE, ROPE, W, FMT, BLOCK_D, BLOCK_G, BLOCK_R)
+
+
 # --- host ------------------------------------------------------------------------------------
 def encode_kv(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
     """x: [..., d] float -> storage [..., W] in `fmt` (= quant.encode_entries), by `_encode_kernel`."""
     d = x.shape[-1]
-    nope = d - rope
-    dtype, width = entry_layout(fmt, d, rope)
+    out = storage_for(x, fmt, rope)
     rows = x.reshape(-1, d)
-    out = torch.empty(rows.shape[0], width, dtype=dtype, device=x.device)  # every byte written
     if rows.shape[0]:
-        dest = out.view(torch.int16) if fmt == "bf16" else out
-        _encode_kernel[(rows.shape[0],)](rows, dest, d, nope, rope, width, FMT=FORMATS[fmt], BLOCK_D=next_pow2(d),
-                                         BLOCK_G=next_pow2(-(-nope // KV_GROUP)), BLOCK_R=next_pow2(rope))
-    return out.view(*x.shape[:-1], width)
+        width = out.shape[-1]
+        _encode_kernel[(rows.shape[0],)](rows, storage_view(out), d, d - rope, rope, width, FMT=FORMATS[fmt],
+                                         **encode_blocks(d, rope))
+    return out
+
+
+def storage_for(x: torch.Tensor, fmt: str, rope: int) -> torch.Tensor:
+    """Uninitialized storage [..., W] for the rows of x [..., d] (encode_row writes every byte)."""
+    dtype, width = entry_layout(fmt, x.shape[-1], rope)
+    return torch.empty(*x.shape[:-1], width, dtype=dtype, device=x.device)
+
+
+def encode_blocks(d: int, rope: int) -> dict:
+    """encode_row's block sizes for rows of d channels, the last `rope` of them RoPE channels."""
+    return {"BLOCK_D": next_pow2(d), "BLOCK_G": next_pow2(-(-(d - rope) // KV_GROUP)), "BLOCK_R": next_pow2(rope)}
 
 
 def storage_view(t: torch.Tensor) -> torch.Tensor:
