@@ -165,7 +165,8 @@ def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
     from triton_gpu import ATTN
 
     from v4c.runtime.quant import encode_entries
-    from v4c.targets.triton.kernels.attention import attention, attention_rope
+    from v4c.targets.triton.kernels.attention import attention
+    from v4c.targets.triton.kernels.attention_fused import attention_rope, norm_attention_rope
     h, d, rope, topk, cap, window = (ATTN[k] for k in ("heads", "dim", "rope", "topk", "entries", "window"))
     inv_freq = 1.0 / 10000 ** (torch.arange(0, rope, 2) / rope)
     out = []
@@ -187,6 +188,13 @@ def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
                         *a[:3], torch.tensor([cap * 4 + 3]), inv_freq, a[3], state=a[4:], pos0=torch.tensor([cap * 4 + 3]),
                         window=window, rate=4, scale=d ** -0.5, kv_format="fp8_split", rope_dim=rope,
                         out_rope={"inverse": True})})
+        # ... and norm_attention: the queries' and new keys' norms and RoPE in the launch too
+        out.append({"case": f"norm_attention_rope CSA fp8_split batch={batch} at a device position", "config": {},
+                    "call": lambda a=(q, kv, sinks, selected, ring, entries): norm_attention_rope(
+                        *a[:2], torch.ones(d), a[2], torch.tensor([cap * 4 + 3]), inv_freq, a[3], state=a[4:],
+                        pos0=torch.tensor([cap * 4 + 3]), window=window, rate=4, scale=d ** -0.5,
+                        kv_format="fp8_split", rope_dim=rope, out_rope={"inverse": True}, q_norm={"eps": 1e-6},
+                        kv_norm={"eps": 1e-6})})
     return out
 
 

@@ -2,7 +2,8 @@
 norm read only by RoPE and that RoPE as one op (`norm_rope`); an add read only by hc_post done in hc_post
 (`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`), and with the norm that quantizes its
 collapsed row (`post_pre_quant`); a SwiGLU read only by an FP8 projection as one op (`swiglu_linear`); an
-attention read only by a RoPE as one op (`attention_rope`).
+attention read only by a RoPE as one op (`attention_rope`), and with the norms and RoPE of its queries and keys
+(`norm_attention`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -84,6 +85,21 @@ place. In V4 that is every layer's inverse RoPE of the attention output: one lau
 program that finishes an output row rotates its RoPE channels after a barrier, as the rope kernel does (the same
 bits).
 
+`norm_attention`:
+
+    %qn = rms_norm_rope(%q, %positions, @inv_freq) {eps, ..}         ->   %r = norm_attention_rope(%q, %kv, @kv_w,
+    %kn = rms_norm_rope(%kv, %positions, @inv_freq, @kv_w) {eps, ..}         @sinks, %positions, @inv_freq, %sel?)
+    %r = attention_rope(%qn, %kn, @sinks, %positions, @inv_freq, %sel?)      {.., q_norm: {eps, ..}, kv_norm: {..}}
+         {.., out_rope} state(..)                                           state(..)
+
+for every `attention_rope` whose queries come from a weightless `rms_norm_rope` and whose keys from one with a
+weight, each read only by it, at the attention_rope's own positions and inv_freq (so it runs after `norm_rope`
+and `attention_rope`; with either off it finds nothing). In V4 that is every layer's per-head query norm and
+kv_norm: two launches a layer fewer in a decode step. The Triton programs norm and rotate their own query rows,
+and in a decode step (up to 4 new tokens, where they encode the new keys themselves) the new keys, with the
+rms_norm_rope kernel's row code (the same bits); from 5 new tokens on the launcher runs the rms_norm_rope kernel
+on the keys first.
+
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
@@ -113,6 +129,8 @@ class Options(BaseModel):
                                                    "hc_post_pre_quant (every block's input norm but the first)")
     swiglu_linear: bool = Field(True, description="swiglu read only by a linear_fp8 -> one swiglu_linear_fp8 "
                                                   "(V4's shared expert: its SwiGLU computed in the down projection)")
+    norm_attention: bool = Field(True, description="the rms_norm_ropes of an attention_rope's queries and keys -> one "
+                                                   "norm_attention_rope (V4's query norm and kv_norm with their RoPE)")
 
 
 def check_order(options: Options, earlier: list) -> str | None:
@@ -209,13 +227,15 @@ def run(m: Module, options: Options, progress=None) -> Module:
         body, joined = _fold_into_producer(body, "hc_post", 0, "hc_pre", _post_pre)
     if options.post_pre_quant:  # the collapsed row (result 1), normed with a weight (a parameter)
         body, quantized = _fold_into_producer(body, "hc_post_pre", 1, "rms_norm_quant", _post_pre_quant)
-    swiglus = 0
+    swiglus = normed = 0
     if options.swiglu_linear:
         body, swiglus = _fold_into_reader(body, m.func.output.name, "swiglu", "linear_fp8", _swiglu_linear)
+    if options.norm_attention:
+        body, normed = _fold_norms_into_attention(body, m.func.output.name)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
                             "norm_rope": roped, "attention_rope": roped_out, "add_post": added, "post_pre": joined,
-                            "post_pre_quant": quantized, "swiglu_linear": swiglus}
+                            "post_pre_quant": quantized, "swiglu_linear": swiglus, "norm_attention": normed}
     return out
 
 
@@ -283,6 +303,34 @@ def _attention_rope(attention: Instr, rope: Instr) -> Instr:
                  {**attention.attrs, "out_rope": dict(rope.attrs)}, list(attention.state))
 
 
+def _fold_norms_into_attention(body: list[Instr], output: str) -> tuple[list[Instr], int]:
+    """Each attention_rope whose q is a weightless rms_norm_rope's and kv a weighted one's, each read only by it
+    and not the program's output, both at the attention_rope's positions and inv_freq -> one norm_attention_rope
+    in its place, the norms dropped. -> (body, norms folded: two an attention, one op each as the other rules)."""
+    uses = _readers(body)
+    made = {ins.results[0].name: ins for ins in body if ins.op == "rms_norm_rope"}
+
+    def norm(v: Value, operands: int, rope_at: list[str]) -> Instr | None:
+        ins = made.get(v.name) if isinstance(v, Value) else None
+        ok = (ins is not None and len(uses[v.name]) == 1 and v.name != output and len(ins.operands) == operands
+              and [o.name for o in ins.operands[1:3]] == rope_at)
+        return ins if ok else None
+    dropped, folded = set(), {}
+    for ins in body:
+        if ins.op != "attention_rope":
+            continue
+        q, kv, sinks, positions, inv_freq, *selected = ins.operands
+        rope_at = [positions.name, inv_freq.name]
+        qn, kn = norm(q, 3, rope_at), norm(kv, 4, rope_at)
+        if qn is not None and kn is not None:
+            dropped |= {id(qn), id(kn)}
+            folded[id(ins)] = Instr("norm_attention_rope", [qn.operands[0], kn.operands[0], kn.operands[3], sinks,
+                                                            positions, inv_freq, *selected], ins.results,
+                                    {**ins.attrs, "q_norm": dict(qn.attrs), "kv_norm": dict(kn.attrs)},
+                                    list(ins.state))
+    return [folded.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(dropped)
+
+
 def _add_post(add: Instr, post: Instr) -> Instr | None:
     """hc_post(a, streams, post, comb, b) for a = add(a, b) of two values of the block output's shape (no
     broadcast), into an hc_post without an addend yet."""
@@ -307,12 +355,17 @@ def unfuse(m: Module) -> tuple[Module, int]:
     rms_norm_quant back to rms_norm, its readers back to reading the norm's output; every rms_norm_rope back to
     rms_norm then rope, every hc_post_pre back to hc_post then hc_pre, every hc_post with an addend back to add
     then hc_post, every hc_post_pre_quant back to hc_post_pre then rms_norm_quant (and on), every swiglu_linear_fp8
-    back to swiglu then linear_fp8, every attention_rope back to attention then rope. -> (module, ops unfused)."""
+    back to swiglu then linear_fp8, every attention_rope back to attention then rope, every norm_attention_rope back
+    to its two rms_norm_ropes (and on) then attention_rope (and on). -> (module, ops unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
     body, norm_of, undone = [], {}, 0  # codes name -> the norm's output; the other rules undone
     for fused in m.func.body:
         plain = _split(fused, names)
         undone += len(plain) - 1  # (an hc_post_pre with an addend undoes two rules, hc_post_pre_quant one more)
+        if fused.op == "norm_attention_rope":  # each norm and its rope back right after what they read (their place)
+            for pair in (plain[0:2], plain[2:4]):
+                _insert_after_producers(body, pair)
+            plain = plain[4:]
         for ins in plain:
             if ins.op == "rms_norm_quant":
                 codes, scales, *kept = ins.results
@@ -329,9 +382,26 @@ def unfuse(m: Module) -> tuple[Module, int]:
     return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of) + undone
 
 
+def _insert_after_producers(body: list[Instr], ops: list[Instr]) -> None:
+    """`ops` into body right after the last instruction making a value they read (at the start if none does)."""
+    reads = {o.name for ins in ops for o in ins.operands if isinstance(o, Value)}
+    at = max((i + 1 for i, ins in enumerate(body) if any(r.name in reads for r in ins.results)), default=0)
+    body[at:at] = ops
+
+
 def _split(ins: Instr, names: set[str]) -> list[Instr]:
     """rms_norm_rope, hc_post_pre(_quant), hc_post with an addend and swiglu_linear_fp8 as the plain ops they fused;
     any other op as is (rms_norm_quant: unfuse's)."""
+    if ins.op == "norm_attention_rope":
+        q, kv, kv_weight, sinks, positions, inv_freq, *selected = ins.operands
+        attrs = dict(ins.attrs)
+        q_norm, kv_norm = attrs.pop("q_norm"), attrs.pop("kv_norm")
+        qn = Value(_fresh(names, f"{ins.results[0].name}.q"), TensorType(q.type.shape, "f32"))
+        kn = Value(_fresh(names, f"{ins.results[0].name}.kv"), TensorType(kv.type.shape, "f32"))
+        return [*_split(Instr("rms_norm_rope", [q, positions, inv_freq], [qn], q_norm), names),
+                *_split(Instr("rms_norm_rope", [kv, positions, inv_freq, kv_weight], [kn], kv_norm), names),
+                *_split(Instr("attention_rope", [qn, kn, sinks, positions, inv_freq, *selected], ins.results, attrs,
+                              list(ins.state)), names)]
     if ins.op == "attention_rope":
         q, kv, sinks, positions, inv_freq, *selected = ins.operands
         attrs = dict(ins.attrs)

@@ -27,7 +27,8 @@ def _fp8(module, *passes, **fp8):
     return run_pipeline(module, [PassSpec(name="fp8", options=fp8), *(PassSpec(name=p) for p in passes)])
 
 
-RULES = ("norm_quant", "norm_rope", "attention_rope", "add_post", "post_pre", "post_pre_quant", "swiglu_linear")
+RULES = ("norm_quant", "norm_rope", "attention_rope", "add_post", "post_pre", "post_pre_quant", "swiglu_linear",
+         "norm_attention")
 
 
 def _fuse_only(module, *rules):
@@ -128,7 +129,7 @@ def _readers(m) -> dict:
 
 def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number(module):
     plain = _fp8(module)
-    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"post_pre_quant": False})])  # (every norm apart)
+    fused = run_pipeline(plain, [PassSpec(name="fuse", options={"post_pre_quant": False, "norm_attention": False})])
     verify(fused)
     assert parse_module(print_module(fused)) == fused  # the new op and the multi-result form round-trip
     norms = [ins for ins in fused.func.body if ins.op == "rms_norm_quant"]
@@ -137,7 +138,8 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
     assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
                                       "experts_reading_codes": layers, "norm_rope": len(roped), "attention_rope": layers, "add_post": layers,
-                                      "post_pre": 2 * layers - 1, "post_pre_quant": 0, "swiglu_linear": layers}
+                                      "post_pre": 2 * layers - 1, "post_pre_quant": 0, "swiglu_linear": layers,
+                                      "norm_attention": 0}  # (every norm apart)
     assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
     for ins in norms:
@@ -221,8 +223,9 @@ def test_fuse_needs_one_activation_format_among_the_readers(module):
 
 def test_unfuse_gives_back_the_plain_program(module):
     """The TVM target's inverse rewrite: each rms_norm_quant back to rms_norm and its readers to the norm's output,
-    each rms_norm_rope back to rms_norm then rope; the ops and operand counts are the unfused module's, and so are
-    the logits."""
+    each rms_norm_rope back to rms_norm then rope, and on for every rule; the ops and operand counts are the
+    unfused module's, in its order (the query and key norms back right after what they read), and so are the
+    logits."""
     plain, fused = _fp8(module), _fp8(module, "fuse")
     back, n = unfuse(fused)
     verify(back)
@@ -423,3 +426,48 @@ def test_fuse_ropes_each_attention_output_in_the_attention(module):
     back, n = unfuse(fused)
     verify(back)
     assert n == layers and [ins.op for ins in back.func.body] == [ins.op for ins in plain.func.body]
+
+
+def test_fuse_norms_and_ropes_each_attentions_queries_and_keys_in_the_attention(module):
+    """norm_attention: an attention_rope whose q comes from a weightless rms_norm_rope and kv from one with a
+    weight, both read only by it at its positions and inv_freq -> one norm_attention_rope in its place (the raw q
+    and kv, kv_norm's weight, then the attention_rope's operands; its attributes with the norms' as q_norm and
+    kv_norm; its state), two norms a layer; the logits bit for bit (the torch kernel is the three ops); a second
+    reader of a query norm's output keeps that layer apart; without attention_rope nothing folds; unfuse gives the
+    plain ops back."""
+    plain = _fp8(module)  # with the query norms' eps set apart from kv_norm's
+    body = [Instr(i.op, i.operands, i.results, {**i.attrs, "eps": 1e-3}) if i.op == "rms_norm" and len(i.operands) == 1
+            else i for i in plain.func.body]
+    plain = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
+    apart = _fuse_only(plain, "norm_rope", "attention_rope")
+    fused = _fuse_only(plain, "norm_rope", "attention_rope", "norm_attention")
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    layers = module.config["num_layers"]
+    assert fused.counters["fuse"]["norm_attention"] == 2 * layers
+    assert not any(ins.op in ("rms_norm_rope", "attention_rope") for ins in fused.func.body)
+    by_result = {r.name: ins for ins in apart.func.body for r in ins.results}
+    attentions = {ins.results[0].name: ins for ins in apart.func.body if ins.op == "attention_rope"}
+    normed = [ins for ins in fused.func.body if ins.op == "norm_attention_rope"]
+    assert len(normed) == layers
+    for ins in normed:
+        attn = attentions[ins.results[0].name]
+        qn, kn = by_result[attn.operands[0].name], by_result[attn.operands[1].name]
+        assert ins.operands == [qn.operands[0], kn.operands[0], kn.operands[3], *attn.operands[2:]]
+        assert ins.attrs == {**attn.attrs, "q_norm": qn.attrs, "kv_norm": kn.attrs} and ins.state == attn.state
+        assert len(qn.operands) == 3 and qn.operands[1:] == kn.operands[1:3] == attn.operands[3:5]
+        assert qn.attrs["eps"] == 1e-3 and kn.attrs["eps"] != 1e-3
+    assert {len(ins.operands) for ins in normed} == {6, 7}  # CSA: selected
+    ids = tokens(1, 40, seed=12)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+    # a second reader of the first query norm's output
+    body = list(apart.func.body)
+    qn = by_result[next(iter(attentions.values())).operands[0].name]
+    body.insert(body.index(qn) + 1, Instr("add", [qn.results[0], qn.results[0]], [Value("extra", qn.results[0].type)]))
+    changed = apart.replace(func=type(apart.func)(apart.func.inputs, body, apart.func.output))
+    verify(changed)
+    assert _fuse_only(changed, "norm_attention").counters["fuse"]["norm_attention"] == 2 * (layers - 1)
+    assert _fuse_only(plain, "norm_rope", "norm_attention").counters["fuse"]["norm_attention"] == 0
+    back, n = unfuse(fused)
+    verify(back)
+    assert n == 5 * layers and [ins.op for ins in back.func.body] == [ins.op for ins in plain.func.body]

@@ -5,7 +5,7 @@ Stateless kernels are called `fn(*inputs, **attrs)`; stateful ones (in `STATEFUL
 this call). The IR's op registry uses these as the reference implementation of each op.
 """
 
-from .attention import attention, attention_rope, index_topk
+from .attention import attention, attention_rope, index_topk, norm_attention_rope
 from .basic import add, embed, grouped_linear, linear, linear_cat, reshape, rms_norm, rms_norm_rope, rope, swiglu
 from .compressor import compress
 from .hyper import hc_expand, hc_head, hc_post, hc_post_pre, hc_pre
@@ -36,6 +36,7 @@ KERNELS = {
     "index_topk": index_topk,
     "attention": attention,
     "attention_rope": attention_rope,
+    "norm_attention_rope": norm_attention_rope,
     "fake_quant": fake_quant,
     "rms_norm_quant": rms_norm_quant,
     "linear_fp8": linear_fp8,
@@ -47,5 +48,5 @@ KERNELS = {
     "linear_fp8_cat": linear_fp8_cat,
 }
 
-STATEFUL = frozenset({"compress", "index_topk", "attention", "attention_rope"})
-ATTENTION = frozenset({"attention", "attention_rope"})  # the ops that read (and write) a KV ring
+ATTENTION = frozenset({"attention", "attention_rope", "norm_attention_rope"})  # the ops that read (and write) a KV ring
+STATEFUL = frozenset({"compress", "index_topk"}) | ATTENTION

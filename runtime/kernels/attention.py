@@ -13,7 +13,7 @@ KV format); position p lives in row p % (window - 1).
 import torch
 
 from ..quant import decode_entries, encode_entries
-from .basic import rope
+from .basic import rms_norm_rope, rope
 from .entries import gather_rows, read_rows
 from .moe import select_topk
 
@@ -47,6 +47,18 @@ def attention_rope(q, kv, sinks, positions, inv_freq, selected=None, *, state, p
     out = attention(q, kv, sinks, selected, state=state, pos0=pos0, window=window, rate=rate, scale=scale,
                     kv_format=kv_format, rope_dim=rope_dim)
     return rope(out, positions, inv_freq, **out_rope)
+
+
+def norm_attention_rope(q, kv, kv_weight, sinks, positions, inv_freq, selected=None, *, state, pos0, window, rate=0,
+                        scale, kv_format="f32", rope_dim=0, out_rope, q_norm, kv_norm):
+    """attention_rope(rms_norm_rope(q, ..), rms_norm_rope(kv, .., kv_weight), ..): the fuse pass's one op for an
+    attention_rope whose queries and keys each come from an rms_norm_rope at its positions and inv_freq (V4's
+    weightless per-head query norm and kv_norm, each before its RoPE). q_norm, kv_norm: those ops' attributes
+    {eps, inverse?, scale?}."""
+    q = rms_norm_rope(q, positions, inv_freq, **q_norm)
+    kv = rms_norm_rope(kv, positions, inv_freq, kv_weight, **kv_norm)
+    return attention_rope(q, kv, sinks, positions, inv_freq, selected, state=state, pos0=pos0, window=window,
+                          rate=rate, scale=scale, kv_format=kv_format, rope_dim=rope_dim, out_rope=out_rope)
 
 
 def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0):

@@ -276,6 +276,16 @@ def _attention_rope(ins, st, a):
     return _rope([out[0], positions, inv_freq], st, {})
 
 
+def _norm_attention_rope(ins, st, a):
+    q, kv, kv_weight, sinks, positions, inv_freq, selected = ins
+    for role, x, w in (("q_norm", q, None), ("kv_norm", kv, kv_weight)):
+        attrs = a.get(role)
+        expect(isinstance(attrs, dict) and "eps" in attrs and set(attrs) <= {"eps", "inverse", "scale"},
+               f"{role} must be an rms_norm_rope's attributes {{eps, inverse?, scale?}}, got {attrs!r}")
+        _rms_norm_rope([x, positions, inv_freq, w], st, attrs)
+    return _attention_rope([q, kv, sinks, positions, inv_freq, selected], st, a)
+
+
 def _expect_fp8(role: str, w: TensorType, scale: TensorType, block, shape) -> None:
     expect(w.dtype == "f8e4m3" and tuple(w.shape) == tuple(shape), f"{role} must be f8e4m3{list(shape)}, got {w}")
     grid = tuple(shape[:-2]) + (cdiv(shape[-2], block[0]), cdiv(shape[-1], block[1]))
@@ -426,6 +436,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
           attrs=("window", "rate", "scale")),
     OpDef("attention_rope", ("q", "kv", "sinks", "positions", "inv_freq", "selected?"), _attention_rope,
           _attention_state, attrs=("window", "rate", "scale", "out_rope")),
+    OpDef("norm_attention_rope", ("q", "kv", "kv_weight", "sinks", "positions", "inv_freq", "selected?"),
+          _norm_attention_rope, _attention_state, attrs=("window", "rate", "scale", "out_rope", "q_norm", "kv_norm")),
     OpDef("fake_quant", ("x",), _fake_quant, attrs=("act",)),
     OpDef("rms_norm_quant", ("x", "weight?"), _rms_norm_quant, attrs=("eps", "group", "scale_format")),
     OpDef("rms_norm_rope", ("x", "positions", "inv_freq", "weight?"), _rms_norm_rope, attrs=("eps",)),

@@ -23,7 +23,7 @@ from .common import (STORAGE_DTYPES, arrived_last, cdiv, check, check_tensor, co
                      in_kernel_counters, launch_config, native_cvt, next_pow2, position, result, same_device, sm_count,
                      to_bf16)
 from .kv_codec import FORMATS, encode_blocks, encode_kv, encode_row, load_rows, storage_for, storage_view
-from .norm import rotate
+from .norm import norm_rope_row, rms_norm_rope, rotate
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 SLIDING, CSA, HCA, CSA_GATHERED = 0, 1, 2, 3  # CSA_GATHERED: CSA over picks gathered from a tiered store
@@ -56,14 +56,15 @@ def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.c
 
 @triton.jit
 def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, fin_ptr,
-                      cnt_ptr, pos_ptr, rpos_ptr, inv_ptr, S, H, K, pos0, n_old, slots, window, rate, ent_stride, scale,
-                      per_split, rope_scale, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-                      W: tl.constexpr, MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+                      cnt_ptr, pos_ptr, rpos_ptr, inv_ptr, qn_ptr, kvn_ptr, kvw_ptr, S, H, K, pos0, n_old, slots,
+                      window, rate, ent_stride, scale, per_split, rope_scale, q_eps, q_rope, kv_eps, kv_rope,
+                      D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr, FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                       KDT: tl.constexpr, NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, IN_KERNEL: tl.constexpr,
                       RING: tl.constexpr, OUT_ROPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr,
                       ENCODE: tl.constexpr, NEW_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
+                      BLOCK_R: tl.constexpr, Q_NORM: tl.constexpr, KV_NORM: tl.constexpr, Q_INV: tl.constexpr,
+                      KV_INV: tl.constexpr, BLOCK_NOPE: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
     to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
     ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
@@ -89,13 +90,24 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
     ENCODE (ENCODE_IN_KERNEL, a few new tokens): every program first encodes its batch row's new keys kv [B, S, D]
     into new (kv_codec.encode_row, the encode kernel's code): every program of the row writes the same bytes, so
     after a barrier its own rows read back (NEW_CACHE ".cg": past L1, as the in-kernel merges read) whichever
-    program's write landed last. The encode launch is saved; the barrier cannot be checked in the interpreter."""
+    program's write landed last. The encode launch is saved; the barrier cannot be checked in the interpreter.
+    Q_NORM, KV_NORM (norm_attention_rope): q, and with ENCODE kv, are the raw queries and keys; the program first
+    norms and rotates its query rows into qn and (KV_NORM) its batch row's new keys into kvn, at positions rpos[s]
+    with the rms_norm_rope kernel's row code (norm.norm_rope_row: eps, RoPE scale and INVERSE of each, kv's norm
+    weight kvw), and reads them back after a barrier as above."""
     pid, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if ENCODE:
+        src = kv_ptr
+        if KV_NORM:
+            for i in range(S):
+                row = (b * S + i).to(tl.int64) * D
+                norm_rope_row(kv_ptr + row, kvw_ptr, kvn_ptr + row, tl.load(rpos_ptr + i), inv_ptr, kv_rope, kv_eps, D,
+                              D - 2 * HALF, HALF, KV_INV, True, BLOCK_D, BLOCK_NOPE, BLOCK_HALF)
+            tl.debug_barrier()
+            src = kvn_ptr
         for i in range(S):
             row = (b * S + i).to(tl.int64)
-            encode_row(kv_ptr + row * D, new_ptr + row * W, D, NOPE, ROPE, W, FMT, BLOCK_D, BLOCK_G, BLOCK_R)
-        tl.debug_barrier()
+            encode_row(src + row * D, new_ptr + row * W, D, NOPE, ROPE, W, FMT, BLOCK_D, BLOCK_G, BLOCK_R, NEW_CACHE)
     if DEVICE_POS:
         pos0 = tl.load(pos_ptr).to(tl.int32)
     n_old = tl.minimum(n_old, pos0)
@@ -105,9 +117,19 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     token = b * S + s
+    if Q_NORM:  # (every run of a split writes the same bytes)
+        for h in range(hb * BLOCK_H, tl.minimum(hb * BLOCK_H + BLOCK_H, H)):
+            row = (token * H + h).to(tl.int64) * D
+            norm_rope_row(q_ptr + row, q_ptr, qn_ptr + row, tl.load(rpos_ptr + s), inv_ptr, q_rope, q_eps, D,
+                          D - 2 * HALF, HALF, Q_INV, False, BLOCK_D, BLOCK_NOPE, BLOCK_HALF)
+    if ENCODE or Q_NORM:
+        tl.debug_barrier()
     q_off = (token * H + heads[:, None]).to(tl.int64) * D + offs_d[None, :]
     q_mask = (heads[:, None] < H) & (offs_d[None, :] < D)
-    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)  # [BH, BD]
+    if Q_NORM:
+        q = tl.load(qn_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")  # [BH, BD]
+    else:
+        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)
     if DOT == "bf16":
         q = to_bf16(q, NATIVE)
     m_i = tl.load(sinks_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)  # [BH]
@@ -377,7 +399,8 @@ def _write_ring(ring, stored, pos0):
             ring[:, :n - first] = stored[:, s - n + first:]
 
 
-def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format, rope_dim, config, into, out_rope):
+def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format, rope_dim, config, into, out_rope,
+            in_norm=None):
     """q: [B, S, H, D] roped queries, kv: [B, S, D] roped keys (= values) of the new tokens, sinks: [H],
     selected: [B, S, K] entry indices (-1 = none) or None; state: (ring [B, window-1, W],) or
     (ring, entries [B, T, W] or a tiered store), stored in `kv_format` with `rope_dim` RoPE channels.
@@ -385,7 +408,9 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
     (common.position): the launches are then the same at every position, the key runs of a split sized
     for the most keys a query can have (window - 1 + S, plus top-k or the HCA entries' capacity).
     out_rope: None, or attention_rope's (positions, inv_freq, inverse, rope scale): the output roped in the
-    kernel."""
+    kernel. in_norm (with out_rope): None, or norm_attention_rope's (kv norm weight, q's rms_norm_rope attributes,
+    kv's): q and kv are then the raw queries and keys, normed and roped at out_rope's positions and inv_freq by the
+    kernel (kv from ENCODE_MAX_TOKENS + 1 new tokens on by the rms_norm_rope kernel first)."""
     _check_inputs(q, kv, sinks, selected, state, window, rate, kv_format, rope_dim)
     host_pos = position(pos0, q.device)
     q, kv, sinks = q.contiguous(), kv.contiguous(), sinks.contiguous()  # inputs may be views; state may not
@@ -398,6 +423,9 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
     # less), or by the encode kernel
     encode = batch * s > 0 and config_switch("ENCODE_IN_KERNEL", cfg["ENCODE_IN_KERNEL"], [
         (s <= ENCODE_MAX_TOKENS, f"at most {ENCODE_MAX_TOKENS} new tokens a call (here {s})")], "attention")
+    kv_weight, q_norm, kv_norm = in_norm or (None, None, None)
+    if kv_norm is not None and not encode:
+        kv, kv_norm = rms_norm_rope(kv, out_rope[0], out_rope[1], kv_weight, **kv_norm), None
     stored = storage_for(kv, kv_format, rope_dim) if encode else encode_kv(kv, kv_format, rope_dim)
     mode, entries, table, ent_stride = _entry_source(state, selected, batch, s, host_pos, rate, kv_format, width)
     k = table.shape[-1] if table is not None else 0
@@ -424,19 +452,25 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
         dot = _dot_precision(cfg, q.device)
         rpos, inv, inverse, rope_scale = out_rope or (new, new, False, 1.0)
         half = inv.shape[0] if out_rope else 0
+        q_n, kv_n = q_norm or {}, kv_norm or {}
         _attention_kernel[(h_blocks * split, s, batch)](
             q, kv, storage_view(ring) if slots else new, new, storage_view(entries) if entries is not None else new,
             table if table is not None else new, sinks, part, ml, out, counters if counters is not None else new,
-            pos0 if host_pos is None else new, rpos, inv, s, heads, k, host_pos or 0, slots, max(slots, 1), window,
-            max(rate, 1), ent_stride, float(scale), per, float(rope_scale), D=d, NOPE=d - rope_dim, ROPE=rope_dim,
+            pos0 if host_pos is None else new, rpos, inv,
+            torch.empty(q.shape, dtype=torch.float32, device=q.device) if q_norm else new,
+            torch.empty(kv.shape, dtype=torch.float32, device=q.device) if kv_norm else new,
+            kv_weight if kv_norm else new, s, heads, k, host_pos or 0, slots, max(slots, 1), window, max(rate, 1),
+            ent_stride, float(scale), per, float(rope_scale), float(q_n.get("eps", 0.0)), float(q_n.get("scale", 1.0)),
+            float(kv_n.get("eps", 0.0)), float(kv_n.get("scale", 1.0)), D=d, NOPE=d - rope_dim, ROPE=rope_dim,
             W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split, DOT=dot,
             KDT=tl.bfloat16 if dot == "bf16" else tl.float32, NATIVE=native_cvt(q.device),
             DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None, RING=counters is not None and slots > 0,
             OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode,
             NEW_CACHE=".cg" if encode else "", BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width), BLOCK_HALF=next_pow2(max(half, 1)),
-            BLOCK_G=blocks["BLOCK_G"], BLOCK_R=blocks["BLOCK_R"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            BLOCK_G=blocks["BLOCK_G"], BLOCK_R=blocks["BLOCK_R"], Q_NORM=q_norm is not None,
+            KV_NORM=kv_norm is not None, Q_INV=bool(q_n.get("inverse", False)), KV_INV=bool(kv_n.get("inverse", False)),
+            BLOCK_NOPE=next_pow2(d - 2 * half), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if split > 1 and counters is None:
             rows = batch * s * heads
             block_r = 16
@@ -450,25 +484,6 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
     return out
 
 
-def attention_rope(q, kv, sinks, positions, inv_freq, selected=None, *, state, pos0, window, rate=0, scale,
-                   kv_format="f32", rope_dim=0, out_rope, config=None, into=None):
-    """rope(attention(q, kv, sinks, selected, ..), positions, inv_freq, **out_rope) in one launch (the fuse pass's
-    attention_rope: V4's inverse RoPE of the attention output): the program that finishes an output row (or the
-    combine kernel) rotates its trailing 2 len(inv_freq) channels as the rope kernel does, the same bits.
-    out_rope: the rope's attributes {inverse?, scale?}."""
-    check(isinstance(out_rope, dict) and set(out_rope) <= {"inverse", "scale"},
-          f"out_rope: expected the rope's attributes {{inverse?, scale?}}, got {out_rope!r}")
-    check_tensor("positions", positions, dtypes=INDEX_DTYPES, dim=1, contiguous=False)
-    check_tensor("inv_freq", inv_freq, dtypes=FLOAT_DTYPES, dim=1, contiguous=False)
-    check(positions.shape[0] == q.shape[1], f"positions: expected [{q.shape[1]}] (one per token), got "
-                                            f"{list(positions.shape)}")
-    check(2 * inv_freq.shape[0] <= q.shape[-1], f"inv_freq: {inv_freq.shape[0]} pairs do not fit {q.shape[-1]} channels")
-    same_device(q=q, positions=positions, inv_freq=inv_freq)
-    rope = (positions.contiguous(), inv_freq.float().contiguous(), out_rope.get("inverse", False),
-            out_rope.get("scale", 1.0))
-    return _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format, rope_dim, config, into, rope)
-
-
 def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale, kv_format="f32", rope_dim=0,
               config=None, into=None):
     """_attend without the output RoPE (see there)."""
@@ -476,5 +491,4 @@ def attention(q, kv, sinks, selected=None, *, state, pos0, window, rate=0, scale
 
 
 attention.device_position = True  # takes pos0 as a device tensor (common.position)
-attention_rope.device_position = True
-LAUNCHERS = {"attention": attention, "attention_rope": attention_rope}
+LAUNCHERS = {"attention": attention}

@@ -67,13 +67,13 @@ def load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE
 
 @triton.jit
 def encode_row(x_row, out_row, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-               BLOCK_R: tl.constexpr):
-    """One storage row: x_row [D] float -> out_row [W] (f32 / bf16 bits / fp8_split bytes, its padding bytes
-    zero). fp8_split per 64-channel nope group:
+               BLOCK_R: tl.constexpr, CACHE: tl.constexpr):
+    """One storage row: x_row [D] float (read with cache modifier CACHE) -> out_row [W] (f32 / bf16 bits / fp8_split
+    bytes, its padding bytes zero). fp8_split per 64-channel nope group:
     e = ceil_log2(max(amax, 1e-4) / 448) (exact), byte e + 127, codes e4m3(clamp(x / 2^e, +-448))."""
     if FMT == 0 or FMT == 1:
         d = tl.arange(0, BLOCK_D)
-        x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
+        x = tl.load(x_row + d, mask=d < D, other=0.0, cache_modifier=CACHE).to(tl.float32)
         if FMT == 0:
             tl.store(out_row + d, x, mask=d < D)
         else:
@@ -81,12 +81,12 @@ def encode_row(x_row, out_row, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D: tl.
     else:
         g = tl.arange(0, BLOCK_G)  # [BG] nope groups
         d = g[:, None] * 64 + tl.arange(0, 64)[None, :]  # [BG, 64]
-        x = tl.load(x_row + d, mask=d < NOPE, other=0.0).to(tl.float32)
+        x = tl.load(x_row + d, mask=d < NOPE, other=0.0, cache_modifier=CACHE).to(tl.float32)
         e = ceil_log2(group_scale(tl.max(tl.abs(x), axis=1), E4M3_MAX, False))  # [BG] UE8M0 exponents
         tl.store(out_row + d, e4m3_quant(x, pow2(e)[:, None]).to(tl.uint8), mask=d < NOPE)
         tl.store(out_row + NOPE + 2 * ROPE + g, (e + 127).to(tl.uint8), mask=g * 64 < NOPE)
         r = tl.arange(0, BLOCK_R)
-        bits = bf16_bits(tl.load(x_row + NOPE + r, mask=r < ROPE, other=0.0).to(tl.float32))
+        bits = bf16_bits(tl.load(x_row + NOPE + r, mask=r < ROPE, other=0.0, cache_modifier=CACHE).to(tl.float32))
         tl.store(out_row + NOPE + 2 * r, (bits & 0xFF).to(tl.uint8), mask=r < ROPE)
         tl.store(out_row + NOPE + 2 * r + 1, (bits >> 8).to(tl.uint8), mask=r < ROPE)
         pad = NOPE + 2 * ROPE + (NOPE + 63) // 64 + tl.arange(0, 8)  # to a multiple of 8 bytes
@@ -98,7 +98,7 @@ def _encode_kernel(x_ptr, out_ptr, D, NOPE, ROPE, W, FMT: tl.constexpr, BLOCK_D:
                    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
     """One storage row per program (encode_row): x [R, D] float -> out [R, W]."""
     row = tl.program_id(0).to(tl.int64)
-    encode_row(x_ptr + row * D, out_ptr + row * W, D, NOPE, ROPE, W, FMT, BLOCK_D, BLOCK_G, BLOCK_R)
+    encode_row(x_ptr + row * D, out_ptr + row * W, D, NOPE, ROPE, W, FMT, BLOCK_D, BLOCK_G, BLOCK_R, "")
 
 
 # --- host ------------------------------------------------------------------------------------

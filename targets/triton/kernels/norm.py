@@ -137,14 +137,10 @@ def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.conste
 
 
 @triton.jit
-def _rms_norm_rope_kernel(x_ptr, pos_ptr, inv_ptr, w_ptr, y_ptr, S, H, scale, eps, D: tl.constexpr,
-                          NOPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr, HAS_W: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """One row of x viewed as [B*S*H, D] per program (position pos[(row // H) % S]): y = x * rstd [* w] as
-    _rms_norm_kernel computes it (the same row sum, so the same bits), then the trailing pairs rotated as
-    _rope_kernel does."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row, y_row = x_ptr + row * D, y_ptr + row * D
+def norm_rope_row(x_row, w_ptr, y_row, pos, inv_ptr, scale, eps, D, NOPE, HALF, INVERSE: tl.constexpr,
+                  HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One row x_row[0:D] to y_row: y = x * rstd [* w] as _rms_norm_kernel computes it (the same row sum, so the same
+    bits), then the trailing pairs rotated at position pos as _rope_kernel does."""
     rstd = _rstd(x_row, D, eps, BLOCK_D, "")
     c = tl.arange(0, BLOCK_NOPE)
     nope = tl.load(x_row + c, mask=c < NOPE, other=0.0).to(tl.float32) * rstd
@@ -156,10 +152,19 @@ def _rms_norm_rope_kernel(x_ptr, pos_ptr, inv_ptr, w_ptr, y_ptr, S, H, scale, ep
         a = tl.load(w_ptr + NOPE + 2 * i, mask=i < HALF, other=0.0).to(tl.float32) * a
         b = tl.load(w_ptr + NOPE + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32) * b
     tl.store(y_row + c, nope, mask=c < NOPE)
-    pos = tl.load(pos_ptr + (row // H) % S).to(tl.float32)
-    a, b = rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE)
+    a, b = rotate(a, b, pos.to(tl.float32), inv_ptr, i, HALF, scale, INVERSE)
     tl.store(y_row + NOPE + 2 * i, a, mask=i < HALF)
     tl.store(y_row + NOPE + 2 * i + 1, b, mask=i < HALF)
+
+
+@triton.jit
+def _rms_norm_rope_kernel(x_ptr, pos_ptr, inv_ptr, w_ptr, y_ptr, S, H, scale, eps, D: tl.constexpr,
+                          NOPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr, HAS_W: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One row of x viewed as [B*S*H, D] per program (position pos[(row // H) % S]): norm_rope_row."""
+    row = tl.program_id(0).to(tl.int64)
+    norm_rope_row(x_ptr + row * D, w_ptr, y_ptr + row * D, tl.load(pos_ptr + (row // H) % S), inv_ptr, scale, eps, D,
+                  NOPE, HALF, INVERSE, HAS_W, BLOCK_D, BLOCK_NOPE, BLOCK_HALF)
 
 
 # --- host side ----------------------------------------------------------------------------------
