@@ -109,6 +109,21 @@ def _no_launch(*args, **kwargs):
     raise AssertionError("launched though the attention kernel finishes in-kernel")
 
 
+def _fused_is_apart(args, state, kwargs, apart_config, fused_config, launches, monkeypatch, garbage=False):
+    """attention with `fused_config`, the module's `launches` failing if called (and with `garbage` the new keys'
+    storage handed over full of garbage), equals attention with `apart_config`: outputs and states, bit for bit."""
+    apart_state, fused_state = clone(state), clone(state)
+    apart = attention(*args, state=apart_state, **kwargs, config=apart_config)
+    with monkeypatch.context() as m:
+        for name in launches:
+            m.setattr(module, name, _no_launch)
+        if garbage:
+            _garbage_storage(m)
+        fused = attention(*args, state=fused_state, **kwargs, config=fused_config)
+    assert torch.equal(fused, apart), kwargs
+    assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state, strict=True)), kwargs
+
+
 @pytest.mark.parametrize("mode", ["sliding", "csa", "hca"])
 @pytest.mark.parametrize("split", [1, 3])
 def test_the_last_program_merges_the_runs_and_writes_the_ring(mode, split, monkeypatch):
@@ -122,17 +137,8 @@ def test_the_last_program_merges_the_runs_and_writes_the_ring(mode, split, monke
         args, state, kwargs = make_case("fp8_split", batch, s, window, pos0, mode, seed=seed, capacity=40, heads=19)
         config = {"BLOCK_N": 16, "BLOCK_H": 16, "SPLIT_KV": split, "DOT": "ieee"}
         for pos in (pos0, torch.tensor([pos0, 7])):
-            apart_state = clone(state)
-            apart = attention(*args, state=apart_state, **dict(kwargs, pos0=pos),
-                              config={**config, "SUM_IN_KERNEL": False})
-            with monkeypatch.context() as m:
-                m.setattr(module, "_combine_kernel", _no_launch)
-                m.setattr(module, "_write_ring", _no_launch)
-                fused_state = clone(state)
-                fused = attention(*args, state=fused_state, **dict(kwargs, pos0=pos),
-                                  config={**config, "SUM_IN_KERNEL": True})
-            assert torch.equal(fused, apart), (batch, s, pos)
-            assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state)), (batch, s, pos)
+            _fused_is_apart(args, state, dict(kwargs, pos0=pos), {**config, "SUM_IN_KERNEL": False},
+                            {**config, "SUM_IN_KERNEL": True}, ["_combine_kernel", "_write_ring"], monkeypatch)
     assert not common.tile_counters(torch.device("cpu"), 1).any()
 
 
@@ -197,16 +203,8 @@ def test_the_attention_programs_encode_the_new_keys(fmt, mode, config, monkeypat
     for batch, s, window, pos0, seed in [(2, 1, 40, 60, 61), (1, 4, 40, 0, 62), (2, 3, 3, 5, 63)]:
         args, state, kwargs = make_case(fmt, batch, s, window, pos0, mode, seed=seed, capacity=40, heads=19)
         for pos in (pos0, torch.tensor([pos0, 7])):
-            apart_state = clone(state)
-            apart = attention(*args, state=apart_state, **dict(kwargs, pos0=pos),
-                              config={**config, "ENCODE_IN_KERNEL": False})
-            with monkeypatch.context() as m:
-                m.setattr(module, "encode_kv", _no_launch)
-                _garbage_storage(m)
-                fused_state = clone(state)
-                fused = attention(*args, state=fused_state, **dict(kwargs, pos0=pos), config=config)
-            assert torch.equal(fused, apart), (batch, s, pos)
-            assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state, strict=True)), (batch, s, pos)
+            _fused_is_apart(args, state, dict(kwargs, pos0=pos), {**config, "ENCODE_IN_KERNEL": False}, config,
+                            ["encode_kv"], monkeypatch, garbage=True)
 
 
 def test_encoding_in_the_kernel_is_for_a_few_tokens():
