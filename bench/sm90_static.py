@@ -201,8 +201,9 @@ def attention_cases(extra: list[dict], batches: list[int]) -> list[dict]:
 def indexer_cases(extra: list[dict], batches: list[int]) -> list[dict]:
     """The Lightning Indexer's scoring and top-k at V4-Flash's sizes: 64 heads x 128, top-512 of 4096 FP8 keys."""
     from v4c.runtime.quant import encode_entries
-    from v4c.targets.triton.kernels.indexer import index_topk
+    from v4c.targets.triton.kernels.indexer import index_topk, rope_index_topk
     heads, d, topk, cap, rate = 64, 128, 512, 4096, 4
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2) / 64)
     out = []
     for batch in batches:
         q, w = torch.randn(batch, 1, heads, d), torch.randn(batch, 1, heads)
@@ -214,6 +215,12 @@ def indexer_cases(extra: list[dict], batches: list[int]) -> list[dict]:
                         "call": lambda cfg=cfg, pos0=pos0, q=q, w=w, keys=keys: index_topk(
                             q, w, state=(keys,), pos0=pos0, topk=topk, rate=rate, score_scale=d ** -0.5,
                             weight_scale=heads ** -0.5, key_format="fp8_block", config=cfg)})
+        # the fuse pass's rope_index: the queries' RoPE (64 channels) in the score programs
+        out.append({"case": f"rope_index_topk fp8_block batch={batch} at a device position", "config": {},
+                    "call": lambda q=q, w=w, keys=keys: rope_index_topk(
+                        q, w, torch.tensor([cap * rate - 1]), inv_freq, state=(keys,),
+                        pos0=torch.tensor([cap * rate - 1]), topk=topk, rate=rate, score_scale=d ** -0.5,
+                        weight_scale=heads ** -0.5, key_format="fp8_block", q_rope={})})
     return out
 
 

@@ -3,7 +3,7 @@ norm read only by RoPE and that RoPE as one op (`norm_rope`); an add read only b
 (`add_post`); an hc_post and the next block's hc_pre as one op (`post_pre`), and with the norm that quantizes its
 collapsed row (`post_pre_quant`); a SwiGLU read only by an FP8 projection as one op (`swiglu_linear`); an
 attention read only by a RoPE as one op (`attention_rope`), and with the norms and RoPE of its queries and keys
-(`norm_attention`).
+(`norm_attention`); the indexer's query RoPE in its top-k op (`rope_index`).
 
     %y = rms_norm(%x, @w) {eps}                      %yq, %ys = rms_norm_quant(%x, @w) {eps, group, scale_format}
     %a = linear_fp8(%y, @A, @A.scale) {act}     ->   %a = linear_fp8(%yq, @A, @A.scale, %ys) {act}
@@ -100,6 +100,16 @@ and in a decode step (up to 4 new tokens, where they encode the new keys themsel
 rms_norm_rope kernel's row code (the same bits); from 5 new tokens on the launcher runs the rms_norm_rope kernel
 on the keys first.
 
+`rope_index`:
+
+    %qr = rope(%q, %positions, @inv_freq) {inverse?, scale?}    ->   %i = rope_index_topk(%q, %w, %positions, @inv_freq)
+    %i = index_topk(%qr, %w) {..} state(..)                               {.., q_rope: {inverse?, scale?}} state(..)
+
+for every `rope` whose only reader is an `index_topk` (as q) and which is not the program's output, in the
+index_topk's place. In V4 that is every CSA layer's indexer query RoPE: one launch a CSA layer fewer. Each
+Triton score program rotates its query's rows with the rope kernel's row code (the same bits) into scratch rows it
+reads back after a barrier.
+
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
 `rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
@@ -131,6 +141,8 @@ class Options(BaseModel):
                                                   "(V4's shared expert: its SwiGLU computed in the down projection)")
     norm_attention: bool = Field(True, description="the rms_norm_ropes of an attention_rope's queries and keys -> one "
                                                    "norm_attention_rope (V4's query norm and kv_norm with their RoPE)")
+    rope_index: bool = Field(True, description="rope read only by an index_topk (as q) -> one rope_index_topk (V4's "
+                                               "indexer query RoPE)")
 
 
 def check_order(options: Options, earlier: list) -> str | None:
@@ -232,10 +244,14 @@ def run(m: Module, options: Options, progress=None) -> Module:
         body, swiglus = _fold_into_reader(body, m.func.output.name, "swiglu", "linear_fp8", _swiglu_linear)
     if options.norm_attention:
         body, normed = _fold_norms_into_attention(body, m.func.output.name)
+    indexed = 0
+    if options.rope_index:
+        body, indexed = _fold_into_reader(body, m.func.output.name, "rope", "index_topk", _rope_index)
     out = m.replace(func=Function(m.func.inputs, body, m.func.output))
     out.counters["fuse"] = {"norm_quant": fused, "norm_quant_keeping_y": kept, "experts_reading_codes": experts,
                             "norm_rope": roped, "attention_rope": roped_out, "add_post": added, "post_pre": joined,
-                            "post_pre_quant": quantized, "swiglu_linear": swiglus, "norm_attention": normed}
+                            "post_pre_quant": quantized, "swiglu_linear": swiglus, "norm_attention": normed,
+                            "rope_index": indexed}
     return out
 
 
@@ -331,6 +347,13 @@ def _fold_norms_into_attention(body: list[Instr], output: str) -> tuple[list[Ins
     return [folded.get(id(ins), ins) for ins in body if id(ins) not in dropped], len(dropped)
 
 
+def _rope_index(rope: Instr, index: Instr) -> Instr:
+    """rope_index_topk(q, weights, positions, inv_freq) {index_topk's attributes, q_rope: the rope's}, with the
+    index_topk's state."""
+    return Instr("rope_index_topk", [rope.operands[0], index.operands[1], *rope.operands[1:]], index.results,
+                 {**index.attrs, "q_rope": dict(rope.attrs)}, list(index.state))
+
+
 def _add_post(add: Instr, post: Instr) -> Instr | None:
     """hc_post(a, streams, post, comb, b) for a = add(a, b) of two values of the block output's shape (no
     broadcast), into an hc_post without an addend yet."""
@@ -356,16 +379,17 @@ def unfuse(m: Module) -> tuple[Module, int]:
     rms_norm then rope, every hc_post_pre back to hc_post then hc_pre, every hc_post with an addend back to add
     then hc_post, every hc_post_pre_quant back to hc_post_pre then rms_norm_quant (and on), every swiglu_linear_fp8
     back to swiglu then linear_fp8, every attention_rope back to attention then rope, every norm_attention_rope back
-    to its two rms_norm_ropes (and on) then attention_rope (and on). -> (module, ops unfused)."""
+    to its two rms_norm_ropes (and on) then attention_rope (and on), every rope_index_topk back to rope then
+    index_topk. -> (module, ops unfused)."""
     names = {v.name for v in m.func.inputs} | {r.name for ins in m.func.body for r in ins.results}
     body, norm_of, undone = [], {}, 0  # codes name -> the norm's output; the other rules undone
     for fused in m.func.body:
         plain = _split(fused, names)
         undone += len(plain) - 1  # (an hc_post_pre with an addend undoes two rules, hc_post_pre_quant one more)
-        if fused.op == "norm_attention_rope":  # each norm and its rope back right after what they read (their place)
-            for pair in (plain[0:2], plain[2:4]):
-                _insert_after_producers(body, pair)
-            plain = plain[4:]
+        runs = HOISTED.get(fused.op, ())  # the input ops folded in, back right after what they read (their place)
+        for lo, hi in runs:
+            _insert_after_producers(body, plain[lo:hi])
+        plain = plain[runs[-1][1]:] if runs else plain
         for ins in plain:
             if ins.op == "rms_norm_quant":
                 codes, scales, *kept = ins.results
@@ -382,6 +406,11 @@ def unfuse(m: Module) -> tuple[Module, int]:
     return m.replace(func=Function(m.func.inputs, body, m.func.output)), len(norm_of) + undone
 
 
+# fused op -> the runs of its split (_split) that were ops on its inputs: the query norm and its rope, the key norm
+# and its rope; the indexer query's rope
+HOISTED = {"norm_attention_rope": ((0, 2), (2, 4)), "rope_index_topk": ((0, 1),)}
+
+
 def _insert_after_producers(body: list[Instr], ops: list[Instr]) -> None:
     """`ops` into body right after the last instruction making a value they read (at the start if none does)."""
     reads = {o.name for ins in ops for o in ins.operands if isinstance(o, Value)}
@@ -392,6 +421,12 @@ def _insert_after_producers(body: list[Instr], ops: list[Instr]) -> None:
 def _split(ins: Instr, names: set[str]) -> list[Instr]:
     """rms_norm_rope, hc_post_pre(_quant), hc_post with an addend and swiglu_linear_fp8 as the plain ops they fused;
     any other op as is (rms_norm_quant: unfuse's)."""
+    if ins.op == "rope_index_topk":
+        q, weights, positions, inv_freq = ins.operands
+        attrs = dict(ins.attrs)
+        qr = Value(_fresh(names, f"{ins.results[0].name}.q"), TensorType(q.type.shape, "f32"))
+        return [Instr("rope", [q, positions, inv_freq], [qr], attrs.pop("q_rope")),
+                Instr("index_topk", [qr, weights], ins.results, attrs, list(ins.state))]
     if ins.op == "norm_attention_rope":
         q, kv, kv_weight, sinks, positions, inv_freq, *selected = ins.operands
         attrs = dict(ins.attrs)

@@ -75,7 +75,7 @@ def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
     assert row["triton_launches_per_step"] >= row["entries_per_step"] > row["stateful_entries_per_step"] > 0
     assert {"norm_attention_rope", "linear_fp8", "moe_experts_q"} <= set(row["ops"])  # (fuse: attention, norms, RoPE)
     assert all(o["us_per_call"] > 0 for o in row["ops"].values())
-    assert {op for op, o in row["ops"].items() if o["stateful"]} <= {"compress", "index_topk", "norm_attention_rope"}
+    assert {op for op, o in row["ops"].items() if o["stateful"]} <= {"compress", "rope_index_topk", "norm_attention_rope"}
     # torch kernels besides the Triton launches: no result copied into its buffer, the experts' bookkeeping in
     # its own kernel; the split-K GEMMs' sums and the stateful ops' few are what is left
     per_op = sum(o["torch_kernels_per_call"] * o["calls_per_step"] for o in row["ops"].values())
@@ -101,7 +101,7 @@ def test_the_step_check_compares_every_launch_with_its_torch_kernel(tmp_path):
     spec.loader.exec_module(module)
     result = module.main(["--config", "hc4_mixed", "--device", "cpu", "--prompt", "20", "--new", "2",
                           "--out", str(tmp_path / "check.json")])
-    assert {"linear_fp8", "moe_experts_q", "norm_attention_rope", "index_topk", "hc_pre"} <= set(result["kernels"])
+    assert {"linear_fp8", "moe_experts_q", "norm_attention_rope", "rope_index_topk", "hc_pre"} <= set(result["kernels"])
     assert all(k["calls"] > 0 and k["max_err"] < 1e-5 for k in result["kernels"].values()), result["kernels"]
     # encoded entries: the compressor's pooled values differ from the reference's in summation order, which
     # moves a few fp32 indexer-key scales (stored as 4 bytes) by an ulp (measured: 3 of 180 bytes)

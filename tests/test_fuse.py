@@ -28,7 +28,7 @@ def _fp8(module, *passes, **fp8):
 
 
 RULES = ("norm_quant", "norm_rope", "attention_rope", "add_post", "post_pre", "post_pre_quant", "swiglu_linear",
-         "norm_attention")
+         "norm_attention", "rope_index")
 
 
 def _fuse_only(module, *rules):
@@ -136,10 +136,11 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     kept = [ins for ins in norms if ins.attrs.get("keep")]
     layers = module.config["num_layers"]
     roped = [ins for ins in fused.func.body if ins.op == "rms_norm_rope"]
-    assert fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
+    csa = sum(ins.op == "index_topk" for ins in plain.func.body)
+    assert csa and fused.counters["fuse"] == {"norm_quant": len(norms), "norm_quant_keeping_y": len(kept),
                                       "experts_reading_codes": layers, "norm_rope": len(roped), "attention_rope": layers, "add_post": layers,
                                       "post_pre": 2 * layers - 1, "post_pre_quant": 0, "swiglu_linear": layers,
-                                      "norm_attention": 0}  # (every norm apart)
+                                      "norm_attention": 0, "rope_index": csa}  # (every norm apart)
     assert len(roped) == 2 * layers  # the per-head query norm and kv_norm, each before its RoPE
     readers, weights = _readers(fused), set()
     for ins in norms:
@@ -167,7 +168,7 @@ def test_fuse_quantizes_each_norm_once_for_its_fp8_readers_and_changes_no_number
     assert sum(ins.op == "rms_norm" for ins in fused.func.body) == \
         sum(ins.op == "rms_norm" for ins in plain.func.body) - len(norms) - len(roped)
     assert sum(ins.op == "rope" for ins in fused.func.body) == \
-        sum(ins.op == "rope" for ins in plain.func.body) - len(roped) - layers  # (attention_rope: the inverse RoPEs)
+        sum(ins.op == "rope" for ins in plain.func.body) - len(roped) - layers - csa  # (attention_rope, rope_index)
     ids = tokens(2, 40, seed=3)
     a, b = interpret(plain, batch=2, prefill_chunk=16), interpret(fused, batch=2, prefill_chunk=16)
     for i in range(0, 40, 16):
@@ -471,3 +472,36 @@ def test_fuse_norms_and_ropes_each_attentions_queries_and_keys_in_the_attention(
     back, n = unfuse(fused)
     verify(back)
     assert n == 5 * layers and [ins.op for ins in back.func.body] == [ins.op for ins in plain.func.body]
+
+
+def test_fuse_ropes_each_indexer_query_in_its_top_k(module):
+    """rope_index: a rope whose only reader is an index_topk (as q) -> one rope_index_topk in the index_topk's
+    place (the raw q, the weights, the rope's positions and inv_freq; the index_topk's attributes and state, the
+    rope's as q_rope); every CSA layer's; the logits bit for bit (the torch kernel is index_topk over rope); a rope
+    with another reader stays; unfuse gives the two ops back in place."""
+    plain = _fp8(module)
+    fused = _fuse_only(plain, "rope_index")
+    verify(fused)
+    assert parse_module(print_module(fused)) == fused
+    by_result = {r.name: ins for ins in plain.func.body for r in ins.results}
+    indexers = {ins.results[0].name: ins for ins in plain.func.body if ins.op == "index_topk"}
+    assert len(indexers) == fused.counters["fuse"]["rope_index"] > 0
+    assert not any(ins.op == "index_topk" for ins in fused.func.body)
+    for ins in fused.func.body:
+        if ins.op == "rope_index_topk":
+            index = indexers[ins.results[0].name]
+            rope = by_result[index.operands[0].name]
+            assert rope.op == "rope" and ins.operands == [rope.operands[0], index.operands[1], *rope.operands[1:]]
+            assert ins.attrs == {**index.attrs, "q_rope": rope.attrs} and ins.state == index.state
+    ids = tokens(1, 40, seed=13)
+    assert torch.equal(interpret(plain, prefill_chunk=16).forward(ids), interpret(fused, prefill_chunk=16).forward(ids))
+    body = list(plain.func.body)
+    rope = by_result[next(iter(indexers.values())).operands[0].name]
+    body.insert(body.index(rope) + 1, Instr("add", [rope.results[0], rope.results[0]],
+                                            [Value("extra", rope.results[0].type)]))
+    changed = plain.replace(func=type(plain.func)(plain.func.inputs, body, plain.func.output))
+    verify(changed)
+    assert _fuse_only(changed, "rope_index").counters["fuse"]["rope_index"] == len(indexers) - 1
+    back, n = unfuse(fused)
+    verify(back)
+    assert n == len(indexers) and [ins.op for ins in back.func.body] == [ins.op for ins in plain.func.body]

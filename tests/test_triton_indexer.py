@@ -6,11 +6,14 @@ import pytest
 import torch
 from v4c.runtime.kernels.attention import index_scores as ref_scores
 from v4c.runtime.kernels.attention import index_topk as ref_topk
+from v4c.runtime.kernels.attention import rope_index_topk as ref_rope_topk
 from v4c.runtime.kv_tiers import PagedEntries, PagePool, TierAllocator, TierStats
 from v4c.runtime.quant import decode_entries, encode_entries
 from v4c.targets.triton.kernels import common
 from v4c.targets.triton.kernels import indexer as module
-from v4c.targets.triton.kernels.indexer import _config, index_scores, index_topk
+from v4c.targets.triton.kernels import norm
+from v4c.targets.triton.kernels.indexer import _config, index_scores, index_topk, rope_index_topk
+from v4c.targets.triton.kernels.norm import rope as rope_kernel
 
 FORMATS = ["f32", "bf16", "fp8_block", "fp4_block"]
 SCALES = {"score_scale": 0.5, "weight_scale": 0.25}
@@ -182,7 +185,53 @@ def test_a_device_position_needs_dense_keys():
 
 
 def test_launcher_is_registered():
-    assert module.LAUNCHERS == {"index_topk": index_topk}
+    assert module.LAUNCHERS == {"index_topk": index_topk, "rope_index_topk": rope_index_topk}
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_block"])
+@pytest.mark.parametrize("config", [{"BLOCK_T": 4}, {"BLOCK_T": 4, "SUM_IN_KERNEL": False}], ids=["select", "apart"])
+def test_rope_index_topk_is_the_rope_kernel_then_index_topk(fmt, config, monkeypatch):
+    """One launch (with SUM_IN_KERNEL): every score program rotates its query's rows (the rope kernel's code),
+    bit for bit the rope kernel then index_topk: the scores and the picks, at an int and a device position, with
+    a RoPE scale and an inverse one, over several score programs a query; within the reference's picks. The rope
+    kernel is not launched. Decode and a prefill, each token at its own position; 5 heads (a padded head block)."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)  # 4 pairs: the last 8 of 24 channels
+    for batch, s, pos0, seed in [(2, 1, 30, 81), (1, 4, 9, 82)]:
+        q, w, keys = make_case(fmt, batch, s, 5, 24, 40, seed=seed)
+        positions = torch.arange(pos0, pos0 + s)
+        for q_rope in ({"inverse": True}, {"scale": 0.8}):
+            roped = rope_kernel(q, positions, inv_freq, **q_rope)
+            kw = dict(state=(keys,), topk=5, rate=1, key_format=fmt, config=config, **SCALES)
+            for pos in (pos0, torch.tensor([pos0, 7])):
+                apart = index_topk(roped, w, **kw, pos0=pos)
+                with monkeypatch.context() as m:
+                    m.setattr(norm, "_rope_kernel", None)  # (not launched)
+                    ours = rope_index_topk(q, w, positions, inv_freq, **kw, pos0=pos, q_rope=q_rope)
+                assert torch.equal(ours, apart), (batch, s, pos)
+                scores = dict(pos0=pos, rate=1, key_format=fmt, cfg=_config(config), **SCALES)
+                rope = (positions, inv_freq, q_rope.get("inverse", False), q_rope.get("scale", 1.0))
+                ours_scores, apart_scores = (index_scores(x, w, keys, **scores, rope=r) for x, r in ((q, rope),
+                                                                                                    (roped, None)))
+                causal = pos0 + 1  # (every token's; at a device position later scores are not written)
+                assert torch.equal(ours_scores[..., :causal], apart_scores[..., :causal])
+            ref = ref_rope_topk(q, w, positions, inv_freq, state=(keys,), pos0=pos0, topk=5, rate=1, key_format=fmt,
+                                q_rope=q_rope, **SCALES)
+            assert (ours == ref).float().mean() >= 0.8  # (the rope kernel's rounding may swap a near tie)
+
+
+def test_rope_index_topk_checks_its_rope():
+    q, w, keys = make_case("f32", 1, 2, 3, 24, 8, seed=83)
+    kw = dict(state=(keys,), pos0=4, topk=2, rate=1, **SCALES)
+    positions, inv_freq = torch.arange(4, 6), torch.ones(4)
+    for changes, message in [
+        (dict(q_rope={"theta": 1}), "q_rope: expected the rope's attributes"),
+        (dict(positions=positions[:1]), r"positions: expected \[2\] \(one per token\)"),
+        (dict(positions=positions.float()), "positions: dtype"),
+        (dict(inv_freq=torch.ones(13)), "inv_freq: 13 pairs do not fit 24 channels"),
+    ]:
+        call = {"positions": positions, "inv_freq": inv_freq, "q_rope": {}, **changes}
+        with pytest.raises(ValueError, match=message):
+            rope_index_topk(q, w, call.pop("positions"), call.pop("inv_freq"), **kw, **call)
 
 
 def bad(**changes):

@@ -5,7 +5,7 @@ Stateless kernels are called `fn(*inputs, **attrs)`; stateful ones (in `STATEFUL
 this call). The IR's op registry uses these as the reference implementation of each op.
 """
 
-from .attention import attention, attention_rope, index_topk, norm_attention_rope
+from .attention import attention, attention_rope, index_topk, norm_attention_rope, rope_index_topk
 from .basic import add, embed, grouped_linear, linear, linear_cat, reshape, rms_norm, rms_norm_rope, rope, swiglu
 from .compressor import compress
 from .hyper import hc_expand, hc_head, hc_post, hc_post_pre, hc_pre
@@ -34,6 +34,7 @@ KERNELS = {
     "moe_experts": moe_experts,
     "compress": compress,
     "index_topk": index_topk,
+    "rope_index_topk": rope_index_topk,
     "attention": attention,
     "attention_rope": attention_rope,
     "norm_attention_rope": norm_attention_rope,
@@ -48,5 +49,6 @@ KERNELS = {
     "linear_fp8_cat": linear_fp8_cat,
 }
 
-ATTENTION = frozenset({"attention", "attention_rope", "norm_attention_rope"})  # the ops that read (and write) a KV ring
-STATEFUL = frozenset({"compress", "index_topk"}) | ATTENTION
+# the ops that read (and write) a KV ring
+ATTENTION = frozenset({"attention", "attention_rope", "norm_attention_rope"})
+STATEFUL = frozenset({"compress", "index_topk", "rope_index_topk"}) | ATTENTION

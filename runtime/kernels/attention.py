@@ -109,6 +109,14 @@ def index_scores(q, weights, keys, *, score_scale, weight_scale):
     return (scores * (weights.float() * weight_scale).unsqueeze(-1)).sum(dim=2)
 
 
+def rope_index_topk(q, weights, positions, inv_freq, *, state, pos0, topk, rate, score_scale, weight_scale,
+                    key_format="f32", q_rope):
+    """index_topk(rope(q, positions, inv_freq, **q_rope), ..): the fuse pass's one op for the indexer's queries
+    roped only for it; q_rope: the rope's attributes {inverse?, scale?}."""
+    return index_topk(rope(q, positions, inv_freq, **q_rope), weights, state=state, pos0=pos0, topk=topk, rate=rate,
+                      score_scale=score_scale, weight_scale=weight_scale, key_format=key_format)
+
+
 def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale, key_format="f32"):
     """Pick up to `topk` causal compressed entries per query by indexer score.
     q: [B, S, H, Di] roped indexer queries, weights: [B, S, H]; state: (indexer keys [B, T, ...] in

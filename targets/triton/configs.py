@@ -58,7 +58,8 @@ CANDIDATES = {
 FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "grouped_linear": "gemm",
           "grouped_linear_fp8": "gemm", "linear_cat": "gemm", "linear_fp8_cat": "gemm",
           "moe_experts": "experts", "moe_experts_q": "experts", "attention": "attention",
-          "attention_rope": "attention", "norm_attention_rope": "attention", "index_topk": "index_topk"}
+          "attention_rope": "attention", "norm_attention_rope": "attention", "index_topk": "index_topk",
+          "rope_index_topk": "index_topk"}
 
 
 def heuristic(op: str) -> list[dict]:

@@ -49,7 +49,7 @@ def _int_operand(m: Module, ins, role: int, shape: list[int], pos0: int, gen) ->
     if ins.op in ("moe_experts", "moe_experts_q") and role == 2:
         experts = m.params[ins.operands[3].name].shape[0]  # gate_up: [E, ...]
         return torch.rand(*shape[:-1], experts, generator=gen).topk(shape[-1], dim=-1).indices
-    if (ins.op, role) in (("attention_rope", 3), ("norm_attention_rope", 4)):  # positions
+    if (ins.op, role) in (("attention_rope", 3), ("norm_attention_rope", 4), ("rope_index_topk", 2)):  # positions
         return torch.arange(pos0, pos0 + shape[0])
     if (ins.op, role) in (("attention", 3), ("attention_rope", 5), ("norm_attention_rope", 6)):
         visible = max((pos0 + 1) // ins.attrs["rate"], 1)

@@ -246,6 +246,14 @@ def _index_topk(ins, st, a):
     return [i64(b, s, a["topk"])]
 
 
+def _rope_index_topk(ins, st, a):
+    q, w, positions, inv_freq = ins
+    expect(isinstance(a.get("q_rope"), dict) and set(a["q_rope"]) <= {"inverse", "scale"},
+           f"q_rope must be the rope's attributes {{inverse?, scale?}}, got {a.get('q_rope')!r}")
+    _rope([q, positions, inv_freq], st, a["q_rope"])
+    return _index_topk([q, w], st, a)
+
+
 def _attention_state(a):
     return ("ring",) if a["rate"] == 0 else ("ring", "entries")
 
@@ -432,6 +440,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
           attrs=("rate", "overlap", "eps")),
     OpDef("index_topk", ("q", "weights"), _index_topk, lambda a: ("entries",),
           attrs=("topk", "rate", "score_scale", "weight_scale")),
+    OpDef("rope_index_topk", ("q", "weights", "positions", "inv_freq"), _rope_index_topk, lambda a: ("entries",),
+          attrs=("topk", "rate", "score_scale", "weight_scale", "q_rope")),
     OpDef("attention", ("q", "kv", "sinks", "selected?"), _attention, _attention_state,
           attrs=("window", "rate", "scale")),
     OpDef("attention_rope", ("q", "kv", "sinks", "positions", "inv_freq", "selected?"), _attention_rope,

@@ -21,6 +21,7 @@ import triton.language as tl
 from .common import (STORAGE_DTYPES, arrived_last, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout,
                      in_kernel_counters, launch_config, next_pow2, position, result, same_device, sm_count,
                      ue8m0_value)
+from .norm import rope_rows
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,27 +62,40 @@ def _load_keys(base, rows, row_ok, offs_d, D: tl.constexpr, W: tl.constexpr, FMT
 
 
 @triton.jit
-def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, S, H, T, TOPK, pos0, rate, k_stride,
-                  score_scale, weight_scale, D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr,
-                  DEVICE_POS: tl.constexpr, SELECT: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, qr_ptr, rpos_ptr, inv_ptr, S, H, T, TOPK,
+                  pos0, rate, k_stride, score_scale, weight_scale, rope_scale, D: tl.constexpr, W: tl.constexpr,
+                  FMT: tl.constexpr, DEVICE_POS: tl.constexpr, SELECT: tl.constexpr, KP: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, Q_ROPE: tl.constexpr, HALF: tl.constexpr,
+                  INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  Q_CACHE: tl.constexpr):
     """out[b, s, w] for w in one key tile (w < T), -inf where w >= (pos0 + s + 1) // rate.
     Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W].
     DEVICE_POS: pos0 is read from pos_ptr, T is the keys' capacity, the grid's third axis is a fixed number of
     programs (not one per tile of the capacity), each scoring every num_programs-th tile of the causal
     entries; tiles past them are not written (the selection reads only causal scores).
     SELECT: the last of query (b, s)'s programs to arrive at cnt_ptr[b * S + s] (common.arrived_last) then picks
-    its top-k into sel_ptr, as _topk_kernel does (one launch fewer)."""
+    its top-k into sel_ptr, as _topk_kernel does (one launch fewer).
+    Q_ROPE (rope_index_topk): q is the raw queries; each program first rotates its query's H rows into qr at
+    position rpos[s] (norm.rope_rows, the rope kernel's row code: inv_ptr, rope_scale, INVERSE; every program of
+    the query writes the same bytes) and reads them back past L1 (Q_CACHE ".cg") after a barrier."""
     s, b, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_src = q_ptr
+    if Q_ROPE:
+        heads = tl.arange(0, BLOCK_H)
+        rows = (b * S + s).to(tl.int64) * H + heads
+        rope_rows(q_ptr, qr_ptr, rows, heads < H, tl.load(rpos_ptr + s + 0 * heads), inv_ptr, rope_scale, D,
+                  D - 2 * HALF, HALF, INVERSE, BLOCK_NOPE, BLOCK_HALF)
+        tl.debug_barrier()
+        q_src = qr_ptr
     if DEVICE_POS:
         pos0 = tl.load(pos_ptr).to(tl.int32)
         limit = (pos0 + s + 1) // rate
         for tile in range(tb, tl.cdiv(limit, BLOCK_T), tl.num_programs(2)):
-            _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tile, limit, S, H, T, k_stride, score_scale,
-                        weight_scale, D, W, FMT, BLOCK_T, BLOCK_D)
+            _score_tile(q_src, w_ptr, k_ptr, out_ptr, s, b, tile, limit, S, H, T, k_stride, score_scale,
+                        weight_scale, D, W, FMT, BLOCK_T, BLOCK_D, Q_CACHE)
     else:
-        _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tb, (pos0 + s + 1) // rate, S, H, T, k_stride, score_scale,
-                    weight_scale, D, W, FMT, BLOCK_T, BLOCK_D)
+        _score_tile(q_src, w_ptr, k_ptr, out_ptr, s, b, tb, (pos0 + s + 1) // rate, S, H, T, k_stride, score_scale,
+                    weight_scale, D, W, FMT, BLOCK_T, BLOCK_D, Q_CACHE)
     if SELECT:
         if arrived_last(cnt_ptr + b * S + s, tl.num_programs(2)):
             _select(out_ptr, sel_ptr, s, b, S, T, TOPK, pos0, rate, KP, ".cg")  # (other SMs wrote the scores)
@@ -89,7 +103,8 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, S, H,
 
 @triton.jit
 def _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tb, limit, S, H, T, k_stride, score_scale, weight_scale,
-                D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                D: tl.constexpr, W: tl.constexpr, FMT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                Q_CACHE: tl.constexpr):
     """Key tile tb of query (b, s), whose causal entries are w < limit.
     One head at a time: its [BT] dots are the key tile times the head's query row, summed over the channels
     (fp32 FMAs). An fp32 tl.dot over a block of heads lowers, without tensor cores, to operands that hold
@@ -100,7 +115,8 @@ def _score_tile(q_ptr, w_ptr, k_ptr, out_ptr, s, b, tb, limit, S, H, T, k_stride
     token = (b * S + s).to(tl.int64)
     acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for h in range(0, H):
-        q = tl.load(q_ptr + (token * H + h) * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)  # [BD]
+        q = tl.load(q_ptr + (token * H + h) * D + offs_d, mask=offs_d < D, other=0.0,
+                    cache_modifier=Q_CACHE).to(tl.float32)  # [BD]
         wt = tl.load(w_ptr + token * H + h).to(tl.float32) * weight_scale
         dots = tl.sum(keys * q[None, :], axis=1)  # [BT]
         relu = tl.maximum(dots, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
@@ -179,11 +195,12 @@ SCORE_PROGRAMS_PER_SM = 8  # a device position's score grid: (query, batch row) 
 # GPU, so the tests loop); a capacity-sized grid would launch ~8k programs a query at V4's 1M context, most idle
 
 
-def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg, select=None):
+def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key_format, cfg, select=None, rope=None):
     """q: [B, S, H, Di], weights: [B, S, H], keys: [B, >= T, W] storage -> scores [B, S, T] fp32,
     T = (pos0 + S) // rate, -inf where not causal (`_score_kernel`). With a device position (pos0 a tensor)
     T is the keys' capacity and only the causal scores are written. select: (picks [B, S, topk] int64, arrival
-    counters): the score kernel also picks each query's top-k (SELECT)."""
+    counters): the score kernel also picks each query's top-k (SELECT). rope: None, or (positions [S], inv_freq fp32,
+    inverse, scale): q is the raw queries, roped by every score program (Q_ROPE)."""
     batch, s, heads, d = q.shape
     device_pos = isinstance(pos0, torch.Tensor)
     n_entries = keys.shape[1] if device_pos else (pos0 + s) // rate
@@ -194,12 +211,17 @@ def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key
         if device_pos:  # a fixed number of programs looping over the causal tiles, whatever the capacity
             tiles = min(tiles, max(2, cdiv(SCORE_PROGRAMS_PER_SM * sm_count(q.device), s * batch)))
         picks, counters = select or (scores, scores)
+        positions, inv, inverse, rope_scale = rope or (scores, scores, False, 1.0)
+        half = inv.shape[0] if rope else 0
+        roped = torch.empty(q.shape, dtype=torch.float32, device=q.device) if rope else scores
         _score_kernel[(s, batch, tiles)](
-            q, weights, view, scores, pos0 if device_pos else scores, picks, counters, s, heads, n_entries,
-            picks.shape[-1] if select else 0, 0 if device_pos else pos0, rate, keys.shape[1], float(score_scale),
-            float(weight_scale), D=d, W=keys.shape[2], FMT=FORMATS[key_format], DEVICE_POS=device_pos,
-            SELECT=select is not None, KP=next_pow2(picks.shape[-1]) if select else 1, BLOCK_T=cfg["BLOCK_T"],
-            BLOCK_D=next_pow2(d), num_warps=cfg["num_warps"])
+            q, weights, view, scores, pos0 if device_pos else scores, picks, counters, roped, positions, inv, s, heads,
+            n_entries, picks.shape[-1] if select else 0, 0 if device_pos else pos0, rate, keys.shape[1],
+            float(score_scale), float(weight_scale), float(rope_scale), D=d, W=keys.shape[2], FMT=FORMATS[key_format],
+            DEVICE_POS=device_pos, SELECT=select is not None, KP=next_pow2(picks.shape[-1]) if select else 1,
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=next_pow2(d), Q_ROPE=rope is not None, HALF=half, INVERSE=bool(inverse),
+            BLOCK_H=next_pow2(heads), BLOCK_NOPE=next_pow2(d - 2 * half), BLOCK_HALF=next_pow2(max(half, 1)),
+            Q_CACHE=".cg" if rope else "", num_warps=cfg["num_warps"])
     return scores
 
 
@@ -210,6 +232,30 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     `key_format`, or a tiered store,). -> [B, S, topk] int64 entry indices, best first; ties go to
     the lower index; -1 pads. pos0: an int, or a device position (common.position): the launches then do
     not depend on it (a decode step captured as a CUDA graph), and the entries' count is the kernels' to read."""
+    return _index_topk(q, weights, state, pos0, topk, rate, score_scale, weight_scale, key_format, config, into, None)
+
+
+def rope_index_topk(q, weights, positions, inv_freq, *, state, pos0, topk, rate, score_scale, weight_scale,
+                    key_format="f32", q_rope, config=None, into=None):
+    """index_topk(rope(q, positions, inv_freq, **q_rope), weights, ..) in the same launches (the fuse pass's
+    rope_index): every score program rotates its query's rows as the rope kernel does, the same bits; q is the
+    raw queries. q_rope: the rope's attributes {inverse?, scale?}."""
+    check(isinstance(q_rope, dict) and set(q_rope) <= {"inverse", "scale"},
+          f"q_rope: expected the rope's attributes {{inverse?, scale?}}, got {q_rope!r}")
+    check_tensor("positions", positions, dtypes=(torch.int64, torch.int32), dim=1, contiguous=False)
+    check_tensor("inv_freq", inv_freq, dtypes=FLOAT_DTYPES, dim=1, contiguous=False)
+    check(q.dim() == 4 and positions.shape[0] == q.shape[1],
+          f"positions: expected [{q.shape[1] if q.dim() == 4 else 'S'}] (one per token), got {list(positions.shape)}")
+    check(inv_freq.shape[0] >= 1 and 2 * inv_freq.shape[0] <= q.shape[-1],
+          f"inv_freq: {inv_freq.shape[0]} pairs do not fit {q.shape[-1]} channels")
+    same_device(q=q, positions=positions, inv_freq=inv_freq)
+    rope = (positions.contiguous(), inv_freq.float().contiguous(), q_rope.get("inverse", False),
+            q_rope.get("scale", 1.0))
+    return _index_topk(q, weights, state, pos0, topk, rate, score_scale, weight_scale, key_format, config, into, rope)
+
+
+def _index_topk(q, weights, state, pos0, topk, rate, score_scale, weight_scale, key_format, config, into, rope):
+    """index_topk, with rope_index_topk's query RoPE (index_scores' rope) or without."""
     host_pos = _check_inputs(q, weights, state, pos0, topk, rate, key_format)
     q, weights = q.contiguous(), weights.contiguous()  # inputs may be views; the keys may not
     batch, s, heads, d = q.shape
@@ -227,7 +273,8 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
     # the picks by the last score program of each query (SUM_IN_KERNEL), else by the top-k kernel
     counters = in_kernel_counters(cfg["SUM_IN_KERNEL"], q.device, batch * s, "index_topk")
     scores = index_scores(q, weights, keys, pos0=pos0, rate=rate, score_scale=score_scale, weight_scale=weight_scale,
-                          key_format=key_format, cfg=cfg, select=None if counters is None else (out, counters))
+                          key_format=key_format, cfg=cfg, select=None if counters is None else (out, counters),
+                          rope=rope)
     if counters is None:
         _topk_kernel[(s, batch)](scores, out, pos0 if device_pos else out, s, n_entries, topk,
                                  0 if device_pos else pos0, rate, DEVICE_POS=device_pos, KP=next_pow2(topk),
@@ -236,6 +283,7 @@ def index_topk(q, weights, *, state, pos0, topk, rate, score_scale, weight_scale
 
 
 index_topk.device_position = True  # takes pos0 as a device tensor (common.position)
+rope_index_topk.device_position = True
 
 
-LAUNCHERS = {"index_topk": index_topk}
+LAUNCHERS = {"index_topk": index_topk, "rope_index_topk": rope_index_topk}

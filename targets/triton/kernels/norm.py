@@ -116,10 +116,18 @@ def rotate(a, b, pos, inv_ptr, i, HALF, scale, INVERSE: tl.constexpr):
 def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.constexpr, NOPE: tl.constexpr,
                  HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NOPE: tl.constexpr,
                  BLOCK_HALF: tl.constexpr):
-    """BLOCK_M rows of x viewed as [B*S*H, D]; row r has position pos[(r // H) % S]. Channels [0, NOPE)
-    are copied, the pairs after them rotated (rotate)."""
+    """BLOCK_M rows of x viewed as [B*S*H, D]; row r has position pos[(r // H) % S] (rope_rows)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
+    rope_rows(x_ptr, y_ptr, r, rmask, tl.load(pos_ptr + (r // H) % S, mask=rmask, other=0), inv_ptr, scale, D, NOPE,
+              HALF, INVERSE, BLOCK_NOPE, BLOCK_HALF)
+
+
+@triton.jit
+def rope_rows(x_ptr, y_ptr, r, rmask, pos, inv_ptr, scale, D, NOPE, HALF, INVERSE: tl.constexpr,
+              BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rows r [R] (int64; those not rmask untouched) of x [.., D] to y at positions pos [R]: channels [0, NOPE)
+    copied as fp32, the pairs after them rotated (rotate)."""
     base = r[:, None] * D
     c = tl.arange(0, BLOCK_NOPE)[None, :]
     nmask = rmask[:, None] & (c < NOPE)
@@ -130,8 +138,7 @@ def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, rows, S, H, scale, D: tl.conste
     even = base + NOPE + 2 * i
     a = tl.load(x_ptr + even, mask=pmask, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + even + 1, mask=pmask, other=0.0).to(tl.float32)
-    pos = tl.load(pos_ptr + (r // H) % S, mask=rmask, other=0).to(tl.float32)
-    a, b = rotate(a, b, pos[:, None], inv_ptr, i, HALF, scale, INVERSE)
+    a, b = rotate(a, b, pos.to(tl.float32)[:, None], inv_ptr, i, HALF, scale, INVERSE)
     tl.store(y_ptr + even, a, mask=pmask)
     tl.store(y_ptr + even + 1, b, mask=pmask)
 
