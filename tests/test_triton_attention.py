@@ -439,6 +439,23 @@ def test_norm_attention_rope_is_the_two_norms_then_attention_rope(mode, config, 
         assert float((ours - ref).abs().max() / ref.abs().max()) <= TOL
 
 
+def test_norm_attention_rope_with_bf16_inputs():
+    """bf16 raw queries, keys and norm weight (the kernel reads them as bf16, its normed rows are fp32): the
+    rms_norm_rope kernel on each, then attention_rope, bit for bit."""
+    (q, kv, sinks, selected), state, kwargs = make_case("fp8_split", 2, 1, 40, 60, "csa", seed=74, capacity=40,
+                                                        heads=5, dims=(70, 8), dtype=torch.bfloat16)
+    inv_freq, positions = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8), torch.arange(60, 61)
+    weight = (torch.rand(70, generator=torch.Generator().manual_seed(6)) + 0.5).bfloat16()
+    fused_state, apart_state = clone(state), clone(state)
+    ours = norm_attention_rope(q, kv, weight, sinks, positions, inv_freq, selected, state=fused_state, **kwargs,
+                               out_rope={"inverse": True}, q_norm={"eps": 1e-6}, kv_norm={"eps": 1e-6})
+    apart = attention_rope(rope_norm_kernel(q, positions, inv_freq, eps=1e-6),
+                           rope_norm_kernel(kv, positions, inv_freq, weight, eps=1e-6), sinks, positions, inv_freq,
+                           selected, state=apart_state, **kwargs, out_rope={"inverse": True})
+    assert torch.equal(ours, apart)
+    assert all(torch.equal(a, b) for a, b in zip(fused_state, apart_state, strict=True))
+
+
 def test_norm_attention_rope_checks_its_norms():
     (q, kv, sinks, selected), state, kwargs = make_case("fp8_split", 1, 2, 3, 4, "csa", dims=(70, 8))
     args = dict(positions=torch.arange(4, 6), inv_freq=torch.ones(4), kv_weight=torch.ones(70),
