@@ -62,7 +62,7 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
                       FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                       KDT: tl.constexpr, NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, IN_KERNEL: tl.constexpr,
                       RING: tl.constexpr, OUT_ROPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr,
-                      ENCODE: tl.constexpr, NEW_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ENCODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_G: tl.constexpr,
                       BLOCK_R: tl.constexpr, Q_NORM: tl.constexpr, KV_NORM: tl.constexpr, Q_INV: tl.constexpr,
                       KV_INV: tl.constexpr, BLOCK_NOPE: tl.constexpr):
@@ -90,13 +90,14 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
     position rpos[s] (inv_ptr, rope_scale, INVERSE: _rope_rows), where the rope kernel would have.
     ENCODE (ENCODE_IN_KERNEL, a few new tokens): every program first encodes its batch row's new keys kv [B, S, D]
     into new (kv_codec.encode_row, the encode kernel's code): every program of the row writes the same bytes, so
-    after a barrier its own rows read back (NEW_CACHE ".cg": past L1, as the in-kernel merges read) whichever
+    after a barrier its own rows read back (".cg": past L1, as the in-kernel merges read) whichever
     program's write landed last. The encode launch is saved; the barrier cannot be checked in the interpreter.
     Q_NORM, KV_NORM (norm_attention_rope): q, and with ENCODE kv, are the raw queries and keys; the program first
     norms and rotates its query rows into qn and (KV_NORM) its batch row's new keys into kvn, at positions rpos[s]
     with the rms_norm_rope kernel's row code (norm.norm_rope_row: eps, RoPE scale and INVERSE of each, kv's norm
     weight kvw), and reads them back after a barrier as above."""
     pid, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NEW_CACHE: tl.constexpr = ".cg" if ENCODE else ""  # the new keys' rows: this launch's own writes
     if ENCODE:
         src = kv_ptr
         if KV_NORM:
@@ -466,8 +467,8 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
             W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split, DOT=dot,
             KDT=tl.bfloat16 if dot == "bf16" else tl.float32, NATIVE=native_cvt(q.device),
             DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None, RING=counters is not None and slots > 0,
-            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode,
-            NEW_CACHE=".cg" if encode else "", BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
+            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode, BLOCK_H=cfg["BLOCK_H"],
+            BLOCK_N=cfg["BLOCK_N"],
             BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width), BLOCK_HALF=next_pow2(max(half, 1)),
             BLOCK_G=blocks["BLOCK_G"], BLOCK_R=blocks["BLOCK_R"], Q_NORM=q_norm is not None,
             KV_NORM=kv_norm is not None, Q_INV=bool(q_n.get("inverse", False)), KV_INV=bool(kv_n.get("inverse", False)),

@@ -8,25 +8,11 @@
   (the same bits). In V4 that is every layer's per-head query norm and kv_norm: two launches a layer fewer.
 """
 
-from .attention import FLOAT_DTYPES, INDEX_DTYPES, _attend
-from .common import check, check_tensor, same_device
-from .norm import _weight
+from .attention import _attend
+from .common import check, same_device
+from .norm import _weight, rope_operands
 
 RMS_NORM_ROPE_ATTRS = {"eps", "inverse", "scale"}
-
-
-def _out_rope(q, positions, inv_freq, out_rope) -> tuple:
-    """(positions, inv_freq as fp32, inverse, scale) of the output RoPE, checked."""
-    check(isinstance(out_rope, dict) and set(out_rope) <= {"inverse", "scale"},
-          f"out_rope: expected the rope's attributes {{inverse?, scale?}}, got {out_rope!r}")
-    check_tensor("positions", positions, dtypes=INDEX_DTYPES, dim=1, contiguous=False)
-    check_tensor("inv_freq", inv_freq, dtypes=FLOAT_DTYPES, dim=1, contiguous=False)
-    check(positions.shape[0] == q.shape[1], f"positions: expected [{q.shape[1]}] (one per token), got "
-                                            f"{list(positions.shape)}")
-    check(2 * inv_freq.shape[0] <= q.shape[-1], f"inv_freq: {inv_freq.shape[0]} pairs do not fit {q.shape[-1]} channels")
-    same_device(q=q, positions=positions, inv_freq=inv_freq)
-    return (positions.contiguous(), inv_freq.float().contiguous(), out_rope.get("inverse", False),
-            out_rope.get("scale", 1.0))
 
 
 def attention_rope(q, kv, sinks, positions, inv_freq, selected=None, *, state, pos0, window, rate=0, scale,
@@ -35,7 +21,7 @@ def attention_rope(q, kv, sinks, positions, inv_freq, selected=None, *, state, p
     attention_rope): the program that finishes an output row (or the combine kernel) rotates its trailing
     2 len(inv_freq) channels as the rope kernel does, the same bits. out_rope: the rope's attributes
     {inverse?, scale?}."""
-    rope = _out_rope(q, positions, inv_freq, out_rope)
+    rope = rope_operands("out_rope", q, positions, inv_freq, out_rope)
     return _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format, rope_dim, config, into, rope)
 
 
@@ -45,7 +31,7 @@ def norm_attention_rope(q, kv, kv_weight, sinks, positions, inv_freq, selected=N
     kv_weight, **kv_norm), ..) in one launch in a decode step (the fuse pass's norm_attention): q [B, S, H, D] and
     kv [B, S, D] are the raw queries and keys. From 5 new tokens on the rms_norm_rope kernel norms the keys first
     (the attention programs encode the keys only of a few tokens). q_norm, kv_norm: {eps, inverse?, scale?}."""
-    rope = _out_rope(q, positions, inv_freq, out_rope)
+    rope = rope_operands("out_rope", q, positions, inv_freq, out_rope)
     for name, attrs in (("q_norm", q_norm), ("kv_norm", kv_norm)):
         check(isinstance(attrs, dict) and "eps" in attrs and set(attrs) <= RMS_NORM_ROPE_ATTRS,
               f"{name}: expected an rms_norm_rope's attributes {{eps, inverse?, scale?}}, got {attrs!r}")

@@ -21,7 +21,7 @@ import triton.language as tl
 from .common import (STORAGE_DTYPES, arrived_last, bf16_value, cdiv, check, check_tensor, e2m1_value, entry_layout,
                      in_kernel_counters, launch_config, next_pow2, position, result, same_device, sm_count,
                      ue8m0_value)
-from .norm import rope_rows
+from .norm import rope_operands, rope_rows
 
 FORMATS = {"f32": 0, "bf16": 1, "fp8_block": 2, "fp4_block": 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,8 +66,7 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, qr_pt
                   pos0, rate, k_stride, score_scale, weight_scale, rope_scale, D: tl.constexpr, W: tl.constexpr,
                   FMT: tl.constexpr, DEVICE_POS: tl.constexpr, SELECT: tl.constexpr, KP: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, Q_ROPE: tl.constexpr, HALF: tl.constexpr,
-                  INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                  Q_CACHE: tl.constexpr):
+                  INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """out[b, s, w] for w in one key tile (w < T), -inf where w >= (pos0 + s + 1) // rate.
     Grid: (S, B, cdiv(T, BLOCK_T)). q: [B, S, H, D], weights: [B, S, H], keys: [B, k_stride, W].
     DEVICE_POS: pos0 is read from pos_ptr, T is the keys' capacity, the grid's third axis is a fixed number of
@@ -77,8 +76,9 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, qr_pt
     its top-k into sel_ptr, as _topk_kernel does (one launch fewer).
     Q_ROPE (rope_index_topk): q is the raw queries; each program first rotates its query's H rows into qr at
     position rpos[s] (norm.rope_rows, the rope kernel's row code: inv_ptr, rope_scale, INVERSE; every program of
-    the query writes the same bytes) and reads them back past L1 (Q_CACHE ".cg") after a barrier."""
+    the query writes the same bytes) and reads them back past L1 (".cg") after a barrier."""
     s, b, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Q_CACHE: tl.constexpr = ".cg" if Q_ROPE else ""
     q_src = q_ptr
     if Q_ROPE:
         heads = tl.arange(0, BLOCK_H)
@@ -221,7 +221,7 @@ def index_scores(q, weights, keys, *, pos0, rate, score_scale, weight_scale, key
             DEVICE_POS=device_pos, SELECT=select is not None, KP=next_pow2(picks.shape[-1]) if select else 1,
             BLOCK_T=cfg["BLOCK_T"], BLOCK_D=next_pow2(d), Q_ROPE=rope is not None, HALF=half, INVERSE=bool(inverse),
             BLOCK_H=next_pow2(heads), BLOCK_NOPE=next_pow2(d - 2 * half), BLOCK_HALF=next_pow2(max(half, 1)),
-            Q_CACHE=".cg" if rope else "", num_warps=cfg["num_warps"])
+            num_warps=cfg["num_warps"])
     return scores
 
 
@@ -240,17 +240,7 @@ def rope_index_topk(q, weights, positions, inv_freq, *, state, pos0, topk, rate,
     """index_topk(rope(q, positions, inv_freq, **q_rope), weights, ..) in the same launches (the fuse pass's
     rope_index): every score program rotates its query's rows as the rope kernel does, the same bits; q is the
     raw queries. q_rope: the rope's attributes {inverse?, scale?}."""
-    check(isinstance(q_rope, dict) and set(q_rope) <= {"inverse", "scale"},
-          f"q_rope: expected the rope's attributes {{inverse?, scale?}}, got {q_rope!r}")
-    check_tensor("positions", positions, dtypes=(torch.int64, torch.int32), dim=1, contiguous=False)
-    check_tensor("inv_freq", inv_freq, dtypes=FLOAT_DTYPES, dim=1, contiguous=False)
-    check(q.dim() == 4 and positions.shape[0] == q.shape[1],
-          f"positions: expected [{q.shape[1] if q.dim() == 4 else 'S'}] (one per token), got {list(positions.shape)}")
-    check(inv_freq.shape[0] >= 1 and 2 * inv_freq.shape[0] <= q.shape[-1],
-          f"inv_freq: {inv_freq.shape[0]} pairs do not fit {q.shape[-1]} channels")
-    same_device(q=q, positions=positions, inv_freq=inv_freq)
-    rope = (positions.contiguous(), inv_freq.float().contiguous(), q_rope.get("inverse", False),
-            q_rope.get("scale", 1.0))
+    rope = rope_operands("q_rope", q, positions, inv_freq, q_rope)
     return _index_topk(q, weights, state, pos0, topk, rate, score_scale, weight_scale, key_format, config, into, rope)
 
 

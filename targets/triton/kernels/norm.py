@@ -314,6 +314,21 @@ def rms_norm_rope(x, positions, inv_freq, weight=None, *, eps, inverse=False, sc
     return y
 
 
+def rope_operands(name: str, x, positions, inv_freq, attrs) -> tuple:
+    """A fused op's RoPE of x [B, S, .., D] (`name`: its attribute holding the rope's {inverse?, scale?}), checked ->
+    (positions, inv_freq as fp32, inverse, scale), for the kernels' rope_rows / rotate."""
+    check(isinstance(attrs, dict) and set(attrs) <= {"inverse", "scale"},
+          f"{name}: expected the rope's attributes {{inverse?, scale?}}, got {attrs!r}")
+    check_tensor("positions", positions, dtypes=INTS, dim=1, contiguous=False)
+    check_tensor("inv_freq", inv_freq, dtypes=FLOATS, dim=1, contiguous=False)
+    check(x.dim() >= 3 and positions.shape[0] == x.shape[1],
+          f"positions: expected [{x.shape[1] if x.dim() >= 3 else 'S'}] (one per token), got {list(positions.shape)}")
+    check(inv_freq.shape[0] >= 1 and 2 * inv_freq.shape[0] <= x.shape[-1],
+          f"inv_freq: {inv_freq.shape[0]} pairs do not fit {x.shape[-1]} channels")
+    same_device(x=x, positions=positions, inv_freq=inv_freq)
+    return positions.contiguous(), inv_freq.float().contiguous(), attrs.get("inverse", False), attrs.get("scale", 1.0)
+
+
 def _rope_inputs(x, positions, inv_freq):
     """-> x, positions, inv_freq (contiguous, inv_freq fp32), rows, S, heads per (b, s), D, R/2."""
     x = _float_input("x", x)
