@@ -284,7 +284,8 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
 
     from v4c.runtime.quant import quant_fp8
     from v4c.targets.triton.configs import heuristic
-    from v4c.targets.triton.kernels.gemm import linear_fp8, swiglu_linear_fp8
+    from v4c.targets.triton.kernels.gemm import linear_fp8
+    from v4c.targets.triton.kernels.gemm_fused import swiglu_linear_fp8
     n, k = FLASH_GEMMS["expert_gate_up"]
     q, s = quant_fp8(torch.randn(n, k) * 0.02, (128, 128))
     out = []
@@ -307,8 +308,10 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
     q_b = quant_fp8(torch.randn(n_b, k_b) * 0.02, (128, 128))
     for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
         cfg = heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]
-        for fused in (False, True):
-            what = "rms_norm_quant + linear_fp8 q_b (e4m3 codes)" if fused else "rms_norm + linear_fp8 q_b (fp32 x)"
+        for fused in ("plain", "codes", "folded"):
+            what = {"plain": "rms_norm + linear_fp8 q_b (fp32 x)",
+                    "codes": "rms_norm_quant + linear_fp8 q_b (e4m3 codes)",
+                    "folded": "norm_linear_fp8 q_b (the triton target's norm_gemm)"}[fused]
             out.append({"case": f"{what} n={n_b} k={k_b} m={m}", "config": cfg,
                         "call": lambda cfg=cfg, m=m, fused=fused: _q_b(torch.randn(m, k_b), *q_b, cfg, fused)})
     out += sibling_cases()
@@ -317,13 +320,15 @@ def gemm_cases(extra: list[dict]) -> list[dict]:
 
 def sibling_cases() -> list[dict]:
     """The triton lowering's joined projections (targets/triton/siblings.py) at V4-Flash sizes, each beside one of
-    its siblings alone: q_a_proj + kv_proj (FP8, reading the input norm's codes) and a CSA layer's five compressor and
-    indexer projections (fp32 weights: fp8's default skip list)."""
+    its siblings alone: q_a_proj + kv_proj (FP8, reading the input norm's codes, and at decode with that norm folded
+    in: norm_gemm.py) and a CSA layer's five compressor and indexer projections (fp32 weights: fp8's default skip
+    list)."""
     from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
 
     from v4c.runtime.quant import quant_fp8
     from v4c.targets.triton.configs import heuristic
     from v4c.targets.triton.kernels.gemm import linear, linear_cat, linear_fp8, linear_fp8_cat
+    from v4c.targets.triton.kernels.gemm_fused import norm_linear_fp8
     (n_a, k), (n_kv, _) = FLASH_GEMMS["q_a"], FLASH_GEMMS["kv"]
     q, s = quant_fp8(torch.randn(n_a + n_kv, k) * 0.02, (128, 128))
     compressor = [2 * 512, 2 * 512, 2 * 128, 2 * 128, 64]  # kv, gate (overlap: 2 x head_dim), indexer's, scorer
@@ -340,7 +345,12 @@ def sibling_cases() -> list[dict]:
         out.append({"case": f"linear_fp8_cat q_a+kv (e4m3 codes) n={n_a}+{n_kv} k={k} m={m}", "config": cfg,
                     "call": lambda cfg=cfg, x=codes, xs=scales: linear_fp8_cat(
                         x, q, s, xs, sizes=[n_a, n_kv], block=(128, 128), act=ACT, config=cfg)})
-        if bucket == "decode":
+        if bucket == "decode":  # the triton target's norm_gemm: the first block's input norm in q_a + kv
+            x = torch.randn(m, k)
+            out.append({"case": f"norm_linear_fp8 q_a+kv (input norm folded) n={n_a}+{n_kv} k={k} m={m}",
+                        "config": cfg, "call": lambda cfg=cfg, x=x: norm_linear_fp8(
+                            x, torch.ones(k), q, s, eps=1e-6, sizes=[n_a, n_kv], block=(128, 128), act=ACT,
+                            config=cfg)})
             x, cfg = torch.randn(m, k), heuristic("linear_cat")[b]["config"]
             out.append({"case": f"linear compressor kv alone n={compressor[0]} k={k} m={m}", "config": cfg,
                         "call": lambda cfg=cfg, x=x: linear(x, w[:compressor[0]], config=cfg)})
@@ -349,14 +359,18 @@ def sibling_cases() -> list[dict]:
     return out
 
 
-def _q_b(x, q, s, cfg, fused: bool):
-    """q_a_norm then q_b_proj, as the fuse pass leaves them (fused) or not."""
+def _q_b(x, q, s, cfg, fused: str):
+    """q_a_norm then q_b_proj, as the fuse pass leaves them ("codes"), or not ("plain"), or as the triton target
+    folds them ("folded": one launch)."""
     from triton_gpu import ACT
 
     from v4c.targets.triton.kernels.gemm import linear_fp8
+    from v4c.targets.triton.kernels.gemm_fused import norm_linear_fp8
     from v4c.targets.triton.kernels.norm import rms_norm, rms_norm_quant
     w = torch.ones(x.shape[-1])
-    if not fused:
+    if fused == "folded":
+        return norm_linear_fp8(x, w, q, s, eps=1e-6, block=(128, 128), act=ACT, config=cfg)
+    if fused == "plain":
         return linear_fp8(rms_norm(x, w, eps=1e-6), q, s, block=(128, 128), act=ACT, config=cfg)
     codes, scales = rms_norm_quant(x, w, eps=1e-6, group=ACT["group"], scale_format=ACT["scale_format"])
     return linear_fp8(codes, q, s, scales, block=(128, 128), act=ACT, config=cfg)

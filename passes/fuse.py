@@ -111,7 +111,8 @@ Triton score program rotates its query's rows with the rope kernel's row code (t
 reads back after a barrier.
 
 Run it after `fp8` (before it there is no FP8 op to fuse into). The Triton target runs
-`rms_norm_quant` as one kernel and the GEMMs read the codes. The TVM target undoes the rewrite
+`rms_norm_quant` as one kernel and the GEMMs read the codes, except where one projection alone reads them: its
+lowering folds the norm into that GEMM (targets/triton/norm_gemm.py). The TVM target undoes the rewrite
 (`unfuse`, recorded in its kernels.json): its CPU kernels quantize their input in a first stage of
 their own, which at decode sizes costs next to nothing against the weight reads, and it has no fused norm and
 RoPE, add and hc_post, hc_post and hc_pre, or SwiGLU and GEMM kernels (on a CPU there is no launch to save).

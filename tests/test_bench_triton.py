@@ -117,7 +117,7 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     over activations quantized once, without spills; their decode bookkeeping (one program, a one-hot over 256
     experts) must not spill either, nor the attention, indexer and compressor kernels at a device position (a
     decode step in a CUDA graph), nor the FP8 GEMMs and experts (the fuse pass's q_b_proj and gate_up reading e4m3 codes
-    included)."""
+    included, and the triton target's q_b_proj norming its own tiles)."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only",
@@ -136,6 +136,15 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     assert all(r["constexprs"]["ACT"] == 3 for r in fused if r["kernel"] == "_gemm_kernel")
     unfused = [r for r in rows if r["case"].startswith("rms_norm + linear_fp8 q_b") and r["case"].endswith("m=4096")]
     assert "_act_quant_kernel" in {r["kernel"] for r in unfused}
+    # the triton target's norm_gemm: at decode one GEMM launch norms its own tiles (NORM: the row block, 1024 for
+    # q_b's K, 4096 for the input norm folded into q_a + kv), at prefill the norm kernel quantizes once
+    for case in ("norm_linear_fp8 q_b", "norm_linear_fp8 q_a+kv"):
+        (decode,) = [r for r in rows if r["case"].startswith(case) and r["case"].endswith("m=16")]
+        assert decode["kernel"] == "_gemm_kernel" and decode["constexprs"]["ACT"] == 1, decode
+        assert decode["constexprs"]["NORM"] == (1024 if "q_b" in case else 4096), decode
+    prefill = [r for r in rows if r["case"].startswith("norm_linear_fp8 q_b") and r["case"].endswith("m=4096")]
+    assert [r["kernel"] for r in prefill] == ["_rms_norm_quant_kernel", "_gemm_kernel"]
+    assert prefill[1]["constexprs"]["ACT"] == 3 and prefill[1]["constexprs"]["NORM"] == 0
     # ... and the routed experts' gate_up reads post_attention_layernorm's codes: below 64 pairs no tile quantizes
     # x (ACT 3, not 2), from 64 pairs on only down's input is still quantized by its own kernel
     for m, quant_launches in ((4, 0), (16, 1)):

@@ -17,16 +17,13 @@ from v4c.runtime.kernels.basic import linear as ref_linear
 from v4c.runtime.kernels.quantized import embed_fp8 as ref_embed_fp8
 from v4c.runtime.kernels.quantized import grouped_linear_fp8 as ref_grouped_linear_fp8
 from v4c.runtime.kernels.quantized import linear_fp8 as ref_linear_fp8
-from v4c.runtime.kernels.quantized import swiglu_linear_fp8 as ref_swiglu_linear_fp8
 from v4c.runtime.quant import fake_quant_act, quant_fp8
 from v4c.targets.triton.kernels import common
 from v4c.targets.triton.kernels import gemm as gemm_module
 from v4c.targets.triton.kernels import embed as embed_module
 from v4c.targets.triton.kernels.embed import embed, embed_fp8
 from v4c.targets.triton.kernels.gemm import (FP8_DOT_MIN_K, LAUNCHERS, fp8_dot_supported,
-                                             grouped_linear, grouped_linear_fp8, linear, linear_fp8,
-                                             swiglu_linear_fp8)
-from v4c.targets.triton.kernels.norm import swiglu
+                                             grouped_linear, grouped_linear_fp8, linear, linear_fp8)
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=1e-5, atol=2e-5),
        torch.float16: dict(rtol=1e-5, atol=2e-5), torch.float8_e4m3fn: dict(rtol=1e-5, atol=2e-5)}
@@ -51,7 +48,7 @@ def close(ours, ref, dtype=torch.float32):
 
 def test_launchers_are_registered():
     assert set(LAUNCHERS) == {"linear", "grouped_linear", "linear_fp8", "grouped_linear_fp8", "linear_cat",
-                              "linear_fp8_cat", "swiglu_linear_fp8"}
+                              "linear_fp8_cat"}
     assert set(embed_module.LAUNCHERS) == {"embed", "embed_fp8"}
 
 
@@ -324,53 +321,6 @@ def test_embed_fp8(v, d, block, fmt):
 
 
 # --- rejected inputs ---------------------------------------------------------------------------
-# --- SwiGLU computed in the GEMM's activation loads (swiglu_linear_fp8) ---------------------------
-SWIGLU_CASES = {"decode": (5, {}), "split-k": (5, {"BLOCK_K": 16, "SPLIT_K": 3}), "fp32-dot": (5, {"FP8_DOT": False}),
-                "prefill": (70, {"BLOCK_N": 16}), "quant-once": (3, {"BLOCK_N": 16, "QUANT_ONCE": True})}
-
-
-@pytest.mark.parametrize("act,m,config", [pytest.param(a, m, c, id=f"{name}-{'-'.join(str(v) for v in a.values())}")
-                                          for name, (m, c) in SWIGLU_CASES.items() for a in ACTS
-                                          if a["mode"] == "dynamic" or "QUANT_ONCE" not in c])  # (it needs dynamic)
-@pytest.mark.parametrize("limit", [None, 1.5])
-def test_swiglu_linear_fp8_is_the_swiglu_kernel_then_linear_fp8(act, m, config, limit):
-    """One launch (the SwiGLU where the GEMM loads x: in the amax pass, the K tiles and the quantize-once kernel)
-    gives linear_fp8 over the swiglu kernel's output bit for bit, with the same config (so the same split and
-    dot), and so the reference linear_fp8 of that output within the projections' tolerance (the swiglu kernel
-    against its reference: test_triton_norm.py; a last-bit difference there may move an e4m3 code, so the
-    reference of the whole op is not a fixed-tolerance comparison). Odd sizes; limit 1.5 clamps ~45% of gate and up."""
-    k, n = 80, 33
-    gate, up = randn(2, m, k, seed=60) * 2, randn(2, m, k, seed=61) * 2  # outputs O(10), as TOL assumes
-    w, s = fp8_weight(n, k, [16, 16], "ue8m0", seed=62)
-    ours = swiglu_linear_fp8(gate, up, w, s, block=[16, 16], act=act, limit=limit, config=config)
-    hidden = swiglu(gate, up, limit=limit)
-    assert torch.equal(ours, linear_fp8(hidden, w, s, block=[16, 16], act=act, config=config))
-    close(ours, ref_linear_fp8(hidden, w, s, block=[16, 16], act=act), w.dtype)
-
-
-def test_swiglu_linear_fp8_inputs():
-    """gate and up of other strides or dtypes are read correctly (made contiguous where their strides differ);
-    mismatched shapes, a non-number limit and codes as gate are errors that name them."""
-    gate = randn(50, 3, seed=63).t()  # [3, 50], column-major
-    up = randn(3, 50, seed=64, dtype=torch.bfloat16)
-    w, s = fp8_weight(17, 50, [1, 32], "fp32", seed=65)
-    act = {"mode": "dynamic", "group": 32, "scale_format": "fp32"}
-    ours = swiglu_linear_fp8(gate, up, w, s, block=[1, 32], act=act, limit=2.0)
-    assert torch.equal(ours, linear_fp8(swiglu(gate, up, limit=2.0), w, s, block=[1, 32], act=act))
-    ref = ref_swiglu_linear_fp8(gate, up, w, s, block=[1, 32], act=act, limit=2.0)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())  # (seed-checked: no e4m3 flip)
-    cases = [
-        (lambda: swiglu_linear_fp8(gate, up[:, :49], w, s, block=[1, 32], act=act), "gate, up: shapes"),
-        (lambda: swiglu_linear_fp8(gate, up, w, s, block=[1, 32], act=act, limit="10"), "limit: expected"),
-        (lambda: swiglu_linear_fp8(gate.to(torch.float8_e4m3fn), up, w, s, block=[1, 32], act=act), "gate: dtype"),
-        (lambda: swiglu_linear_fp8(gate[:, :40], up[:, :40], w, s, block=[1, 32], act=act), "match gate's K = 40"),
-        (lambda: swiglu_linear_fp8(gate, up.long(), w, s, block=[1, 32], act=act), "up: dtype"),
-    ]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=message):
-            call()
-
-
 def test_rejects_unsupported_inputs():
     x, w = randn(3, 50), randn(5, 50)
     wq, s = fp8_weight(5, 50, [1, 32], "fp32")

@@ -26,7 +26,7 @@ from v4c.pipeline import run_pipeline
 from v4c.runtime.artifact import open_artifact, pack_artifact
 from v4c.runtime.errors import ArtifactError
 from v4c.runtime.kernelset import KernelError
-from v4c.targets.triton import siblings
+from v4c.targets.triton import norm_gemm, siblings
 from v4c.targets.triton.configs import heuristic
 from v4c.targets.triton.kernels import LAUNCHERS
 from v4c.targets.triton.tune import tune_module
@@ -113,15 +113,19 @@ def test_joined_sibling_projections_change_no_number(builds, hf_checkpoints, tmp
     """The target joins projections of one input into one GEMM launch (siblings.py); the logits are those of a
     build without the rewrite, bit for bit (the same tiles: one BLOCK_N per bucket, no split-K in the
     interpreter)."""
-    joined = json.loads((builds["fp8_fused"] / "manifest.json").read_text())["target"]["kernels"]["joined_siblings"]
+    kernels = json.loads((builds["fp8_fused"] / "manifest.json").read_text())["target"]["kernels"]
+    joined = kernels["joined_siblings"]
     steps = json.loads((builds["fp8_fused"] / "program.json").read_text())["steps"]
-    cats = [s for s in steps if s["kernel"] in ("linear_cat", "linear_fp8_cat")]
+    cats = [s for s in steps if s["kernel"] in ("linear_cat", "linear_fp8_cat")
+            or (s["kernel"] == "norm_linear_fp8" and "sizes" in s["attrs"])]  # (siblings reading a norm: norm_gemm)
     assert joined["launches"] == len(cats) > 0 and joined["saved"] >= len(cats)
-    assert all("+" in s["inputs"][1] for s in cats)  # the joined weights, stored as one
+    assert all("+" in s["inputs"][1 + (s["kernel"] == "norm_linear_fp8")] for s in cats)  # the joined weights
     monkeypatch.setattr(siblings, "join", lambda m: (m, {"launches": 0, "saved": 0}))
     plain = _compile(tmp_path, hf_checkpoints[NAME], "triton", FP8 + "  - fuse\n", name="plain")
     plain_steps = json.loads((plain / "program.json").read_text())["steps"]
-    assert len(plain_steps) == len(steps) + joined["saved"]
+    normed = json.loads((plain / "manifest.json").read_text())["target"]["kernels"]["norms_in_gemms"]
+    assert normed < kernels["norms_in_gemms"]  # (a norm read by two siblings folds only once they are one op)
+    assert len(plain_steps) == len(steps) + joined["saved"] + kernels["norms_in_gemms"] - normed
     ids = tokens(1, 19, seed=4)
     ours = _prefill_then_decode(open_artifact(builds["fp8_fused"]).session(), ids, 16)
     assert torch.equal(ours, _prefill_then_decode(open_artifact(plain).session(), ids, 16))
@@ -132,9 +136,10 @@ def test_fused_norm_quantization_changes_no_number(builds):
     build's logits bit for bit: the norm kernel's codes and scales are those each GEMM computed from the norm's
     output."""
     program = json.loads((builds["fp8_fused"] / "program.json").read_text())
-    fused = [s for s in program["steps"] if s["kernel"] == "rms_norm_quant"]
+    fused = [s for s in program["steps"] if s["kernel"] in ("rms_norm_quant", "norm_linear_fp8")]  # (norm_gemm.py)
     readers = sum(len(s["attrs"].get("sizes", [0])) for s in program["steps"]  # (a linear_fp8_cat: its siblings)
-                  if s["kernel"] in ("linear_fp8", "linear_fp8_cat") and len(s["inputs"]) == 4)
+                  if s["kernel"] == "norm_linear_fp8"
+                  or (s["kernel"] in ("linear_fp8", "linear_fp8_cat") and len(s["inputs"]) == 4))
     assert len(fused) >= 3 and readers > len(fused)  # some norms feed several projections
     experts = [s for s in program["steps"] if s["kernel"] == "moe_experts_q"]
     assert experts and all(len(s["inputs"]) == 8 for s in experts)  # every layer's experts read codes
@@ -143,6 +148,25 @@ def test_fused_norm_quantization_changes_no_number(builds):
     ours = _prefill_then_decode(art.session(), ids, 16)
     assert art.session().kernels.report()["steps"]["torch"] == 0
     assert torch.equal(ours, _prefill_then_decode(open_artifact(builds["fp8"]).session(), ids, 16))
+
+
+def test_norms_folded_into_their_projections_change_no_number(builds, hf_checkpoints, tmp_path, monkeypatch):
+    """The target folds an rms_norm_quant read by one FP8 projection into it (norm_gemm.py: norm_linear_fp8, the
+    rms_norm_quant step gone); the logits are those of a build without the rewrite, bit for bit, in the prefill
+    (16 rows: the GEMM norms its tiles) and the decode steps."""
+    normed = json.loads((builds["fp8_fused"] / "manifest.json").read_text())["target"]["kernels"]["norms_in_gemms"]
+    steps = json.loads((builds["fp8_fused"] / "program.json").read_text())["steps"]
+    folded = [s for s in steps if s["kernel"] == "norm_linear_fp8"]
+    assert len(folded) == normed > 0 and all(len(s["inputs"]) == 4 and "eps" in s["attrs"] for s in folded)
+    monkeypatch.setattr(norm_gemm, "fold", lambda m: (m, 0))
+    plain = _compile(tmp_path, hf_checkpoints[NAME], "triton", FP8 + "  - fuse\n", name="plain")
+    plain_steps = json.loads((plain / "program.json").read_text())["steps"]
+    assert len(plain_steps) == len(steps) + normed
+    assert sum(s["kernel"] == "rms_norm_quant" for s in plain_steps) == \
+        sum(s["kernel"] == "rms_norm_quant" for s in steps) + normed
+    ids = tokens(1, 19, seed=4)
+    ours = _prefill_then_decode(open_artifact(builds["fp8_fused"]).session(), ids, 16)
+    assert torch.equal(ours, _prefill_then_decode(open_artifact(plain).session(), ids, 16))
 
 
 def test_generate_reports_where_the_steps_ran(builds):

@@ -55,7 +55,7 @@ def compile_model(spec_path, out_dir, *, progress: Progress | None = None, dump_
     program = lowered.program
     compiled = module  # what the calibration report measures: the target's rewrites change no number
     if lowered.module is not None:  # the target rewrote the module before lowering it (tvm: the fuse pass undone;
-        module = lowered.module     # triton: sibling projections joined, their weights concatenated)
+        module = lowered.module     # triton: sibling projections joined, their weights concatenated; norms in GEMMs)
     extra = {f"tokenizer/{f.name}": f for f in ckpt.tokenizer_files}
     extra.update(lowered.files)
     plan = module.plans["memory"]

@@ -45,6 +45,15 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act):
     return F.linear(xq, dequant_fp8(weight, scale, block))
 
 
+def norm_linear_fp8(x, norm_weight, weight, scale, *, eps, block, act, sizes=None):
+    """linear_fp8(rms_norm(x, norm_weight, eps=eps), weight, scale), or linear_fp8_cat's results with `sizes`: the
+    triton target's one op for an rms_norm_quant read only by one FP8 projection (V4's q_a_norm before q_b_proj),
+    which it runs as one GEMM launch at decode sizes. The same numbers as the two ops (act is the norm's
+    quantization)."""
+    y = linear_fp8(rms_norm(x, norm_weight, eps=eps), weight, scale, block=block, act=act)
+    return y if sizes is None else tuple(part.contiguous() for part in y.split(sizes, -1))
+
+
 def swiglu_linear_fp8(gate, up, weight, scale, *, block, act, limit=None):
     """linear_fp8(swiglu(gate, up, limit=limit), weight, scale): the fuse pass's one op for a SwiGLU read only by
     an FP8 projection (V4's shared expert down projection), which the triton target runs as one GEMM launch."""

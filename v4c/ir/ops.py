@@ -378,6 +378,14 @@ def _linear_fp8_cat(ins, st, a):
     return [f32(*y.shape[:-1], n) for n in _sizes(ins[1], a, a["block"][0])]
 
 
+def _norm_linear_fp8(ins, st, a):
+    x, norm_weight, w, scale = ins
+    _rms_norm([x, norm_weight], st, a)
+    expect(isinstance(a["act"], dict) and a["act"].get("mode") == "dynamic",
+           f"act must be dynamic (the norm's quantization), got {a['act']!r}")
+    return (_linear_fp8_cat if "sizes" in a else _linear_fp8)([x, w, scale, None], st, a)
+
+
 def _grouped_linear_fp8(ins, st, a):
     x, w, scale = ins
     _expect_fp8("weight", w, scale, a["block"], w.shape)
@@ -456,6 +464,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("grouped_linear_fp8", ("x", "weight", "scale"), _grouped_linear_fp8, attrs=("groups", "block", "act")),
     OpDef("linear_cat", ("x", "weight"), _linear_cat, attrs=("sizes",)),
     OpDef("linear_fp8_cat", ("x", "weight", "scale", "x_scale?"), _linear_fp8_cat, attrs=("sizes", "block", "act")),
+    OpDef("norm_linear_fp8", ("x", "norm_weight", "weight", "scale"), _norm_linear_fp8, attrs=("eps", "block", "act")),
     OpDef("embed_fp8", ("tokens", "weight", "scale"), _embed_fp8, attrs=("block",)),
     OpDef("moe_experts_q",
           ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale", "x_scale?"), _moe_experts_q,

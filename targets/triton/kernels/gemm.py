@@ -1,7 +1,7 @@
 """Projections: plain and FP8 (e4m3, block-scaled) GEMMs and grouped (block-diagonal) GEMMs (embedding-row
-gathers: embed.py).
+gathers: embed.py; the GEMMs computing a SwiGLU or an RMSNorm of their input: gemm_fused.py).
 
-One GEMM kernel serves all four projection launchers: x [M, G, K] times the weight rows of group g,
+One GEMM kernel serves all the projection launchers: x [M, G, K] times the weight rows of group g,
 W_g = weight[g*R:(g+1)*R] ([R, K]), gives y [M, G, R] (G = 1 for a plain linear). FP8 weights are
 dequantized in registers (e4m3 value * block scale). Activation quantization (`act`) is fused:
 each K tile lies inside one activation group and one weight block column, the group's amax is
@@ -20,6 +20,7 @@ import triton.language as tl
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
                      fake_quant, fp8_dot_supported, group_scale, in_kernel_counters, launch_config, native_cvt,
                      next_pow2, result, results, same_device, sm_count, sum_runs, to_e4m3)
+from .norm import rms_norm_quant, row_rstd
 from .quantize import act_quant, load_act, quant_once
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,13 +31,13 @@ ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 # --- kernels -----------------------------------------------------------------------------------
 @triton.jit
 def _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk, ssn, ssk, sx_rows,
-               GS, limit, ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
-               FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, TILE_GROUP: tl.constexpr, SWIGLU: tl.constexpr,
-               HAS_LIMIT: tl.constexpr, BK: tl.constexpr):
+               GS, limit, rstd, nw_ptr, ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr,
+               S_E8M0: tl.constexpr, FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, TILE_GROUP: tl.constexpr,
+               SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr, NORM: tl.constexpr, BK: tl.constexpr):
     """acc + q(x[:, kk:kk+BK]) dq(W[:, kk:kk+BK])^T. s: the activation scale (scalar or [BM, 1]); with
     TILE_GROUP (dynamic, the group is this one tile) it is taken here from the tile's row amax. ACT 3: x
     holds e4m3 codes already (_act_quant_kernel) and s is read from the rows' group scales `sx_rows`.
-    SWIGLU: x is swiglu(x, u) (quantize.load_act)."""
+    SWIGLU: x is swiglu(x, u); NORM: x is rms_norm(x) (rows' rstd [BM], weight at nw_ptr) (quantize.load_act)."""
     offs_k = kk + tl.arange(0, BK)  # [BK]
     k_ok = offs_k < K
     if ACT == 3:
@@ -45,7 +46,7 @@ def _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s,
         s = tl.load(sx_rows + kk // GS, mask=m_ok, other=1.0)[:, None]  # [BM, 1]
     else:  # [BM, BK] fp32
         xt = load_act(x_rows + offs_k[None, :] * sxk, u_rows + offs_k[None, :] * sxk, m_ok[:, None] & k_ok[None, :],
-                      limit, SWIGLU, HAS_LIMIT)
+                      limit, SWIGLU, HAS_LIMIT, rstd, nw_ptr + offs_k, k_ok, NORM)
     if ACT == 1 and TILE_GROUP:
         s = group_scale(tl.max(tl.abs(xt), axis=1), E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
     wt = tl.load(w_rows + offs_k[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
@@ -83,11 +84,11 @@ def _segment(pid_n, tiles, lo, hi, y_i, first, s_lo, s_hi, s_y, BN: tl.constexpr
 @triton.jit
 def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale,
                  limit, bo, bi, sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn,
-                 y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7,
+                 y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7, nw_ptr, eps,
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
                  FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
                  SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
     GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
     3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
@@ -105,7 +106,10 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
     first's, [e1, e2) the second's, .. [e_{SEGS-1}, N) the last's; each N tile lies in one of them (the grid has
     cdiv(rows, BN) tiles per sibling) and is written to its own output, y_ptr, y1, .. (contiguous [M, rows]).
     SWIGLU (swiglu_linear_fp8): x is swiglu(x, u), u at u_ptr with x's strides, clamped at `limit` with HAS_LIMIT;
-    computed where x is loaded (quantize.load_act)."""
+    computed where x is loaded (quantize.load_act).
+    NORM (norm_linear_fp8; 0: off): x is rms_norm(x, nw_ptr's weight, eps), x contiguous in K (G = 1). Each program
+    first takes its rows' 1 / rms with the rms_norm kernel's row code (norm.row_rstd over one [NORM]-wide block),
+    then normalizes each tile where it is loaded, as the norm kernel does (x * rstd, then weight times that)."""
     pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, part = pid_g // SPLIT, pid_g % SPLIT
     lo, hi, first, y_base = 0, N, 0, y_ptr  # this tile's sibling: its rows [lo, hi), first tile and output
@@ -134,14 +138,20 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
     u_rows = u_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1] (SWIGLU)
     w_rows = w_ptr + rows_w[None, :] * swn  # [1, BN]
     sx_rows = sx_ptr + (offs_m * (tl.num_programs(2) // SPLIT) + g) * tl.cdiv(K, GS)  # [BM] (ACT 3)
+    tl.static_assert(NORM == 0 or (ACT == 1 and not SWIGLU), "NORM: dynamic activations of x itself")
+    rstd = tl.zeros((BM,), dtype=tl.float32)
+    if NORM:
+        for i in range(0, tl.minimum(BM, M - pid_m * BM)):
+            r = row_rstd(x_ptr + (pid_m * BM + i).to(tl.int64) * sxm, K, eps, NORM, "")
+            rstd = tl.where(tl.arange(0, BM) == i, r, rstd)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = part * spans_per_split * GS
     k_hi = tl.minimum(k_lo + spans_per_split * GS, K)
     if FLAT:
         for kk in range(k_lo, k_hi, BK):
             acc = _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, act_scale, bo, bi, sxk,
-                             swk, ssn, ssk, sx_rows, GS, limit, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE,
-                             True, SWIGLU, HAS_LIMIT, BK)
+                             swk, ssn, ssk, sx_rows, GS, limit, rstd, nw_ptr, ACT, ACT_UE8M0, W_SCALED, S_E8M0,
+                             FP8_DOT, NATIVE, True, SWIGLU, HAS_LIMIT, NORM, BK)
     else:
         for k0 in range(k_lo, k_hi, GS):  # one activation group at a time
             k_end = tl.minimum(k0 + GS, K)
@@ -151,13 +161,14 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
                 for kk in range(k0, k_end, BK):
                     offs_k = kk + tl.arange(0, BK)
                     xt = load_act(x_rows + offs_k[None, :] * sxk, u_rows + offs_k[None, :] * sxk,
-                                  m_ok[:, None] & (offs_k < K)[None, :], limit, SWIGLU, HAS_LIMIT)
+                                  m_ok[:, None] & (offs_k < K)[None, :], limit, SWIGLU, HAS_LIMIT, rstd,
+                                  nw_ptr + offs_k, offs_k < K, NORM)
                     amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=1))
                 s = group_scale(amax, E4M3_MAX, ACT_UE8M0)[:, None]  # [BM, 1]
             for kk in range(k0, k_end, BK):
                 acc = _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, s, bo, bi, sxk, swk,
-                                 ssn, ssk, sx_rows, GS, limit, ACT, ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE,
-                                 False, SWIGLU, HAS_LIMIT, BK)
+                                 ssn, ssk, sx_rows, GS, limit, rstd, nw_ptr, ACT, ACT_UE8M0, W_SCALED, S_E8M0,
+                                 FP8_DOT, NATIVE, False, SWIGLU, HAS_LIMIT, NORM, BK)
     ok = m_ok[:, None] & n_ok[None, :]
     y = y_base + offs_m[:, None] * sym + g * syg + (offs_n - lo)[None, :] * syn
     if SPLIT == 1:
@@ -264,12 +275,13 @@ def _sibling_args(outs, sizes, r: int) -> tuple:
 
 
 def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=None, x_scale3=None, up3=None,
-          limit=None):
+          limit=None, norm=None):
     """x3 [M, G, K] (any strides), weight [G*R, K] -> outs: [out], fp32 [M, G, R] (a contiguous view of the
     result); or, for siblings (linear_cat, G = 1), one fp32 [M, 1, R_i] per sibling, the weight their R_i rows
     one after another. x_scale3: x3 holds e4m3 codes already (rms_norm_quant), with these fp32 group scales
     [M, G, cdiv(K, group)]. up3: the activation is swiglu(x3, up3) (clamped at `limit`), up3 of x3's shape and
-    strides (swiglu_linear_fp8)."""
+    strides (swiglu_linear_fp8). norm: (weight [K], eps): the activation is rms_norm(x3) (G = 1, x3 contiguous;
+    norm_linear_fp8), normed in every tile, or with QUANT_ONCE by the rms_norm_quant kernel, once."""
     m, groups, k = x3.shape
     r = weight.shape[0] // groups
     mode, group, ue8m0, static = _check_act(act or {"mode": "none"})
@@ -297,18 +309,23 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
         x_arg, x_scales = x3.view(torch.uint8), x_scale3.contiguous()
         mode, flat = 3, True
     elif quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
-        x_arg, x_scales = act_quant(x3, span, ue8m0, up3, limit)
+        if norm is None:
+            x_arg, x_scales = act_quant(x3, span, ue8m0, up3, limit)
+        else:  # the norm quantizes its output once (the fuse pass's rms_norm_quant, unfolded)
+            codes, x_scales = rms_norm_quant(x3, norm[0], eps=norm[1], group=group,
+                                             scale_format="ue8m0" if ue8m0 else "fp32")
+            x_arg, norm = codes.view(torch.uint8), None
         mode, flat, up3 = 3, True, None  # every K tile lies in one group, whose scale is looked up
     _gemm_kernel[grid](x_arg, x_arg if up3 is None else up3, weight, s, out, x_scales, partials,
                        out if counters is None else counters, m, r, k, span, per_split, static,
                        0.0 if limit is None else float(limit), bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
                        s.stride(-1), *out.stride(), *(partials.stride() if split > 1 else (0, 0, 0, 0)),
-                       *_sibling_args(outs, sizes, r),
-                       ACT=mode, ACT_UE8M0=ue8m0, W_SCALED=scale is not None, S_E8M0=s_e8m0,
-                       FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device), FLAT=flat, SPLIT=split,
-                       SUM_IN_KERNEL=counters is not None, SEGS=len(outs), SWIGLU=up3 is not None,
-                       HAS_LIMIT=limit is not None, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"],
-                       BK=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                       *_sibling_args(outs, sizes, r), x_arg if norm is None else norm[0],
+                       0.0 if norm is None else float(norm[1]), ACT=mode, ACT_UE8M0=ue8m0,
+                       W_SCALED=scale is not None, S_E8M0=s_e8m0, FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device),
+                       FLAT=flat, SPLIT=split, SUM_IN_KERNEL=counters is not None, SEGS=len(outs),
+                       SWIGLU=up3 is not None, HAS_LIMIT=limit is not None, NORM=0 if norm is None else next_pow2(k),
+                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1 and counters is None:
         if len(outs) == 1:
             torch.sum(partials, 0, out=out)
@@ -394,25 +411,6 @@ def linear_fp8(x, weight, scale, x_scale=None, *, block, act, config=None, into=
     return y
 
 
-def swiglu_linear_fp8(gate, up, weight, scale, *, block, act, limit=None, config=None, into=None):
-    """linear_fp8(swiglu(gate, up, limit=limit), weight, scale) in one launch: the GEMM computes the SwiGLU where
-    it loads its activation tiles (the fuse pass's swiglu_linear: V4's shared expert down projection). gate, up:
-    [..., K], the same shape."""
-    _check_gemm_inputs(gate, weight, scale, 1, name="gate")
-    check_tensor("up", up, dtypes=FLOAT_DTYPES, contiguous=False)
-    check(up.shape == gate.shape, f"gate, up: shapes {list(gate.shape)} and {list(up.shape)} differ (no broadcasting)")
-    check(limit is None or isinstance(limit, (int, float)), f"limit: expected None or a number, got {limit!r}")
-    same_device(gate=gate, up=up)
-    bo_bi = _check_block(block, weight, scale)
-    if gate.stride() != up.stride():  # the kernel reads both at the same offsets
-        gate, up = gate.contiguous(), up.contiguous()
-    lead, k = gate.shape[:-1], gate.shape[-1]
-    y, y3 = _result(into, (*lead, weight.shape[0]), 1, gate.device)
-    _gemm("swiglu_linear_fp8", gate.reshape(-1, 1, k), weight, [y3], scale, bo_bi, act, config,
-          up3=up.reshape(-1, 1, k), limit=limit)
-    return y
-
-
 def grouped_linear_fp8(x, weight, scale, *, groups, block, act, config=None, into=None):
     """grouped_linear over q(x) (`act`) and the dequantized e4m3 weight [G*R, K] (block scales as in
     linear_fp8; blocks may straddle groups). x [..., G, K] -> fp32 [..., G, R]."""
@@ -471,7 +469,6 @@ LAUNCHERS = {
     "linear": linear,
     "grouped_linear": grouped_linear,
     "linear_fp8": linear_fp8,
-    "swiglu_linear_fp8": swiglu_linear_fp8,
     "grouped_linear_fp8": grouped_linear_fp8,
     "linear_cat": linear_cat,
     "linear_fp8_cat": linear_fp8_cat,

@@ -26,7 +26,7 @@ MAX_ROW = 1 << 16  # the row kernels hold one padded row in a block
 
 # --- device helpers ----------------------------------------------------------------------------
 @triton.jit
-def _rstd(x_row, K, eps, BLOCK_K: tl.constexpr, CACHE: tl.constexpr):
+def row_rstd(x_row, K, eps, BLOCK_K: tl.constexpr, CACHE: tl.constexpr):
     """1 / sqrt(mean(x^2) + eps) of one row x_row[0:K], fp32."""
     k = tl.arange(0, BLOCK_K)
     x = tl.load(x_row + k, mask=k < K, other=0.0, cache_modifier=CACHE).to(tl.float32)
@@ -41,7 +41,7 @@ def norm_quant_row(x_row, w_ptr, q_row, s_row, y_row, K, NG, eps, GROUP: tl.cons
     1e-4) / 448 (or its pow2_ceil for UE8M0); q = e4m3(clamp(y / s_g, +-448)) to q_row (bytes), s to s_row;
     HAS_Y: y is stored to y_row too (as _rms_norm_kernel computes it). CACHE: the loads' cache modifier (".cg"
     where other threads of the program just stored the row: hyper.py's collapse)."""
-    rstd = _rstd(x_row, K, eps, BLOCK_K, CACHE)
+    rstd = row_rstd(x_row, K, eps, BLOCK_K, CACHE)
     g = tl.arange(0, BLOCK_NG)[:, None]
     i = tl.arange(0, BLOCK_G)[None, :]
     k = g * GROUP + i  # [BLOCK_NG, BLOCK_G] channel index
@@ -62,7 +62,7 @@ def norm_quant_row(x_row, w_ptr, q_row, s_row, y_row, K, NG, eps, GROUP: tl.cons
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, eps, HAS_W: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row per program: y = x * rstd [* w]."""
     row = tl.program_id(0).to(tl.int64)
-    rstd = _rstd(x_ptr + row * K, K, eps, BLOCK_K, "")
+    rstd = row_rstd(x_ptr + row * K, K, eps, BLOCK_K, "")
     k = tl.arange(0, BLOCK_K)
     mask = k < K
     y = tl.load(x_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32) * rstd
@@ -148,7 +148,7 @@ def norm_rope_row(x_row, w_ptr, y_row, pos, inv_ptr, scale, eps, D, NOPE, HALF, 
                   HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """One row x_row[0:D] to y_row: y = x * rstd [* w] as _rms_norm_kernel computes it (the same row sum, so the same
     bits), then the trailing pairs rotated at position pos as _rope_kernel does."""
-    rstd = _rstd(x_row, D, eps, BLOCK_D, "")
+    rstd = row_rstd(x_row, D, eps, BLOCK_D, "")
     c = tl.arange(0, BLOCK_NOPE)
     nope = tl.load(x_row + c, mask=c < NOPE, other=0.0).to(tl.float32) * rstd
     i = tl.arange(0, BLOCK_HALF)

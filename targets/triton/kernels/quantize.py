@@ -19,12 +19,17 @@ from .common import E4M3_MAX, cdiv, config_switch, e4m3_quant, group_scale, next
 
 
 @triton.jit
-def load_act(x_tile, u_tile, mask, limit, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """The fp32 activation tile at the pointers x_tile (0 where masked); SWIGLU: swiglu(x, u), u loaded at the
-    pointers u_tile (the up projection's output, at x's offsets)."""
+def load_act(x_tile, u_tile, mask, limit, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr, rstd, w_cols, w_ok,
+             NORM: tl.constexpr):
+    """The fp32 activation tile [R, C] at the pointers x_tile (0 where masked); SWIGLU: swiglu(x, u), u loaded at
+    the pointers u_tile (the up projection's output, at x's offsets); NORM: rms_norm(x), the rows' 1 / rms [R] in
+    rstd and the norm weight of the tile's columns at the pointers w_cols [C] (w_ok: the columns inside the row), in
+    the norm kernel's order (x * rstd, then the weight times that: norm.norm_quant_row)."""
     x = tl.load(x_tile, mask=mask, other=0.0).to(tl.float32)
     if SWIGLU:
         x = swiglu_value(x, tl.load(u_tile, mask=mask, other=0.0).to(tl.float32), limit, HAS_LIMIT)
+    if NORM:
+        x = tl.load(w_cols, mask=w_ok, other=0.0).to(tl.float32)[None, :] * (x * rstd[:, None])
     return x
 
 
@@ -43,7 +48,7 @@ def _act_quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, M, K, GS, NG, sxm, sxg, sxk, l
     r_ok = rows < M
     ok = r_ok[:, None] & ((c < GS) & (k < K))[None, :]
     offs = rows.to(tl.int64)[:, None] * sxm + g * sxg + k[None, :] * sxk
-    x = load_act(x_ptr + offs, u_ptr + offs, ok, limit, SWIGLU, HAS_LIMIT)
+    x = load_act(x_ptr + offs, u_ptr + offs, ok, limit, SWIGLU, HAS_LIMIT, limit, x_ptr, c < 0, False)
     s = group_scale(tl.max(tl.abs(x), axis=1), E4M3_MAX, UE8M0)  # [BR]
     out_row = rows.to(tl.int64) * n_groups + g  # [BR] rows of [M * G, K]
     tl.store(q_ptr + out_row[:, None] * K + k[None, :], e4m3_quant(x, s[:, None]).to(tl.uint8), mask=ok)
