@@ -417,6 +417,14 @@ def moe_cases(extra: list[dict]) -> list[dict]:
                         "call": lambda xs=xs, w=w, idx=idx: moe_experts_q(
                             xs[0], w, idx, gate_up, scales[0], down, scales[1], *xs[1:], format="fp8",
                             block=[128, 128], down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
+    # PAIRS_IN_KERNEL: up to 64 pairs the gate_up programs sort the pairs themselves (their code does not depend on
+    # the number of experts): 10 tokens at top-6, 60 pairs, the most it takes
+    x, w = torch.randn(10, d), torch.rand(10, top)
+    idx = torch.stack([torch.randperm(experts)[:top] for _ in range(10)])
+    out.append({"case": f"moe_experts_q fp8 d={d} inter={inter} top={top} m=10 (pairs in gate_up)", "config": cfg,
+                "call": lambda x=x, w=w, idx=idx: moe_experts_q(
+                    x, w, idx, gate_up, scales[0], down, scales[1], format="fp8", block=[128, 128],
+                    down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
     for m in (DECODE_TOKENS[0], 256):  # the decode bookkeeping over V4-Flash's 256 experts (its code does depend)
         idx = torch.stack([torch.randperm(256)[:top] for _ in range(m)])
         out.append({"case": f"moe pairs experts=256 top={top} m={m}", "config": {},

@@ -152,6 +152,10 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
         gate_up = next(r for r in case if r["kernel"] == "_experts_gemm_kernel")
         assert gate_up["constexprs"]["SWIGLU"] is True and gate_up["constexprs"]["ACT"] == 3
         assert sum(r["kernel"] == "_act_quant_kernel" for r in case) == quant_launches
+    # up to 64 pairs the gate_up programs sort them (PAIRS_IN_KERNEL): no _pairs_kernel launch
+    in_gate_up = [r for r in rows if r["case"].endswith("(pairs in gate_up)")]
+    assert [r["kernel"] for r in in_gate_up] == ["_experts_gemm_kernel"] * 2
+    assert in_gate_up[0]["constexprs"]["PAIRS"] == 64 and in_gate_up[1]["constexprs"]["PAIRS"] == 0
     plain = next(r for r in rows if r["case"].endswith(" m=4 (fp32 x)") and r["kernel"] == "_experts_gemm_kernel")
     assert plain["constexprs"]["ACT"] == 2
     assert {r["case"] for r in rows if r["kernel"] in ("_attention_kernel", "_score_kernel")} >= {

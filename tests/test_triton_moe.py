@@ -298,6 +298,46 @@ def test_quant_once_auto_from_64_pairs(monkeypatch):
         moe_experts(x, weights, idx, gate_up, down, **dyn, config={"QUANT_ONCE": "yes"})
 
 
+@pytest.mark.parametrize("tokens,k,experts,ids", [(1, 6, 64, "distinct"), (3, 6, 256, "distinct"),
+                                                  (10, 6, 64, "distinct"), (30, 2, 2, "distinct"),
+                                                  (7, 4, 3, "repeats"), (1, 1, 1, "distinct")])
+def test_pair_bookkeeping_in_the_gate_up_programs(tokens, k, experts, ids, monkeypatch):
+    """PAIRS_IN_KERNEL (auto: up to 64 pairs): no bookkeeping launch; every gate_up program sorts the pairs from
+    their [P, P] comparisons (pairs.pair_tiles) and writes the weights, slot rows and tiles the down GEMM and the
+    combine read: exactly the torch bookkeeping's (the tile list too, unused tiles included), and the experts' output
+    bit for bit as with the _pairs_kernel launch. 30 x 2 pairs over 2 experts: several tiles an expert; a hash table
+    may repeat an expert within a token."""
+    g = gen(tokens * k)
+    d, inter = 40, 24
+    if ids == "distinct":
+        idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).view(1, tokens, k)
+    else:
+        idx = torch.randint(0, experts, (1, tokens, k), generator=g)
+    x, weights, _, gate_up, down = problem(1, tokens, d, inter, experts, k, seed=tokens)
+    q = quantized(gate_up, down, "fp8", [16, 16], [16, 16], "fp32")
+    kw = {"format": "fp8", "block": [16, 16], "down_block": [16, 16], "act_in": DYN, "act_mid": DYN_UE}
+    written, sorted_by = [], []
+    monkeypatch.setattr(moe, "pair_arrays", lambda *a: written.append(kernels.pairs.pair_arrays(*a)) or written[-1])
+    monkeypatch.setattr(moe, "sort_pairs", lambda *a: sorted_by.append(kernels.pairs.sort_pairs(*a)) or sorted_by[-1])
+    ours = moe_experts_q(x, weights, idx, *q, **kw)
+    separate = moe_experts_q(x, weights, idx, *q, **kw, config={"PAIRS_IN_KERNEL": False})
+    assert len(written) == 1 and len(sorted_by) == 1 and torch.equal(ours, separate)
+    want = kernels.pairs.sort_pairs_torch(idx.view(tokens, k), weights.view(tokens, k), experts, 16)
+    _, pw, slot_rows, tiles = written[0]
+    for a, b in zip((pw, slot_rows, *tiles), (want[1], want[2], *want[3])):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert_close(ours, ref_experts_q(x, weights, idx, *q, **kw), EXPERTS_RTOL)
+
+
+def test_pair_bookkeeping_in_the_gate_up_programs_is_for_a_few_pairs():
+    """Past 64 pairs 'auto' launches the bookkeeping kernel; true names the limit."""
+    x, weights, idx, gate_up, down = problem(1, 17, 32, 16, 8, 4, seed=16)  # 68 pairs
+    expected = moe_experts(x, weights, idx, gate_up, down, config={"PAIRS_IN_KERNEL": False})
+    assert torch.equal(moe_experts(x, weights, idx, gate_up, down), expected)
+    with pytest.raises(ValueError, match=r"PAIRS_IN_KERNEL.*at most 64 \(token, expert\) pairs \(here 68\)"):
+        moe_experts(x, weights, idx, gate_up, down, config={"PAIRS_IN_KERNEL": True})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
 @pytest.mark.parametrize("shape", [(2, 13, 96, 72, 11, 4), (1, 3, 32, 16, 2, 2)])

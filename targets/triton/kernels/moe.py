@@ -3,7 +3,8 @@ runtime/kernels/moe.py (moe_experts) and runtime/kernels/quantized.py (moe_exper
 outputs. The routers (route_topk, route_hash) are in router.py.
 
 Experts: a grouped GEMM over the P = T*k (token, slot) pairs, sorted by expert on the device (stable:
-each expert's pairs stay in (token, slot) order; pairs.py, at decode sizes one kernel) and cut into
+each expert's pairs stay in (token, slot) order; pairs.py: up to 64 pairs in the gate_up programs themselves
+(PAIRS_IN_KERNEL), at other decode sizes one kernel) and cut into
 tiles of <= BLOCK_M pairs of one expert:
   gate_up  grid (tiles, I tiles)  mid[p] = swiglu(q_in(x[tok p]) W_gu[e p]^T)       [P, I]
   down     grid (tiles, D tiles)  y[p] = w[p] * q_mid(mid[p]) W_down[e p]^T          [P, D]
@@ -28,16 +29,19 @@ from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_t
                      launch_config, native_cvt, next_pow2, result, same_device, swiglu_value, to_e4m3)
 from .gemm import check_x_scale
 from .quantize import act_quant, quant_once
-from .pairs import sort_pairs
+from .pairs import pair_arrays, pair_tiles, sort_pairs
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
 ACT_NONE, ACT_STATIC, ACT_DYNAMIC, ACT_CODES = 0, 1, 2, 3  # ACT_CODES: dynamic, quantized once (quantize.act_quant)
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
 EXPERT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
-                 "SUM_IN_KERNEL": "auto", "num_warps": 4,
+                 "SUM_IN_KERNEL": "auto", "PAIRS_IN_KERNEL": "auto", "num_warps": 4,
                  "num_stages": 3}  # num_warps / num_stages: the two expert GEMMs' (Triton's defaults)
 COMBINE_TOKENS = 16  # SUM_IN_KERNEL 'auto': the down GEMM combines up to this many tokens (a decode step)
+# PAIRS_IN_KERNEL: every gate_up program sorts the pairs itself from [P, P] comparisons, so only for a few: a decode
+# step of up to 10 tokens at V4's top-6 (_pairs_kernel, one program, or the torch ops from there on)
+PAIRS_IN_KERNEL_MAX = 64
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -131,11 +135,12 @@ def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s
 # --- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr,
-                         slot_rows_ptr, cnt_ptr, res_ptr, T, N, K, s_rows, s_cols, act_scale, limit, SEG,
+                         slot_rows_ptr, cnt_ptr, res_ptr, wr_ptr, T, N, K, E, s_rows, s_cols, act_scale, limit, SEG,
                          COMBINE: tl.constexpr, KSLOT: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
                          ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
                          SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
-                         NATIVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         NATIVE: tl.constexpr, PAIRS: tl.constexpr, NT: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr):
     """One tile of <= BM pairs p of one expert e x BN outputs n of the grouped GEMM q(A[r_p]) W_e^T over K.
     SWIGLU (gate_up; A = x, r_p = rows[p] its token; W: [E, 2N, K]): out[p, n] =
     silu(min(g, limit)) * clamp(u, +-limit), g / u from W rows n / N + n.
@@ -146,14 +151,25 @@ def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_pt
     scales [rows of A, cdiv(K, SEG)], so no tile redoes the amax, division and rounding.
     COMBINE (down): the last of column pid_n's programs to arrive (cnt_ptr[pid_n], common.arrived_last) adds
     that column block of every token's KSLOT pair rows, as _combine_kernel does: res[t] = sum_j out[slot_rows[t,
-    j]], j ascending, for the T tokens."""
+    j]], j ascending, for the T tokens.
+    PAIRS (gate_up, PAIRS_IN_KERNEL; 0: off): no pair bookkeeping ran before; every program does it for the T * KSLOT
+    <= PAIRS pairs (pairs.pair_tiles: rows_ptr holds the pairs' expert ids [T * KSLOT], wr_ptr their routing weights,
+    E the experts), keeps its own tile and its pairs' tokens in registers and writes pw, slot_rows and the tiles for
+    the down GEMM and the combine (every program the same bytes; NT: a power of two >= the tiles)."""
     t, pid_n = tl.program_id(0), tl.program_id(1)
-    e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
-    pairs = lo + tl.arange(0, BM)
-    pmask = pairs < hi
-    rows = pairs.to(tl.int64)
-    if SWIGLU:
-        rows = tl.load(rows_ptr + pairs, mask=pmask, other=0).to(tl.int64)  # [BM] tokens
+    if PAIRS:
+        e, lo, hi, tok = pair_tiles(rows_ptr, wr_ptr, pw_ptr, slot_rows_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, t,
+                                    T * KSLOT, E, BM, tl.num_programs(0), KSLOT, PAIRS, BM, NT)
+        pairs = lo + tl.arange(0, BM)
+        pmask = pairs < hi
+        rows = tl.where(pmask, tok, 0).to(tl.int64)
+    else:
+        e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
+        pairs = lo + tl.arange(0, BM)
+        pmask = pairs < hi
+        rows = pairs.to(tl.int64)
+        if SWIGLU:
+            rows = tl.load(rows_ptr + pairs, mask=pmask, other=0).to(tl.int64)  # [BM] tokens
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -271,7 +287,7 @@ def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_
 
 
 def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=None, a_scales=None, combine=None,
-                  name):
+                  pairs=None, name):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
     cfg: the launch config (`_run_experts`). QUANT_ONCE ("auto": from 64 pairs on, with more
@@ -279,7 +295,8 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
     in every N tile of every pair: gate_up's input is then quantized once per token, not per (token, expert).
     a_scales: `a` holds those codes already (uint8; the fuse pass's rms_norm_quant), with these scales
     [rows of a, cdiv(K, SEG)] fp32. combine: (slot_rows [T, k], counters, res [T, N]): the down GEMM also adds
-    each token's pair rows into res (COMBINE)."""
+    each token's pair rows into res (COMBINE). pairs (gate_up, PAIRS_IN_KERNEL): (expert ids [T, k], routing
+    weights [T, k], pw, slot_rows, experts): the programs do the pair bookkeeping into pw, slot_rows and tiles."""
     swiglu = rows is not None
     fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], cfg["FP8_DOT"], name)
     if fp8_dot:
@@ -293,11 +310,14 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
     else:
         a_scales = a  # (an unused pointer)
     slot_rows, counters, res = combine or (out, out, out)
+    ids, routing, pw_out, slots, experts = pairs or (rows if swiglu else a, a, a if swiglu else pw, slot_rows, 0)
     _experts_gemm_kernel[(tiles[0].numel(), n_tiles)](
-        a, a_scales, rows if swiglu else a, a if swiglu else pw, *tiles, out_ptr=out, slot_rows_ptr=slot_rows,
-        cnt_ptr=counters, res_ptr=res, T=res.shape[0], N=out.shape[1], K=a.shape[1],
-        limit=0.0 if limit is None else float(limit), COMBINE=combine is not None,
-        KSLOT=slot_rows.shape[1] if combine else 1, SWIGLU=swiglu, HAS_LIMIT=limit is not None,
+        a, a_scales, ids, pw_out, *tiles, out_ptr=out, slot_rows_ptr=slots if pairs else slot_rows,
+        cnt_ptr=counters, res_ptr=res, wr_ptr=routing, T=ids.shape[0] if pairs else res.shape[0], N=out.shape[1],
+        K=a.shape[1], E=experts, limit=0.0 if limit is None else float(limit), COMBINE=combine is not None,
+        KSLOT=slot_rows.shape[1] if combine else (ids.shape[1] if pairs else 1), SWIGLU=swiglu,
+        HAS_LIMIT=limit is not None, PAIRS=next_pow2(ids.numel()) if pairs else 0,
+        NT=next_pow2(tiles[0].numel()) if pairs else 1,
         BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -323,15 +343,21 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     if host_values(idx):  # on a GPU this read would wait for it; the runtime's routers emit ids in range
         check(0 <= int(idx.min()) and int(idx.max()) < n_experts, f"idx: expert ids must be in [0, {n_experts})")
     bk, bd = cfg["BLOCK_K"], cfg["BLOCK_D"]
-    rows, pw, slot_rows, tiles = sort_pairs(idx.reshape(tokens, k).contiguous(),
-                                            weights.reshape(tokens, k).contiguous(), n_experts, cfg["BLOCK_M"])
+    ids, routing = idx.reshape(tokens, k).contiguous(), weights.reshape(tokens, k).contiguous()
+    in_kernel = config_switch("PAIRS_IN_KERNEL", cfg["PAIRS_IN_KERNEL"], [(
+        tokens * k <= PAIRS_IN_KERNEL_MAX, f"at most {PAIRS_IN_KERNEL_MAX} (token, expert) pairs (here {tokens * k})")],
+        name)
+    if in_kernel:  # the gate_up programs sort the pairs (pairs.pair_tiles): one launch fewer
+        rows, pw, slot_rows, tiles = pair_arrays(tokens, k, n_experts, cfg["BLOCK_M"], x.device)
+    else:
+        rows, pw, slot_rows, tiles = sort_pairs(ids, routing, n_experts, cfg["BLOCK_M"])
     mid = torch.empty(tokens * k, inter, dtype=torch.float32, device=x.device)
     y = torch.empty(tokens * k, d, dtype=torch.float32, device=x.device)
     xf = x.reshape(tokens, d).contiguous()
     if x_scale is not None:
         xf, x_scale = xf.view(torch.uint8), x_scale.reshape(tokens, -1).contiguous()
     _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), cfg, rows=rows, limit=limit, a_scales=x_scale,
-                  name=name)
+                  pairs=(ids, routing, pw, slot_rows, n_experts) if in_kernel else None, name=name)
     counters = _combine_counters(cfg["SUM_IN_KERNEL"], x.device, tokens, cdiv(d, cfg["BLOCK_N"]), name)
     _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), cfg, pw=pw, name=name,
                   combine=None if counters is None else (slot_rows, counters, out))

@@ -1,7 +1,9 @@
 """The routed experts' pair bookkeeping (moe.py's grouped GEMMs): the T*k (token, slot) pairs of a call sorted
 by expert, stably, and cut into tiles of <= BLOCK_M pairs of one expert, with fixed shapes and no host reads, so a
 launch neither waits for the GPU nor changes between CUDA-graph replays. Up to PAIRS_KERNEL_MAX pairs (a decode
-step) one kernel does it all (_pairs_kernel, a counting sort in one program), else torch ops (prefill).
+step) one kernel does it all (_pairs_kernel, a counting sort in one program), else torch ops (prefill). Up to
+moe.PAIRS_IN_KERNEL_MAX pairs the gate_up GEMM's programs do it themselves instead (pair_tiles: a sort by
+comparing every pair with every other, no launch of its own), with the same results.
 """
 
 import torch
@@ -65,6 +67,55 @@ def _pairs_kernel(idx_ptr, w_ptr, rows_ptr, pw_ptr, slot_ptr, tile_e_ptr, tile_l
         tl.store(slot_ptr + tok[:, None].to(tl.int64) * K + slot, pos, mask=mask)
 
 
+# --- the bookkeeping in the gate_up programs (PAIRS_IN_KERNEL) -------------------------------------
+@triton.jit
+def _sorted_pairs(idx_ptr, P, BIG, PP: tl.constexpr):
+    """Pairs p < P (idx_ptr: their expert ids, flat [T*K]) -> ([PP] ids, BIG past P; the pairs' mask; each pair's
+    position sorted by expert, stably; the position of its expert's first pair; that expert's pairs), from the
+    [PP, PP] comparisons of every pair with every other (a counting sort without a count per expert)."""
+    p = tl.arange(0, PP)
+    ok = p < P
+    e = tl.where(ok, tl.load(idx_ptr + p, mask=ok, other=0).to(tl.int32), BIG)
+    lower = e[None, :] < e[:, None]  # [p, q]: q's expert is below p's
+    same = e[None, :] == e[:, None]
+    pos = tl.sum((lower | (same & (p[None, :] < p[:, None]))).to(tl.int32), axis=1)
+    return e, ok, pos, tl.sum(lower.to(tl.int32), axis=1), tl.sum(same.to(tl.int32), axis=1)
+
+
+@triton.jit
+def pair_tiles(idx_ptr, w_ptr, pw_ptr, slot_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, t, P, E, bm, n_tiles,
+               K: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, NT: tl.constexpr):
+    """_pairs_kernel's bookkeeping of P <= PP pairs, by one gate_up program of tile t, which gets its tile's (expert,
+    first pair, end of the expert's pairs) and its [BM] pairs' tokens back in registers and writes what the down
+    GEMM and the combine read: pw, slot (each token's pairs' sorted positions) and the n_tiles tiles (<= NT), the
+    same values as _pairs_kernel's (every program of the launch writes the same bytes)."""
+    e, ok, pos, start, count = _sorted_pairs(idx_ptr, P, E, PP)
+    p = tl.arange(0, PP)
+    lead = ok & (pos == start)  # each expert's first pair: its expert's tiles, ceil(count / bm), come in order
+    tiles_before = tl.sum(tl.where(lead[None, :] & (e[None, :] < e[:, None]), (count[None, :] + bm - 1) // bm, 0),
+                          axis=1)
+    tile = tl.where(ok, tiles_before + (pos - start) // bm, -1)  # [PP] each pair's tile
+    tok = p // K
+    tl.store(pw_ptr + pos, tl.load(w_ptr + p, mask=ok, other=0.0).to(tl.float32), mask=ok)
+    rank = tl.sum(((tok[None, :] == tok[:, None]) & (pos[None, :] < pos[:, None])).to(tl.int32), axis=1)
+    tl.store(slot_ptr + tok * K + rank, pos, mask=ok)
+    ts = tl.arange(0, NT)
+    sel = tile[None, :] == ts[:, None]  # [NT, PP]
+    used = tl.max(sel.to(tl.int32), axis=1) > 0
+    te = tl.where(used, tl.max(tl.where(sel, e, -1), axis=1), E - 1)
+    lo = tl.where(used, tl.min(tl.where(sel, pos, P), axis=1), 0)
+    hi = tl.where(used, tl.max(tl.where(sel, start + count, 0), axis=1), 0)
+    tl.store(tile_e_ptr + ts, te, mask=ts < n_tiles)
+    tl.store(tile_lo_ptr + ts, lo, mask=ts < n_tiles)
+    tl.store(tile_hi_ptr + ts, hi, mask=ts < n_tiles)
+    mine = tile == t
+    my_e = tl.max(tl.where(mine, e, -1), axis=0)
+    my_lo = tl.min(tl.where(mine, pos, P), axis=0)
+    my_hi = tl.max(tl.where(mine, start + count, 0), axis=0)
+    rows = tl.sum(tl.where(pos[None, :] == (my_lo + tl.arange(0, BM))[:, None], tok[None, :], 0), axis=1)
+    return tl.where(my_e < 0, E - 1, my_e), tl.where(my_e < 0, 0, my_lo), my_hi, rows
+
+
 # --- host glue -----------------------------------------------------------------------------------
 PAIRS_KERNEL_MAX = 2048  # pairs up to which _pairs_kernel does the bookkeeping (one program; decode sizes)
 
@@ -81,16 +132,23 @@ def sort_pairs(idx, weights, n_experts, bm):
     tokens, k = idx.shape
     if tokens * k > PAIRS_KERNEL_MAX:
         return sort_pairs_torch(idx, weights, n_experts, bm)
-    dev, n_tiles = idx.device, max_tiles(tokens * k, n_experts, bm)
-    rows = torch.empty(tokens * k, dtype=torch.int32, device=dev)
-    pw = torch.empty(tokens * k, dtype=torch.float32, device=dev)
-    slot_rows = torch.empty(tokens, k, dtype=torch.int32, device=dev)
-    tiles = tuple(torch.empty(n_tiles, dtype=torch.int32, device=dev) for _ in range(3))
+    rows, pw, slot_rows, tiles = pair_arrays(tokens, k, n_experts, bm, idx.device)
+    n_tiles = tiles[0].numel()
     kp, be = next_pow2(k), max(16, next_pow2(n_experts))
     bt = max(1, min(next_pow2(tokens), 8192 // (kp * be)))  # a [pairs, experts] one-hot of <= 8192
     _pairs_kernel[(1,)](idx, weights, rows, pw, slot_rows, *tiles, tokens, n_experts, n_tiles, bm, K=k, KP=kp,
                         BT=bt, BE=be, BTL=max(1, min(next_pow2(n_tiles), 8192 // be)))
     return rows, pw, slot_rows, tiles
+
+
+def pair_arrays(tokens: int, k: int, n_experts: int, bm: int, device) -> tuple:
+    """sort_pairs' results, not yet written: rows [P], pw [P], slot_rows [T, k], the max_tiles tiles' (expert, first
+    pair, end); int32 but pw (fp32)."""
+    n_tiles = max_tiles(tokens * k, n_experts, bm)
+    return (torch.empty(tokens * k, dtype=torch.int32, device=device),
+            torch.empty(tokens * k, dtype=torch.float32, device=device),
+            torch.empty(tokens, k, dtype=torch.int32, device=device),
+            tuple(torch.empty(n_tiles, dtype=torch.int32, device=device) for _ in range(3)))
 
 
 def sort_pairs_torch(idx, weights, n_experts, bm):
