@@ -160,8 +160,8 @@ def check_order(options: Options, earlier: list) -> str | None:
     return None
 
 
-def _readers(body: list[Instr]) -> dict[str, list[tuple[Instr, int]]]:
-    """value name -> (instruction, operand index) of each use."""
+def readers(body: list[Instr]) -> dict[str, list[tuple[Instr, int]]]:
+    """value name -> (instruction, operand index) of each use (also the triton lowering's, norm_gemm.py)."""
     uses: dict[str, list[tuple[Instr, int]]] = {}
     for ins in body:
         for i, o in enumerate(ins.operands):
@@ -182,10 +182,10 @@ def _act_of(ins: Instr) -> dict:
 def _fp8_readers(uses: list[tuple[Instr, int]]) -> tuple[list[Instr], dict | None]:
     """The ops that read a value as x and quantize it with dynamic activations (FP8 projections, FP8 / FP4
     routed experts), and the act they share (None if there are none, or they differ)."""
-    readers = [ins for ins, i in uses if ins.op in CODE_READERS and i == 0
-               and len(ins.operands) == CODE_READERS[ins.op][0] and _act_of(ins).get("mode") == "dynamic"]
-    acts = [_act_of(ins) for ins in readers]
-    return readers, acts[0] if acts and all(a == acts[0] for a in acts) else None
+    quantizing = [ins for ins, i in uses if ins.op in CODE_READERS and i == 0
+                  and len(ins.operands) == CODE_READERS[ins.op][0] and _act_of(ins).get("mode") == "dynamic"]
+    acts = [_act_of(ins) for ins in quantizing]
+    return quantizing, acts[0] if acts and all(a == acts[0] for a in acts) else None
 
 
 def _fresh(names: set[str], base: str) -> str:
@@ -200,18 +200,18 @@ def run(m: Module, options: Options, progress=None) -> Module:
     body = list(m.func.body)
     fused = kept = experts = 0
     if options.norm_quant:
-        uses = _readers(body)
+        uses = readers(body)
         names = {v.name for v in m.func.inputs} | {r.name for ins in body for r in ins.results}
         replace: dict[int, Instr] = {}  # id(instr) -> its rewrite
         for ins in body:
             if ins.op != "rms_norm":
                 continue
             y = ins.results[0]
-            readers, act = _fp8_readers(uses.get(y.name, []))
+            quantizing, act = _fp8_readers(uses.get(y.name, []))
             if act is None:
                 continue
             # other readers (the router, unquantized projections) or the program's output: keep y too
-            keep = len(readers) < len(uses[y.name]) or y.name == m.func.output.name
+            keep = len(quantizing) < len(uses[y.name]) or y.name == m.func.output.name
             attrs = {**ins.attrs, "group": act["group"], "scale_format": act.get("scale_format", "fp32"),
                      **({"keep": True} if keep else {})}
             types = [m.params[o.name] if isinstance(o, ParamRef) else o.type for o in ins.operands]
@@ -220,12 +220,12 @@ def run(m: Module, options: Options, progress=None) -> Module:
             codes, scales = Value(_fresh(names, f"{y.name}.q"), codes_t), Value(_fresh(names, f"{y.name}.s"), scales_t)
             replace[id(ins)] = Instr("rms_norm_quant", list(ins.operands), [codes, scales, *([y] if keep else [])],
                                      attrs)
-            for reader in readers:
+            for reader in quantizing:
                 replace[id(reader)] = Instr(reader.op, [codes, *reader.operands[1:], scales], reader.results,
                                             dict(reader.attrs), list(reader.state))
             fused += 1
             kept += keep
-            experts += sum(r.op == "moe_experts_q" for r in readers)
+            experts += sum(r.op == "moe_experts_q" for r in quantizing)
         body = [replace.get(id(ins), ins) for ins in body]
     roped = added = 0
     if options.norm_rope:
@@ -293,7 +293,7 @@ def _post_pre_quant(mix: Instr, norm: Instr) -> Instr | None:
 def _fold_into_reader(body: list[Instr], output: str, producer: str, reader: str, fold) -> tuple[list[Instr], int]:
     """Each `producer` instruction whose result only one `reader` instruction reads, as its operand 0, and is not
     the program's output -> fold(producer, reader) in the reader's place (None: left alone). -> (body, folded)."""
-    uses = _readers(body)
+    uses = readers(body)
     made = {ins.results[0].name: ins for ins in body if ins.op == producer}
     dropped, folded = set(), {}
     for ins in body:
@@ -324,7 +324,7 @@ def _fold_norms_into_attention(body: list[Instr], output: str) -> tuple[list[Ins
     """Each attention_rope whose q is a weightless rms_norm_rope's and kv a weighted one's, each read only by it
     and not the program's output, both at the attention_rope's positions and inv_freq -> one norm_attention_rope
     in its place, the norms dropped. -> (body, norms folded: two an attention, one op each as the other rules)."""
-    uses = _readers(body)
+    uses = readers(body)
     made = {ins.results[0].name: ins for ins in body if ins.op == "rms_norm_rope"}
 
     def norm(v: Value, operands: int, rope_at: list[str]) -> Instr | None:

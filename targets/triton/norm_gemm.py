@@ -18,42 +18,34 @@ then x * rstd, then the weight times that) before the GEMM's own quantization of
 """
 
 from v4c.ir import Function, Instr, Module, ParamRef, Value
+from v4c.passes.fuse import readers
 
 READERS = ("linear_fp8", "linear_fp8_cat")
 
 
-def _uses(m: Module) -> dict[str, int]:
-    uses = {m.func.output.name: 1}  # (the program's output counts as a reader)
-    for ins in m.func.body:
-        for o in ins.operands:
-            if isinstance(o, Value):
-                uses[o.name] = uses.get(o.name, 0) + 1
-    return uses
-
-
-def _foldable(norm: Instr | None, reader: Instr, uses: dict[str, int]) -> bool:
+def _foldable(norm: Instr | None, reader: Instr, uses: dict, output: str) -> bool:
     """Whether rms_norm_quant `norm` (None: the codes are not a norm's) folds into `reader`, which reads its codes
-    as x."""
+    as x; uses: fuse.readers of the body, output: the program's output."""
     if norm is None or len(norm.operands) != 2 or not isinstance(norm.operands[1], ParamRef) or len(norm.results) != 2:
         return False  # no weight, or a kept float output (keep)
     codes, scales = norm.results
     act = reader.attrs["act"]
     return (len(reader.operands) == 4 and reader.operands[3].name == scales.name
-            and uses[codes.name] == 1 and uses[scales.name] == 1
+            and len(uses[codes.name]) == 1 and len(uses[scales.name]) == 1 and output not in (codes.name, scales.name)
             and act.get("group") == norm.attrs["group"]
             and act.get("scale_format", "fp32") == norm.attrs.get("scale_format", "fp32"))
 
 
 def fold(m: Module) -> tuple[Module, int]:
     """-> (the module with each foldable norm in its projection, norms folded)."""
-    uses = _uses(m)
+    uses = readers(m.func.body)
     made = {ins.results[0].name: ins for ins in m.func.body if ins.op == "rms_norm_quant"}
     folded: dict[int, Instr] = {}  # id(the projection) -> norm_linear_fp8
     dropped: set[int] = set()
     for ins in m.func.body:
         x = ins.operands[0] if ins.op in READERS else None
         norm = made.get(x.name) if isinstance(x, Value) else None
-        if _foldable(norm, ins, uses):
+        if _foldable(norm, ins, uses, m.func.output.name):
             weight, scale = ins.operands[1:3]
             folded[id(ins)] = Instr("norm_linear_fp8", [*norm.operands, weight, scale], ins.results,
                                     {"eps": norm.attrs["eps"], **ins.attrs})

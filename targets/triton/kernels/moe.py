@@ -312,7 +312,7 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
     slot_rows, counters, res = combine or (out, out, out)
     ids, routing, pw_out, slots, experts = pairs or (rows if swiglu else a, a, a if swiglu else pw, slot_rows, 0)
     _experts_gemm_kernel[(tiles[0].numel(), n_tiles)](
-        a, a_scales, ids, pw_out, *tiles, out_ptr=out, slot_rows_ptr=slots if pairs else slot_rows,
+        a, a_scales, ids, pw_out, *tiles, out_ptr=out, slot_rows_ptr=slots,
         cnt_ptr=counters, res_ptr=res, wr_ptr=routing, T=ids.shape[0] if pairs else res.shape[0], N=out.shape[1],
         K=a.shape[1], E=experts, limit=0.0 if limit is None else float(limit), COMBINE=combine is not None,
         KSLOT=slot_rows.shape[1] if combine else (ids.shape[1] if pairs else 1), SWIGLU=swiglu,

@@ -108,12 +108,10 @@ def pair_tiles(idx_ptr, w_ptr, pw_ptr, slot_ptr, tile_e_ptr, tile_lo_ptr, tile_h
     tl.store(tile_e_ptr + ts, te, mask=ts < n_tiles)
     tl.store(tile_lo_ptr + ts, lo, mask=ts < n_tiles)
     tl.store(tile_hi_ptr + ts, hi, mask=ts < n_tiles)
-    mine = tile == t
-    my_e = tl.max(tl.where(mine, e, -1), axis=0)
-    my_lo = tl.min(tl.where(mine, pos, P), axis=0)
-    my_hi = tl.max(tl.where(mine, start + count, 0), axis=0)
+    mine = ts == t  # (t < n_tiles <= NT)
+    my_lo = tl.sum(tl.where(mine, lo, 0), axis=0)
     rows = tl.sum(tl.where(pos[None, :] == (my_lo + tl.arange(0, BM))[:, None], tok[None, :], 0), axis=1)
-    return tl.where(my_e < 0, E - 1, my_e), tl.where(my_e < 0, 0, my_lo), my_hi, rows
+    return tl.sum(tl.where(mine, te, 0), axis=0), my_lo, tl.sum(tl.where(mine, hi, 0), axis=0), rows
 
 
 # --- host glue -----------------------------------------------------------------------------------
