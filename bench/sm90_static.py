@@ -67,6 +67,10 @@ class Catch:
     def __init__(self):
         self.target = H100["target"]
         self.backend = make_backend(self.target)
+        # the options JITFunction.run adds before it compiles; a Triton without one (3.6 lacks the last) skips it
+        known = self.backend.parse_options({}).__dict__
+        self.run_defaults = {k: v for k, v in {"debug": False, "instrumentation_mode": "",
+                                               "fpsan_homomorphic_casts": False}.items() if k in known}
         self.compiled: list[dict] = []
         self.cache: dict = {}
 
@@ -83,7 +87,7 @@ class Catch:
         JITFunction.run = self.saved
 
     def compile(self, fn: JITFunction, args, kwargs, grid):
-        kwargs = {"debug": False, "instrumentation_mode": "", "fpsan_homomorphic_casts": False, **kwargs}
+        kwargs = {**self.run_defaults, **kwargs}
         binder = create_function_from_signature(fn.signature, fn.params, self.backend)
         bound, specialization, options = binder(*args, **kwargs)
         key = (fn, str(specialization), str(options))

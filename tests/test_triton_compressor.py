@@ -102,7 +102,8 @@ def run_both(inputs, state, chunks, pos0=0, fmt="f32", overlap=False, rate=3, co
 # --- against the reference --------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("d,half", [(75, 3), (72, 4)])  # nope 69 (odd, partial fp8 group) / 64
+# nope 69 (odd, partial fp8 group) / 64 / 59 (odd; the last channel pair is p = 32, past a 32-pair tile)
+@pytest.mark.parametrize("d,half", [(75, 3), (72, 4), (65, 3)])
 def test_compress_matches_reference(fmt, overlap, d, half):
     b, rate = 2, 3
     inputs = make_inputs(b, 13, d, rate, half, overlap)

@@ -300,6 +300,8 @@ def _launch(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, fir
     has_prev = overlap and (first > 0 or device_pos)  # a device position's `first` is the kernel's to read
     win = 2 * rate if overlap else rate
     block_r = min(cfg["block_r"], next_pow2(win))
+    # BLOCK_P channel pairs c0 = 2p - NOPE % 2: the rope width is even, so NOPE has d's parity and cdiv(d, 2)
+    # pairs reach channel d - 1 (it was cdiv(d + 1, 2): at d = 512 a 512-wide tile, half of it masked)
     new_kv, new_gate = new if device_pos else (kv, gate)
     _compress_kernel[(n_win, batch)](
         kv, gate, ape.float().contiguous(), ovl_kv if has_prev else kv, ovl_gate if has_prev else gate,
@@ -309,7 +311,7 @@ def _launch(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, fir
         out.stride(1), rows.stride(0), rows.stride(1), out.stride(1) if direct else 0, 0 if device_pos else first,
         float(eps), float(rope_scale), RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0,
         COL_CUR=d if overlap else 0, HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt,
-        DEVICE_POS=device_pos, CARRY=device_pos and overlap, BLOCK_R=block_r, BLOCK_P=next_pow2(cdiv(d + 1, 2)),
+        DEVICE_POS=device_pos, CARRY=device_pos and overlap, BLOCK_R=block_r, BLOCK_P=next_pow2(cdiv(d, 2)),
         BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
         BLOCK_E=next_pow2(cdiv(d, FP4_BLOCK if fmt == FMT_FP4_BLOCK else FP8_BLOCK)),
         BLOCK_C=next_pow2(width) if device_pos else 1, num_warps=cfg["num_warps"])
