@@ -13,9 +13,9 @@
 #   siblings     bench/triton_siblings.py: sibling projections, separate launches vs the lowering's joined one
 # OUT_DIR defaults to $OUT (the device tool's output folder), else bench/results/gpu.
 #
-# Nothing is downloaded: where the GPU image lacks a dependency (transformers, pydantic, ...), put its wheels
-# in .whl/ beside this checkout and carry that folder; they and v4c are installed into /tmp/site (--no-deps,
-# so the image's torch and triton stay). Each stage runs under `timeout` so a stuck compile cannot eat the
+# Nothing is downloaded: `bash bench/gpu_wheels.sh` first fills .whl/ here with the wheels the GPU image lacks
+# (v4c's dependencies and transformers, for its Python); carry that folder (carry=[".whl"]). They and v4c are
+# installed into /tmp/site (--no-deps, so the image's torch and triton stay). Each stage runs under `timeout` so a stuck compile cannot eat the
 # session; a stage that times out leaves what it printed in OUT_DIR/STAGE.log.
 set -euo pipefail
 stage="${1:?usage: bash bench/gpu_session.sh STAGE [OUT_DIR] (STAGE: check e2e-small attention gemm e2e-medium siblings)}"
