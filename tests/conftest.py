@@ -7,8 +7,27 @@ import pytest
 import torch
 
 from oracle import CONFIGS, make_model, save_hf
+from program_order import session_order, shuffled_programs
 
 SEEDS = {"hc1_topk_small": 11, "hc2_yarn": 12, "hc3_topk_large": 13, "hc4_mixed": 14}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def program_order():
+    """Interpreted launches run their programs in a shuffled order, as a GPU may (tests/program_order.py)."""
+    seed = session_order()
+    if seed is None:
+        yield None
+        return
+    with shuffled_programs(seed) as shuffle:
+        yield shuffle
+
+
+@pytest.fixture(autouse=True)
+def _program_order_per_test(request, program_order):
+    """Each test's launches shuffle from its own seed: a failure reproduces when the test runs alone."""
+    if program_order is not None:
+        program_order.reseed(request.node.nodeid)
 
 
 @pytest.fixture(scope="session")
