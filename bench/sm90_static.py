@@ -233,11 +233,14 @@ def indexer_cases(extra: list[dict], batches: list[int]) -> list[dict]:
 def compress_cases(batches: list[int]) -> list[dict]:
     """The compressors of a V4-Flash decode step, a token that closes its window: CSA (d 512, 64 RoPE channels,
     rate 4 with overlap, fp8_split entries), HCA (rate 128, no overlap) and the indexer's keys (d 128, rate 4 with
-    overlap, fp8_block), at an int position and at a device position (the push / pool / carry kernels)."""
+    overlap, fp8_block), at an int position and at a device position (the push / pool / carry kernels), and the CSA
+    layer's two as one compress_pair launch at a device position."""
     from v4c.runtime.quant import entry_layout
     from v4c.targets.triton.kernels.compressor import compress
+    from v4c.targets.triton.kernels.compressor_pair import compress_pair
     out = []
     for batch in batches:
+        made = {}
         for name, d, rope, rate, overlap, fmt in (("CSA", 512, 64, 4, True, "fp8_split"),
                                                   ("HCA", 512, 64, 128, False, "fp8_split"),
                                                   ("indexer keys", 128, 64, 4, True, "fp8_block")):
@@ -247,11 +250,16 @@ def compress_cases(batches: list[int]) -> list[dict]:
                 torch.zeros(batch, 64, width, dtype=getattr(torch, {"u8": "uint8"}.get(dtype, dtype))),)
             args = (torch.randn(batch, 1, c), torch.randn(batch, 1, c), torch.randn(rate, c), torch.ones(d),
                     torch.rand(rope // 2))
+            made[name] = (args, state, {"rate": rate, "overlap": overlap, "eps": 1e-6, "kv_format": fmt})
             for pos0 in (8 * rate - 1, torch.tensor([8 * rate - 1])):
                 where = " at a device position" if isinstance(pos0, torch.Tensor) else ""
                 out.append({"case": f"compress {name} {fmt} batch={batch}{where}", "config": {},
                             "call": lambda a=args, st=state, p=pos0, r=rate, o=overlap, f=fmt: compress(
                                 *a, state=st, pos0=p, rate=r, overlap=o, eps=1e-6, kv_format=f)})
+        (a, sa, fa), (b, sb, fb) = made["CSA"], made["indexer keys"]  # a CSA layer's pair (compressor_pair.py)
+        out.append({"case": f"compress_pair CSA + indexer keys batch={batch} at a device position", "config": {},
+                    "call": lambda a=a, b=b, st=sa + sb, fa=fa, fb=fb, p=torch.tensor([31]): compress_pair(
+                        *a, *b, state=st, pos0=p, first=fa, second=fb)})
     return out
 
 

@@ -157,6 +157,10 @@ class Session:
         for step in self.program.steps:
             if step.kernel == "compress":
                 rates[step.state[-1]] = step.attrs["rate"]
+            elif step.kernel == "compress_pair":  # the first's slots (its entries last), then the second's
+                n = 5 if step.attrs["first"]["overlap"] else 3
+                rates[step.state[n - 1]] = step.attrs["first"]["rate"]
+                rates[step.state[-1]] = step.attrs["second"]["rate"]
         return rates
 
     def check_tokens(self, tokens: torch.Tensor) -> None:

@@ -174,10 +174,11 @@ def test_tiered_layers_stay_between_graphs_and_the_rest_replays(tmp_path, hf_che
     graphed = _decode(session, ids, 30)
     assert graphs.failed == [] and graphs.replays > 0
     assert torch.equal(graphed, eager)
-    # outside the graphs: the CSA layer's compress (writing its tiered entries), its attention (reading them) and
-    # the prefetch after it; its index_topk (the indexer keys stay on the device) and every other layer's replay
+    # outside the graphs: the CSA layer's compressor pair (its KV compressor writes the tiered entries; the indexer's
+    # keys, on the device, come along at the host position: compress_pair.py), its attention (reading them) and the
+    # prefetch after it; its index_topk and every other layer's replay
     outside = [label for label in session._plans[1].labels if not label.startswith("graph")]
-    assert sorted(outside) == ["bound:attention", "prefetch", "py:compress"]
+    assert sorted(outside) == ["bound:attention", "prefetch", "py:compress_pair"]
 
 
 def test_the_emulator_refuses_host_reads_and_value_dependent_shapes():
@@ -218,7 +219,8 @@ def test_launchers_write_their_planned_buffers_without_a_copy(fp8_build, monkeyp
     bound = _session(art, None)
     bound.forward(ids[:, :10])
     labels = bound._plans[10].labels
-    assert {label for label in labels if not label.startswith("bound:")} == {"py:compress"}  # (it has no result)
+    unbound = {label for label in labels if not label.startswith("bound:")}
+    assert unbound == {"py:compress", "py:compress_pair"}  # (they have no result)
     assert _arena_copies(bound, ids[:, 10:11]) == 0
     monkeypatch.setattr("v4c.runtime.kernelset._parameters", lambda fn: frozenset())  # as launchers without it
     copying = _session(art, None)

@@ -26,7 +26,7 @@ from v4c.pipeline import run_pipeline
 from v4c.runtime.artifact import open_artifact, pack_artifact
 from v4c.runtime.errors import ArtifactError
 from v4c.runtime.kernelset import KernelError
-from v4c.targets.triton import norm_gemm, siblings
+from v4c.targets.triton import compress_pair, norm_gemm, siblings
 from v4c.targets.triton.configs import heuristic
 from v4c.targets.triton.kernels import LAUNCHERS
 from v4c.targets.triton.tune import tune_module
@@ -167,6 +167,33 @@ def test_norms_folded_into_their_projections_change_no_number(builds, hf_checkpo
     ids = tokens(1, 19, seed=4)
     ours = _prefill_then_decode(open_artifact(builds["fp8_fused"]).session(), ids, 16)
     assert torch.equal(ours, _prefill_then_decode(open_artifact(plain).session(), ids, 16))
+
+
+def test_compressor_pairs_change_no_number(builds, hf_checkpoints, tmp_path, monkeypatch):
+    """The target joins a CSA layer's two compressors (compress_pair.py): each pair one step with both ops'
+    attributes and state, the HCA compressors alone; the logits are those of a build without the rewrite, bit for
+    bit (eager decode: the two compress calls; the one-launch path is tests/test_triton_graphs.py's)."""
+    paired = json.loads((builds["fp8"] / "manifest.json").read_text())["target"]["kernels"]["compressor_pairs"]
+    steps = json.loads((builds["fp8"] / "program.json").read_text())["steps"]
+    pairs = [s for s in steps if s["kernel"] == "compress_pair"]
+    assert len(pairs) == paired > 0
+    for s in pairs:  # the KV entries (fp8_split) and the indexer's keys (fp4), rate 4, overlap
+        first, second = s["attrs"]["first"], s["attrs"]["second"]
+        assert first["rate"] == second["rate"] == 4 and first["overlap"] and second["overlap"] and len(s["state"]) == 10
+        assert (first["kv_format"], second["kv_format"]) == ("fp8_split", "fp4_block")
+    monkeypatch.setattr(compress_pair, "join", lambda m: (m, 0))
+    plain = _compile(tmp_path, hf_checkpoints[NAME], "triton", FP8, name="plain")
+    plain_steps = json.loads((plain / "program.json").read_text())["steps"]
+    assert len(plain_steps) == len(steps) + paired
+    assert sum(s["kernel"] == "compress" for s in plain_steps) == sum(s["kernel"] == "compress" for s in steps) \
+        + 2 * paired
+    ids = tokens(1, 19, seed=4)
+    ours = _prefill_then_decode(open_artifact(builds["fp8"]).session(), ids, 16)
+    assert torch.equal(ours, _prefill_then_decode(open_artifact(plain).session(), ids, 16))
+    session = open_artifact(builds["fp8"]).session()
+    session.forward(ids[:, :9])
+    exported = session.export_state()  # both ops' entries, trimmed to the 2 rows written (the executor's rates)
+    assert all(exported[s["state"][4]].shape[1] == exported[s["state"][9]].shape[1] == 2 for s in pairs)
 
 
 def test_generate_reports_where_the_steps_ran(builds):

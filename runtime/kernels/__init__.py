@@ -7,7 +7,7 @@ this call). The IR's op registry uses these as the reference implementation of e
 
 from .attention import attention, attention_rope, index_topk, norm_attention_rope, rope_index_topk
 from .basic import add, embed, grouped_linear, linear, linear_cat, reshape, rms_norm, rms_norm_rope, rope, swiglu
-from .compressor import compress
+from .compressor import compress, compress_pair
 from .hyper import hc_expand, hc_head, hc_post, hc_post_pre, hc_pre
 from .moe import moe_experts, route_hash, route_topk
 from .quantized import (embed_fp8, fake_quant, grouped_linear_fp8, hc_post_pre_quant, linear_fp8, linear_fp8_cat,
@@ -33,6 +33,7 @@ KERNELS = {
     "route_hash": route_hash,
     "moe_experts": moe_experts,
     "compress": compress,
+    "compress_pair": compress_pair,
     "index_topk": index_topk,
     "rope_index_topk": rope_index_topk,
     "attention": attention,
@@ -52,4 +53,4 @@ KERNELS = {
 
 # the ops that read (and write) a KV ring
 ATTENTION = frozenset({"attention", "attention_rope", "norm_attention_rope"})
-STATEFUL = frozenset({"compress", "index_topk", "rope_index_topk"}) | ATTENTION
+STATEFUL = frozenset({"compress", "compress_pair", "index_topk", "rope_index_topk"}) | ATTENTION

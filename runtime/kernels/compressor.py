@@ -61,3 +61,12 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
     write_rows(entries, first_entry, encode_entries(apply_rope(pooled, cos, sin), kv_format, 2 * inv_freq.shape[0]))
     buf_kv[:, :rest] = kv[:, used:]
     buf_gate[:, :rest] = gate[:, used:]
+
+
+def compress_pair(kv, gate, ape, norm_weight, inv_freq, kv2, gate2, ape2, norm_weight2, inv_freq2, *, state, pos0,
+                  first, second):
+    """compress(kv, .., **first) then compress(kv2, .., **second); state: the first's slots, then the second's
+    (the triton lowering joins a CSA layer's two compressors into this op: one launch at a decode step)."""
+    n = 5 if first["overlap"] else 3
+    compress(kv, gate, ape, norm_weight, inv_freq, state=state[:n], pos0=pos0, **first)
+    compress(kv2, gate2, ape2, norm_weight2, inv_freq2, state=state[n:], pos0=pos0, **second)

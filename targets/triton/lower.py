@@ -2,7 +2,8 @@
 
 The program is the torch target's (same steps, same kernel names) after two rewrites: siblings.py, projections of
 one input join into one GEMM launch (linear_cat / linear_fp8_cat, their weights concatenated in the artifact); then
-norm_gemm.py, a norm read by one FP8 projection goes into it (norm_linear_fp8).
+norm_gemm.py, a norm read by one FP8 projection goes into it (norm_linear_fp8); then compress_pair.py, a CSA layer's
+two compressors become one op (one launch at a decode step).
 What runs the steps differs. The artifact also carries `kernels/triton/`: this package's kernels/ as source
 (imported by the runtime, compiled by Triton on first use), and launch.json:
 
@@ -31,7 +32,7 @@ from v4c.targets import Lowered
 from v4c.targets.torch import lower as torch_lower
 
 from .configs import heuristic
-from . import norm_gemm, siblings
+from . import compress_pair, norm_gemm, siblings
 from .kernels import LAUNCHERS
 from .tune import tune_module
 
@@ -55,7 +56,8 @@ def _gpu_for_tuning(tune: str) -> tuple[str | None, str]:
 def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: int = 1, progress=None) -> Lowered:
     m, joined = siblings.join(m)  # sibling projections: one GEMM launch (siblings.py)
     m, normed = norm_gemm.fold(m)  # a norm read by one FP8 projection: in its GEMM (norm_gemm.py)
-    rewritten = joined["launches"] or normed
+    m, paired = compress_pair.join(m)  # a CSA layer's two compressors: one op (compress_pair.py)
+    rewritten = joined["launches"] or normed or paired
     if rewritten:
         m = memory_plan.run(m, memory_plan.Options())  # values made earlier, or gone: plan the buffers again
     if progress and joined["launches"]:
@@ -63,6 +65,8 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
                  f"{joined['launches']} GEMM launches")
     if progress and normed:
         progress(f"triton: {normed} norms folded into the FP8 projections that read them")
+    if progress and paired:
+        progress(f"triton: {paired} pairs of compressors joined (one launch each at a decode step)")
     program = torch_lower(m, prefill_chunk=prefill_chunk)
     used = sorted({s.kernel for s in program.steps} - VIEWS)
     torch_ops = {op: WHY_TORCH.get(op, "no Triton kernel for this op") for op in used if op not in LAUNCHERS}
@@ -81,5 +85,5 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
     manifest = {"toolchain": {"triton": triton.__version__},
                 "kernels": {"package": PACKAGE, "launch": LAUNCH, "triton_ops": launch["triton_ops"],
                             "torch_ops": torch_ops, "tuned": tuning["tuned"], "joined_siblings": joined,
-                            "norms_in_gemms": normed}}
+                            "norms_in_gemms": normed, "compressor_pairs": paired}}
     return Lowered(program, files, manifest, module=m if rewritten else None)

@@ -231,6 +231,16 @@ def _compress(ins, st, a):
     return []
 
 
+def _compress_pair_state(a):
+    return _compress_state(a["first"]) + tuple(f"{role}2" for role in _compress_state(a["second"]))
+
+
+def _compress_pair(ins, st, a):
+    n = len(_compress_state(a["first"]))
+    _compress(ins[:5], st[:n], a["first"])
+    return _compress(ins[5:], st[n:], a["second"])
+
+
 def _expect_entries(t: TensorType, b: Dim, d: int, fmt: str, rope: int) -> None:
     dtype, width = entry_layout(fmt, d, rope)
     expect(t.rank == 3 and _same(t.shape[0], b) and t.shape[2] == width and t.dtype == dtype,
@@ -446,6 +456,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("moe_experts", ("x", "weights", "experts", "gate_up", "down"), _moe_experts),
     OpDef("compress", ("kv", "gate", "ape", "norm_weight", "inv_freq"), _compress, _compress_state,
           attrs=("rate", "overlap", "eps")),
+    OpDef("compress_pair", ("kv", "gate", "ape", "norm_weight", "inv_freq", "kv2", "gate2", "ape2", "norm_weight2",
+                            "inv_freq2"), _compress_pair, _compress_pair_state, attrs=("first", "second")),
     OpDef("index_topk", ("q", "weights"), _index_topk, lambda a: ("entries",),
           attrs=("topk", "rate", "score_scale", "weight_scale")),
     OpDef("rope_index_topk", ("q", "weights", "positions", "inv_freq"), _rope_index_topk, lambda a: ("entries",),

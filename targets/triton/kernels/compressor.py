@@ -163,9 +163,25 @@ def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr,
                      COL_CUR: tl.constexpr, HAS_PREV: tl.constexpr, HAS_W: tl.constexpr, FMT: tl.constexpr,
                      DEVICE_POS: tl.constexpr, CARRY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                      BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (w, b): entry first + w of batch row b. kv, gate: [B, L, C] fp32; ape: [RATE, C]; ovl_*: [B, RATE,
-    D]; out row: out_ptr + b*stride_ob + w*stride_ot. Channels are handled as pairs (c0, c1 = c0 + 1) aligned
-    with the RoPE pairs (NOPE + 2i, NOPE + 2i + 1), so c0 = 2p - NOPE % 2. FMT 0 / 1 / 2 (f32, bf16, fp8_split)
+    """_compress_program for program (w, b) = (program 0, program 1)."""
+    _compress_program(tl.program_id(0), tl.program_id(1).to(tl.int64), kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr,
+                      ovl_gate_ptr, w_ptr, inv_ptr, out_ptr, enc_ptr, pos_ptr, new_kv_ptr, new_gate_ptr, new_kv_sb,
+                      new_kv_sc, new_gate_sb, new_gate_sc, L, stride_ob, stride_ot, stride_eb, stride_et, stride_first,
+                      first, eps, rope_scale, RATE, C, D, NOPE, WIN, OFF, COL_CUR, HAS_PREV, HAS_W, FMT, DEVICE_POS,
+                      CARRY, BLOCK_R, BLOCK_P, BLOCK_G, BLOCK_E, BLOCK_C)
+
+
+@triton.jit
+def _compress_program(w, b, kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr, out_ptr, enc_ptr,
+                      pos_ptr, new_kv_ptr, new_gate_ptr, new_kv_sb, new_kv_sc, new_gate_sb, new_gate_sc, L, stride_ob,
+                      stride_ot, stride_eb, stride_et, stride_first, first, eps, rope_scale, RATE: tl.constexpr,
+                      C: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, WIN: tl.constexpr, OFF: tl.constexpr,
+                      COL_CUR: tl.constexpr, HAS_PREV: tl.constexpr, HAS_W: tl.constexpr, FMT: tl.constexpr,
+                      DEVICE_POS: tl.constexpr, CARRY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (w, b) (b int64): entry first + w of batch row b. kv, gate: [B, L, C] fp32; ape: [RATE, C];
+    ovl_*: [B, RATE, D]; out row: out_ptr + b*stride_ob + w*stride_ot. Channels are handled as pairs (c0,
+    c1 = c0 + 1) aligned with the RoPE pairs (NOPE + 2i, NOPE + 2i + 1), so c0 = 2p - NOPE % 2. FMT 0 / 1 / 2 (f32, bf16, fp8_split)
     write the entry at out; FMT 3 / 4 (fp8_block, fp4_block) write it as f32 to out (a scratch row) and, after
     a barrier, encode that row into enc_ptr + b*stride_eb + w*stride_et.
     DEVICE_POS (a decode step, kv = the window buffers [B, RATE, C], L = RATE; grid (1, B)): the position p is
@@ -175,8 +191,6 @@ def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr,
     at row p // RATE of enc. With CARRY (overlap) it last saves the window's Ca for the next entry, after a
     barrier (the pooling read the old one): ovl_kv[b, r] = buf_kv[b, r, :D], ovl_gate[b, r] = buf_gate[b, r, :D]
     + ape[r, :D] (one fp32 add, as the host path)."""
-    w = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
     kv_ptr += b * L * C
     gate_ptr += b * L * C
     ovl_kv_ptr += b * RATE * D
@@ -189,12 +203,28 @@ def _compress_kernel(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr,
         tl.store(kv_ptr + row, tl.load(new_kv_ptr + b * new_kv_sb + cc * new_kv_sc, mask=mc).to(tl.float32), mask=mc)
         tl.store(gate_ptr + row, tl.load(new_gate_ptr + b * new_gate_sb + cc * new_gate_sc, mask=mc).to(tl.float32),
                  mask=mc)
-        if (pos + 1) % RATE != 0:
-            return
-        tl.debug_barrier()
-        first = pos // RATE
-        out_ptr += first.to(tl.int64) * stride_first
-        enc_ptr += first.to(tl.int64) * stride_et
+        if (pos + 1) % RATE == 0:  # (no early return: a pair kernel calls this under a branch)
+            tl.debug_barrier()
+            entry = pos // RATE
+            _compress_entry(w, b, entry, kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr,
+                            out_ptr + entry.to(tl.int64) * stride_first, enc_ptr + entry.to(tl.int64) * stride_et,
+                            stride_ob, stride_ot, stride_eb, stride_et, eps, rope_scale, RATE, C, D, NOPE, WIN, OFF,
+                            COL_CUR, HAS_PREV, HAS_W, FMT, CARRY, BLOCK_P, BLOCK_R, BLOCK_G, BLOCK_E, BLOCK_C)
+    else:
+        _compress_entry(w, b, first, kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr, out_ptr,
+                        enc_ptr, stride_ob, stride_ot, stride_eb, stride_et, eps, rope_scale, RATE, C, D, NOPE, WIN,
+                        OFF, COL_CUR, HAS_PREV, HAS_W, FMT, CARRY, BLOCK_P, BLOCK_R, BLOCK_G, BLOCK_E, BLOCK_C)
+
+
+@triton.jit
+def _compress_entry(w, b, first, kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w_ptr, inv_ptr, out_ptr,
+                    enc_ptr, stride_ob, stride_ot, stride_eb, stride_et, eps, rope_scale, RATE: tl.constexpr,
+                    C: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, WIN: tl.constexpr, OFF: tl.constexpr,
+                    COL_CUR: tl.constexpr, HAS_PREV: tl.constexpr, HAS_W: tl.constexpr, FMT: tl.constexpr,
+                    CARRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Entry first + w of batch row b (kv, gate, ovl_* already at row b): pool, norm, rotate, encode; CARRY then
+    saves the window's Ca."""
     c0 = 2 * tl.arange(0, BLOCK_P) - NOPE % 2
     c1 = c0 + 1
     m0, m1 = (c0 >= 0) & (c0 < D), c1 < D
@@ -290,6 +320,15 @@ def _launch(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, fir
     With a device position `pos` (a decode step, kv = the window buffers, `new` = the token's (kv, gate)): the
     token joins the buffers, and entry pos // rate goes into its row of `rows` (the whole entries tensor) if the
     token closes its window; with overlap that window's Ca is then saved."""
+    args, consts = _launch_args(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, first=first,
+                                n_win=n_win, rate=rate, overlap=overlap, eps=eps, rope_scale=rope_scale,
+                                kv_format=kv_format, cfg=cfg, new=new, pos=pos)
+    _compress_kernel[(n_win, kv.shape[0])](*args, **consts, num_warps=cfg["num_warps"])
+
+
+def _launch_args(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, first, n_win, rate, overlap, eps,
+                 rope_scale, kv_format, cfg, new=None, pos=None):
+    """_compress_kernel's arguments for _launch's work: (runtime arguments, constexprs)."""
     batch, length, width = kv.shape
     d = width // 2 if overlap else width
     rope = 2 * inv_freq.shape[0]
@@ -303,18 +342,19 @@ def _launch(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *, fir
     # BLOCK_P channel pairs c0 = 2p - NOPE % 2: the rope width is even, so NOPE has d's parity and cdiv(d, 2)
     # pairs reach channel d - 1 (it was cdiv(d + 1, 2): at d = 512 a 512-wide tile, half of it masked)
     new_kv, new_gate = new if device_pos else (kv, gate)
-    _compress_kernel[(n_win, batch)](
-        kv, gate, ape.float().contiguous(), ovl_kv if has_prev else kv, ovl_gate if has_prev else gate,
-        kv if norm_weight is None else norm_weight.float().contiguous(), inv_freq.float().contiguous(),
-        out.view(torch.int16) if fmt == FMT_BF16 else out, rows, pos if device_pos else kv, new_kv, new_gate,
-        new_kv.stride(0), new_kv.stride(2), new_gate.stride(0), new_gate.stride(2), length, out.stride(0),
-        out.stride(1), rows.stride(0), rows.stride(1), out.stride(1) if direct else 0, 0 if device_pos else first,
-        float(eps), float(rope_scale), RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0,
-        COL_CUR=d if overlap else 0, HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt,
-        DEVICE_POS=device_pos, CARRY=device_pos and overlap, BLOCK_R=block_r, BLOCK_P=next_pow2(cdiv(d, 2)),
-        BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
-        BLOCK_E=next_pow2(cdiv(d, FP4_BLOCK if fmt == FMT_FP4_BLOCK else FP8_BLOCK)),
-        BLOCK_C=next_pow2(width) if device_pos else 1, num_warps=cfg["num_warps"])
+    args = (kv, gate, ape.float().contiguous(), ovl_kv if has_prev else kv, ovl_gate if has_prev else gate,
+            kv if norm_weight is None else norm_weight.float().contiguous(), inv_freq.float().contiguous(),
+            out.view(torch.int16) if fmt == FMT_BF16 else out, rows, pos if device_pos else kv, new_kv, new_gate,
+            new_kv.stride(0), new_kv.stride(2), new_gate.stride(0), new_gate.stride(2), length, out.stride(0),
+            out.stride(1), rows.stride(0), rows.stride(1), out.stride(1) if direct else 0, 0 if device_pos else first,
+            float(eps), float(rope_scale))
+    consts = dict(RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0,
+                  COL_CUR=d if overlap else 0, HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt,
+                  DEVICE_POS=device_pos, CARRY=device_pos and overlap, BLOCK_R=block_r,
+                  BLOCK_P=next_pow2(cdiv(d, 2)), BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
+                  BLOCK_E=next_pow2(cdiv(d, FP4_BLOCK if fmt == FMT_FP4_BLOCK else FP8_BLOCK)),
+                  BLOCK_C=next_pow2(width) if device_pos else 1)
+    return args, consts
 
 
 def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap, eps, rope_scale=1.0,
@@ -330,9 +370,10 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
     batch, s, width = kv.shape
     d = width // 2 if overlap else width
     if position(pos0, kv.device) is None:
-        _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, buf_gate, ovl_kv, ovl_gate,
-                                     entries, pos0, rate=rate, overlap=overlap, eps=eps, rope_scale=rope_scale,
-                                     kv_format=kv_format, cfg=cfg)
+        args, consts = device_position_args(kv, gate, ape, norm_weight, inv_freq, buf_kv, buf_gate, ovl_kv, ovl_gate,
+                                            entries, pos0, rate=rate, overlap=overlap, eps=eps, rope_scale=rope_scale,
+                                            kv_format=kv_format, cfg=cfg)
+        _compress_kernel[(1, kv.shape[0])](*args, **consts, num_warps=cfg["num_warps"])
         return
     n_buf = pos0 % rate
     if n_buf + s < rate:  # no window closes (most decode steps): the new tokens only join the window buffer
@@ -362,11 +403,12 @@ def compress(kv, gate, ape, norm_weight, inv_freq, *, state, pos0, rate, overlap
         buf_gate[:, :rest] = gate[:, used:]
 
 
-def _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, buf_gate, ovl_kv, ovl_gate, entries,
-                                 pos, *, rate, overlap, eps, rope_scale, kv_format, cfg):
-    """One token a sequence at a device position p, one launch whatever p is: the token joins the window
-    buffers, the kernel pools them into entry p // rate if p closes a window (its programs stop after the
-    buffers otherwise) and, with overlap, then saves that window's Ca."""
+def device_position_args(kv, gate, ape, norm_weight, inv_freq, buf_kv, buf_gate, ovl_kv, ovl_gate, entries, pos, *,
+                         rate, overlap, eps, rope_scale, kv_format, cfg):
+    """One token a sequence at a device position p, one launch of grid (1, B) whatever p is: the token joins the
+    window buffers, the kernel pools them into entry p // rate if p closes a window (its programs stop after the
+    buffers otherwise) and, with overlap, then saves that window's Ca. Checks the state for it and returns
+    _compress_kernel's (arguments, constexprs)."""
     batch, s, width = kv.shape
     d = width // 2 if overlap else width
     check(s == 1, f"pos0: a device position serves one token a call (a decode step), got {s}")
@@ -379,8 +421,9 @@ def _compress_at_device_position(kv, gate, ape, norm_weight, inv_freq, buf_kv, b
     for name, t in (("buf_kv", buf_kv), ("buf_gate", buf_gate), ("ovl_kv", ovl_kv), ("ovl_gate", ovl_gate)):
         if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
             raise ValueError(f"state {name}: a device position needs it float32 and contiguous, got {t.dtype}")
-    _launch(buf_kv, buf_gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, entries, first=0, n_win=1, rate=rate,
-            overlap=overlap, eps=eps, rope_scale=rope_scale, kv_format=kv_format, cfg=cfg, new=(kv, gate), pos=pos)
+    return _launch_args(buf_kv, buf_gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, entries, first=0, n_win=1,
+                        rate=rate, overlap=overlap, eps=eps, rope_scale=rope_scale, kv_format=kv_format, cfg=cfg,
+                        new=(kv, gate), pos=pos)
 
 
 compress.device_position = True  # takes pos0 as a device tensor (common.position)
