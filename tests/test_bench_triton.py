@@ -75,7 +75,8 @@ def test_host_overhead_times_every_entry_without_running_a_kernel(tmp_path):
     assert row["triton_launches_per_step"] >= row["entries_per_step"] > row["stateful_entries_per_step"] > 0
     assert {"norm_attention_rope", "linear_fp8", "moe_experts_q"} <= set(row["ops"])  # (fuse: attention, norms, RoPE)
     assert all(o["us_per_call"] > 0 for o in row["ops"].values())
-    assert {op for op, o in row["ops"].items() if o["stateful"]} <= {"compress", "rope_index_topk", "norm_attention_rope"}
+    assert {op for op, o in row["ops"].items() if o["stateful"]} <= {"compress", "compress_pair", "rope_index_topk",
+                                                                       "norm_attention_rope"}
     # torch kernels besides the Triton launches: no result copied into its buffer, the experts' bookkeeping in
     # its own kernel; the split-K GEMMs' sums and the stateful ops' few are what is left
     per_op = sum(o["torch_kernels_per_call"] * o["calls_per_step"] for o in row["ops"].values())
@@ -115,8 +116,8 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     spilled ~4 KB a thread and the indexer's scores ~7 KB (bench/results/sm90_static_before.json), which local
     memory serves far below the kernels' bandwidth. The experts' prefill heuristic must take Hopper's fp8 wgmma
     over activations quantized once, without spills; their decode bookkeeping (one program, a one-hot over 256
-    experts) must not spill either, nor the attention, indexer and compressor kernels at a device position (a
-    decode step in a CUDA graph), nor the FP8 GEMMs and experts (the fuse pass's q_b_proj and gate_up reading e4m3 codes
+    experts) must not spill either, nor the attention, indexer and compressor kernels (a CSA layer's pair included)
+    at a device position (a decode step in a CUDA graph), nor the FP8 GEMMs and experts (the fuse pass's q_b_proj and gate_up reading e4m3 codes
     included, and the triton target's q_b_proj norming its own tiles)."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -127,8 +128,9 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_attention_kernel", "_combine_kernel", "_score_kernel",
                                           "_act_quant_kernel", "_experts_gemm_kernel", "_pairs_kernel",
-                                          "_compress_kernel", "_gemm_kernel", "_rms_norm_kernel",
-                                          "_rms_norm_quant_kernel", "_hc_pre_kernel", "_hc_head_kernel"}
+                                          "_compress_kernel", "_compress_pair_kernel", "_gemm_kernel",
+                                          "_rms_norm_kernel", "_rms_norm_quant_kernel", "_hc_pre_kernel",
+                                          "_hc_head_kernel"}
     # the fuse pass's q_a_norm -> q_b_proj: the GEMM reads the norm's e4m3 codes (ACT 3), and a prefill
     # no longer quantizes them again in its own kernel
     fused = [r for r in rows if r["case"].startswith("rms_norm_quant + linear_fp8 q_b")]
