@@ -9,7 +9,6 @@ size of the Hopper fp8 tensor-core accumulation error measured in triton_gpu.jso
 Each of B and C against A: max |diff| / max |A| and argmax agreement over the prompt."""
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from triton_gpu import SMALL, _build, logits_agreement  # noqa: E402
+from triton_gpu import SMALL, _build, logits_agreement, scratch_dir  # noqa: E402
 from v4c.runtime.artifact import open_artifact  # noqa: E402
 from v4c.runtime.kernels import KERNELS  # noqa: E402
 
@@ -31,7 +30,7 @@ def tf32(x: torch.Tensor) -> torch.Tensor:
 
 
 def main():
-    path, _ = _build(Path(tempfile.mkdtemp()), "small", SMALL, 64, 4)
+    path, _ = _build(scratch_dir("v4c-fp8-"), "small", SMALL, 64, 4)
     art = open_artifact(path)
     ids = torch.randint(0, SMALL["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(2))
 

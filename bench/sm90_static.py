@@ -297,12 +297,12 @@ def artifact_cases(name: str) -> list[dict]:
     """Every kernel of a prefill (64 tokens) and a decode step of issue 7's `small` / `medium` triton artifact (the
     FP8 recipe of bench/triton_gpu.py). No kernel runs, so every buffer is zeros: the host code that reads ids
     (routing, selections) then sees valid ones."""
-    from triton_gpu import MEDIUM, SMALL, _build
+    from triton_gpu import MEDIUM, SMALL, _build, scratch_dir
 
     import v4c.runtime.kernelset as kernelset
     from v4c.runtime.artifact import open_artifact
     from v4c.runtime.executor import Session
-    path, _ = _build(Path(tempfile.mkdtemp()), name, {"small": SMALL, "medium": MEDIUM}[name], 64, 4)
+    path, _ = _build(scratch_dir("v4c-sm90-"), name, {"small": SMALL, "medium": MEDIUM}[name], 64, 4)
     art = open_artifact(path)
     kernelset.check_triton_device = lambda device: None  # compiled for the GPU, never run: the CPU is fine
     session = Session(art.program, art.weights(), kernels=kernelset.triton_kernels(art.store, art.manifest))

@@ -293,6 +293,16 @@ def bench_attention(device: str, timer: Timer, dry: bool, copy: dict, extra: lis
     return rows
 
 
+_SCRATCH: list = []  # build directories kept until the interpreter exits, then removed
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory that lives until this process exits (removed then, also on an error): for artifacts a
+    caller keeps open past the function that built them. A bare mkdtemp would leave gigabytes in /tmp per run."""
+    _SCRATCH.append(tempfile.TemporaryDirectory(prefix=prefix))
+    return Path(_SCRATCH[-1].name)
+
+
 def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int) -> tuple[Path, object]:
     from oracle import make_model, save_hf
 

@@ -299,12 +299,13 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
                              else WHY_TORCH)
     if progress:
         progress(f"tvm: compiling {len(funcs)} kernels for {len(steps)} steps ({tgt.get('mcpu', tgt)})")
-    tmp = Path(tempfile.mkdtemp(prefix="v4c-tvm-"))
-    lib_path = tmp / "kernels.so"
-    try:
-        gemv.build_library(funcs, lib_path, target=tgt)
-    except Exception as e:
-        raise V4CError(f"target: tvm: compiling the kernels failed ({type(e).__name__}: {e})") from None
+    with tempfile.TemporaryDirectory(prefix="v4c-tvm-") as tmp:  # the library's bytes go into the artifact
+        lib_path = Path(tmp) / "kernels.so"
+        try:
+            gemv.build_library(funcs, lib_path, target=tgt)
+        except Exception as e:
+            raise V4CError(f"target: tvm: compiling the kernels failed ({type(e).__name__}: {e})") from None
+        library = lib_path.read_bytes()
     have = cpu_features()
     from tvm.target import codegen
     triple = tgt.get("mtriple") or codegen.llvm_get_system_triple()
@@ -316,7 +317,7 @@ def lower(module: Module, *, prefill_chunk: int, target=None, progress=None) -> 
         spec["tvm_ffi"] = tvm_ffi.__version__
     except ImportError:
         pass
-    files = {LIBRARY: lib_path.read_bytes(), SPEC: (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode()}
+    files = {LIBRARY: library, SPEC: (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode()}
     manifest = {"toolchain": {"tvm": tvm.__version__, "llvm": codegen.llvm_version_major()},
                 "tvm": {"target": tgt, "triple": triple, "machine": spec["machine"], "kernels": len(funcs),
                         "tvm_steps": len(steps), "torch_ops": sorted(torch_ops)}}
