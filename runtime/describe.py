@@ -16,6 +16,7 @@ COMPONENTS = [  # canonical weight name -> component; first match wins
     (re.compile(r"\.compressor\.indexer\."), "indexer"),
     (re.compile(r"\.compressor\."), "compressor"),
     (re.compile(r"\.self_attn\."), "attention"),
+    (re.compile(r"\.mlp\.experts\+shared\."), "experts + shared expert"),  # stacked (the triton target's)
     (re.compile(r"\.mlp\.experts\."), "routed experts"),
     (re.compile(r"\.mlp\.shared_experts\."), "shared expert"),
     (re.compile(r"\.mlp\.gate\."), "router"),

@@ -400,6 +400,27 @@ def test_route_hash_matches_reference(score_func, table_dtype):
     assert_close(weights, ref_w, ROUTER_RTOL)
 
 
+@pytest.mark.parametrize("hashed", [False, True])
+@pytest.mark.parametrize("k", [3, 4])  # k + 1 slots: past a power of two (KP) and within one
+def test_routers_append_the_shared_expert(hashed, k):
+    """shared: the k routed slots as without it, then expert E (the shared expert's id) with weight 1."""
+    g = gen(12 + k)
+    x, w = torch.randn(3, 5, 40, generator=g), torch.randn(13, 40, generator=g)
+    if hashed:
+        table, tokens = torch.randint(0, 13, (30, k), generator=g), torch.randint(0, 30, (3, 5), generator=g)
+        run = lambda route, **kw: route(x, w, table, tokens, score_func="sigmoid", scale=1.5, **kw)  # noqa: E731
+        ours, ref, plain = run(route_hash, shared=True), run(ref_hash, shared=True), run(route_hash)
+    else:
+        bias = torch.randn(13, generator=g) * 0.1
+        run = lambda route, **kw: route(x, w, bias, k=k, score_func="sigmoid", scale=1.5, **kw)  # noqa: E731
+        ours, ref, plain = run(route_topk, shared=True), run(ref_topk, shared=True), run(route_topk)
+    assert ours[0].shape == ours[1].shape == (3, 5, k + 1)
+    assert torch.equal(ours[1], ref[1]) and torch.equal(ours[1][..., :k], plain[1])
+    assert (ours[1][..., k] == 13).all() and (ours[0][..., k] == 1.0).all()
+    assert torch.equal(ours[0][..., :k], plain[0])
+    assert_close(ours[0], ref[0], ROUTER_RTOL)
+
+
 # --- contract ------------------------------------------------------------------------------------
 def test_launchers_are_registered():
     assert set(LAUNCHERS) == {"moe_experts", "moe_experts_q"}
@@ -438,6 +459,8 @@ def test_rejects_unsupported_inputs():
         (lambda: moe_experts_q(x, weights, idx, *q, **{**kw, "act_mid": None}), "^act_mid"),
         (lambda: route_topk(x, torch.randn(4, 32), torch.zeros(4), k=5, score_func="sigmoid", scale=1.0), "^k"),
         (lambda: route_topk(x, torch.randn(4, 32), torch.zeros(4), k=2, score_func="relu", scale=1.0), "^score_func"),
+        (lambda: route_topk(x, torch.randn(4, 32), torch.zeros(4), k=2, score_func="sigmoid", scale=1.0, shared=4),
+         "^shared"),
         (lambda: route_topk(x, torch.randn(4, 31), torch.zeros(4), k=2, score_func="sigmoid", scale=1.0), "^x:"),
         (lambda: route_topk(x, torch.randn(4, 32), torch.zeros(5), k=2, score_func="sigmoid", scale=1.0), "^bias"),
         (lambda: route_topk(x, torch.randn(2048, 32), torch.zeros(2048), k=2, score_func="sigmoid", scale=1.0),

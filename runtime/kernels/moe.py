@@ -24,20 +24,31 @@ def _normalised(scores, idx, scale):
     return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scale
 
 
-def route_topk(x, weight, bias, *, k, score_func, scale):
+def _with_shared(weights, idx, experts: int, shared: bool):
+    """shared: one slot more, after the k chosen: expert `experts` (the shared expert, stacked after the routed
+    ones), weight 1; the experts then add it last, as the model adds the shared expert's output to theirs."""
+    if not shared:
+        return weights, idx
+    lead = weights.shape[:-1]
+    return (torch.cat([weights, torch.ones(*lead, 1, dtype=weights.dtype, device=weights.device)], dim=-1),
+            torch.cat([idx, torch.full((*lead, 1), experts, dtype=idx.dtype, device=idx.device)], dim=-1))
+
+
+def route_topk(x, weight, bias, *, k, score_func, scale, shared=False):
     """x: [B, S, D], weight: [E, D], bias: [E] -> weights [B, S, k] (fp32), experts [B, S, k] (i64).
-    Experts: top-k of score(x W^T) + bias; weights: their scores (without bias), renormalised, x scale."""
+    Experts: top-k of score(x W^T) + bias; weights: their scores (without bias), renormalised, x scale.
+    shared: k + 1 slots, the last expert E with weight 1 (`_with_shared`)."""
     scores = SCORE_FUNCS[score_func](F.linear(x.float(), weight.float()))
     idx = select_topk(scores + bias.float(), k)
-    return _normalised(scores, idx, scale), idx
+    return _with_shared(_normalised(scores, idx, scale), idx, weight.shape[0], shared)
 
 
-def route_hash(x, weight, table, tokens, *, score_func, scale):
-    """Hash routing: experts = table[token] (frozen), weights as in `route_topk`.
+def route_hash(x, weight, table, tokens, *, score_func, scale, shared=False):
+    """Hash routing: experts = table[token] (frozen), weights as in `route_topk` (shared likewise).
     x: [B, S, D], weight: [E, D], table: [V, k], tokens: [B, S]."""
     scores = SCORE_FUNCS[score_func](F.linear(x.float(), weight.float()))
     idx = table[tokens].long()
-    return _normalised(scores, idx, scale), idx
+    return _with_shared(_normalised(scores, idx, scale), idx, weight.shape[0], shared)
 
 
 def run_experts(x, weights, idx, expert, *, limit=None, quant_in=None, quant_mid=None):

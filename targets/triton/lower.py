@@ -1,7 +1,8 @@
 """Lower an IR module for the `triton` target.
 
-The program is the torch target's (same steps, same kernel names) after two rewrites: siblings.py, projections of
-one input join into one GEMM launch (linear_cat / linear_fp8_cat, their weights concatenated in the artifact); then
+The program is the torch target's (same steps, same kernel names) after four rewrites: shared_expert.py, a MoE
+block's shared expert is routed as one more expert (its router's `shared` slot, its weights stacked after the
+experts'); siblings.py, projections of one input join into one GEMM launch (linear_cat / linear_fp8_cat, their weights concatenated in the artifact); then
 norm_gemm.py, a norm read by one FP8 projection goes into it (norm_linear_fp8); then compress_pair.py, a CSA layer's
 two compressors become one op (one launch at a decode step).
 What runs the steps differs. The artifact also carries `kernels/triton/`: this package's kernels/ as source
@@ -32,7 +33,7 @@ from v4c.targets import Lowered
 from v4c.targets.torch import lower as torch_lower
 
 from .configs import heuristic
-from . import compress_pair, norm_gemm, siblings
+from . import compress_pair, norm_gemm, shared_expert, siblings
 from .kernels import LAUNCHERS
 from .tune import tune_module
 
@@ -54,12 +55,15 @@ def _gpu_for_tuning(tune: str) -> tuple[str | None, str]:
 
 
 def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: int = 1, progress=None) -> Lowered:
+    m, shared = shared_expert.fold(m)  # the shared expert as one more routed expert (shared_expert.py)
     m, joined = siblings.join(m)  # sibling projections: one GEMM launch (siblings.py)
     m, normed = norm_gemm.fold(m)  # a norm read by one FP8 projection: in its GEMM (norm_gemm.py)
     m, paired = compress_pair.join(m)  # a CSA layer's two compressors: one op (compress_pair.py)
-    rewritten = joined["launches"] or normed or paired
+    rewritten = shared or joined["launches"] or normed or paired
     if rewritten:
         m = memory_plan.run(m, memory_plan.Options())  # values made earlier, or gone: plan the buffers again
+    if progress and shared:
+        progress(f"triton: {shared} shared experts routed with the experts (2 GEMM launches fewer each)")
     if progress and joined["launches"]:
         progress(f"triton: {joined['saved'] + joined['launches']} sibling projections joined into "
                  f"{joined['launches']} GEMM launches")
@@ -85,5 +89,6 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
     manifest = {"toolchain": {"triton": triton.__version__},
                 "kernels": {"package": PACKAGE, "launch": LAUNCH, "triton_ops": launch["triton_ops"],
                             "torch_ops": torch_ops, "tuned": tuning["tuned"], "joined_siblings": joined,
-                            "norms_in_gemms": normed, "compressor_pairs": paired}}
+                            "norms_in_gemms": normed, "compressor_pairs": paired,
+                            "shared_experts_routed": shared}}
     return Lowered(program, files, manifest, module=m if rewritten else None)

@@ -118,7 +118,7 @@ def _shape(program, slot) -> list:
 
 def _router_kwargs(program, step, target) -> dict | None:
     weight = program.params[step.inputs[1][1:]]
-    if weight.dtype not in ("f32", "bf16"):
+    if weight.dtype not in ("f32", "bf16") or step.attrs.get("shared"):  # (shared: the triton target's rewrite)
         return None
     e, d = weight.shape
     kw = {"dim": d, "experts": e, "score_func": step.attrs["score_func"], "scale": step.attrs["scale"],

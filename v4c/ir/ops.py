@@ -179,12 +179,20 @@ def _hc_head(ins, st, a):
     return [f32(b, s, d)]
 
 
+def _routed(x, k, a):
+    """A router's results for k chosen experts; attribute shared (true): one slot more, the shared expert's (its id
+    the number of routed experts, weight 1: the triton target's shared_expert.py)."""
+    expect(a.get("shared", False) in (True, False), f"shared: expected true or false, got {a.get('shared')!r}")
+    k = k + 1 if a.get("shared") else k
+    return [f32(*x.shape[:-1], k), i64(*x.shape[:-1], k)]
+
+
 def _route_topk(ins, st, a):
     x, w, bias = ins
     expect(w.rank == 2 and _same(w.shape[1], x.shape[-1]), f"router weight {w} does not match input {x}")
     expect_shape("bias", bias, w.shape[0])
     expect(1 <= a["k"] <= w.shape[0], f"k = {a['k']} must be in [1, experts = {w.shape[0]}]")
-    return [f32(*x.shape[:-1], a["k"]), i64(*x.shape[:-1], a["k"])]
+    return _routed(x, a["k"], a)
 
 
 def _route_hash(ins, st, a):
@@ -194,7 +202,7 @@ def _route_hash(ins, st, a):
     expect_int("tokens", tokens)
     expect_rank("table", table, 2)
     expect_shape("tokens", tokens, *x.shape[:-1])
-    return [f32(*x.shape[:-1], table.shape[1]), i64(*x.shape[:-1], table.shape[1])]
+    return _routed(x, table.shape[1], a)
 
 
 def _moe_experts(ins, st, a):

@@ -22,10 +22,11 @@ ROUTER_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 32}
 # --- kernel --------------------------------------------------------------------------------------
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, b_ptr, tab_ptr, tokens_ptr, wout_ptr, iout_ptr, M, D, E, V, scale,
-                   K: tl.constexpr, SCORE: tl.constexpr, HASH: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr,
-                   BK: tl.constexpr, KP: tl.constexpr):
+                   K: tl.constexpr, SCORE: tl.constexpr, HASH: tl.constexpr, SHARED: tl.constexpr,
+                   BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr):
     """For BM tokens: scores = f(x W^T) [BM, BE]; experts = top-K of scores + bias (lower index on ties)
     or table[token]; weights = their scores / (sum + 1e-20) * scale -> wout [M, K] f32, iout [M, K] i64.
+    SHARED: rows of K + 1, the last slot expert E (the shared expert) with weight 1.
     A token id outside the table's V rows reads no memory (its row is taken as expert 0's)."""
     m = tl.program_id(0) * BM + tl.arange(0, BM)
     mmask = m < M
@@ -69,10 +70,14 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, tab_ptr, tokens_ptr, wout_ptr, iout_ptr,
         chosen = tl.where(kcol[None, :] == j, sel[:, None], chosen)
         picked = tl.where(kcol[None, :] == j, val[:, None], picked)
     weights = picked / (tl.sum(picked, axis=1)[:, None] + 1e-20) * scale
-    out = m.to(tl.int64)[:, None] * K + kcol[None, :]
+    row = m.to(tl.int64) * (K + SHARED)
+    out = row[:, None] + kcol[None, :]
     omask = mmask[:, None] & (kcol < K)[None, :]
     tl.store(wout_ptr + out, weights, mask=omask)
     tl.store(iout_ptr + out, chosen.to(tl.int64), mask=omask)
+    if SHARED:
+        tl.store(wout_ptr + row + K, tl.full([BM], 1.0, tl.float32), mask=mmask)
+        tl.store(iout_ptr + row + K, tl.zeros([BM], tl.int64) + E, mask=mmask)
 
 
 # --- host glue -----------------------------------------------------------------------------------
@@ -82,14 +87,16 @@ def _check_x(x, d, what):
           f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
 
 
-def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config, into):
-    """Checks shared by the routers, then the router kernel -> (weights [..., k] f32, experts [..., k] i64)."""
+def _route(name, x, weight, bias, table, tokens, k, score_func, scale, shared, config, into):
+    """Checks shared by the routers, then the router kernel -> (weights [..., k] f32, experts [..., k] i64;
+    shared: k + 1 slots, the last the shared expert's)."""
     cfg = launch_config(config, ROUTER_CONFIG, name, at_least=dict.fromkeys(ROUTER_CONFIG, 16))
     check_tensor("weight", weight, dtypes=FLOATS, dim=2)
     n_exp, d = weight.shape
     _check_x(x, d, "the router's D")
     check(score_func in SCORE_FUNCS, f"score_func {score_func!r}; supported: {', '.join(SCORE_FUNCS)}")
     check(isinstance(scale, (int, float)), f"scale: expected a number, got {scale!r}")
+    check(shared in (True, False), f"shared: expected true or false, got {shared!r}")
     check(1 <= n_exp <= MAX_EXPERTS, f"weight: {n_exp} experts; supported: 1..{MAX_EXPERTS}")
     check(isinstance(k, int) and 1 <= k and (table is not None or k <= n_exp),
           f"k = {k!r} must be an int in [1, experts = {n_exp}]")
@@ -100,31 +107,32 @@ def _route(name, x, weight, bias, table, tokens, k, score_func, scale, config, i
     xf = x.reshape(-1, d).contiguous()
     m = xf.shape[0]
     into_w, into_i = results(into, 2)
-    w_res = result(into_w, (*x.shape[:-1], k), torch.float32, x.device)
-    i_res = result(into_i, (*x.shape[:-1], k), torch.int64, x.device)
-    w_out, i_out = w_res.view(m, k), i_res.view(m, k)
+    slots = k + bool(shared)
+    w_res = result(into_w, (*x.shape[:-1], slots), torch.float32, x.device)
+    i_res = result(into_i, (*x.shape[:-1], slots), torch.int64, x.device)
+    w_out, i_out = w_res.view(m, slots), i_res.view(m, slots)
     if m:
         _router_kernel[(cdiv(m, cfg["BLOCK_M"]),)](
             xf, weight, weight if bias is None else bias, weight if table is None else table,
             weight if tokens is None else tokens, w_out, i_out, m, d, n_exp, 0 if table is None else table.shape[0],
-            float(scale), K=k,
-            SCORE=SCORE_FUNCS[score_func], HASH=table is not None, BM=cfg["BLOCK_M"], BE=max(16, next_pow2(n_exp)),
-            BK=cfg["BLOCK_K"], KP=next_pow2(k))
+            float(scale), K=k, SCORE=SCORE_FUNCS[score_func], HASH=table is not None, SHARED=bool(shared),
+            BM=cfg["BLOCK_M"], BE=max(16, next_pow2(n_exp)), BK=cfg["BLOCK_K"], KP=next_pow2(k))
     return w_res, i_res
 
 
-def route_topk(x, weight, bias, *, k, score_func, scale, config=None, into=None):
+def route_topk(x, weight, bias, *, k, score_func, scale, shared=False, config=None, into=None):
     """x: [..., D], weight: [E, D], bias: [E] -> weights [..., k] f32, experts [..., k] i64:
     experts = top-k of score(x W^T) + bias (equal values: lower index first), weights = their scores
-    (without bias) / (sum + 1e-20) * scale. config: BLOCK_M (tokens a program), BLOCK_K."""
+    (without bias) / (sum + 1e-20) * scale. shared: [..., k + 1], the last slot expert E with weight 1 (the
+    shared expert stacked after the routed ones). config: BLOCK_M (tokens a program), BLOCK_K."""
     check_tensor("bias", bias, dtypes=FLOATS, dim=1)
     check(isinstance(weight, torch.Tensor) and bias.shape[0] == weight.shape[0],
           f"bias: expected one value per expert ({getattr(weight, 'shape', ['?'])[0]}), got {list(bias.shape)}")
-    return _route("route_topk", x, weight, bias, None, None, k, score_func, scale, config, into)
+    return _route("route_topk", x, weight, bias, None, None, k, score_func, scale, shared, config, into)
 
 
-def route_hash(x, weight, table, tokens, *, score_func, scale, config=None, into=None):
-    """Hash routing: experts = table[tokens] ([V, k] int table, tokens [...] int), weights as in
+def route_hash(x, weight, table, tokens, *, score_func, scale, shared=False, config=None, into=None):
+    """Hash routing: experts = table[tokens] ([V, k] int table, tokens [...] int), weights (and shared) as in
     route_topk. x: [..., D], weight: [E, D] -> weights [..., k] f32, experts [..., k] i64."""
     check_tensor("table", table, dtypes=INTS, dim=2)
     check_tensor("tokens", tokens, dtypes=INTS, contiguous=False)
@@ -134,7 +142,7 @@ def route_hash(x, weight, table, tokens, *, score_func, scale, config=None, into
           or 0 <= int(tokens.min()) and int(tokens.max()) < table.shape[0],
           f"tokens: ids must be in [0, {table.shape[0]})")
     return _route("route_hash", x, weight, None, table, tokens.reshape(-1).contiguous(), table.shape[1], score_func,
-                  scale, config, into)
+                  scale, shared, config, into)
 
 
 LAUNCHERS = {"route_topk": route_topk, "route_hash": route_hash}

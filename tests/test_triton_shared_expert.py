@@ -1,0 +1,84 @@
+"""The triton target routes a MoE block's shared expert with the routed experts (targets/triton/shared_expert.py),
+under TRITON_INTERPRET=1 (conftest). Tolerances: the torch kernels of the rewritten program compute the same sums
+(the shared expert as expert E, added last) as those of the program without the rewrite: 1e-6 x max|logit|
+(measured equal). With the Triton kernels the shared expert's dots are the expert kernel's instead of the GEMM
+kernel's, an fp32 summation order apart, which can move an FP8 activation across an e4m3 rounding boundary: the
+FP8 bound of tests/test_triton_target.py, 2e-2 x max|logit| and the same greedy tokens (measured: equal under the
+interpreter, whose dots sum alike here).
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import rel_err, tokens
+from test_triton_target import NAME, _compile, _prefill_then_decode
+from v4c.runtime.artifact import open_artifact
+from v4c.runtime.describe import describe
+from v4c.targets.triton import shared_expert
+
+# FP8 experts (the shared expert's format); blocks of 4 rows divide the tiny configs' inter size (20)
+RECIPE = ("  - fp8:\n      weights: {block: [4, 16], scale_format: ue8m0}\n"
+          "      activations: {mode: dynamic, group: 16}\n      kv: fp8\n      indexer: fp4\n      skip: []\n"
+          "  - fuse\n")
+MOE_LAYERS, EXPERTS = 3, 6  # hc4_mixed: 3 MoE blocks (hash, top-k, top-k) of 6 routed experts, top-2
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory, hf_checkpoints):
+    root = tmp_path_factory.mktemp("shared")
+    folded = _compile(root, hf_checkpoints[NAME], "triton", RECIPE, name="folded")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(shared_expert, "fold", lambda m: (m, 0))
+    try:
+        plain = _compile(root, hf_checkpoints[NAME], "triton", RECIPE, name="plain")
+    finally:
+        mp.undo()
+    return folded, plain
+
+
+def _steps(art):
+    return json.loads((art / "program.json").read_text())["steps"]
+
+
+def test_the_shared_expert_is_one_more_routed_expert(arts):
+    folded, plain = arts
+    kernels = json.loads((folded / "manifest.json").read_text())["target"]["kernels"]
+    assert kernels["shared_experts_routed"] == MOE_LAYERS
+    steps, plain_steps = _steps(folded), _steps(plain)
+    assert not any(s["kernel"] == "swiglu_linear_fp8" for s in steps)
+    assert sum(s["kernel"] == "swiglu_linear_fp8" for s in plain_steps) == MOE_LAYERS
+    assert len(plain_steps) == len(steps) + 2 * MOE_LAYERS  # the shared gate+up GEMM, the SwiGLU+down GEMM
+    routers = [s for s in steps if s["kernel"] in ("route_topk", "route_hash")]
+    assert len(routers) == MOE_LAYERS and all(s["attrs"]["shared"] is True for s in routers)
+    params = json.loads((folded / "program.json").read_text())["params"]
+    experts = [s for s in steps if s["kernel"] == "moe_experts_q"]
+    for s in experts:
+        gate_up, down = params[s["inputs"][3][1:]], params[s["inputs"][5][1:]]
+        assert ".experts+shared." in s["inputs"][3] and gate_up["shape"][0] == down["shape"][0] == EXPERTS + 1
+    assert not any(n.startswith("layers.") and ".shared_experts." in n for n in params)  # stored once, stacked
+    components = describe(open_artifact(folded))["weights"]["by_component"]
+    assert "experts + shared expert" in components and "other" not in components
+    addends = {"hc_post": 5, "hc_post_pre": 8, "hc_post_pre_quant": 9}  # operand counts with the addend
+    assert not any(len(s["inputs"]) == addends.get(s["kernel"]) for s in steps)
+    assert any(len(s["inputs"]) == addends.get(s["kernel"]) for s in plain_steps)
+
+
+def test_routing_the_shared_expert_changes_no_result(arts):
+    folded, plain = arts
+    ids = tokens(1, 19, seed=4)  # a 16-token prefill, then 3 decode steps
+    ref = _prefill_then_decode(open_artifact(plain).session(kernels="torch"), ids, 16)
+    assert rel_err(_prefill_then_decode(open_artifact(folded).session(kernels="torch"), ids, 16), ref) <= 1e-6
+    ours = _prefill_then_decode(open_artifact(folded).session(), ids, 16)
+    base = _prefill_then_decode(open_artifact(plain).session(), ids, 16)
+    assert rel_err(ours, base) <= 2e-2 and rel_err(ours, ref) <= 2e-2
+    assert torch.equal(ours.argmax(-1), base.argmax(-1))
+
+
+def test_fp4_experts_keep_their_shared_expert(tmp_path, hf_checkpoints):
+    """The shared expert joins only experts of its own format: FP4 experts (DeepSeek's release format) keep its
+    two launches."""
+    recipe = RECIPE.replace("      kv: fp8\n", "      experts: fp4\n      kv: fp8\n")
+    art = _compile(tmp_path, hf_checkpoints[NAME], "triton", recipe, name="fp4")
+    assert json.loads((art / "manifest.json").read_text())["target"]["kernels"]["shared_experts_routed"] == 0
+    assert sum(s["kernel"] == "swiglu_linear_fp8" for s in _steps(art)) == MOE_LAYERS
