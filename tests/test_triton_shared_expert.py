@@ -13,8 +13,12 @@ import torch
 
 from conftest import rel_err, tokens
 from test_triton_target import NAME, _compile, _prefill_then_decode
+from v4c.frontend import import_checkpoint
+from v4c.ir import verify
+from v4c.pipeline import run_pipeline
 from v4c.runtime.artifact import open_artifact
 from v4c.runtime.describe import describe
+from v4c.spec import PassSpec
 from v4c.targets.triton import shared_expert
 
 # FP8 experts (the shared expert's format); blocks of 4 rows divide the tiny configs' inter size (20)
@@ -82,3 +86,24 @@ def test_fp4_experts_keep_their_shared_expert(tmp_path, hf_checkpoints):
     art = _compile(tmp_path, hf_checkpoints[NAME], "triton", recipe, name="fp4")
     assert json.loads((art / "manifest.json").read_text())["target"]["kernels"]["shared_experts_routed"] == 0
     assert sum(s["kernel"] == "swiglu_linear_fp8" for s in _steps(art)) == MOE_LAYERS
+
+
+def _module(hf_checkpoints, block):
+    module = import_checkpoint(hf_checkpoints[NAME], max_context=64)[0]
+    fp8 = {"weights": {"block": block, "scale_format": "ue8m0"}, "activations": {"mode": "dynamic", "group": 16},
+           "skip": []}
+    return run_pipeline(module, [PassSpec(name="fp8", options=fp8), PassSpec(name="fuse")])
+
+
+def test_the_rewrite_takes_only_a_shared_expert_like_the_experts(hf_checkpoints):
+    """A block whose shared expert differs from its experts keeps it: another SwiGLU limit, or gate rows that end
+    in a partial scale block (whose scales would not stack as [2I / rows] blocks)."""
+    m = _module(hf_checkpoints, [4, 16])
+    folded, n = shared_expert.fold(m)
+    assert n == MOE_LAYERS
+    verify(folded)
+    assert not any(ins.op == "swiglu_linear_fp8" for ins in folded.func.body)
+    swiglus = [ins for ins in m.func.body if ins.op == "swiglu_linear_fp8"]
+    swiglus[1].attrs = {**swiglus[1].attrs, "limit": swiglus[1].attrs["limit"] + 1}
+    assert shared_expert.fold(m)[1] == MOE_LAYERS - 1
+    assert shared_expert.fold(_module(hf_checkpoints, [3, 16]))[1] == 0  # inter 20: 3-row blocks end partial
