@@ -255,6 +255,7 @@ def _into_cases():
         ("grouped_linear_fp8", (r(1, 3, 2, 16), w8, r(1, 1).abs()), {"groups": 2, "block": [128, 128],
                                                                      "act": {"mode": "none"}}),
         ("embed", (torch.tensor([[1, 4, 2]]), r(6, 16)), {}),
+        ("embed", (torch.tensor([[1, 4, 2]]), r(6, 16)), {"hc": 2}),  # the hc streams (hc_ends.py)
         ("embed_fp8", (torch.tensor([[1, 4, 2]]), w8, r(1, 1).abs()), {"block": [128, 128]}),
         ("route_topk", (r(1, 3, 16), r(6, 16), r(6)), {"k": 2, "score_func": "sigmoid", "scale": 1.5}),
         ("route_hash", (r(1, 3, 16), r(6, 16), torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.tensor([[0, 2, 1]])),
@@ -266,6 +267,8 @@ def _into_cases():
                                                                                 "norm_eps": 1e-6}),
         ("hc_post", (r(1, 3, d), streams, r(1, 3, hc), r(1, 3, hc, hc)), {}),
         ("hc_head", (streams, r(hc, hc * d), r(hc), r(1)), {"eps": 1e-6, "norm_eps": 1e-6}),
+        ("hc_post_head", (r(1, 3, d), streams, r(1, 3, hc), r(1, 3, hc, hc), r(hc, hc * d), r(hc), r(1)),
+         {"eps": 1e-6, "norm_eps": 1e-6}),
         ("attention", (r(1, 3, 2, 8), r(1, 3, 8), r(2)), {"state": state, "pos0": 0, "window": 4, "scale": 0.3}),
     ]
 

@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 
 
-def embed(tokens, weight):
-    """tokens: [B, S] int, weight: [V, D] -> [B, S, D]"""
-    return F.embedding(tokens, weight).float()
+def embed(tokens, weight, *, hc=None):
+    """tokens: [B, S] int, weight: [V, D] -> [B, S, D]; with hc (the triton target's embed of the residual
+    streams) -> [B, S, hc, D], the row hc times as hc_expand writes it."""
+    return expand_rows(F.embedding(tokens, weight).float(), hc)
+
+
+def expand_rows(y, hc):
+    """y [..., D] as is (hc None), else [..., hc, D]: the same row hc times."""
+    return y if hc is None else y.unsqueeze(-2).expand(*y.shape[:-1], hc, y.shape[-1]).contiguous()
 
 
 def linear(x, weight):

@@ -59,3 +59,8 @@ def hc_head(streams, fn, base, scale, *, eps, norm_eps):
     mixes = F.linear(rms_norm(streams.flatten(2), eps=norm_eps), fn.float())
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + eps
     return (pre.unsqueeze(-1) * streams).sum(dim=2)
+
+
+def hc_post_head(out, streams, post, comb, fn, base, scale, addend=None, *, eps, norm_eps):
+    """hc_post then hc_head on its result (the triton target's last block: one launch) -> collapsed [B, S, D]."""
+    return hc_head(hc_post(out, streams, post, comb, addend), fn, base, scale, eps=eps, norm_eps=norm_eps)

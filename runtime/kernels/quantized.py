@@ -12,7 +12,7 @@ too) is a linear_fp8 of a SwiGLU, `hc_post_pre_quant` an rms_norm_quant of hc_po
 import torch.nn.functional as F
 
 from ..quant import dequant_fp4, dequant_fp8, dequant_groups, fake_quant_act, quant_groups
-from .basic import grouped_linear, rms_norm, swiglu
+from .basic import expand_rows, grouped_linear, rms_norm, swiglu
 from .hyper import hc_post_pre
 from .moe import run_experts
 
@@ -70,10 +70,11 @@ def grouped_linear_fp8(x, weight, scale, *, groups, block, act):
     return grouped_linear(fake_quant_act(x, act), dequant_fp8(weight, scale, block), groups=groups)
 
 
-def embed_fp8(tokens, weight, scale, *, block):
-    """Rows of an e4m3 embedding table, dequantized with their block scales. -> [B, S, D]."""
+def embed_fp8(tokens, weight, scale, *, block, hc=None):
+    """Rows of an e4m3 embedding table, dequantized with their block scales. -> [B, S, D] ([B, S, hc, D] with hc,
+    as embed)."""
     rows = scale.float().repeat_interleave(block[1], dim=1)[:, : weight.shape[1]]  # [ceil(V/bo), D]
-    return weight[tokens].float() * rows[tokens // block[0]]
+    return expand_rows(weight[tokens].float() * rows[tokens // block[0]], hc)
 
 
 def _dequant_expert(q, s, fmt, block):

@@ -1,4 +1,4 @@
-"""Two compressors into one op: the triton target's third rewrite (after siblings.py and norm_gemm.py).
+"""Two compressors into one op: the triton target's fourth rewrite (after shared_expert.py, siblings.py, norm_gemm.py).
 
     compress(%kv, %gate, @ape, @w, @inv) {a} [state A]            ->   compress_pair(%kv, %gate, @ape, @w, @inv,
     ...                                                                  %kv2, %gate2, @ape2, @w2, @inv2)

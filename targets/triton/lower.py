@@ -1,10 +1,11 @@
 """Lower an IR module for the `triton` target.
 
-The program is the torch target's (same steps, same kernel names) after four rewrites: shared_expert.py, a MoE
+The program is the torch target's (same steps, same kernel names) after five rewrites: shared_expert.py, a MoE
 block's shared expert is routed as one more expert (its router's `shared` slot, its weights stacked after the
 experts'); siblings.py, projections of one input join into one GEMM launch (linear_cat / linear_fp8_cat, their weights concatenated in the artifact); then
 norm_gemm.py, a norm read by one FP8 projection goes into it (norm_linear_fp8); then compress_pair.py, a CSA layer's
-two compressors become one op (one launch at a decode step).
+two compressors become one op (one launch at a decode step); then hc_ends.py, the embedding stores the hc streams
+itself (no hc_expand) and the last hc_post is computed in hc_head's launch (hc_post_head).
 What runs the steps differs. The artifact also carries `kernels/triton/`: this package's kernels/ as source
 (imported by the runtime, compiled by Triton on first use), and launch.json:
 
@@ -33,7 +34,7 @@ from v4c.targets import Lowered
 from v4c.targets.torch import lower as torch_lower
 
 from .configs import heuristic
-from . import compress_pair, norm_gemm, shared_expert, siblings
+from . import compress_pair, hc_ends, norm_gemm, shared_expert, siblings
 from .kernels import LAUNCHERS
 from .tune import tune_module
 
@@ -59,7 +60,8 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
     m, joined = siblings.join(m)  # sibling projections: one GEMM launch (siblings.py)
     m, normed = norm_gemm.fold(m)  # a norm read by one FP8 projection: in its GEMM (norm_gemm.py)
     m, paired = compress_pair.join(m)  # a CSA layer's two compressors: one op (compress_pair.py)
-    rewritten = shared or joined["launches"] or normed or paired
+    m, ends = hc_ends.fold(m)  # the embedding into the streams, the last hc_post into hc_head (hc_ends.py)
+    rewritten = shared or joined["launches"] or normed or paired or any(ends.values())
     if rewritten:
         m = memory_plan.run(m, memory_plan.Options())  # values made earlier, or gone: plan the buffers again
     if progress and shared:
@@ -71,6 +73,9 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
         progress(f"triton: {normed} norms folded into the FP8 projections that read them")
     if progress and paired:
         progress(f"triton: {paired} pairs of compressors joined (one launch each at a decode step)")
+    if progress and any(ends.values()):
+        progress(f"triton: {ends['embeds']} embeddings write the hc streams, {ends['heads']} hc_post in hc_head "
+                 "(one launch each fewer)")
     program = torch_lower(m, prefill_chunk=prefill_chunk)
     used = sorted({s.kernel for s in program.steps} - VIEWS)
     torch_ops = {op: WHY_TORCH.get(op, "no Triton kernel for this op") for op in used if op not in LAUNCHERS}
@@ -90,5 +95,5 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
                 "kernels": {"package": PACKAGE, "launch": LAUNCH, "triton_ops": launch["triton_ops"],
                             "torch_ops": torch_ops, "tuned": tuning["tuned"], "joined_siblings": joined,
                             "norms_in_gemms": normed, "compressor_pairs": paired,
-                            "shared_experts_routed": shared}}
+                            "shared_experts_routed": shared, "hc_ends": ends}}
     return Lowered(program, files, manifest, module=m if rewritten else None)

@@ -64,7 +64,16 @@ def _embed(ins, st, a):
     tokens, w = ins
     expect_int("tokens", tokens)
     expect_rank("weight", w, 2)
-    return [f32(*tokens.shape, w.shape[1])]
+    return [_embedded(tokens, w, a)]
+
+
+def _embedded(tokens, w, a) -> TensorType:
+    """An embedding's rows [*tokens, D], or with the optional attr hc (the triton target's embed of the residual
+    streams, hc_ends.py) [*tokens, hc, D]."""
+    hc = a.get("hc")
+    expect(hc is None or (isinstance(hc, int) and not isinstance(hc, bool) and hc >= 1),
+           f"hc must be a positive int, got {hc!r}")
+    return f32(*tokens.shape, *([] if hc is None else [hc]), w.shape[1])
 
 
 def _linear(ins, st, a):
@@ -177,6 +186,12 @@ def _hc_head(ins, st, a):
     expect_shape("base", base, hc)
     expect_shape("scale", scale, 1)
     return [f32(b, s, d)]
+
+
+def _hc_post_head(ins, st, a):
+    out, streams, post, comb, fn, base, scale, addend = ins
+    (new,) = _hc_post([out, streams, post, comb, addend], st, a)
+    return _hc_head([new, fn, base, scale], st, a)
 
 
 def _routed(x, k, a):
@@ -414,7 +429,7 @@ def _embed_fp8(ins, st, a):
     tokens, w, scale = ins
     expect_int("tokens", tokens)
     _expect_fp8("weight", w, scale, a["block"], w.shape)
-    return [f32(*tokens.shape, w.shape[1])]
+    return [_embedded(tokens, w, a)]
 
 
 def _expect_expert(role: str, w: TensorType, scale: TensorType, fmt: str, block, shape) -> None:
@@ -459,6 +474,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("hc_post_pre_quant", ("out", "streams", "post", "comb", "fn", "base", "scale", "norm_weight", "addend?"),
           _hc_post_pre_quant, attrs=("iters", "eps", "norm_eps", "quant")),
     OpDef("hc_head", ("streams", "fn", "base", "scale"), _hc_head, attrs=("eps", "norm_eps")),
+    OpDef("hc_post_head", ("out", "streams", "post", "comb", "fn", "base", "scale", "addend?"), _hc_post_head,
+          attrs=("eps", "norm_eps")),
     OpDef("route_topk", ("x", "weight", "bias"), _route_topk, attrs=("k", "score_func", "scale")),
     OpDef("route_hash", ("x", "weight", "table", "tokens"), _route_hash, attrs=("score_func", "scale")),
     OpDef("moe_experts", ("x", "weights", "experts", "gate_up", "down"), _moe_experts),

@@ -14,7 +14,7 @@ missing here run as the torch kernel, and the runtime reports them as fallbacks.
 import importlib
 
 MODULES = ("gemm", "gemm_fused", "embed", "moe", "router", "attention", "attention_fused", "indexer", "compressor",
-           "compressor_pair", "norm", "hyper", "hyper_quant")
+           "compressor_pair", "norm", "hyper", "hyper_quant", "hyper_head")
 
 LAUNCHERS: dict = {}
 for _name in MODULES:

@@ -11,6 +11,7 @@ in fp32 and returns fp32, like the reference. Tokens are flattened to T = B*S ro
   hc_post_pre_quant             hc_post_pre whose token-finishing program then norms and quantizes the collapsed row
                                 (norm.norm_quant_row, the rms_norm_quant kernel's row; launcher: hyper_quant.py)
   hc_head    grid (T, SPLIT)    the hc_pre collapse with an hc-row projection and one scale
+  hc_post_head                  hc_head's kernel computing its input as hc_post_pre's does (launcher: hyper_head.py)
 
 The projection reads all of fn ([(2+hc)*hc, hc*D] fp32, 1.5 MB at V4-Flash's hc 4, D 4096) for every token: with
 one program a token, a decode step of a few tokens would read it on a few SMs. So where the tokens leave SMs idle
@@ -248,12 +249,14 @@ def _hc_post_kernel(out_ptr, add_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, HC:
 
 
 @triton.jit
-def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr, D, eps, norm_eps, per_split,
-                    HC: tl.constexpr, HCP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr, out_ptr, add_ptr, ppost_ptr,
+                    pcomb_ptr, new_ptr, D, eps, norm_eps, per_split, HC: tl.constexpr, HCP: tl.constexpr,
+                    SPLIT: tl.constexpr, POST: tl.constexpr, ADD: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     """x: [T, HC*D], fn: [HC, HC*D], base: [HC], scale: [1] -> collapsed [T, D];
     pre = sigmoid(rsqrt(mean(x^2) + norm_eps) * (fn @ x) * scale + base) + eps. SPLIT as _hc_pre_kernel's
-    (records of 1 + HCP: the sum of squares, the projection)."""
+    (records of 1 + HCP: the sum of squares, the projection). POST (hc_post_head): x is the last block's hc_post,
+    computed tile by tile into new_ptr (a scratch) as _hc_pre_kernel's POST does."""
     t = tl.program_id(0).to(tl.int64)
     K = HC * D
     x_row = x_ptr + t * K
@@ -263,12 +266,19 @@ def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr
     for k0 in range(lo, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < hi
-        x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
+        if POST:
+            x = _post_tile(out_ptr, add_ptr, x_ptr, ppost_ptr, pcomb_ptr, new_ptr, t, offs_k, k_mask, D, HC, HCP, ADD)
+        else:
+            x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         sumsq += x * x
         acc += _rows_dot(fn_ptr, 0, x, offs_k, k_mask, K, HC, HCP)
     ss = tl.sum(sumsq, axis=0)
     i = tl.arange(0, HCP)
+    if POST:
+        x_row = new_ptr + t * K  # the collapse reads the new streams, which other threads (SPLIT: programs) stored
     if SPLIT == 1:
+        if POST:
+            tl.debug_barrier()
         _hc_head_finish(x_row, base_ptr, scale_ptr, col_ptr, t, D, eps, norm_eps, ss, acc, HC, HCP, BLOCK_D)
     else:
         REC: tl.constexpr = 1 + HCP
@@ -442,7 +452,13 @@ def hc_post(out, streams, post, comb, addend=None, *, config=None, into=None):
 def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None, into=None):
     """streams: [B, S, hc, D], fn: [hc, hc*D], base: [hc], scale: [1] -> [B, S, D] fp32;
     pre = sigmoid((fn @ rms_norm(streams.flatten)) * scale + base) + eps; out = sum_i pre[i] * streams[i]."""
-    b, s, hc, d = _check_streams(streams)
+    return head(streams, _check_streams(streams), fn, base, scale, None, eps, norm_eps, config, into, "hc_head")
+
+
+def head(streams, dims, fn, base, scale, prev, eps, norm_eps, config, into, name):
+    """The hc_head launch on checked streams of `dims` (B, S, hc, D); prev: None, or hc_post_head's (out, addend or
+    None, post, comb, a scratch for the new streams)."""
+    b, s, hc, d = dims
     _check_param("fn", fn, (hc, hc * d))
     _check_param("base", base, (hc,))
     _check_param("scale", scale, (1,))
@@ -452,14 +468,17 @@ def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None, into=None):
     collapsed = result(into, (b, s, d), torch.float32, streams.device)
     if b * s == 0:
         return collapsed
-    opts = _options(config, d, hc * d, "hc_head", split=True)
+    opts = _options(config, d, hc * d, name, split=True)
     split, per, counters = _split(opts, b * s, hc * d, streams.device)
     hcp = next_pow2(hc)
     ws = torch.empty(b * s * split * (1 + hcp), dtype=torch.float32, device=streams.device) if split > 1 else collapsed
+    p_out, p_add, p_post, p_comb, p_new = prev or (collapsed,) * 5
     _hc_head_kernel[(b * s, split)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
-                                    collapsed, ws, collapsed if counters is None else counters, d, float(eps),
-                                    float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split, BLOCK_K=opts["BLOCK_K"],
-                                    BLOCK_D=opts["BLOCK_D"], num_warps=opts["num_warps"])
+                                    collapsed, ws, collapsed if counters is None else counters, p_out,
+                                    p_out if p_add is None else p_add, p_post, p_comb, p_new, d, float(eps),
+                                    float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split, POST=prev is not None,
+                                    ADD=p_add is not None, BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"],
+                                    num_warps=opts["num_warps"])
     return collapsed
 
 
