@@ -265,14 +265,14 @@ def compress_cases(batches: list[int]) -> list[dict]:
 
 def hyper_cases() -> list[dict]:
     """mHC's hc_pre, hc_post_pre (the fuse pass's: the previous block's hc_post computed in hc_pre's K loop),
-    hc_post_pre_quant (the fuse pass's: with the next input norm's rms_norm_quant), hc_head and hc_post_head (the
-    triton lowering's: the last hc_post in hc_head's K loop) at V4-Flash sizes (hc 4, D 4096: fn [24, 16384] fp32)
-    for 1 and 16 decode tokens (their projection split over the SMs) and a 4096-token prefill (one program a
-    token)."""
+    hc_post_pre_quant (the fuse pass's: with the next input norm's rms_norm_quant), hc_head and hc_post_head(_norm)
+    (the triton lowering's: the last hc_post in hc_head's K loop, and the final norm) at V4-Flash sizes (hc 4,
+    D 4096: fn [24, 16384] fp32) for 1 and 16 decode tokens (their projection split over the SMs) and a 4096-token
+    prefill (one program a token)."""
     from triton_gpu import ACT
 
     from v4c.targets.triton.kernels.hyper import hc_head, hc_post_pre, hc_pre
-    from v4c.targets.triton.kernels.hyper_head import hc_post_head
+    from v4c.targets.triton.kernels.hyper_head import hc_post_head, hc_post_head_norm
     from v4c.targets.triton.kernels.hyper_quant import hc_post_pre_quant
     hc, d = 4, 4096
     n = (2 + hc) * hc
@@ -296,6 +296,10 @@ def hyper_cases() -> list[dict]:
         out.append({"case": f"hc_post_head hc={hc} d={d} tokens={tokens}", "config": {},
                     "call": lambda x=streams, p=prev: hc_post_head(p[0], x, p[1], p[2], fn[:hc], base[:hc], scale[:1],
                                                                    eps=1e-6, norm_eps=1e-6)})
+        out.append({"case": f"hc_post_head_norm hc={hc} d={d} tokens={tokens}", "config": {},
+                    "call": lambda x=streams, p=prev: hc_post_head_norm(p[0], x, p[1], p[2], fn[:hc], base[:hc],
+                                                                        scale[:1], torch.ones(d), eps=1e-6,
+                                                                        norm_eps=1e-6, norm={"eps": 1e-6})})
     return out
 
 

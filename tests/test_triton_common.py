@@ -269,6 +269,8 @@ def _into_cases():
         ("hc_head", (streams, r(hc, hc * d), r(hc), r(1)), {"eps": 1e-6, "norm_eps": 1e-6}),
         ("hc_post_head", (r(1, 3, d), streams, r(1, 3, hc), r(1, 3, hc, hc), r(hc, hc * d), r(hc), r(1)),
          {"eps": 1e-6, "norm_eps": 1e-6}),
+        ("hc_post_head_norm", (r(1, 3, d), streams, r(1, 3, hc), r(1, 3, hc, hc), r(hc, hc * d), r(hc), r(1), r(d)),
+         {"eps": 1e-6, "norm_eps": 1e-6, "norm": {"eps": 1e-6}}),
         ("attention", (r(1, 3, 2, 8), r(1, 3, 8), r(2)), {"state": state, "pos0": 0, "window": 4, "scale": 0.3}),
     ]
 

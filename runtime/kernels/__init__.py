@@ -8,7 +8,7 @@ this call). The IR's op registry uses these as the reference implementation of e
 from .attention import attention, attention_rope, index_topk, norm_attention_rope, rope_index_topk
 from .basic import add, embed, grouped_linear, linear, linear_cat, reshape, rms_norm, rms_norm_rope, rope, swiglu
 from .compressor import compress, compress_pair
-from .hyper import hc_expand, hc_head, hc_post, hc_post_head, hc_post_pre, hc_pre
+from .hyper import hc_expand, hc_head, hc_post, hc_post_head, hc_post_head_norm, hc_post_pre, hc_pre
 from .moe import moe_experts, route_hash, route_topk
 from .quantized import (embed_fp8, fake_quant, grouped_linear_fp8, hc_post_pre_quant, linear_fp8, linear_fp8_cat,
                         moe_experts_q, norm_linear_fp8, rms_norm_quant, swiglu_linear_fp8)
@@ -30,6 +30,7 @@ KERNELS = {
     "hc_post_pre_quant": hc_post_pre_quant,
     "hc_head": hc_head,
     "hc_post_head": hc_post_head,
+    "hc_post_head_norm": hc_post_head_norm,
     "route_topk": route_topk,
     "route_hash": route_hash,
     "moe_experts": moe_experts,

@@ -64,3 +64,10 @@ def hc_head(streams, fn, base, scale, *, eps, norm_eps):
 def hc_post_head(out, streams, post, comb, fn, base, scale, addend=None, *, eps, norm_eps):
     """hc_post then hc_head on its result (the triton target's last block: one launch) -> collapsed [B, S, D]."""
     return hc_head(hc_post(out, streams, post, comb, addend), fn, base, scale, eps=eps, norm_eps=norm_eps)
+
+
+def hc_post_head_norm(out, streams, post, comb, fn, base, scale, norm_weight, addend=None, *, eps, norm_eps, norm):
+    """rms_norm(hc_post_head(..), norm_weight, eps=norm["eps"]): the final norm too (the triton target: one
+    launch)."""
+    return rms_norm(hc_post_head(out, streams, post, comb, fn, base, scale, addend, eps=eps, norm_eps=norm_eps),
+                    norm_weight, eps=norm["eps"])

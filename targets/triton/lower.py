@@ -5,7 +5,8 @@ block's shared expert is routed as one more expert (its router's `shared` slot, 
 experts'); siblings.py, projections of one input join into one GEMM launch (linear_cat / linear_fp8_cat, their weights concatenated in the artifact); then
 norm_gemm.py, a norm read by one FP8 projection goes into it (norm_linear_fp8); then compress_pair.py, a CSA layer's
 two compressors become one op (one launch at a decode step); then hc_ends.py, the embedding stores the hc streams
-itself (no hc_expand) and the last hc_post is computed in hc_head's launch (hc_post_head).
+itself (no hc_expand) and the last hc_post is computed in hc_head's launch (hc_post_head), with the final norm
+where no FP8 lm_head took it (hc_post_head_norm).
 What runs the steps differs. The artifact also carries `kernels/triton/`: this package's kernels/ as source
 (imported by the runtime, compiled by Triton on first use), and launch.json:
 
@@ -74,8 +75,8 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
     if progress and paired:
         progress(f"triton: {paired} pairs of compressors joined (one launch each at a decode step)")
     if progress and any(ends.values()):
-        progress(f"triton: {ends['embeds']} embeddings write the hc streams, {ends['heads']} hc_post in hc_head "
-                 "(one launch each fewer)")
+        progress(f"triton: {ends['embeds']} embeddings write the hc streams, {ends['heads']} hc_post in hc_head, "
+                 f"{ends['norms']} final norms with them (one launch each fewer)")
     program = torch_lower(m, prefill_chunk=prefill_chunk)
     used = sorted({s.kernel for s in program.steps} - VIEWS)
     torch_ops = {op: WHY_TORCH.get(op, "no Triton kernel for this op") for op in used if op not in LAUNCHERS}

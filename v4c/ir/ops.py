@@ -194,6 +194,14 @@ def _hc_post_head(ins, st, a):
     return _hc_head([new, fn, base, scale], st, a)
 
 
+def _hc_post_head_norm(ins, st, a):
+    out, streams, post, comb, fn, base, scale, norm_weight, addend = ins
+    (collapsed,) = _hc_post_head([out, streams, post, comb, fn, base, scale, addend], st, a)
+    norm = a["norm"]
+    expect(isinstance(norm, dict) and set(norm) == {"eps"}, f"norm must be rms_norm's attributes {{eps}}, got {norm!r}")
+    return _rms_norm([collapsed, norm_weight], st, norm)
+
+
 def _routed(x, k, a):
     """A router's results for k chosen experts; attribute shared (true): one slot more, the shared expert's (its id
     the number of routed experts, weight 1: the triton target's shared_expert.py)."""
@@ -476,6 +484,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("hc_head", ("streams", "fn", "base", "scale"), _hc_head, attrs=("eps", "norm_eps")),
     OpDef("hc_post_head", ("out", "streams", "post", "comb", "fn", "base", "scale", "addend?"), _hc_post_head,
           attrs=("eps", "norm_eps")),
+    OpDef("hc_post_head_norm", ("out", "streams", "post", "comb", "fn", "base", "scale", "norm_weight", "addend?"),
+          _hc_post_head_norm, attrs=("eps", "norm_eps", "norm")),
     OpDef("route_topk", ("x", "weight", "bias"), _route_topk, attrs=("k", "score_func", "scale")),
     OpDef("route_hash", ("x", "weight", "table", "tokens"), _route_hash, attrs=("score_func", "scale")),
     OpDef("moe_experts", ("x", "weights", "experts", "gate_up", "down"), _moe_experts),

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .common import (arrived_last, cdiv, check, check_tensor, launch_config, next_pow2, result, results, same_device,
                      sm_count, sum_runs, tile_counters)
-from .norm import norm_quant_row
+from .norm import norm_quant_row, norm_row
 
 MAX_HC = 8
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -250,13 +250,15 @@ def _hc_post_kernel(out_ptr, add_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, HC:
 
 @triton.jit
 def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr, out_ptr, add_ptr, ppost_ptr,
-                    pcomb_ptr, new_ptr, D, eps, norm_eps, per_split, HC: tl.constexpr, HCP: tl.constexpr,
-                    SPLIT: tl.constexpr, POST: tl.constexpr, ADD: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    pcomb_ptr, new_ptr, nw_ptr, y_ptr, D, eps, norm_eps, per_split, n_eps, HC: tl.constexpr,
+                    HCP: tl.constexpr, SPLIT: tl.constexpr, POST: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr):
     """x: [T, HC*D], fn: [HC, HC*D], base: [HC], scale: [1] -> collapsed [T, D];
     pre = sigmoid(rsqrt(mean(x^2) + norm_eps) * (fn @ x) * scale + base) + eps. SPLIT as _hc_pre_kernel's
     (records of 1 + HCP: the sum of squares, the projection). POST (hc_post_head): x is the last block's hc_post,
-    computed tile by tile into new_ptr (a scratch) as _hc_pre_kernel's POST does."""
+    computed tile by tile into new_ptr (a scratch) as _hc_pre_kernel's POST does. NORM (hc_post_head_norm): the
+    finishing program then norms the collapsed row it stored (weight nw_ptr, eps n_eps) into y_ptr [T, D], with
+    the rms_norm kernel's row code (norm.norm_row)."""
     t = tl.program_id(0).to(tl.int64)
     K = HC * D
     x_row = x_ptr + t * K
@@ -280,6 +282,9 @@ def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr
         if POST:
             tl.debug_barrier()
         _hc_head_finish(x_row, base_ptr, scale_ptr, col_ptr, t, D, eps, norm_eps, ss, acc, HC, HCP, BLOCK_D)
+        if NORM:
+            tl.debug_barrier()  # the row other threads stored; the loads bypass L1
+            norm_row(col_ptr + t * D, nw_ptr, y_ptr + t * D, D, n_eps, True, ".cg", BLOCK_ROW)
     else:
         REC: tl.constexpr = 1 + HCP
         rec = ws_ptr + (t * SPLIT + tl.program_id(1)) * REC
@@ -290,6 +295,9 @@ def _hc_head_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, col_ptr, ws_ptr, cnt_ptr
             ss = tl.sum(sum_runs(runs + i, REC, i == 0, SPLIT), axis=0)
             acc = sum_runs(runs + 1 + i, REC, i < HCP, SPLIT)
             _hc_head_finish(x_row, base_ptr, scale_ptr, col_ptr, t, D, eps, norm_eps, ss, acc, HC, HCP, BLOCK_D)
+            if NORM:
+                tl.debug_barrier()
+                norm_row(col_ptr + t * D, nw_ptr, y_ptr + t * D, D, n_eps, True, ".cg", BLOCK_ROW)
 
 
 @triton.jit
@@ -455,9 +463,10 @@ def hc_head(streams, fn, base, scale, *, eps, norm_eps, config=None, into=None):
     return head(streams, _check_streams(streams), fn, base, scale, None, eps, norm_eps, config, into, "hc_head")
 
 
-def head(streams, dims, fn, base, scale, prev, eps, norm_eps, config, into, name):
+def head(streams, dims, fn, base, scale, prev, eps, norm_eps, config, into, name, norm=None):
     """The hc_head launch on checked streams of `dims` (B, S, hc, D); prev: None, or hc_post_head's (out, addend or
-    None, post, comb, a scratch for the new streams)."""
+    None, post, comb, a scratch for the new streams); norm: None, or hc_post_head_norm's (weight, eps, the normed
+    rows, the row tile): the collapsed rows are then a scratch and the normed rows the result."""
     b, s, hc, d = dims
     _check_param("fn", fn, (hc, hc * d))
     _check_param("base", base, (hc,))
@@ -467,19 +476,21 @@ def head(streams, dims, fn, base, scale, prev, eps, norm_eps, config, into, name
     same_device(streams=streams, fn=fn, base=base, scale=scale)
     collapsed = result(into, (b, s, d), torch.float32, streams.device)
     if b * s == 0:
-        return collapsed
+        return collapsed if norm is None else norm[2]
     opts = _options(config, d, hc * d, name, split=True)
     split, per, counters = _split(opts, b * s, hc * d, streams.device)
     hcp = next_pow2(hc)
     ws = torch.empty(b * s * split * (1 + hcp), dtype=torch.float32, device=streams.device) if split > 1 else collapsed
     p_out, p_add, p_post, p_comb, p_new = prev or (collapsed,) * 5
+    n_w, n_eps, normed, row = norm or (collapsed, 0.0, collapsed, 1)
     _hc_head_kernel[(b * s, split)](streams.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
                                     collapsed, ws, collapsed if counters is None else counters, p_out,
-                                    p_out if p_add is None else p_add, p_post, p_comb, p_new, d, float(eps),
-                                    float(norm_eps), per, HC=hc, HCP=hcp, SPLIT=split, POST=prev is not None,
-                                    ADD=p_add is not None, BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"],
+                                    p_out if p_add is None else p_add, p_post, p_comb, p_new, n_w, normed, d,
+                                    float(eps), float(norm_eps), per, float(n_eps), HC=hc, HCP=hcp, SPLIT=split,
+                                    POST=prev is not None, ADD=p_add is not None, NORM=norm is not None,
+                                    BLOCK_K=opts["BLOCK_K"], BLOCK_D=opts["BLOCK_D"], BLOCK_ROW=row,
                                     num_warps=opts["num_warps"])
-    return collapsed
+    return collapsed if norm is None else normed
 
 
 LAUNCHERS = {"hc_expand": hc_expand, "hc_pre": hc_pre, "hc_post": hc_post, "hc_post_pre": hc_post_pre,

@@ -59,16 +59,22 @@ def norm_quant_row(x_row, w_ptr, q_row, s_row, y_row, K, NG, eps, GROUP: tl.cons
 
 # --- kernels ------------------------------------------------------------------------------------
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, eps, HAS_W: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row per program: y = x * rstd [* w]."""
-    row = tl.program_id(0).to(tl.int64)
-    rstd = row_rstd(x_ptr + row * K, K, eps, BLOCK_K, "")
+def norm_row(x_row, w_ptr, y_row, K, eps, HAS_W: tl.constexpr, CACHE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row: y = x * rstd [* w] (CACHE: as norm_quant_row's)."""
+    rstd = row_rstd(x_row, K, eps, BLOCK_K, CACHE)
     k = tl.arange(0, BLOCK_K)
     mask = k < K
-    y = tl.load(x_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32) * rstd
+    y = tl.load(x_row + k, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32) * rstd
     if HAS_W:
         y = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32) * y
-    tl.store(y_ptr + row * K + k, y, mask=mask)
+    tl.store(y_row + k, y, mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, K, eps, HAS_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row per program: norm_row."""
+    row = tl.program_id(0).to(tl.int64)
+    norm_row(x_ptr + row * K, w_ptr, y_ptr + row * K, K, eps, HAS_W, "", BLOCK_K)
 
 
 @triton.jit
