@@ -8,12 +8,12 @@ collapses the streams once more before the final norm.
 import torch
 import torch.nn.functional as F
 
-from .basic import rms_norm
+from .basic import expand_rows, rms_norm
 
 
 def hc_expand(x, *, hc):
     """x: [B, S, D] -> [B, S, hc, D] (the same stream hc times)."""
-    return x.float().unsqueeze(2).expand(-1, -1, hc, -1).contiguous()
+    return expand_rows(x.float(), hc)
 
 
 def hc_pre(streams, fn, base, scale, *, iters, eps, norm_eps):

@@ -14,13 +14,18 @@ from .hyper import _check_float, _check_param, _check_post, head
 from .norm import _row_size
 
 
-def hc_post_head(out, streams, post, comb, fn, base, scale, addend=None, *, eps, norm_eps, config=None, into=None):
-    """hc_head(hc_post(out, streams, post, comb, addend), fn, base, scale) -> collapsed [B, S, D] fp32; the new
-    streams are not a result (nothing after the last block reads them)."""
+def _post(out, streams, post, comb, addend):
+    """hc_post's checked inputs -> ((B, S, hc, D), head's `prev`: the operands and a scratch for the new streams)."""
     dims = _check_post(out, streams, post, comb, addend)
     new = torch.empty(dims, dtype=torch.float32, device=streams.device)
     addend = None if addend is None else addend.contiguous()
-    prev = (out.contiguous(), addend, post.contiguous(), comb.contiguous(), new)
+    return dims, (out.contiguous(), addend, post.contiguous(), comb.contiguous(), new)
+
+
+def hc_post_head(out, streams, post, comb, fn, base, scale, addend=None, *, eps, norm_eps, config=None, into=None):
+    """hc_head(hc_post(out, streams, post, comb, addend), fn, base, scale) -> collapsed [B, S, D] fp32; the new
+    streams are not a result (nothing after the last block reads them)."""
+    dims, prev = _post(out, streams, post, comb, addend)
     return head(streams, dims, fn, base, scale, prev, eps, norm_eps, config, into, "hc_post_head")
 
 
@@ -28,15 +33,12 @@ def hc_post_head_norm(out, streams, post, comb, fn, base, scale, norm_weight, ad
                       config=None, into=None):
     """rms_norm(hc_post_head(..), norm_weight, **norm) -> [B, S, D] fp32 (norm: {eps}); the collapsed row is not a
     result (the norm alone reads it)."""
-    dims = _check_post(out, streams, post, comb, addend)
+    dims, prev = _post(out, streams, post, comb, addend)
     d = dims[3]
     _check_param("norm_weight", norm_weight, (d,))
     check(isinstance(norm, dict) and set(norm) == {"eps"}, f"norm: expected {{eps}}, got {norm!r}")
     _check_float("norm eps", norm["eps"])
     normed = result(into, (*dims[:2], d), torch.float32, streams.device)
-    new = torch.empty(dims, dtype=torch.float32, device=streams.device)
-    addend = None if addend is None else addend.contiguous()
-    prev = (out.contiguous(), addend, post.contiguous(), comb.contiguous(), new)
     norm_args = (norm_weight.contiguous(), norm["eps"], normed, _row_size("norm_weight", d))
     return head(streams, dims, fn, base, scale, prev, eps, norm_eps, config, None, "hc_post_head_norm", norm_args)
 
