@@ -113,7 +113,7 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
 
     from v4c.targets.triton.configs import heuristic
-    from v4c.targets.triton.kernels.moe import moe_experts_q
+    from v4c.targets.triton.kernels.moe_quant import moe_experts_q
     from v4c.targets.triton.kernels.pairs import sort_pairs
     experts, top = 16, 6
     two_i, d = FLASH_GEMMS["expert_gate_up"]
@@ -154,6 +154,26 @@ def moe_cases(extra: list[dict]) -> list[dict]:
                 "call": lambda x=x, w=w, idx=idx: moe_experts_q(
                     x, w, idx, gate_up, scales[0], down, scales[1], format="fp8", block=[128, 128],
                     down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
+    # FP4 experts (DeepSeek's release format; fp32 dots over dequantized tiles), alone and with the FP8 shared
+    # expert as expert E over its own weights (moe_experts_q_shared: the triton lowering's shared_expert.py)
+    from v4c.targets.triton.kernels.moe_quant import moe_experts_q_shared
+    fp4 = [torch.zeros(experts, two_i, d // 2, dtype=torch.int8), torch.zeros(experts, d, inter // 2, dtype=torch.int8)]
+    fp4_scales = [torch.full((experts, two_i, d // 32), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+                  torch.full((experts, d, inter // 32), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)]
+    own = [gate_up[0], scales[0][0], down[0], scales[1][0]]
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        x, w = torch.randn(m, d), torch.rand(m, top + 1)
+        idx = torch.cat([torch.stack([torch.randperm(experts)[:top] for _ in range(m)]),
+                         torch.full((m, 1), experts)], 1)
+        cfg = heuristic("moe_experts_q")[0 if bucket == "decode" else 1]["config"]
+        kw = {"format": "fp4", "block": None, "down_block": None, "act_in": ACT, "act_mid": ACT, "config": cfg}
+        out.append({"case": f"moe_experts_q fp4 d={d} inter={inter} top={top} m={m}", "config": cfg,
+                    "call": lambda x=x, w=w, idx=idx, kw=kw: moe_experts_q(
+                        x, w[:, :top], idx[:, :top], fp4[0], fp4_scales[0], fp4[1], fp4_scales[1], **kw)})
+        out.append({"case": f"moe_experts_q_shared fp4 + fp8 shared d={d} inter={inter} top={top}+1 m={m}",
+                    "config": cfg, "call": lambda x=x, w=w, idx=idx, kw=kw: moe_experts_q_shared(
+                        x, w, idx, fp4[0], fp4_scales[0], fp4[1], fp4_scales[1], *own, **kw,
+                        shared_block=[128, 128], shared_down_block=[128, 128])})
     for m in (DECODE_TOKENS[0], 256):  # the decode bookkeeping over V4-Flash's 256 experts (its code does depend)
         idx = torch.stack([torch.randperm(256)[:top] for _ in range(m)])
         out.append({"case": f"moe pairs experts=256 top={top} m={m}", "config": {},

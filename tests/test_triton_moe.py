@@ -18,9 +18,9 @@ from v4c.runtime.kernels.moe import route_topk as ref_topk
 from v4c.runtime.kernels.quantized import moe_experts_q as ref_experts_q
 from v4c.runtime.quant import fake_quant_act, quant_fp4, quant_fp8
 from v4c.targets.triton import kernels
-from v4c.targets.triton.kernels import common, moe, router
-from v4c.targets.triton.kernels.moe import (LAUNCHERS, _act, _load_chunk, _quant_chunk, _segment_scale, moe_experts,
-                                            moe_experts_q)
+from v4c.targets.triton.kernels import common, moe, moe_quant, router
+from v4c.targets.triton.kernels.moe import LAUNCHERS, _act, _load_chunk, _quant_chunk, _segment_scale, moe_experts
+from v4c.targets.triton.kernels.moe_quant import moe_experts_q
 from v4c.targets.triton.kernels.router import route_hash, route_topk
 
 EXPERTS_RTOL = 1e-5  # relative to max |ref|
@@ -423,8 +423,9 @@ def test_routers_append_the_shared_expert(hashed, k):
 
 # --- contract ------------------------------------------------------------------------------------
 def test_launchers_are_registered():
-    assert set(LAUNCHERS) == {"moe_experts", "moe_experts_q"}
-    assert all(kernels.LAUNCHERS[name] is fn for name, fn in LAUNCHERS.items())
+    assert set(LAUNCHERS) == {"moe_experts"}
+    assert set(moe_quant.LAUNCHERS) == {"moe_experts_q", "moe_experts_q_shared"}
+    assert all(kernels.LAUNCHERS[name] is fn for name, fn in {**LAUNCHERS, **moe_quant.LAUNCHERS}.items())
     assert router.LAUNCHERS == {"route_topk": route_topk, "route_hash": route_hash}
     if "router" in kernels.MODULES:  # a new module: registered once the package lists it
         assert all(kernels.LAUNCHERS[name] is fn for name, fn in router.LAUNCHERS.items())

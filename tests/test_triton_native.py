@@ -24,7 +24,7 @@ from v4c.targets.triton.kernels import gemm as gemm_module
 from v4c.targets.triton.kernels import moe as moe_module
 from v4c.targets.triton.kernels.attention import attention
 from v4c.targets.triton.kernels.gemm import grouped_linear_fp8, linear_fp8
-from v4c.targets.triton.kernels.moe import moe_experts_q
+from v4c.targets.triton.kernels.moe_quant import moe_experts_q
 
 
 @triton.jit

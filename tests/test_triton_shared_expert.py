@@ -79,31 +79,68 @@ def test_routing_the_shared_expert_changes_no_result(arts):
     assert torch.equal(ours.argmax(-1), base.argmax(-1))
 
 
-def test_fp4_experts_keep_their_shared_expert(tmp_path, hf_checkpoints):
-    """The shared expert joins only experts of its own format: FP4 experts (DeepSeek's release format) keep its
-    two launches."""
-    recipe = RECIPE.replace("      kv: fp8\n", "      experts: fp4\n      kv: fp8\n")
-    art = _compile(tmp_path, hf_checkpoints[NAME], "triton", recipe, name="fp4")
-    assert json.loads((art / "manifest.json").read_text())["target"]["kernels"]["shared_experts_routed"] == 0
-    assert sum(s["kernel"] == "swiglu_linear_fp8" for s in _steps(art)) == MOE_LAYERS
+FP4 = RECIPE.replace("      kv: fp8\n", "      experts: fp4\n      kv: fp8\n")
 
 
-def _module(hf_checkpoints, block):
+@pytest.fixture(scope="module")
+def fp4_arts(tmp_path_factory, hf_checkpoints):
+    root = tmp_path_factory.mktemp("shared_fp4")
+    folded = _compile(root, hf_checkpoints[NAME], "triton", FP4, name="folded")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(shared_expert, "fold", lambda m: (m, 0))
+    try:
+        plain = _compile(root, hf_checkpoints[NAME], "triton", FP4, name="plain")
+    finally:
+        mp.undo()
+    return folded, plain
+
+
+def test_fp4_experts_take_their_shared_expert_in_their_launches(fp4_arts):
+    """FP4 experts (DeepSeek's release format) cannot stack with the FP8 shared expert: moe_experts_q_shared routes
+    it as expert E over its own weights (gate and up joined), 2 launches a layer fewer, and the results stay
+    within the FP8 bound of the build without the rewrite (the torch kernels: equal sums)."""
+    folded, plain = fp4_arts
+    assert json.loads((folded / "manifest.json").read_text())["target"]["kernels"]["shared_experts_routed"] == MOE_LAYERS
+    steps, plain_steps = _steps(folded), _steps(plain)
+    assert len(plain_steps) == len(steps) + 2 * MOE_LAYERS
+    assert [s["kernel"] for s in steps].count("moe_experts_q_shared") == MOE_LAYERS
+    assert not any(s["kernel"] in ("moe_experts_q", "swiglu_linear_fp8") for s in steps)
+    params = json.loads((folded / "program.json").read_text())["params"]
+    for s in (s for s in steps if s["kernel"] == "moe_experts_q_shared"):
+        gate_up, own = params[s["inputs"][3][1:]], params[s["inputs"][7][1:]]
+        assert gate_up["dtype"] == "i8" and gate_up["shape"][0] == EXPERTS  # FP4, two codes a byte
+        assert ".shared_experts.gate_proj+up_proj." in s["inputs"][7] and own["dtype"] == "f8e4m3"
+        assert own["shape"][0] == 2 * params[s["inputs"][9][1:]]["shape"][1]  # [2I, D] beside down [D, I]
+        assert s["attrs"]["shared_block"] == s["attrs"]["shared_down_block"] == [4, 16]
+    components = describe(open_artifact(folded))["weights"]["by_component"]
+    assert {"routed experts", "shared expert"} <= set(components) and "other" not in components
+    ids = tokens(1, 19, seed=5)
+    ref = _prefill_then_decode(open_artifact(plain).session(kernels="torch"), ids, 16)
+    assert rel_err(_prefill_then_decode(open_artifact(folded).session(kernels="torch"), ids, 16), ref) <= 1e-6
+    ours = _prefill_then_decode(open_artifact(folded).session(), ids, 16)
+    base = _prefill_then_decode(open_artifact(plain).session(), ids, 16)
+    assert rel_err(ours, base) <= 2e-2 and rel_err(ours, ref) <= 2e-2
+    assert torch.equal(ours.argmax(-1), base.argmax(-1))
+
+
+def _module(hf_checkpoints, block, experts=None):
     module = import_checkpoint(hf_checkpoints[NAME], max_context=64)[0]
     fp8 = {"weights": {"block": block, "scale_format": "ue8m0"}, "activations": {"mode": "dynamic", "group": 16},
-           "skip": []}
+           "skip": [], **({"experts": experts} if experts else {})}
     return run_pipeline(module, [PassSpec(name="fp8", options=fp8), PassSpec(name="fuse")])
 
 
-def test_the_rewrite_takes_only_a_shared_expert_like_the_experts(hf_checkpoints):
+@pytest.mark.parametrize("experts, op", [(None, "moe_experts_q"), ("fp4", "moe_experts_q_shared")])
+def test_the_rewrite_takes_only_a_shared_expert_like_the_experts(hf_checkpoints, experts, op):
     """A block whose shared expert differs from its experts keeps it: another SwiGLU limit, or gate rows that end
-    in a partial scale block (whose scales would not stack as [2I / rows] blocks)."""
-    m = _module(hf_checkpoints, [4, 16])
+    in a partial scale block (whose scales would not stack as [2I / rows] blocks, nor join the up rows')."""
+    m = _module(hf_checkpoints, [4, 16], experts)
     folded, n = shared_expert.fold(m)
     assert n == MOE_LAYERS
     verify(folded)
     assert not any(ins.op == "swiglu_linear_fp8" for ins in folded.func.body)
+    assert [ins.op for ins in folded.func.body].count(op) == MOE_LAYERS
     swiglus = [ins for ins in m.func.body if ins.op == "swiglu_linear_fp8"]
     swiglus[1].attrs = {**swiglus[1].attrs, "limit": swiglus[1].attrs["limit"] + 1}
     assert shared_expert.fold(m)[1] == MOE_LAYERS - 1
-    assert shared_expert.fold(_module(hf_checkpoints, [3, 16]))[1] == 0  # inter 20: 3-row blocks end partial
+    assert shared_expert.fold(_module(hf_checkpoints, [3, 16], experts))[1] == 0  # inter 20: 3-row blocks end partial

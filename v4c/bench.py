@@ -33,7 +33,7 @@ from .runtime.errors import V4CError
 from .runtime.kv import family_of
 from .runtime.dtypes import torch_dtype
 
-EXPERT_KERNELS = ("moe_experts", "moe_experts_q")
+EXPERT_KERNELS = ("moe_experts", "moe_experts_q", "moe_experts_q_shared")
 
 
 def machine() -> dict:

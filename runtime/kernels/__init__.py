@@ -11,7 +11,7 @@ from .compressor import compress, compress_pair
 from .hyper import hc_expand, hc_head, hc_post, hc_post_head, hc_post_head_norm, hc_post_pre, hc_pre
 from .moe import moe_experts, route_hash, route_topk
 from .quantized import (embed_fp8, fake_quant, grouped_linear_fp8, hc_post_pre_quant, linear_fp8, linear_fp8_cat,
-                        moe_experts_q, norm_linear_fp8, rms_norm_quant, swiglu_linear_fp8)
+                        moe_experts_q, moe_experts_q_shared, norm_linear_fp8, rms_norm_quant, swiglu_linear_fp8)
 
 KERNELS = {
     "embed": embed,
@@ -49,6 +49,7 @@ KERNELS = {
     "grouped_linear_fp8": grouped_linear_fp8,
     "embed_fp8": embed_fp8,
     "moe_experts_q": moe_experts_q,
+    "moe_experts_q_shared": moe_experts_q_shared,
     "linear_cat": linear_cat,
     "linear_fp8_cat": linear_fp8_cat,
 }

@@ -89,7 +89,26 @@ def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_s
     def expert(e):
         return (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
                 _dequant_expert(down[e], down_scale[e], format, down_block))
+    return _run_quantized(x, weights, idx, expert, x_scale, act_in, act_mid, limit)
 
+
+def moe_experts_q_shared(x, weights, idx, gate_up, gate_up_scale, down, down_scale, shared_gate_up,
+                         shared_gate_up_scale, shared_down, shared_down_scale, x_scale=None, *, format, block,
+                         down_block, shared_block, shared_down_block, act_in, act_mid, limit=None):
+    """moe_experts_q whose expert id E (one past the E routed experts) is a shared expert with its own FP8 weights:
+    shared_gate_up [2I, D] (gate rows first) and shared_down [D, I], block scales of shared_block /
+    shared_down_block. The triton lowering routes a shared expert so where its weights cannot stack with the
+    experts' (targets/triton/shared_expert.py): every token's slot E, weight 1, added after its routed experts."""
+    def expert(e):
+        if e == gate_up.shape[0]:
+            return (dequant_fp8(shared_gate_up, shared_gate_up_scale, shared_block),
+                    dequant_fp8(shared_down, shared_down_scale, shared_down_block))
+        return (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
+                _dequant_expert(down[e], down_scale[e], format, down_block))
+    return _run_quantized(x, weights, idx, expert, x_scale, act_in, act_mid, limit)
+
+
+def _run_quantized(x, weights, idx, expert, x_scale, act_in, act_mid, limit):
     quant_in = lambda t: fake_quant_act(t, act_in)  # noqa: E731
     if x_scale is not None:  # x is q_in(x) already
         x, quant_in = dequant_groups(x, x_scale, act_in["group"]), None

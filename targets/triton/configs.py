@@ -30,7 +30,7 @@ _EXPERTS = {
 HEURISTIC = {
     "linear": _GEMM_FLOAT, "linear_fp8": _GEMM, "swiglu_linear_fp8": _GEMM, "grouped_linear": _GEMM_FLOAT,
     "grouped_linear_fp8": _GEMM, "linear_cat": _GEMM_FLOAT, "linear_fp8_cat": _GEMM, "norm_linear_fp8": _GEMM,
-    "moe_experts": _EXPERTS, "moe_experts_q": _EXPERTS,
+    "moe_experts": _EXPERTS, "moe_experts_q": _EXPERTS, "moe_experts_q_shared": _EXPERTS,
 }
 
 
@@ -57,9 +57,9 @@ CANDIDATES = {
 }
 FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "grouped_linear": "gemm",
           "grouped_linear_fp8": "gemm", "linear_cat": "gemm", "linear_fp8_cat": "gemm", "norm_linear_fp8": "gemm",
-          "moe_experts": "experts", "moe_experts_q": "experts", "attention": "attention",
-          "attention_rope": "attention", "norm_attention_rope": "attention", "index_topk": "index_topk",
-          "rope_index_topk": "index_topk"}
+          "moe_experts": "experts", "moe_experts_q": "experts", "moe_experts_q_shared": "experts",
+          "attention": "attention", "attention_rope": "attention", "norm_attention_rope": "attention",
+          "index_topk": "index_topk", "rope_index_topk": "index_topk"}
 
 
 def heuristic(op: str) -> list[dict]:

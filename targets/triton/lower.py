@@ -2,7 +2,7 @@
 
 The program is the torch target's (same steps, same kernel names) after five rewrites: shared_expert.py, a MoE
 block's shared expert is routed as one more expert (its router's `shared` slot, its weights stacked after the
-experts'); siblings.py, projections of one input join into one GEMM launch (linear_cat / linear_fp8_cat, their
+experts', or kept for a K loop of their own in moe_experts_q_shared where they cannot stack); siblings.py, projections of one input join into one GEMM launch (linear_cat / linear_fp8_cat, their
 weights concatenated in the artifact); then norm_gemm.py, a norm read by one FP8 projection goes into it
 (norm_linear_fp8); then compress_pair.py, a CSA layer's two compressors become one op (one launch at a decode step);
 then hc_ends.py, the embedding stores the hc streams itself (no hc_expand) and the last hc_post is computed in

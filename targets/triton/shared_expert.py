@@ -15,9 +15,17 @@ decode step's shared gate+up GEMM and its SwiGLU+down GEMM are no launches of th
 step, 24 in a `medium` one. The shared expert's dots are then the expert kernel's (kernels/moe.py), whose K sums
 are tiled differently from the GEMM kernel's: an fp32 rounding apart.
 
-It applies where the shared expert is quantized as the experts are (FP8 e4m3, the same blocks and scale dtype, the
-same activation formats and SwiGLU limit) and its gate rows fill whole scale blocks; FP4 experts (DeepSeek's release
-format) keep their shared expert's own launches. A weight another op also reads is left alone.
+It applies where the shared expert is FP8 with the experts' activation formats and SwiGLU limit, and its gate rows
+fill whole scale blocks. Where it is also quantized as the experts are (FP8 e4m3, the same blocks and scale dtype),
+its weights are stacked as expert E, as above. Where they cannot stack (FP4 experts, DeepSeek's release format, or
+FP8 experts of other blocks or scale dtype), the op is `moe_experts_q_shared`, which keeps the shared expert's
+weights as they are (gate and up joined, [2I, D]) and gives expert E's tiles a K loop of their own
+(kernels/moe_quant.py):
+
+    %r = moe_experts_q_shared(%x, %w, %e, @GU, @GU.s, @DN, @DN.s, @G+U, @G+U.s, @D, @D.s, %xs)
+         {.., shared_block, shared_down_block}
+
+A weight another op also reads is left alone.
 """
 
 import torch
@@ -26,6 +34,8 @@ from v4c.ir import Function, Instr, Module, ParamRef, TensorType, Value, WeightS
 from v4c.ir.ops import OPS
 from v4c.passes.fp8 import scale_name
 from v4c.passes.fuse import readers
+
+from .siblings import concat_rows, joined_name
 
 ROUTERS = ("route_topk", "route_hash")
 HC_READERS = ("hc_post", "hc_post_pre", "hc_post_pre_quant")  # ops whose last optional operand is the addend
@@ -36,9 +46,10 @@ def _only(uses: dict, value: Value, reader: Instr) -> bool:
 
 
 def _match(m: Module, experts: Instr, uses: dict, made: dict, output: str) -> dict | None:
-    """The router, shared-expert ops and reader around `experts` when the shared expert can join, else None."""
+    """The router, shared-expert ops and reader around `experts` when the shared expert can join, else None;
+    "stack": whether its weights stack with the experts' (else moe_experts_q_shared)."""
     a = experts.attrs
-    if a.get("format") != "fp8" or len(experts.operands) not in (7, 8):
+    if a.get("format") not in ("fp8", "fp4") or len(experts.operands) not in (7, 8):
         return None
     x, weights, idx = experts.operands[:3]
     router = made.get(weights.name)
@@ -62,10 +73,9 @@ def _match(m: Module, experts: Instr, uses: dict, made: dict, output: str) -> di
     x_scale = experts.operands[7:]
     for proj in (gate, up):  # the experts' input, quantized alike
         if proj.operands[0] != x or proj.operands[3:] != x_scale or proj.attrs.get("act") != a.get("act_in") \
-                or proj.attrs.get("block") != a["block"]:
+                or proj.attrs.get("block") != gate.attrs.get("block"):
             return None
-    if swiglu.attrs.get("act") != a.get("act_mid") or swiglu.attrs.get("block") != a["down_block"] \
-            or swiglu.attrs.get("limit") != a.get("limit"):
+    if swiglu.attrs.get("act") != a.get("act_mid") or swiglu.attrs.get("limit") != a.get("limit"):
         return None
     params = [experts.operands[3:7], [*gate.operands[1:3], *up.operands[1:3]], swiglu.operands[2:4]]
     names = [p.name for group in params for p in group]
@@ -74,13 +84,17 @@ def _match(m: Module, experts: Instr, uses: dict, made: dict, output: str) -> di
     gu, gus, dn, dns = (m.params[p.name] for p in params[0])
     g, gs, u, us = (m.params[p.name] for p in params[1])
     d, ds = (m.params[p.name] for p in params[2])
-    e, dim, inter = dn.shape
-    fits = (g.shape == u.shape == (inter, dim) and d.shape == (dim, inter) and inter % a["block"][0] == 0
-            and gs.shape == us.shape and gus.shape[1:] == (2 * gs.shape[0], *gs.shape[1:]) and dns.shape[1:] == ds.shape
-            and len({t.dtype for t in (gu, dn, g, u, d)}) == 1 and len({t.dtype for t in (gus, dns, gs, us, ds)}) == 1)
+    e, dim, inter = dn.shape[0], dn.shape[1], dn.shape[2] * (2 if a["format"] == "fp4" else 1)
+    block, down_block = gate.attrs["block"], swiglu.attrs["block"]
+    fits = (g.shape == u.shape == (inter, dim) and d.shape == (dim, inter) and inter % block[0] == 0
+            and gs.shape == us.shape and gs.dtype == us.dtype and g.dtype == u.dtype == d.dtype == "f8e4m3")
     if not fits:
         return None
-    return {"router": router, "gate": gate, "up": up, "swiglu": swiglu, "hc": hc, "experts": e, "params": params}
+    stack = (a["format"] == "fp8" and block == a["block"] and down_block == a["down_block"]
+             and gus.shape[1:] == (2 * gs.shape[0], *gs.shape[1:]) and dns.shape[1:] == ds.shape
+             and len({t.dtype for t in (gus, dns, gs, us, ds)}) == 1)
+    return {"router": router, "gate": gate, "up": up, "swiglu": swiglu, "hc": hc, "experts": e, "params": params,
+            "stack": stack}
 
 
 def _stacked(m: Module, expert: str, shared: list[str], name: str) -> tuple[TensorType, WeightSource]:
@@ -124,20 +138,33 @@ def fold(m: Module) -> tuple[Module, int]:
         if found is None or any(counts[p.name] > 1 for group in found["params"] for p in group):
             continue
         experts_params, shared_params, down_params = ([p.name for p in group] for group in found["params"])
-        names = _joined_names(ins)
-        sources = [(experts_params[0], shared_params[0::2]), (experts_params[1], shared_params[1::2]),
-                   (experts_params[2], down_params[:1]), (experts_params[3], down_params[1:])]
-        for name, (expert, shared) in zip(names, sources):
-            params[name], weights[name] = _stacked(m, expert, shared, name)
-            for n in (expert, *shared):
-                del params[n], weights[n]
+        if found["stack"]:
+            names = _joined_names(ins)
+            sources = [(experts_params[0], shared_params[0::2]), (experts_params[1], shared_params[1::2]),
+                       (experts_params[2], down_params[:1]), (experts_params[3], down_params[1:])]
+            for name, (expert, shared) in zip(names, sources):
+                params[name], weights[name] = _stacked(m, expert, shared, name)
+                for n in (expert, *shared):
+                    del params[n], weights[n]
+            op, operands, attrs = ins.op, [ParamRef(n) for n in names], ins.attrs
+        else:  # the shared expert's gate and up rows joined, its down projection as it is
+            own = []
+            for parts in (shared_params[0::2], shared_params[1::2]):
+                own.append(joined_name(parts))
+                params[own[-1]], weights[own[-1]] = concat_rows(m, parts, own[-1])
+                for n in parts:
+                    del params[n], weights[n]
+            op = "moe_experts_q_shared"
+            operands = [*ins.operands[3:7], *(ParamRef(n) for n in (*own, *down_params))]
+            attrs = {**ins.attrs, "shared_block": found["gate"].attrs["block"],
+                     "shared_down_block": found["swiglu"].attrs["block"]}
         router = found["router"]
         w, e = router.results
         w2, e2 = (Value(v.name, v.type.with_shape(*v.type.shape[:-1], v.type.shape[-1] + 1)) for v in (w, e))
         replaced[id(router)] = Instr(router.op, router.operands, [w2, e2], {**router.attrs, "shared": True},
                                      router.state)
-        replaced[id(ins)] = Instr(ins.op, [ins.operands[0], w2, e2, *(ParamRef(n) for n in names), *ins.operands[7:]],
-                                  ins.results, ins.attrs, ins.state)
+        replaced[id(ins)] = Instr(op, [ins.operands[0], w2, e2, *operands, *ins.operands[7:]], ins.results, attrs,
+                                  ins.state)
         hc = found["hc"]
         replaced[id(hc)] = Instr(hc.op, hc.operands[:-1], hc.results, hc.attrs, hc.state)
         dropped.update(id(found[role]) for role in ("gate", "up", "swiglu"))

@@ -76,7 +76,7 @@ def joined_name(names: list[str]) -> str:
     return ".".join([*parts[0][:head], middle, *parts[0][len(parts[0]) - tail:]])
 
 
-def _concat(m: Module, names: list[str], name: str) -> tuple[TensorType, WeightSource]:
+def concat_rows(m: Module, names: list[str], name: str) -> tuple[TensorType, WeightSource]:
     """The weights `names` one after another (loaded when the artifact is written)."""
     types, sources = [m.params[n] for n in names], [m.weights[n] for n in names]
     shape = (sum(t.shape[0] for t in types), *types[0].shape[1:])
@@ -111,7 +111,7 @@ def join(m: Module) -> tuple[Module, dict]:
             for role in range(len(_weights(first))):  # the weights, then an FP8 op's block scales
                 names = [_weights(ins)[role] for ins in chunk]
                 name = joined_name(names)  # (the scales': fp8.scale_name of the joined weight's)
-                params[name], weights[name] = _concat(m, names, name)
+                params[name], weights[name] = concat_rows(m, names, name)
                 for n in names:
                     del params[n], weights[n]
                 refs.append(ParamRef(name))

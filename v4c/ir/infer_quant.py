@@ -113,6 +113,15 @@ def moe_experts_q(ins, st, a):
     expect_int("experts", idx)
     return [f32(*x.shape)]
 
+def moe_experts_q_shared(ins, st, a):
+    x, weights, idx, gate_up, gate_up_scale, down, down_scale, *shared, x_scale = ins
+    out = moe_experts_q([x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_scale], st, a)
+    inter, d = down.shape[2] * (2 if a["format"] == "fp4" else 1), x.shape[-1]
+    expect_fp8("shared_gate_up", shared[0], shared[1], a["shared_block"], (2 * inter, d))
+    expect_fp8("shared_down", shared[2], shared[3], a["shared_down_block"], (d, inter))
+    return out
+
+
 def hc_post_pre_quant(ins, st, a):
     out, streams, post, comb, fn, base, scale, norm_weight, addend = ins
     mixed = hc_post_pre([out, streams, post, comb, fn, base, scale, addend], st, a)

@@ -87,6 +87,10 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("moe_experts_q",
           ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale", "x_scale?"), infer_quant.moe_experts_q,
           attrs=("format", "block", "down_block", "act_in", "act_mid")),
+    OpDef("moe_experts_q_shared",
+          ("x", "weights", "experts", "gate_up", "gate_up_scale", "down", "down_scale", "shared_gate_up",
+           "shared_gate_up_scale", "shared_down", "shared_down_scale", "x_scale?"), infer_quant.moe_experts_q_shared,
+          attrs=("format", "block", "down_block", "shared_block", "shared_down_block", "act_in", "act_mid")),
 )}
 
 missing_kernels = set(OPS) - set(KERNELS)

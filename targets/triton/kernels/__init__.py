@@ -13,7 +13,7 @@ missing here run as the torch kernel, and the runtime reports them as fallbacks.
 
 import importlib
 
-MODULES = ("gemm", "gemm_fused", "embed", "moe", "router", "attention", "attention_fused", "indexer", "compressor",
+MODULES = ("gemm", "gemm_fused", "embed", "moe", "moe_quant", "router", "attention", "attention_fused", "indexer", "compressor",
            "compressor_pair", "norm", "hyper", "hyper_quant", "hyper_head")
 
 LAUNCHERS: dict = {}

@@ -27,7 +27,6 @@ import triton.language as tl
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
                      e2m1_value, fake_quant, fp8_dot_supported, group_scale, host_values, in_kernel_counters,
                      launch_config, native_cvt, next_pow2, result, same_device, swiglu_value, to_e4m3)
-from .gemm import check_x_scale
 from .quantize import act_quant, quant_once
 from .pairs import pair_arrays, pair_tiles, sort_pairs
 
@@ -132,50 +131,16 @@ def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s
     return tl.dot(aq, tl.trans(w), out_dtype=tl.float32) * s * ws[None, :]
 
 
-# --- kernels -------------------------------------------------------------------------------------
 @triton.jit
-def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr,
-                         slot_rows_ptr, cnt_ptr, res_ptr, wr_ptr, T, N, K, E, s_rows, s_cols, act_scale, limit, SEG,
-                         COMBINE: tl.constexpr, KSLOT: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                         ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
-                         SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
-                         NATIVE: tl.constexpr, PAIRS: tl.constexpr, NT: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr):
-    """One tile of <= BM pairs p of one expert e x BN outputs n of the grouped GEMM q(A[r_p]) W_e^T over K.
-    SWIGLU (gate_up; A = x, r_p = rows[p] its token; W: [E, 2N, K]): out[p, n] =
-    silu(min(g, limit)) * clamp(u, +-limit), g / u from W rows n / N + n.
-    else (down; A = mid, r_p = p; W: [E, N, K]): out[p, n] = pw[p] * (q(A[p]) . W_e[n]).
-    FP8_DOT (e4m3 weights as uint8 bytes, quantized activations, each chunk in one weight block column):
-    fp8 tensor-core dots over the codes, scaled after; else fp32 dots over dequantized tiles.
-    ACT 3 (ACT_CODES): A holds the e4m3 codes of the dynamic quantization already (uint8) and sa_ptr their
-    scales [rows of A, cdiv(K, SEG)], so no tile redoes the amax, division and rounding.
-    COMBINE (down): the last of column pid_n's programs to arrive (cnt_ptr[pid_n], common.arrived_last) adds
-    that column block of every token's KSLOT pair rows, as _combine_kernel does: res[t] = sum_j out[slot_rows[t,
-    j]], j ascending, for the T tokens.
-    PAIRS (gate_up, PAIRS_IN_KERNEL; 0: off): no pair bookkeeping ran before; every program does it for the T * KSLOT
-    <= PAIRS pairs (pairs.pair_tiles: rows_ptr holds the pairs' expert ids [T * KSLOT], wr_ptr their routing weights,
-    E the experts), keeps its own tile and its pairs' tokens in registers and writes pw, slot_rows and the tiles for
-    the down GEMM and the combine (every program the same bytes; NT: a power of two >= the tiles)."""
-    t, pid_n = tl.program_id(0), tl.program_id(1)
-    if PAIRS:
-        e, lo, hi, tok = pair_tiles(rows_ptr, wr_ptr, pw_ptr, slot_rows_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, t,
-                                    T * KSLOT, E, BM, tl.num_programs(0), KSLOT, PAIRS, BM, NT)
-        pairs = lo + tl.arange(0, BM)
-        pmask = pairs < hi
-        rows = tl.where(pmask, tok, 0).to(tl.int64)
-    else:
-        e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
-        pairs = lo + tl.arange(0, BM)
-        pmask = pairs < hi
-        rows = pairs.to(tl.int64)
-        if SWIGLU:
-            rows = tl.load(rows_ptr + pairs, mask=pmask, other=0).to(tl.int64)  # [BM] tokens
-    n = pid_n * BN + tl.arange(0, BN)
-    nmask = n < N
+def _pair_dots(a_ptr, sa_ptr, rows, pmask, w_ptr, s_ptr, e, n, nmask, N, K, k_end, s_rows, s_cols, act_scale, SEG,
+               SWIGLU: tl.constexpr, ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr,
+               WFMT: tl.constexpr, SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+               FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The K loop of one tile (see _experts_gemm_kernel) over the stacked weight w_ptr's expert e ->
+    (acc, up) [BM, BN] fp32: the gate (or down) dots and, SWIGLU, the up dots."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     up = tl.zeros([BM, BN], dtype=tl.float32)
     n_rows = 2 * N if SWIGLU else N
-    k_end = tl.where(lo < hi, K, 0)  # an empty tile (fixed-size tile list) loads nothing
     for k0 in range(0, k_end, SEG):
         if ACT == 3:
             s = tl.load(sa_ptr + rows * tl.cdiv(K, SEG) + k0 // SEG, mask=pmask, other=1.0)[:, None]  # [BM, 1]
@@ -209,6 +174,68 @@ def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_pt
                     w = _weight_tile(w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, WFMT,
                                      SCALE_E8M0, BO, BI)
                     up += tl.dot(a, tl.trans(w), input_precision="ieee")
+    return acc, up
+
+
+# --- kernels -------------------------------------------------------------------------------------
+@triton.jit
+def _experts_gemm_kernel(a_ptr, sa_ptr, rows_ptr, pw_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w_ptr, s_ptr, out_ptr,
+                         slot_rows_ptr, cnt_ptr, res_ptr, wr_ptr, w2_ptr, s2_ptr, T, N, K, E, s_rows, s_cols, s2_rows,
+                         s2_cols, act_scale, limit, SEG, SHARED: tl.constexpr, SCALE2_E8M0: tl.constexpr,
+                         BO2: tl.constexpr, BI2: tl.constexpr, FP8_DOT2: tl.constexpr,
+                         COMBINE: tl.constexpr, KSLOT: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                         ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr, WFMT: tl.constexpr,
+                         SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8_DOT: tl.constexpr,
+                         NATIVE: tl.constexpr, PAIRS: tl.constexpr, NT: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr):
+    """One tile of <= BM pairs p of one expert e x BN outputs n of the grouped GEMM q(A[r_p]) W_e^T over K.
+    SWIGLU (gate_up; A = x, r_p = rows[p] its token; W: [E, 2N, K]): out[p, n] =
+    silu(min(g, limit)) * clamp(u, +-limit), g / u from W rows n / N + n.
+    else (down; A = mid, r_p = p; W: [E, N, K]): out[p, n] = pw[p] * (q(A[p]) . W_e[n]).
+    FP8_DOT (e4m3 weights as uint8 bytes, quantized activations, each chunk in one weight block column):
+    fp8 tensor-core dots over the codes, scaled after; else fp32 dots over dequantized tiles.
+    ACT 3 (ACT_CODES): A holds the e4m3 codes of the dynamic quantization already (uint8) and sa_ptr their
+    scales [rows of A, cdiv(K, SEG)], so no tile redoes the amax, division and rounding.
+    COMBINE (down): the last of column pid_n's programs to arrive (cnt_ptr[pid_n], common.arrived_last) adds
+    that column block of every token's KSLOT pair rows, as _combine_kernel does: res[t] = sum_j out[slot_rows[t,
+    j]], j ascending, for the T tokens.
+    PAIRS (gate_up, PAIRS_IN_KERNEL; 0: off): no pair bookkeeping ran before; every program does it for the T * KSLOT
+    <= PAIRS pairs (pairs.pair_tiles: rows_ptr holds the pairs' expert ids [T * KSLOT], wr_ptr their routing weights,
+    E the experts), keeps its own tile and its pairs' tokens in registers and writes pw, slot_rows and the tiles for
+    the down GEMM and the combine (every program the same bytes; NT: a power of two >= the tiles).
+    SHARED: expert E - 1 is a shared expert with weights of its own (w2_ptr: e4m3 [1, rows, K], block scales s2_ptr
+    [1, s2_rows, s2_cols] of blocks (BO2, BI2)); its tiles take that weight's K loop (_pair_dots), the routed
+    experts' tiles w_ptr's (FP4 experts, or FP8 ones blocked otherwise)."""
+    t, pid_n = tl.program_id(0), tl.program_id(1)
+    if PAIRS:
+        e, lo, hi, tok = pair_tiles(rows_ptr, wr_ptr, pw_ptr, slot_rows_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, t,
+                                    T * KSLOT, E, BM, tl.num_programs(0), KSLOT, PAIRS, BM, NT)
+        pairs = lo + tl.arange(0, BM)
+        pmask = pairs < hi
+        rows = tl.where(pmask, tok, 0).to(tl.int64)
+    else:
+        e, lo, hi = tl.load(tile_e_ptr + t), tl.load(tile_lo_ptr + t), tl.load(tile_hi_ptr + t)
+        pairs = lo + tl.arange(0, BM)
+        pmask = pairs < hi
+        rows = pairs.to(tl.int64)
+        if SWIGLU:
+            rows = tl.load(rows_ptr + pairs, mask=pmask, other=0).to(tl.int64)  # [BM] tokens
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    k_end = tl.where(lo < hi, K, 0)  # an empty tile (fixed-size tile list) loads nothing
+    if SHARED:  # the last expert id, E - 1, is the shared expert: its own e4m3 weights [1, rows, cols]
+        if e == E - 1:
+            acc, up = _pair_dots(a_ptr, sa_ptr, rows, pmask, w2_ptr, s2_ptr, e - (E - 1), n, nmask, N, K, k_end,
+                                 s2_rows, s2_cols, act_scale, SEG, SWIGLU, ACT, NCHUNK, UE8M0, 1, SCALE2_E8M0, BO2,
+                                 BI2, FP8_DOT2, NATIVE, BM, BN, BK)
+        else:
+            acc, up = _pair_dots(a_ptr, sa_ptr, rows, pmask, w_ptr, s_ptr, e, n, nmask, N, K, k_end, s_rows, s_cols,
+                                 act_scale, SEG, SWIGLU, ACT, NCHUNK, UE8M0, WFMT, SCALE_E8M0, BO, BI, FP8_DOT,
+                                 NATIVE, BM, BN, BK)
+    else:
+        acc, up = _pair_dots(a_ptr, sa_ptr, rows, pmask, w_ptr, s_ptr, e, n, nmask, N, K, k_end, s_rows, s_cols,
+                             act_scale, SEG, SWIGLU, ACT, NCHUNK, UE8M0, WFMT, SCALE_E8M0, BO, BI, FP8_DOT, NATIVE,
+                             BM, BN, BK)
     if SWIGLU:
         acc = swiglu_value(acc, up, limit, HAS_LIMIT)
     else:
@@ -286,8 +313,8 @@ def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_
     return config_switch("FP8_DOT", want, needs, name)
 
 
-def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=None, a_scales=None, combine=None,
-                  pairs=None, name):
+def _grouped_gemm(a, out, tiles, weight, act, cfg, *, experts, rows=None, pw=None, limit=None, a_scales=None,
+                  combine=None, pairs=None, shared=None, name):
     """out [P, N] over the pair tiles from a [*, K]: with `rows` (each pair's token) the gate_up GEMM
     and its SwiGLU epilogue, with `pw` (each pair's routing weight) the down GEMM, scaled.
     cfg: the launch config (`_run_experts`). QUANT_ONCE ("auto": from 64 pairs on, with more
@@ -296,11 +323,18 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
     a_scales: `a` holds those codes already (uint8; the fuse pass's rms_norm_quant), with these scales
     [rows of a, cdiv(K, SEG)] fp32. combine: (slot_rows [T, k], counters, res [T, N]): the down GEMM also adds
     each token's pair rows into res (COMBINE). pairs (gate_up, PAIRS_IN_KERNEL): (expert ids [T, k], routing
-    weights [T, k], pw, slot_rows, experts): the programs do the pair bookkeeping into pw, slot_rows and tiles."""
+    weights [T, k], pw, slot_rows): the programs do the pair bookkeeping into pw, slot_rows and tiles. experts: the
+    expert count E; shared: the kernel weight arguments (`_weight`, FP8) of expert E - 1's own weight, or None."""
     swiglu = rows is not None
-    fp8_dot = _fp8_dot_applies(weight, act, a.shape[1], cfg["FP8_DOT"], name)
-    if fp8_dot:
-        weight = {**weight, "w_ptr": weight["w_ptr"].view(torch.uint8)}
+    weight = _dot_operands(weight, act, a.shape[1], cfg, name)
+    if shared is None:
+        shared = {"w2_ptr": a, "s2_ptr": a, "s2_rows": 1, "s2_cols": 1, "SHARED": False, "SCALE2_E8M0": False,
+                  "BO2": 1, "BI2": 1, "FP8_DOT2": False}
+    else:
+        own = _dot_operands(shared, act, a.shape[1], cfg, name)
+        shared = {"w2_ptr": own["w_ptr"], "s2_ptr": own["s_ptr"], "s2_rows": own["s_rows"], "s2_cols": own["s_cols"],
+                  "SHARED": True, "SCALE2_E8M0": own["SCALE_E8M0"], "BO2": own["BO"], "BI2": own["BI"],
+                  "FP8_DOT2": own["FP8_DOT"]}
     n_tiles = cdiv(out.shape[1], cfg["BLOCK_N"])
     if a_scales is not None:
         act = {**act, "ACT": ACT_CODES}
@@ -310,21 +344,29 @@ def _grouped_gemm(a, out, tiles, weight, act, cfg, *, rows=None, pw=None, limit=
     else:
         a_scales = a  # (an unused pointer)
     slot_rows, counters, res = combine or (out, out, out)
-    ids, routing, pw_out, slots, experts = pairs or (rows if swiglu else a, a, a if swiglu else pw, slot_rows, 0)
+    ids, routing, pw_out, slots = pairs or (rows if swiglu else a, a, a if swiglu else pw, slot_rows)
     _experts_gemm_kernel[(tiles[0].numel(), n_tiles)](
         a, a_scales, ids, pw_out, *tiles, out_ptr=out, slot_rows_ptr=slots,
         cnt_ptr=counters, res_ptr=res, wr_ptr=routing, T=ids.shape[0] if pairs else res.shape[0], N=out.shape[1],
         K=a.shape[1], E=experts, limit=0.0 if limit is None else float(limit), COMBINE=combine is not None,
         KSLOT=slot_rows.shape[1] if combine else (ids.shape[1] if pairs else 1), SWIGLU=swiglu,
         HAS_LIMIT=limit is not None, PAIRS=next_pow2(ids.numel()) if pairs else 0,
-        NT=next_pow2(tiles[0].numel()) if pairs else 1,
-        BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], FP8_DOT=fp8_dot, NATIVE=native_cvt(a.device), **weight, **act,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        NT=next_pow2(tiles[0].numel()) if pairs else 1, BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"],
+        NATIVE=native_cvt(a.device), **weight, **shared, **act, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
-def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config, into, x_scale=None):
-    """Body of both expert launchers. gu / down: kernel weight arguments (`_weight`), already checked
-    against D = x.shape[-1] and the intermediate size `inter`; x_scale: x holds act_in's codes (checked)."""
+def _dot_operands(weight: dict, act: dict, k: int, cfg: dict, name: str) -> dict:
+    """Kernel weight arguments with FP8_DOT decided (_fp8_dot_applies; the e4m3 codes then read as bytes)."""
+    fp8_dot = _fp8_dot_applies(weight, act, k, cfg["FP8_DOT"], name)
+    return {**weight, "FP8_DOT": fp8_dot, **({"w_ptr": weight["w_ptr"].view(torch.uint8)} if fp8_dot else {})}
+
+
+def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_mid, config, into, x_scale=None,
+                 shared=None):
+    """Body of the expert launchers. gu / down: kernel weight arguments (`_weight`), already checked
+    against D = x.shape[-1] and the intermediate size `inter`; x_scale: x holds act_in's codes (checked);
+    shared: (gate_up, down) kernel weight arguments of a shared expert, id E (after gu's E experts), or None."""
     cfg = launch_config(config, EXPERT_CONFIG, name,
                         at_least={k: 16 for k in EXPERT_CONFIG if k.startswith("BLOCK")})
     check_tensor("weights", weights, dtypes=FLOATS, contiguous=False)
@@ -334,7 +376,8 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
           f"weights {list(weights.shape)}")
     check(limit is None or isinstance(limit, (int, float)), f"limit: expected None or a number, got {limit!r}")
     same_device(x=x, weights=weights, idx=idx, gate_up=gu["w_ptr"], down=down["w_ptr"])
-    n_experts, d, k = gu["w_ptr"].shape[0], x.shape[-1], idx.shape[-1]
+    n_experts, d, k = gu["w_ptr"].shape[0] + (shared is not None), x.shape[-1], idx.shape[-1]
+    shared_gu, shared_down = shared or (None, None)
     tokens = x.numel() // max(d, 1)
     res = result(into, x.shape, torch.float32, x.device)
     out = res.view(tokens, d)
@@ -356,11 +399,12 @@ def _run_experts(name, x, weights, idx, gu, down, inter, *, limit, act_in, act_m
     xf = x.reshape(tokens, d).contiguous()
     if x_scale is not None:
         xf, x_scale = xf.view(torch.uint8), x_scale.reshape(tokens, -1).contiguous()
-    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), cfg, rows=rows, limit=limit, a_scales=x_scale,
-                  pairs=(ids, routing, pw, slot_rows, n_experts) if in_kernel else None, name=name)
+    _grouped_gemm(xf, mid, tiles, gu, _act("act_in", act_in, d, bk), cfg, experts=n_experts, rows=rows, limit=limit,
+                  a_scales=x_scale, pairs=(ids, routing, pw, slot_rows) if in_kernel else None, shared=shared_gu,
+                  name=name)
     counters = _combine_counters(cfg["SUM_IN_KERNEL"], x.device, tokens, cdiv(d, cfg["BLOCK_N"]), name)
-    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), cfg, pw=pw, name=name,
-                  combine=None if counters is None else (slot_rows, counters, out))
+    _grouped_gemm(mid, y, tiles, down, _act("act_mid", act_mid, inter, bk), cfg, experts=n_experts, pw=pw,
+                  combine=None if counters is None else (slot_rows, counters, out), shared=shared_down, name=name)
     if counters is None:
         _combine_kernel[(tokens, cdiv(d, bd))](y, slot_rows, out, d, K=k, BD=bd)
     return res
@@ -401,44 +445,4 @@ def moe_experts(x, weights, idx, gate_up, down, *, limit=None, act_in=None, act_
                         config=config, into=into)
 
 
-def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_scale=None, *, format, block,
-                  down_block, act_in, act_mid, limit=None, config=None, into=None):
-    """Routed experts over quantized weights, dequantized in the GEMMs. format "fp8": e4m3 gate_up
-    [E, 2I, D] / down [E, D, I] with block scales [E, ceil(rows/bo), ceil(cols/bi)] (f32 or UE8M0;
-    (bo, bi) = block / down_block); "fp4": int8 [E, rows, cols/2] with UE8M0 scales [E, rows, ceil(cols/32)]
-    (block ignored). Activations: act_in / act_mid as in runtime/quant.fake_quant_act. -> [..., D] f32.
-    With x_scale (fp32 [..., ceil(D/group)], act_in dynamic), x is q_in(x) already: e4m3 codes, as
-    rms_norm_quant writes them; the gate_up GEMM reads the codes and their scales instead of quantizing x."""
-    check(format in ("fp8", "fp4"), f"format {format!r}; supported: fp8, fp4")
-    fp4 = format == "fp4"
-    wtypes = (torch.int8, torch.uint8) if fp4 else (torch.float8_e4m3fn,)
-    check_tensor("gate_up", gate_up, dtypes=wtypes, dim=3)
-    check_tensor("down", down, dtypes=wtypes, dim=3)
-    for name, act in (("act_in", act_in), ("act_mid", act_mid)):
-        check(isinstance(act, dict), f"{name}: expected a dict (mode none / static / dynamic), got {act!r}")
-    e, two_i, d = gate_up.shape[0], gate_up.shape[1], gate_up.shape[2] * (2 if fp4 else 1)
-    inter = two_i // 2
-    check(two_i % 2 == 0, f"gate_up: rows must be 2*inter (gate then up), got {two_i}")
-    _check_x(x, d, "gate_up's D", codes=x_scale is not None)
-    if x_scale is not None:
-        check_x_scale(x, x_scale, act_in, "act_in")
-    want = (e, d, inter // 2 if fp4 else inter)
-    check(tuple(down.shape) == want and (not fp4 or inter % 2 == 0),
-          f"down: expected shape {list(want)} for {format}, got {list(down.shape)}")
-    for name, blk in (("block", block), ("down_block", down_block)):
-        ok = isinstance(blk, (list, tuple)) and len(blk) == 2 and all(isinstance(v, int) and v >= 1 for v in blk)
-        check(fp4 or ok, f"{name}: expected [rows, cols] of positive ints, got {blk!r}")
-    blocks = [(1, 32)] * 2 if fp4 else [tuple(block), tuple(down_block)]
-    scale_types = (torch.float8_e8m0fnu,) if fp4 else (torch.float32, torch.float8_e8m0fnu)
-    for name, s, (rows, cols), (bo, bi) in (("gate_up_scale", gate_up_scale, (two_i, d), blocks[0]),
-                                            ("down_scale", down_scale, (d, inter), blocks[1])):
-        check_tensor(name, s, dtypes=scale_types, dim=3)
-        want = (e, cdiv(rows, bo), cdiv(cols, bi))
-        check(tuple(s.shape) == want, f"{name}: expected shape {list(want)}, got {list(s.shape)}")
-    same_device(gate_up=gate_up, gate_up_scale=gate_up_scale, down=down, down_scale=down_scale)
-    return _run_experts("moe_experts_q", x, weights, idx, _weight(gate_up, gate_up_scale, format, blocks[0]),
-                        _weight(down, down_scale, format, blocks[1]), inter, limit=limit, act_in=act_in,
-                        act_mid=act_mid, config=config, into=into, x_scale=x_scale)
-
-
-LAUNCHERS = {"moe_experts": moe_experts, "moe_experts_q": moe_experts_q}
+LAUNCHERS = {"moe_experts": moe_experts}  # the quantized launchers: moe_quant.py
