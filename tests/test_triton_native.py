@@ -141,6 +141,20 @@ def test_moe_experts_q_on_the_gpu_branch(monkeypatch, block, down_block, act_in,
     assert torch.equal(_gpu_run(monkeypatch, [moe_module], run), run())
 
 
+@pytest.mark.parametrize("act_in, act_mid", [(DYN_UE, {"mode": "static", "scale": 0.01}),
+                                            ({"mode": "dynamic", "group": 64}, DYN_UE)])
+def test_fp4_experts_on_the_gpu_branch(monkeypatch, act_in, act_mid):
+    """FP4 experts' code dots as a GPU takes them (bf16 tensor-core dots of exact values): the interpreter's fp32
+    dots of the same values, bit for bit."""
+    x, weights, idx, gate_up, down = problem(2, 5, 96, 64, 4, 2, seed=12)
+    q = quantized(gate_up, down, "fp4", None, None, "ue8m0")
+    kw = {"format": "fp4", "block": None, "down_block": None, "act_in": act_in, "act_mid": act_mid}
+
+    def run():
+        return moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": True})
+    assert torch.equal(_gpu_run(monkeypatch, [moe_module], run), run())
+
+
 @pytest.fixture(scope="module")
 def fp8_build(tmp_path_factory, hf_checkpoints):
     return _compile(tmp_path_factory.mktemp("native"), hf_checkpoints[NAME], "triton", FP8, name="fp8")

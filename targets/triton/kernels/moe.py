@@ -18,6 +18,8 @@ pass), "static" divides by its scale; both round to e4m3 like torch's cast (RTNE
 (common.fake_quant), with exact UE8M0 scales (common.group_scale). From 64 pairs on (QUANT_ONCE), dynamic
 activations are instead quantized once by quantize.act_quant (the same codes and scales) and the GEMMs read
 1-byte codes: at prefill the fused path would redo each token's quantization k x (N / BLOCK_N) times.
+With quantized activations (FP8_DOT) the dots take the activations' e4m3 codes instead, the scale after: fp8
+tensor-core dots against e4m3 weights, bf16 ones against FP4 weights (_fp4_dot, exact products).
 """
 
 import torch
@@ -132,6 +134,32 @@ def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s
 
 
 @triton.jit
+def _fp4_dot(aq, s, w_ptr, s_ptr, e, rows, rmask, col0, n_rows, n_cols, s_rows, s_cols, SCALE_E8M0: tl.constexpr,
+             NATIVE: tl.constexpr, BK: tl.constexpr):
+    """q(a) W_e[rows, col0 + (0..BK)]^T for FP4 weights (col0 even) over the activations' e4m3 codes aq [BM, BK],
+    times their scale s after. Each weight byte is loaded once: its low nibble meets the even columns of aq, its
+    high one the odd (aq split in two halves of BK / 2). An e2m1 value times its UE8M0 scale and an e4m3 code are
+    both exact in bf16, so a GPU (NATIVE) takes bf16 tensor-core dots with exact products and fp32 sums; the
+    interpreter, whose bf16 dot is wrong (tests/gpu_semantics.py), fp32 dots of the same values."""
+    half = n_cols // 2
+    j = col0 // 2 + tl.arange(0, BK // 2)  # byte columns
+    mask = rmask[:, None] & (j < half)[None, :]
+    e = e.to(tl.int64)
+    byte = tl.load(w_ptr + e * n_rows * half + rows[:, None] * half + j[None, :], mask=mask, other=0).to(tl.int32)
+    sc = tl.load(s_ptr + e * s_rows * s_cols + rows[:, None] * s_cols + (2 * j[None, :]) // 32, mask=mask, other=0)
+    scale = decode_scale(sc, SCALE_E8M0)
+    w_even, w_odd = e2m1_value(byte) * scale, e2m1_value(byte >> 4) * scale
+    a_even, a_odd = tl.split(tl.reshape(aq.to(tl.float32), [aq.shape[0], BK // 2, 2]))
+    if NATIVE:
+        d = tl.dot(a_even.to(tl.bfloat16), tl.trans(w_even.to(tl.bfloat16)), out_dtype=tl.float32)
+        d = tl.dot(a_odd.to(tl.bfloat16), tl.trans(w_odd.to(tl.bfloat16)), d, out_dtype=tl.float32)
+    else:
+        d = tl.dot(a_even, tl.trans(w_even), input_precision="ieee")
+        d = tl.dot(a_odd, tl.trans(w_odd), d, input_precision="ieee")
+    return d * s
+
+
+@triton.jit
 def _pair_dots(a_ptr, sa_ptr, rows, pmask, w_ptr, s_ptr, e, n, nmask, N, K, k_end, s_rows, s_cols, act_scale, SEG,
                SWIGLU: tl.constexpr, ACT: tl.constexpr, NCHUNK: tl.constexpr, UE8M0: tl.constexpr,
                WFMT: tl.constexpr, SCALE_E8M0: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
@@ -157,11 +185,18 @@ def _pair_dots(a_ptr, sa_ptr, rows, pmask, w_ptr, s_ptr, e, n, nmask, N, K, k_en
                         s = group_scale(tl.max(tl.abs(a), axis=1), E4M3_MAX, UE8M0)[:, None]
                     aq = to_e4m3(tl.div_rn(a, s), NATIVE)
                 col0 = k0 + c * BK
-                acc += _fp8_dot(aq, s, w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
-                                SCALE_E8M0, BO, BI)
-                if SWIGLU:
-                    up += _fp8_dot(aq, s, w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
-                                   SCALE_E8M0, BO, BI)
+                if WFMT == 2:  # FP4: bf16 tensor-core dots over the codes' and the weights' exact values
+                    acc += _fp4_dot(aq, s, w_ptr, s_ptr, e, n, nmask, col0, n_rows, K, s_rows, s_cols, SCALE_E8M0,
+                                    NATIVE, BK)
+                    if SWIGLU:
+                        up += _fp4_dot(aq, s, w_ptr, s_ptr, e, N + n, nmask, col0, n_rows, K, s_rows, s_cols,
+                                       SCALE_E8M0, NATIVE, BK)
+                else:
+                    acc += _fp8_dot(aq, s, w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
+                                    SCALE_E8M0, BO, BI)
+                    if SWIGLU:
+                        up += _fp8_dot(aq, s, w_ptr, s_ptr, e, N + n, k, nmask, k < K, n_rows, K, s_rows, s_cols,
+                                       col0, SCALE_E8M0, BO, BI)
             else:
                 if ACT == 3:  # the code's e4m3 value times its scale = fake_quant(a, s)
                     a = _load_codes(a_ptr, rows, pmask, k0, c, K, SEG, BK).to(tl.float32) * s
@@ -300,15 +335,21 @@ def _weight(w, scale, fmt, block):
 
 
 def _fp8_dot_applies(weight, act, k: int, want="auto", name: str = "moe_experts_q") -> bool:
-    """The fp8 tensor-core dot serves e4m3 weights with quantized activations when every K chunk lies in
-    one weight block column (bi >= K, or chunks start at multiples of BK and BK divides bi), BK >= 32,
-    and the device has it (common.config_switch)."""
+    """The tensor-core dots over the activations' e4m3 codes serve quantized activations, BK >= 32 and a device
+    that has them (common.config_switch): for e4m3 weights an fp8 dot where every K chunk lies in one weight block
+    column (bi >= K, or chunks start at multiples of BK and BK divides bi), for FP4 weights a bf16 one (_fp4_dot:
+    their per-32 scales go into the tile before the dot). On sm_90a an FP4 tile dequantized for an fp32 dot makes
+    ptxas spill kilobytes (bench/results/sm90_static.json)."""
     bk, bi, seg = act["BK"], weight["BI"], act["SEG"]
-    aligned = bi >= k or (bi % bk == 0 and (seg % bk == 0 or seg >= k))
-    needs = [(weight["WFMT"] == W_FP8, "e4m3 weights"),
+    if weight["WFMT"] == W_FP4:  # chunks start at even columns (a byte's two codes)
+        aligned = seg % 2 == 0 or seg >= k
+    else:
+        aligned = bi >= k or (bi % bk == 0 and (seg % bk == 0 or seg >= k))
+    needs = [(weight["WFMT"] in (W_FP8, W_FP4), "e4m3 or FP4 weights"),
              (act["ACT"] != ACT_NONE, "quantized activations (act mode none)"),
              (bk >= FP8_DOT_MIN_K, f"K chunks of >= {FP8_DOT_MIN_K} (BK is {bk})"),
-             (aligned, f"each K chunk in one weight block column (block cols {bi}, BK {bk})"),
+             (aligned, f"each K chunk in one weight block column (block cols {bi}, BK {bk}), or an FP4 one starting at "
+                       f"an even column (group {seg})"),
              (fp8_dot_supported(weight["w_ptr"].device), "an sm_89+ GPU")]
     return config_switch("FP8_DOT", want, needs, name)
 
