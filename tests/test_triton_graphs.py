@@ -79,6 +79,7 @@ def test_replayed_segments_give_the_eager_logits_bit_for_bit(fp8_build, monkeypa
         "attention", "compress", "index_topk"}  # prefill: the stateful steps between segments, pos0 from the host
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_a_fused_build_replays_its_norm_quantization_in_the_graph(fp8_build, fused_build, monkeypatch):
     """The fuse pass's rms_norm_quant (two results, both planned buffers: e4m3 codes and fp32 scales) joins the
     decode step's graph, and the replayed steps give the unfused build's eager logits bit for bit."""
@@ -115,6 +116,7 @@ def test_a_segment_that_reads_a_value_is_reported_and_runs_eagerly(fp8_build, mo
     assert torch.equal(out, eager[:, 17:])
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_a_stateful_launcher_refusing_a_device_position_falls_back_at_the_host_position(fp8_build, monkeypatch):
     """An attention launcher that refuses its device position (say, a shape it cannot serve so) falls back to the
     torch kernel, handed the position as an int: a host read, so the decode step's capture is reported and the
@@ -153,6 +155,7 @@ def _tiered_build(root, ckpt, device_budget=None):
     return open_artifact(root / name)
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_tiered_layers_stay_between_graphs_and_the_rest_replays(tmp_path, hf_checkpoints, monkeypatch):
     """With the CSA entries on the host tier (a device budget of all else plus 2 pages a CSA layer), a decode step's
     steps over tiered state keep host positions and run between graphs (with the prefetch), the other stateful
@@ -211,6 +214,7 @@ def _arena_copies(session, ids) -> int:
     return Copies.n
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_launchers_write_their_planned_buffers_without_a_copy(fp8_build, monkeypatch):
     """Every triton step's plan entry hands the launcher its arena buffer (`into`): a decode step copies no result,
     where the entries of launchers without `into` copy each one; the logits are the same bit for bit."""

@@ -160,6 +160,7 @@ def fp8_build(tmp_path_factory, hf_checkpoints):
     return _compile(tmp_path_factory.mktemp("native"), hf_checkpoints[NAME], "triton", FP8, name="fp8")
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_an_artifact_on_the_gpu_branches(monkeypatch, fp8_build):
     """A whole FP8 triton artifact with every launcher deciding as on an H100 (native casts, bf16 attention
     dots, fp8 dots, no host-side id checks, 132 SMs for the split heuristics) equals the interpreter branches

@@ -95,6 +95,7 @@ def fp4_arts(tmp_path_factory, hf_checkpoints):
     return folded, plain
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_fp4_experts_take_their_shared_expert_in_their_launches(fp4_arts):
     """FP4 experts (DeepSeek's release format) cannot stack with the FP8 shared expert: moe_experts_q_shared routes
     it as expert E over its own weights (gate and up joined), 2 launches a layer fewer, and the results stay

@@ -109,6 +109,7 @@ def test_fp8_build_matches_the_torch_target(builds):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_joined_sibling_projections_change_no_number(builds, hf_checkpoints, tmp_path, monkeypatch):
     """The target joins projections of one input into one GEMM launch (siblings.py); the logits are those of a
     build without the rewrite, bit for bit (the same tiles: one BLOCK_N per bucket, no split-K in the
@@ -131,6 +132,7 @@ def test_joined_sibling_projections_change_no_number(builds, hf_checkpoints, tmp
     assert torch.equal(ours, _prefill_then_decode(open_artifact(plain).session(), ids, 16))
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_fused_norm_quantization_changes_no_number(builds):
     """The fuse pass's build (rms_norm_quant, GEMMs and routed experts reading e4m3 codes) gives the unfused
     build's logits bit for bit: the norm kernel's codes and scales are those each GEMM computed from the norm's
@@ -150,6 +152,7 @@ def test_fused_norm_quantization_changes_no_number(builds):
     assert torch.equal(ours, _prefill_then_decode(open_artifact(builds["fp8"]).session(), ids, 16))
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_norms_folded_into_their_projections_change_no_number(builds, hf_checkpoints, tmp_path, monkeypatch):
     """The target folds an rms_norm_quant read by one FP8 projection into it (norm_gemm.py: norm_linear_fp8, the
     rms_norm_quant step gone); the logits are those of a build without the rewrite, bit for bit, in the prefill
@@ -169,6 +172,7 @@ def test_norms_folded_into_their_projections_change_no_number(builds, hf_checkpo
     assert torch.equal(ours, _prefill_then_decode(open_artifact(plain).session(), ids, 16))
 
 
+@pytest.mark.slow  # 40-100 s of artifacts under the interpreter; make test-all
 def test_compressor_pairs_change_no_number(builds, hf_checkpoints, tmp_path, monkeypatch):
     """The target joins a CSA layer's two compressors (compress_pair.py): each pair one step with both ops'
     attributes and state, the HCA compressors alone; the logits are those of a build without the rewrite, bit for
