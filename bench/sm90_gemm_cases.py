@@ -143,7 +143,7 @@ def moe_cases(extra: list[dict]) -> list[dict]:
         for what in forms:
             xs = inputs[what]
             out.append({"case": f"moe_experts_q fp8 d={d} inter={inter} top={top} m={m} ({what})", "config": cfg,
-                        "call": lambda xs=xs, w=w, idx=idx: moe_experts_q(
+                        "call": lambda xs=xs, w=w, idx=idx, cfg=cfg: moe_experts_q(
                             xs[0], w, idx, gate_up, scales[0], down, scales[1], *xs[1:], format="fp8",
                             block=[128, 128], down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
     # PAIRS_IN_KERNEL: up to 64 pairs the gate_up programs sort the pairs themselves (their code does not depend on
@@ -151,7 +151,7 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     x, w = torch.randn(10, d), torch.rand(10, top)
     idx = torch.stack([torch.randperm(experts)[:top] for _ in range(10)])
     out.append({"case": f"moe_experts_q fp8 d={d} inter={inter} top={top} m=10 (pairs in gate_up)", "config": cfg,
-                "call": lambda x=x, w=w, idx=idx: moe_experts_q(
+                "call": lambda x=x, w=w, idx=idx, cfg=cfg: moe_experts_q(
                     x, w, idx, gate_up, scales[0], down, scales[1], format="fp8", block=[128, 128],
                     down_block=[128, 128], act_in=ACT, act_mid=ACT, config=cfg)})
     # FP4 experts (DeepSeek's release format; fp32 dots over dequantized tiles), alone and with the FP8 shared
@@ -165,13 +165,13 @@ def moe_cases(extra: list[dict]) -> list[dict]:
         x, w = torch.randn(m, d), torch.rand(m, top + 1)
         idx = torch.cat([torch.stack([torch.randperm(experts)[:top] for _ in range(m)]),
                          torch.full((m, 1), experts)], 1)
-        cfg = heuristic("moe_experts_q")[0 if bucket == "decode" else 1]["config"]
-        kw = {"format": "fp4", "block": None, "down_block": None, "act_in": ACT, "act_mid": ACT, "config": cfg}
-        out.append({"case": f"moe_experts_q fp4 d={d} inter={inter} top={top} m={m}", "config": cfg,
+        fp4_cfg = heuristic("moe_experts_q")[0 if bucket == "decode" else 1]["config"]  # (the cases above bind cfg)
+        kw = {"format": "fp4", "block": None, "down_block": None, "act_in": ACT, "act_mid": ACT, "config": fp4_cfg}
+        out.append({"case": f"moe_experts_q fp4 d={d} inter={inter} top={top} m={m}", "config": fp4_cfg,
                     "call": lambda x=x, w=w, idx=idx, kw=kw: moe_experts_q(
                         x, w[:, :top], idx[:, :top], fp4[0], fp4_scales[0], fp4[1], fp4_scales[1], **kw)})
         out.append({"case": f"moe_experts_q_shared fp4 + fp8 shared d={d} inter={inter} top={top}+1 m={m}",
-                    "config": cfg, "call": lambda x=x, w=w, idx=idx, kw=kw: moe_experts_q_shared(
+                    "config": fp4_cfg, "call": lambda x=x, w=w, idx=idx, kw=kw: moe_experts_q_shared(
                         x, w, idx, fp4[0], fp4_scales[0], fp4[1], fp4_scales[1], *own, **kw,
                         shared_block=[128, 128], shared_down_block=[128, 128])})
     for m in (DECODE_TOKENS[0], 256):  # the decode bookkeeping over V4-Flash's 256 experts (its code does depend)

@@ -303,7 +303,7 @@ def scratch_dir(prefix: str) -> Path:
     return Path(_SCRATCH[-1].name)
 
 
-def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int) -> tuple[Path, object]:
+def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int, recipe: str = FP8_RECIPE) -> tuple[Path, object]:
     from oracle import make_model, save_hf
 
     from v4c.compile import compile_model
@@ -311,7 +311,7 @@ def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int) -> tuple[P
     ckpt = save_hf(model, tmp / f"{name}-ckpt")
     tune = "auto" if TUNE else "off"
     (tmp / f"{name}.yaml").write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\ntune: {tune}\n"
-                                      f"passes:\n{FP8_RECIPE}"
+                                      f"passes:\n{recipe}"
                                       f"kv:\n  max_context: {prompt + new + 16}\n  prefill_chunk: {prompt}\n")
     compile_model(tmp / f"{name}.yaml", tmp / name)
     return tmp / name, model
