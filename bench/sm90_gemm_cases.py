@@ -165,7 +165,7 @@ def moe_cases(extra: list[dict]) -> list[dict]:
         x, w = torch.randn(m, d), torch.rand(m, top + 1)
         idx = torch.cat([torch.stack([torch.randperm(experts)[:top] for _ in range(m)]),
                          torch.full((m, 1), experts)], 1)
-        fp4_cfg = heuristic("moe_experts_q")[0 if bucket == "decode" else 1]["config"]  # (the cases above bind cfg)
+        fp4_cfg = heuristic("moe_experts_q", {"format": "fp4"})[0 if bucket == "decode" else 1]["config"]
         kw = {"format": "fp4", "block": None, "down_block": None, "act_in": ACT, "act_mid": ACT, "config": fp4_cfg}
         out.append({"case": f"moe_experts_q fp4 d={d} inter={inter} top={top} m={m}", "config": fp4_cfg,
                     "call": lambda x=x, w=w, idx=idx, kw=kw: moe_experts_q(

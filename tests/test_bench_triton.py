@@ -163,9 +163,15 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
     assert {r["case"] for r in rows if r["kernel"] in ("_attention_kernel", "_score_kernel")} >= {
         "attention CSA fp8_split batch=64 at a device position", "index_topk fp8_block batch=64 at a device position"}
     experts = [r for r in rows if r["kernel"] == "_experts_gemm_kernel" and r["case"].endswith("m=4096")]
-    assert len(experts) == 2  # gate_up and down
+    assert len(experts) == 6  # gate_up and down of FP8 experts, FP4 ones, and FP4 ones with the FP8 shared expert
     for r in experts:
-        assert r["constexprs"]["ACT"] == 3 and r["constexprs"]["FP8_DOT"] is True and r["sass"].get("QGMMA", 0) > 0, r
+        wgmma = "QGMMA" if r["case"].startswith("moe_experts_q fp8") else "HGMMA"  # FP4: bf16 dots over the codes
+        assert r["constexprs"]["ACT"] == 3 and r["constexprs"]["FP8_DOT"] is True and r["sass"].get(wgmma, 0) > 0, r
+    # FP4 experts at decode: bf16 mma over the codes (dequantized for fp32 dots, ptxas spilled 11.5 KB), and the
+    # shared expert's FP8 tiles in the same launch
+    fp4 = [r for r in rows if r["kernel"] == "_experts_gemm_kernel" and " fp4 " in r["case"] and r["case"].endswith("m=16")]
+    assert len(fp4) == 4 and all(r["constexprs"]["FP8_DOT"] and r["sass"].get("HMMA", 0) > 0 for r in fp4), fp4
+    assert [r["constexprs"]["SHARED"] for r in fp4] == [False, False, True, True]
     # a decode GEMM splits K over the SMs and its last program per tile adds the partial sums (no torch.sum): one
     # thread counts arrivals with a GPU-scope fence before (MEMBAR: the partial sums are released) and an L1
     # invalidation after (CCTL: the last program reads the others' sums), and zeroes the counter (2 atomics)

@@ -492,3 +492,14 @@ def test_rejects_unsupported_inputs():
     for fn, word in bad:
         with pytest.raises(ValueError, match=word):
             fn()
+
+
+def test_fp4_experts_have_their_own_prefill_heuristic():
+    """At prefill FP4 experts take N tiles of 64 (with the FP8 experts' 128 their gate_up spills on sm_90a), first
+    among the tuning candidates too; decode and every other op keep theirs."""
+    from v4c.targets.triton.configs import candidates, heuristic
+    fp8, fp4 = heuristic("moe_experts_q", {"format": "fp8"}), heuristic("moe_experts_q_shared", {"format": "fp4"})
+    assert fp4[0] == fp8[0] and fp8[1]["config"]["BLOCK_N"] == 128
+    assert fp4[1]["config"] == {**fp8[1]["config"], "BLOCK_N": 64}
+    assert candidates("moe_experts_q", "prefill", {"format": "fp4"})[0] == fp4[1]["config"]
+    assert heuristic("linear_fp8", {"format": "fp4"}) == heuristic("linear_fp8")

@@ -74,7 +74,7 @@ def test_the_artifact_carries_the_kernel_package_and_its_launch_configs(builds):
                                                           "heuristics of targets/triton/configs.py"}
     for i, step in enumerate(program["steps"]):
         if step["kernel"] in LAUNCHERS:
-            assert launch["steps"][str(i)] == heuristic(step["kernel"])
+            assert launch["steps"][str(i)] == heuristic(step["kernel"], step.get("attrs"))
 
 
 def _prefill_then_decode(session, ids, prefill: int):
@@ -302,7 +302,7 @@ def test_tuning_keeps_the_fastest_config_for_every_step_of_a_signature(hf_checkp
             "prefill": [{"BLOCK_M": 16, "BLOCK_N": n} for n in (256, 32)]
             + [{"BLOCK_M": 3},  # refused by the launcher
                {"BLOCK_M": 16, "BLOCK_N": 1024}]}  # "too much shared memory" (raised below, as a GPU would)
-    monkeypatch.setattr(tune, "candidates", lambda op, bucket: grid[bucket] if op == "linear" else [])
+    monkeypatch.setattr(tune, "candidates", lambda op, bucket, attrs=None: grid[bucket] if op == "linear" else [])
     module, _ = import_checkpoint(hf_checkpoints[NAME], max_context=48)
     module = run_pipeline(module, [])
     steps = {str(i): heuristic(ins.op) for i, ins in enumerate(module.func.body) if ins.op in LAUNCHERS}

@@ -27,6 +27,9 @@ _EXPERTS = {
     # no spills at V4-Flash's expert shapes (bench/results/sm90_static.json); not yet timed on a GPU.
     "prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3},
 }
+# FP4 experts (their bf16 code dots, kernels/moe.py _fp4_dot): at prefill, N tiles of 64; with 128 the gate_up at
+# V4-Flash's shapes takes 255 registers and spills 912 bytes on sm_90a, with 64 226 and none (sm90_static.json)
+_EXPERTS_FP4 = {"decode": _EXPERTS["decode"], "prefill": {**_EXPERTS["prefill"], "BLOCK_N": 64}}
 HEURISTIC = {
     "linear": _GEMM_FLOAT, "linear_fp8": _GEMM, "swiglu_linear_fp8": _GEMM, "grouped_linear": _GEMM_FLOAT,
     "grouped_linear_fp8": _GEMM, "linear_cat": _GEMM_FLOAT, "linear_fp8_cat": _GEMM, "norm_linear_fp8": _GEMM,
@@ -62,18 +65,24 @@ FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "
           "index_topk": "index_topk", "rope_index_topk": "index_topk"}
 
 
-def heuristic(op: str) -> list[dict]:
-    """The untuned bucket list of one op: [{"max_tokens", "config", "source"}]."""
-    table = HEURISTIC.get(op, {})
+def _table(op: str, attrs: dict | None) -> dict:
+    if op in ("moe_experts_q", "moe_experts_q_shared") and (attrs or {}).get("format") == "fp4":
+        return _EXPERTS_FP4
+    return HEURISTIC.get(op, {})
+
+
+def heuristic(op: str, attrs: dict | None = None) -> list[dict]:
+    """The untuned bucket list of one op (with these attributes): [{"max_tokens", "config", "source"}]."""
+    table = _table(op, attrs)
     return [{"max_tokens": limit, "config": dict(table.get(name, {})),
              "source": "heuristic" if name in table else "kernel defaults"} for name, limit in BUCKETS]
 
 
-def candidates(op: str, bucket: str) -> list[dict]:
-    """Configs worth timing for `op` in `bucket` (the heuristic first); [] = not tuned."""
+def candidates(op: str, bucket: str, attrs: dict | None = None) -> list[dict]:
+    """Configs worth timing for `op` (with these attributes) in `bucket` (the heuristic first); [] = not tuned."""
     family = FAMILY.get(op)
     if family is None:
         return []
-    first = HEURISTIC.get(op, {}).get(bucket, {})
+    first = _table(op, attrs).get(bucket, {})
     rest = [c for c in CANDIDATES[bucket][family] if c != first]
     return [first] + rest

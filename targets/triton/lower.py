@@ -80,7 +80,7 @@ def lower(m: Module, *, prefill_chunk: int, tune: str = "auto", decode_batch: in
     program = torch_lower(m, prefill_chunk=prefill_chunk)
     used = sorted({s.kernel for s in program.steps} - VIEWS)
     torch_ops = {op: WHY_TORCH.get(op, "no Triton kernel for this op") for op in used if op not in LAUNCHERS}
-    steps = {str(i): heuristic(s.kernel) for i, s in enumerate(program.steps) if s.kernel in LAUNCHERS}
+    steps = {str(i): heuristic(s.kernel, s.attrs) for i, s in enumerate(program.steps) if s.kernel in LAUNCHERS}
     device, why = _gpu_for_tuning(tune)
     if device is None:
         tuning = {"tuned": False, "reason": f"{why}: launch configs are the heuristics of targets/triton/configs.py"}

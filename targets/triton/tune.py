@@ -101,7 +101,7 @@ def tune_module(m: Module, launchers: dict, steps: dict[str, list[dict]], *, pre
     gen = torch.Generator().manual_seed(0)
     groups: dict[tuple, list[int]] = {}
     for i, ins in enumerate(m.func.body):
-        if ins.op in launchers and candidates(ins.op, "decode"):
+        if ins.op in launchers and candidates(ins.op, "decode", ins.attrs):
             groups.setdefault(_signature(m, ins), []).append(i)
     results = []
     for n, indices in enumerate(groups.values()):
@@ -110,13 +110,14 @@ def tune_module(m: Module, launchers: dict, steps: dict[str, list[dict]], *, pre
             batch, seq = (decode_batch, 1) if bucket == "decode" else (1, min(prefill_chunk, m.max_context))
             pos0 = m.max_context - seq if bucket == "decode" else 0
             args, kwargs = _inputs(m, ins, batch, seq, pos0, device, gen)
-            best, ms, rejected = _time_candidates(launchers[ins.op], args, kwargs, candidates(ins.op, bucket), timer)
+            tried = candidates(ins.op, bucket, ins.attrs)
+            best, ms, rejected = _time_candidates(launchers[ins.op], args, kwargs, tried, timer)
             if best is not None:
                 for i in indices:
                     steps[str(i)][b] = {**steps[str(i)][b], "config": dict(best), "source": "tuned"}
             results.append({"op": ins.op, "steps": indices, "bucket": bucket, "tokens": batch * seq,
                             "config": best, "ms": None if best is None else round(ms, 6),
-                            "tried": len(candidates(ins.op, bucket)), "rejected": rejected})
+                            "tried": len(tried), "rejected": rejected})
         if progress:
             progress("tuning kernels", n + 1, len(groups))
     return {"tuned": True, "device": device, "signatures": results}
