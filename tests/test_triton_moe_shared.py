@@ -87,12 +87,18 @@ def test_stacked_and_own_shared_weights_give_the_same_bits(fp8_dot):
     assert torch.equal(apart, together)
 
 
-def test_an_empty_batch_and_tokens_without_the_shared_slot():
-    x, weights, idx, gate_up, down = routed_with_shared(5, 2, seed=31)
+def fp4_problem(tokens, seed):
+    """FP4 experts with a shared expert of 16 x 16 fp32-scaled blocks -> (x, weights, idx, q, own, kw)."""
+    x, weights, idx, gate_up, down = routed_with_shared(tokens, 2, seed=seed)
     q = quantized(gate_up, down, "fp4", None, None, "ue8m0")
     own, _ = shared_weights([16, 16], [16, 16], "fp32")
     kw = {"format": "fp4", "block": None, "down_block": None, "shared_block": [16, 16], "shared_down_block": [16, 16],
           "act_in": DYN, "act_mid": DYN}
+    return x, weights, idx, q, own, kw
+
+
+def test_an_empty_batch_and_tokens_without_the_shared_slot():
+    x, weights, idx, q, own, kw = fp4_problem(5, seed=31)
     idx[0, 2, 2], idx[0, 4, 0] = 1, E  # a token without the shared expert, one with it first
     assert_close(moe_experts_q_shared(x, weights, idx, *q, *own, **kw), ref_shared(x, weights, idx, *q, *own, **kw),
                  EXPERTS_RTOL)
@@ -101,12 +107,7 @@ def test_an_empty_batch_and_tokens_without_the_shared_slot():
 
 
 def test_bad_shared_weights_are_named():
-    x, weights, idx, gate_up, down = routed_with_shared(2, 2, seed=32)
-    q = quantized(gate_up, down, "fp4", None, None, "ue8m0")
-    own, _ = shared_weights([16, 16], [16, 16], "fp32")
-    kw = {"format": "fp4", "block": None, "down_block": None, "shared_block": [16, 16], "shared_down_block": [16, 16],
-          "act_in": DYN, "act_mid": DYN}
-    narrow, _ = shared_weights([16, 16], [16, 16], "fp32")
+    x, weights, idx, q, own, kw = fp4_problem(2, seed=32)
     cases = [
         ((*q, own[0][None], *own[1:]), kw, "^shared_gate_up: expected a 2-d tensor"),
         ((*q, own[0].view(torch.uint8), *own[1:]), kw, "^shared_gate_up: dtype"),
@@ -121,7 +122,7 @@ def test_bad_shared_weights_are_named():
     other = problem(1, 2, D, INTER + 2, E, 2, seed=33)
     q2 = quantized(other[3], other[4], "fp4", None, None, "ue8m0")
     with pytest.raises(ValueError, match="shared expert: expected D 64 and intermediate size 36"):
-        moe_experts_q_shared(x, weights, idx, *q2, *narrow, **kw)
+        moe_experts_q_shared(x, weights, idx, *q2, *own, **kw)
 
 
 def test_the_launcher_takes_the_reference_signature():

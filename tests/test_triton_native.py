@@ -126,29 +126,18 @@ def test_fp8_gemm_on_the_gpu_branch(monkeypatch, m, groups, k, n, block, group):
 DYN_UE = {"mode": "dynamic", "group": 32, "scale_format": "ue8m0"}
 
 
-@pytest.mark.parametrize("block, down_block, act_in, act_mid", [
-    ([32, 32], [64, 32], DYN_UE, {"mode": "static", "scale": 0.01}),
-    ([32, 32], [64, 32], {"mode": "static", "scale": 0.01}, {"mode": "dynamic", "group": 64}),
-    ([128, 128], [128, 128], DYN_UE, DYN_UE)])
-def test_moe_experts_q_on_the_gpu_branch(monkeypatch, block, down_block, act_in, act_mid):
-    """Blocks that put every K chunk in one weight block column, so both GEMMs take the fp8 dot."""
-    x, weights, idx, gate_up, down = problem(2, 5, 96, 64, 4, 2, seed=10)
-    q = quantized(gate_up, down, "fp8", block, down_block, "ue8m0")
-    kw = {"format": "fp8", "block": block, "down_block": down_block, "act_in": act_in, "act_mid": act_mid}
-
-    def run():
-        return moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": True})
-    assert torch.equal(_gpu_run(monkeypatch, [moe_module], run), run())
-
-
-@pytest.mark.parametrize("act_in, act_mid", [(DYN_UE, {"mode": "static", "scale": 0.01}),
-                                            ({"mode": "dynamic", "group": 64}, DYN_UE)])
-def test_fp4_experts_on_the_gpu_branch(monkeypatch, act_in, act_mid):
-    """FP4 experts' code dots as a GPU takes them (bf16 tensor-core dots of exact values): the interpreter's fp32
-    dots of the same values, bit for bit."""
-    x, weights, idx, gate_up, down = problem(2, 5, 96, 64, 4, 2, seed=12)
-    q = quantized(gate_up, down, "fp4", None, None, "ue8m0")
-    kw = {"format": "fp4", "block": None, "down_block": None, "act_in": act_in, "act_mid": act_mid}
+@pytest.mark.parametrize("fmt, block, down_block, act_in, act_mid", [
+    ("fp8", [32, 32], [64, 32], DYN_UE, {"mode": "static", "scale": 0.01}),
+    ("fp8", [32, 32], [64, 32], {"mode": "static", "scale": 0.01}, {"mode": "dynamic", "group": 64}),
+    ("fp8", [128, 128], [128, 128], DYN_UE, DYN_UE),
+    ("fp4", None, None, DYN_UE, {"mode": "static", "scale": 0.01}),
+    ("fp4", None, None, {"mode": "dynamic", "group": 64}, DYN_UE)])
+def test_moe_experts_q_on_the_gpu_branch(monkeypatch, fmt, block, down_block, act_in, act_mid):
+    """FP8 blocks that put every K chunk in one weight block column, so both GEMMs take the fp8 dot; FP4 experts,
+    whose code dots a GPU takes as bf16 tensor-core dots of exact values: the interpreter's branches, bit for bit."""
+    x, weights, idx, gate_up, down = problem(2, 5, 96, 64, 4, 2, seed=10 if fmt == "fp8" else 12)
+    q = quantized(gate_up, down, fmt, block, down_block, "ue8m0")
+    kw = {"format": fmt, "block": block, "down_block": down_block, "act_in": act_in, "act_mid": act_mid}
 
     def run():
         return moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": True})
