@@ -166,24 +166,6 @@ def test_fp8_dot_and_fp32_dot_agree(act_in, act_mid):
         moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": "yes"})
 
 
-@pytest.mark.parametrize("act_in, act_mid", [({"mode": "dynamic", "group": 32, "scale_format": "ue8m0"}, STATIC),
-                                            (STATIC, {"mode": "dynamic", "group": 64}), (DYN_WIDE, DYN_WIDE)])
-def test_fp4_code_dots_and_fp32_dots_agree(act_in, act_mid):
-    """FP4 experts with quantized activations: FP8_DOT takes dots over the activations' e4m3 codes (_fp4_dot: a
-    weight byte's two nibbles against the even and odd columns), the scale after; within the reference's
-    tolerance of the fp32 dots over fake-quantized tiles. A group that starts a chunk at an odd column cannot."""
-    x, weights, idx, gate_up, down = problem(2, 5, 96, 64, 4, 2, seed=16)
-    q = quantized(gate_up, down, "fp4", None, None, "ue8m0")
-    kw = {"format": "fp4", "block": None, "down_block": None, "act_in": act_in, "act_mid": act_mid, "limit": 0.9}
-    ref = ref_experts_q(x, weights, idx, *q, **kw)
-    for fp8_dot in (True, False):
-        assert_close(moe_experts_q(x, weights, idx, *q, **kw, config={"FP8_DOT": fp8_dot}), ref, EXPERTS_RTOL)
-    assert moe._fp8_dot_applies(moe._weight(q[0], q[1], "fp4", (1, 32)), moe._act("act", act_in, 96, 32), 96)
-    with pytest.raises(ValueError, match="an FP4 one starting at an even column"):
-        moe_experts_q(x, weights, idx, *q, **{**kw, "act_in": {"mode": "dynamic", "group": 33}},
-                      config={"FP8_DOT": True})
-
-
 ONCE_CASES = [  # fmt, block, down_block, act_in, act_mid, config
     ("fp8", [32, 32], [64, 32], {"mode": "dynamic", "group": 32, "scale_format": "ue8m0"},
      {"mode": "dynamic", "group": 64}, {"FP8_DOT": True, "BLOCK_K": 32}),
@@ -492,14 +474,3 @@ def test_rejects_unsupported_inputs():
     for fn, word in bad:
         with pytest.raises(ValueError, match=word):
             fn()
-
-
-def test_fp4_experts_have_their_own_prefill_heuristic():
-    """At prefill FP4 experts take N tiles of 64 (with the FP8 experts' 128 their gate_up spills on sm_90a), first
-    among the tuning candidates too; decode and every other op keep theirs."""
-    from v4c.targets.triton.configs import candidates, heuristic
-    fp8, fp4 = heuristic("moe_experts_q", {"format": "fp8"}), heuristic("moe_experts_q_shared", {"format": "fp4"})
-    assert fp4[0] == fp8[0] and fp8[1]["config"]["BLOCK_N"] == 128
-    assert fp4[1]["config"] == {**fp8[1]["config"], "BLOCK_N": 64}
-    assert candidates("moe_experts_q", "prefill", {"format": "fp4"})[0] == fp4[1]["config"]
-    assert heuristic("linear_fp8", {"format": "fp4"}) == heuristic("linear_fp8")
