@@ -109,7 +109,7 @@ def test_an_empty_batch_and_tokens_without_the_shared_slot():
 def test_bad_shared_weights_are_named():
     x, weights, idx, q, own, kw = fp4_problem(2, seed=32)
     cases = [
-        ((*q, own[0][None], *own[1:]), kw, "^shared_gate_up: expected a 2-d tensor"),
+        ((*q, own[0][None], *own[1:]), kw, "^shared_gate_up: expected 2 dimensions"),
         ((*q, own[0].view(torch.uint8), *own[1:]), kw, "^shared_gate_up: dtype"),
         ((*q, *own[:2], own[2][:, :32].contiguous(), own[3][:, :2].contiguous()), kw, "^shared_down: expected shape"),
         ((*q, *own), {**kw, "shared_block": [16]}, "^shared_block: expected"),

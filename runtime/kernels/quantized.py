@@ -86,10 +86,8 @@ def moe_experts_q(x, weights, idx, gate_up, gate_up_scale, down, down_scale, x_s
     """Routed experts over FP8 (block scales; `block` for gate_up, `down_block` for down) or FP4
     (packed, per-32 UE8M0 scales) weights. With `x_scale`, x holds q_in(x) already: e4m3 codes with
     their fp32 scales [..., ceil(D/group)] (act_in's group), as rms_norm_quant writes them."""
-    def expert(e):
-        return (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
-                _dequant_expert(down[e], down_scale[e], format, down_block))
-    return _run_quantized(x, weights, idx, expert, x_scale, act_in, act_mid, limit)
+    return _run_quantized(x, weights, idx, _routed(gate_up, gate_up_scale, down, down_scale, format, block, down_block),
+                          x_scale, act_in, act_mid, limit)
 
 
 def moe_experts_q_shared(x, weights, idx, gate_up, gate_up_scale, down, down_scale, shared_gate_up,
@@ -99,13 +97,20 @@ def moe_experts_q_shared(x, weights, idx, gate_up, gate_up_scale, down, down_sca
     shared_gate_up [2I, D] (gate rows first) and shared_down [D, I], block scales of shared_block /
     shared_down_block. The triton lowering routes a shared expert so where its weights cannot stack with the
     experts' (targets/triton/shared_expert.py): every token's slot E, weight 1, added after its routed experts."""
+    routed = _routed(gate_up, gate_up_scale, down, down_scale, format, block, down_block)
+
     def expert(e):
         if e == gate_up.shape[0]:
             return (dequant_fp8(shared_gate_up, shared_gate_up_scale, shared_block),
                     dequant_fp8(shared_down, shared_down_scale, shared_down_block))
-        return (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
-                _dequant_expert(down[e], down_scale[e], format, down_block))
+        return routed(e)
     return _run_quantized(x, weights, idx, expert, x_scale, act_in, act_mid, limit)
+
+
+def _routed(gate_up, gate_up_scale, down, down_scale, format, block, down_block):
+    """Expert e's (gate_up, down) dequantized to fp32, for run_experts."""
+    return lambda e: (_dequant_expert(gate_up[e], gate_up_scale[e], format, block),
+                      _dequant_expert(down[e], down_scale[e], format, down_block))
 
 
 def _run_quantized(x, weights, idx, expert, x_scale, act_in, act_mid, limit):

@@ -66,7 +66,7 @@ FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "
 
 
 def _table(op: str, attrs: dict | None) -> dict:
-    if op in ("moe_experts_q", "moe_experts_q_shared") and (attrs or {}).get("format") == "fp4":
+    if FAMILY.get(op) == "experts" and (attrs or {}).get("format") == "fp4":
         return _EXPERTS_FP4
     return HEURISTIC.get(op, {})
 

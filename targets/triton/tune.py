@@ -17,9 +17,8 @@ from triton.runtime.errors import OutOfResources
 
 from v4c.ir import Module, ParamRef, load_weight
 
-from .configs import BUCKETS, candidates
+from .configs import BUCKETS, FAMILY, candidates
 
-EXPERTS = ("moe_experts", "moe_experts_q", "moe_experts_q_shared")
 Timer = Callable[[Callable[[], object]], float]  # fn -> milliseconds
 
 
@@ -47,7 +46,7 @@ def _dtype(name: str) -> torch.dtype:
 
 def _int_operand(m: Module, ins, role: int, shape: list[int], pos0: int, gen) -> torch.Tensor:
     """Valid integer inputs: distinct experts per token (MoE), causal entry picks (attention)."""
-    if ins.op in EXPERTS and role == 2:
+    if FAMILY.get(ins.op) == "experts" and role == 2:
         experts = m.params[ins.operands[3].name].shape[0] + (ins.op == "moe_experts_q_shared")  # gate_up: [E, ...]
         return torch.rand(*shape[:-1], experts, generator=gen).topk(shape[-1], dim=-1).indices
     if (ins.op, role) in (("attention_rope", 3), ("norm_attention_rope", 4), ("rope_index_topk", 2)):  # positions
@@ -67,7 +66,7 @@ def _inputs(m: Module, ins, batch: int, seq: int, pos0: int, device: str, gen) -
         shape, dtype = _concrete(o.type.shape, batch, seq), _dtype(o.type.dtype)
         if dtype.is_floating_point:
             x = torch.randn(shape, generator=gen)
-            if ins.op in EXPERTS and role == 1:
+            if FAMILY.get(ins.op) == "experts" and role == 1:
                 x = x.softmax(-1)  # routing weights
             args.append(x.to(dtype).to(device))
         else:

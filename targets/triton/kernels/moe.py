@@ -135,7 +135,7 @@ def _fp8_dot(aq, s, w_ptr, s_ptr, e, rows, cols, rmask, cmask, n_rows, n_cols, s
 
 @triton.jit
 def _fp4_dot(aq, s, w_ptr, s_ptr, e, rows, rmask, col0, n_rows, n_cols, s_rows, s_cols, SCALE_E8M0: tl.constexpr,
-             NATIVE: tl.constexpr, BK: tl.constexpr):
+             BI: tl.constexpr, NATIVE: tl.constexpr, BK: tl.constexpr):
     """q(a) W_e[rows, col0 + (0..BK)]^T for FP4 weights (col0 even) over the activations' e4m3 codes aq [BM, BK],
     times their scale s after. Each weight byte is loaded once: its low nibble meets the even columns of aq, its
     high one the odd (aq split in two halves of BK / 2). An e2m1 value times its UE8M0 scale and an e4m3 code are
@@ -146,7 +146,7 @@ def _fp4_dot(aq, s, w_ptr, s_ptr, e, rows, rmask, col0, n_rows, n_cols, s_rows, 
     mask = rmask[:, None] & (j < half)[None, :]
     e = e.to(tl.int64)
     byte = tl.load(w_ptr + e * n_rows * half + rows[:, None] * half + j[None, :], mask=mask, other=0).to(tl.int32)
-    sc = tl.load(s_ptr + e * s_rows * s_cols + rows[:, None] * s_cols + (2 * j[None, :]) // 32, mask=mask, other=0)
+    sc = tl.load(s_ptr + e * s_rows * s_cols + rows[:, None] * s_cols + (2 * j[None, :]) // BI, mask=mask, other=0)
     scale = decode_scale(sc, SCALE_E8M0)
     w_even, w_odd = e2m1_value(byte) * scale, e2m1_value(byte >> 4) * scale
     a_even, a_odd = tl.split(tl.reshape(aq.to(tl.float32), [aq.shape[0], BK // 2, 2]))
@@ -187,10 +187,10 @@ def _pair_dots(a_ptr, sa_ptr, rows, pmask, w_ptr, s_ptr, e, n, nmask, N, K, k_en
                 col0 = k0 + c * BK
                 if WFMT == 2:  # FP4: bf16 tensor-core dots over the codes' and the weights' exact values
                     acc += _fp4_dot(aq, s, w_ptr, s_ptr, e, n, nmask, col0, n_rows, K, s_rows, s_cols, SCALE_E8M0,
-                                    NATIVE, BK)
+                                    BI, NATIVE, BK)
                     if SWIGLU:
                         up += _fp4_dot(aq, s, w_ptr, s_ptr, e, N + n, nmask, col0, n_rows, K, s_rows, s_cols,
-                                       SCALE_E8M0, NATIVE, BK)
+                                       SCALE_E8M0, BI, NATIVE, BK)
                 else:
                     acc += _fp8_dot(aq, s, w_ptr, s_ptr, e, n, k, nmask, k < K, n_rows, K, s_rows, s_cols, col0,
                                     SCALE_E8M0, BO, BI)

@@ -77,15 +77,13 @@ def moe_experts_q_shared(x, weights, idx, gate_up, gate_up_scale, down, down_sca
     `format`) where expert id E is a shared expert of its own FP8 weights: shared_gate_up e4m3 [2I, D] (gate rows
     first) and shared_down [D, I], block scales [ceil(rows/bo), ceil(cols/bi)] (f32 or UE8M0; (bo, bi) =
     shared_block / shared_down_block), the same I and D as the experts'. -> [..., D] f32."""
-    check(format in ("fp8", "fp4"), f"format {format!r}; supported: fp8, fp4")
+    gu, dn, d, inter = quantized_experts(x, gate_up, gate_up_scale, down, down_scale, format, block, down_block)
     for name, t in (("shared_gate_up", shared_gate_up), ("shared_gate_up_scale", shared_gate_up_scale),
                     ("shared_down", shared_down), ("shared_down_scale", shared_down_scale)):
-        check(getattr(t, "dim", lambda: 0)() == 2, f"{name}: expected a 2-d tensor, got "
-              f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        check_tensor(name, t, dim=2)
     sgu, sdn, sd, s_inter = quantized_experts(x, shared_gate_up[None], shared_gate_up_scale[None], shared_down[None],
                                               shared_down_scale[None], "fp8", shared_block, shared_down_block,
                                               prefix="shared_")
-    gu, dn, d, inter = quantized_experts(x, gate_up, gate_up_scale, down, down_scale, format, block, down_block)
     check((sd, s_inter) == (d, inter), f"shared expert: expected D {d} and intermediate size {inter} (the experts'), "
           f"got D {sd} and {s_inter}")
     return run_quantized("moe_experts_q_shared", x, weights, idx, gu, dn, d, inter, x_scale, act_in=act_in,
