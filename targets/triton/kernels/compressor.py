@@ -225,13 +225,17 @@ def _compress_entry(w, b, first, kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate
                     BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
     """Entry first + w of batch row b (kv, gate, ovl_* already at row b): pool, norm, rotate, encode; CARRY then
     saves the window's Ca."""
+    # one pooling pass over the contiguous channels -NOPE % 2 .. 2 BLOCK_P - 1, split into the pairs' halves
+    # c0 / c1 after: 128-bit loads. The two passes it replaces (c0's, then c1's) read every row's cache lines
+    # twice at stride 2, and Triton 3.6 laid their [BLOCK_P] sums out 32 to a thread (the HCA compressor took
+    # 238 registers on sm_90a; now 70-76; bench/README.md)
+    c = tl.arange(0, 2 * BLOCK_P) - NOPE % 2
+    x = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c, (c >= 0) & (c < D), RATE, C, D, WIN,
+              OFF, COL_CUR, HAS_PREV, BLOCK_R, 2 * BLOCK_P)
+    x0, x1 = tl.split(tl.reshape(x, [BLOCK_P, 2]))
     c0 = 2 * tl.arange(0, BLOCK_P) - NOPE % 2
     c1 = c0 + 1
     m0, m1 = (c0 >= 0) & (c0 < D), c1 < D
-    x0 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c0, m0, RATE, C, D, WIN, OFF, COL_CUR,
-               HAS_PREV, BLOCK_R, BLOCK_P)
-    x1 = _pool(kv_ptr, gate_ptr, ape_ptr, ovl_kv_ptr, ovl_gate_ptr, w, first, c1, m1, RATE, C, D, WIN, OFF, COL_CUR,
-               HAS_PREV, BLOCK_R, BLOCK_P)
     # RMSNorm over the D channels: y = x / sqrt(mean(x^2) + eps) * weight
     rstd = tl.math.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / D + eps)
     y0, y1 = x0 * rstd, x1 * rstd
@@ -338,9 +342,12 @@ def _launch_args(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *
     device_pos = pos is not None
     has_prev = overlap and (first > 0 or device_pos)  # a device position's `first` is the kernel's to read
     win = 2 * rate if overlap else rate
-    block_r = min(cfg["block_r"], next_pow2(win))
     # BLOCK_P channel pairs c0 = 2p - NOPE % 2: the rope width is even, so NOPE has d's parity and cdiv(d, 2)
     # pairs reach channel d - 1 (it was cdiv(d + 1, 2): at d = 512 a 512-wide tile, half of it masked)
+    block_p = next_pow2(cdiv(d, 2))
+    # pooled chunks of at most 4096 elements ([BLOCK_R, 2 BLOCK_P]: 32 a thread at 4 warps); on sm_90a the HCA
+    # compressor (d 512) takes 114-128 registers with 16-row chunks, 74-76 with 8
+    block_r = min(cfg["block_r"], next_pow2(win), max(1, 4096 // (2 * block_p)))
     new_kv, new_gate = new if device_pos else (kv, gate)
     args = (kv, gate, ape.float().contiguous(), ovl_kv if has_prev else kv, ovl_gate if has_prev else gate,
             kv if norm_weight is None else norm_weight.float().contiguous(), inv_freq.float().contiguous(),
@@ -351,7 +358,7 @@ def _launch_args(kv, gate, ape, norm_weight, inv_freq, ovl_kv, ovl_gate, rows, *
     consts = dict(RATE=rate, C=width, D=d, NOPE=d - rope, WIN=win, OFF=rate if overlap else 0,
                   COL_CUR=d if overlap else 0, HAS_PREV=has_prev, HAS_W=norm_weight is not None, FMT=fmt,
                   DEVICE_POS=device_pos, CARRY=device_pos and overlap, BLOCK_R=block_r,
-                  BLOCK_P=next_pow2(cdiv(d, 2)), BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
+                  BLOCK_P=block_p, BLOCK_G=next_pow2(cdiv(d - rope, KV_GROUP)),
                   BLOCK_E=next_pow2(cdiv(d, FP4_BLOCK if fmt == FMT_FP4_BLOCK else FP8_BLOCK)),
                   BLOCK_C=next_pow2(width) if device_pos else 1)
     return args, consts
