@@ -194,10 +194,11 @@ def test_rope_index_topk_is_the_rope_kernel_then_index_topk(fmt, config, monkeyp
     """One launch (with SUM_IN_KERNEL): every score program rotates its query's rows (the rope kernel's code),
     bit for bit the rope kernel then index_topk: the scores and the picks, at an int and a device position, with
     a RoPE scale and an inverse one, over several score programs a query; within the reference's picks. The rope
-    kernel is not launched. Decode and a prefill, each token at its own position; 5 heads (a padded head block)."""
+    kernel is not launched. Decode and a prefill, each token at its own position; 5 heads (a padded head block)
+    and 21 (two passes of 16 heads, the second padded)."""
     inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)  # 4 pairs: the last 8 of 24 channels
-    for batch, s, pos0, seed in [(2, 1, 30, 81), (1, 4, 9, 82)]:
-        q, w, keys = make_case(fmt, batch, s, 5, 24, 40, seed=seed)
+    for batch, s, pos0, seed, heads in [(2, 1, 30, 81, 5), (1, 4, 9, 82, 21)]:
+        q, w, keys = make_case(fmt, batch, s, heads, 24, 40, seed=seed)
         positions = torch.arange(pos0, pos0 + s)
         for q_rope in ({"inverse": True}, {"scale": 0.8}):
             roped = rope_kernel(q, positions, inv_freq, **q_rope)

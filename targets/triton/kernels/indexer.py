@@ -81,10 +81,12 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, qr_pt
     Q_CACHE: tl.constexpr = ".cg" if Q_ROPE else ""
     q_src = q_ptr
     if Q_ROPE:
-        heads = tl.arange(0, BLOCK_H)
-        rows = (b * S + s).to(tl.int64) * H + heads
-        rope_rows(q_ptr, qr_ptr, rows, heads < H, tl.load(rpos_ptr + s + 0 * heads), inv_ptr, rope_scale, D,
-                  D - 2 * HALF, HALF, INVERSE, BLOCK_NOPE, BLOCK_HALF)
+        RH: tl.constexpr = min(BLOCK_H, 16)  # heads a pass (all 64 of V4's at once: 158 registers, Triton 3.6)
+        for h0 in range(0, H, RH):
+            heads = h0 + tl.arange(0, RH)
+            rows = (b * S + s).to(tl.int64) * H + heads
+            rope_rows(q_ptr, qr_ptr, rows, heads < H, tl.load(rpos_ptr + s + 0 * heads), inv_ptr, rope_scale, D,
+                      D - 2 * HALF, HALF, INVERSE, BLOCK_NOPE, BLOCK_HALF)
         tl.debug_barrier()
         q_src = qr_ptr
     if DEVICE_POS:
