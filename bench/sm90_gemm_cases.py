@@ -1,6 +1,7 @@
 """bench/sm90_static.py's projection and expert cases at V4-Flash shapes: the FP8 GEMMs (plain, with the fuse
 pass's SwiGLU, the q_a_norm -> q_b_proj pair three ways, the triton lowering's joined siblings and folded norms)
-and the routed experts' grouped GEMMs with their pair bookkeeping. Each case is {"case", "config", "call"}: the
+and the routed experts' grouped GEMMs with their pair bookkeeping (and, for --moe-candidates, each config the tuner
+could time for them). Each case is {"case", "config", "call"}: the
 call runs the real launcher, whose Triton launches sm90_static.py catches and compiles for sm_90a. Imported by
 sm90_static.py after it has set up the import paths and unset TRITON_INTERPRET.
 """
@@ -158,8 +159,7 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     # expert as expert E over its own weights (moe_experts_q_shared: the triton lowering's shared_expert.py)
     from v4c.targets.triton.kernels.moe_quant import moe_experts_q_shared
     fp4 = [torch.zeros(experts, two_i, d // 2, dtype=torch.int8), torch.zeros(experts, d, inter // 2, dtype=torch.int8)]
-    fp4_scales = [torch.full((experts, two_i, d // 32), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu),
-                  torch.full((experts, d, inter // 32), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)]
+    fp4_scales = [_ue8m0_ones(experts, two_i, d // 32), _ue8m0_ones(experts, d, inter // 32)]
     own = [gate_up[0], scales[0][0], down[0], scales[1][0]]
     for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
         x, w = torch.randn(m, d), torch.rand(m, top + 1)
@@ -179,3 +179,40 @@ def moe_cases(extra: list[dict]) -> list[dict]:
         out.append({"case": f"moe pairs experts=256 top={top} m={m}", "config": {},
                     "call": lambda idx=idx: sort_pairs(idx, torch.rand(idx.shape), 256, 16)})
     return out
+
+
+def moe_candidate_cases(fmt: str) -> list[dict]:
+    """moe_experts_q with `fmt` experts ("fp8" or "fp4") at V4-Flash's expert shapes, once per config of the expert
+    candidate grid (configs.CANDIDATES, decode and prefill), each case saying whether the tuner times that config
+    for this format (configs.candidates)."""
+    from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
+
+    from v4c.targets.triton.configs import CANDIDATES, candidates
+    from v4c.targets.triton.kernels.moe_quant import moe_experts_q
+    experts, top = 16, 6
+    two_i, d = FLASH_GEMMS["expert_gate_up"]
+    inter = two_i // 2
+    if fmt == "fp4":
+        weights = [torch.zeros(experts, two_i, d // 2, dtype=torch.int8), _ue8m0_ones(experts, two_i, d // 32),
+                   torch.zeros(experts, d, inter // 2, dtype=torch.int8), _ue8m0_ones(experts, d, inter // 32)]
+        blocks = {"block": None, "down_block": None}
+    else:
+        weights = [torch.zeros(experts, two_i, d, dtype=torch.uint8).view(torch.float8_e4m3fn),
+                   torch.ones(experts, two_i // 128, d // 128),
+                   torch.zeros(experts, d, inter, dtype=torch.uint8).view(torch.float8_e4m3fn),
+                   torch.ones(experts, d // 128, inter // 128)]
+        blocks = {"block": [128, 128], "down_block": [128, 128]}
+    out = []
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        x, w = torch.randn(m, d), torch.rand(m, top)
+        idx = torch.stack([torch.randperm(experts)[:top] for _ in range(m)])
+        tuned = candidates("moe_experts_q", bucket, {"format": fmt})
+        for cfg in CANDIDATES[bucket]["experts"]:
+            out.append({"case": f"moe_experts_q {fmt} candidate d={d} inter={inter} top={top} m={m}", "config": cfg,
+                        "tuned": cfg in tuned, "call": lambda cfg=cfg, x=x, w=w, idx=idx: moe_experts_q(
+                            x, w, idx, *weights, format=fmt, **blocks, act_in=ACT, act_mid=ACT, config=cfg)})
+    return out
+
+
+def _ue8m0_ones(*shape) -> torch.Tensor:
+    return torch.full(shape, 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)

@@ -15,6 +15,7 @@ spill traffic, tensor-core instructions, total).
 
     .venv/bin/python bench/sm90_static.py [--only attention,indexer,compress,hyper,gemm,moe|none] [--batches 1,64]
         [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--moe-configs JSON]
+        [--moe-candidates fp8,fp4]
         [--artifacts small,medium]
         [--out bench/results/sm90_static.json]
 
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))  # gpu_semantics
 
-from sm90_gemm_cases import gemm_cases, moe_cases  # noqa: E402
+from sm90_gemm_cases import gemm_cases, moe_candidate_cases, moe_cases  # noqa: E402
 
 H100 = {"target": GPUTarget("cuda", 90, 32), "sms": 132, "regs_per_sm": 65536, "smem_per_sm": 228 * 1024,
         "max_threads_per_sm": 2048}
@@ -340,6 +341,8 @@ def main():
     ap.add_argument("--indexer-configs", default="[]", help="JSON list of extra index_topk launch configs")
     ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra FP8 GEMM launch configs")
     ap.add_argument("--moe-configs", default="[]", help="JSON list of extra moe_experts_q launch configs")
+    ap.add_argument("--moe-candidates", default="", help="also every config of the expert candidate grid for these "
+                    "expert formats (comma-separated: fp8, fp4); rows say whether the tuner times it ('tuned')")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
     args = ap.parse_args()
     families = set((args.only or "attention,indexer,compress,hyper,gemm,moe").split(","))
@@ -359,6 +362,10 @@ def main():
         cases += gemm_cases(json.loads(args.gemm_configs))
     if "moe" in families:
         cases += moe_cases(json.loads(args.moe_configs))
+    for fmt in filter(None, args.moe_candidates.split(",")):
+        if fmt not in ("fp8", "fp4"):
+            ap.error(f"--moe-candidates {args.moe_candidates}: expected fp8 and / or fp4")
+        cases += moe_candidate_cases(fmt)
     for name in filter(None, args.artifacts.split(",")):
         cases += artifact_cases(name)
     rows = []
@@ -372,7 +379,8 @@ def main():
             if key in seen:  # an artifact launches the same specialization once per layer
                 continue
             seen.add(key)
-            rows.append({"case": case["case"], "config": case["config"], **k})
+            rows.append({"case": case["case"], "config": case["config"],
+                         **({"tuned": case["tuned"]} if "tuned" in case else {}), **k})
             sass = k["sass"]
             print(f"{case['case']:45} {json.dumps(case['config']):40} {k['kernel']:22} warps {k['num_warps']} "
                   f"regs {k['registers']:3} spill {k['spill_store_bytes']:5}/{k['spill_load_bytes']:<5} "

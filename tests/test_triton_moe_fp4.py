@@ -30,10 +30,18 @@ def test_fp4_code_dots_and_fp32_dots_agree(act_in, act_mid):
 
 def test_fp4_experts_have_their_own_prefill_heuristic():
     """At prefill FP4 experts take N tiles of 64 (with the FP8 experts' 128 their gate_up spills on sm_90a), first
-    among the tuning candidates too; decode and every other op keep theirs."""
-    from v4c.targets.triton.configs import candidates, heuristic
+    among the tuning candidates too; decode and every other op keep theirs. The tuner times FP4 experts over their
+    own candidates (those of the expert grid that compile without spills; the slow test_bench_triton.py checks)."""
+    from v4c.targets.triton.configs import CANDIDATES, CANDIDATES_FP4, candidates, heuristic
     fp8, fp4 = heuristic("moe_experts_q", {"format": "fp8"}), heuristic("moe_experts_q_shared", {"format": "fp4"})
     assert fp4[0] == fp8[0] and fp8[1]["config"]["BLOCK_N"] == 128
     assert fp4[1]["config"] == {**fp8[1]["config"], "BLOCK_N": 64}
     assert candidates("moe_experts_q", "prefill", {"format": "fp4"})[0] == fp4[1]["config"]
     assert heuristic("linear_fp8", {"format": "fp4"}) == heuristic("linear_fp8")
+    for bucket, first in zip(("decode", "prefill"), fp4):
+        tried = candidates("moe_experts_q_shared", bucket, {"format": "fp4"})
+        assert tried[0] == first["config"] and all(c in CANDIDATES_FP4[bucket] for c in tried[1:])
+        assert all(c in CANDIDATES[bucket]["experts"] for c in CANDIDATES_FP4[bucket])  # a subset of the grid
+        assert candidates("moe_experts_q", bucket, {"format": "fp8"})[1:] == [
+            c for c in CANDIDATES[bucket]["experts"] if c != fp8[0 if bucket == "decode" else 1]["config"]]
+    assert len(CANDIDATES_FP4["decode"]) == 6 and len(CANDIDATES_FP4["prefill"]) == 4

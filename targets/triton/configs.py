@@ -58,6 +58,16 @@ CANDIDATES = {
         "index_topk": _grid(BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
     },
 }
+# FP4 experts: the expert candidates above that compile without spills on sm_90a at V4-Flash's expert shapes (both
+# GEMMs, `bench/sm90_static.py --moe-candidates fp4`): at decode N x K tiles up to 64 x 64 (32 x 128 too), at prefill
+# N tiles of 64 with 8 warps. The other 18 spill 52 B to 13 KB a thread, 14 of them over 400 B
+# (`bench/results/sm90_expert_candidates.json`). FP8 experts keep the whole grid: 6 of its 16 prefill configs spill
+# 36-380 B, small enough to leave to the timing.
+CANDIDATES_FP4 = {
+    "decode": (_grid(BLOCK_M=[16], BLOCK_N=[32], BLOCK_K=[64, 128], BLOCK_D=[64, 128])
+               + _grid(BLOCK_M=[16], BLOCK_N=[64], BLOCK_K=[64], BLOCK_D=[64, 128])),
+    "prefill": _grid(BLOCK_M=[32, 64], BLOCK_N=[64], BLOCK_K=[64, 128], BLOCK_D=[128], num_warps=[8]),
+}
 FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "grouped_linear": "gemm",
           "grouped_linear_fp8": "gemm", "linear_cat": "gemm", "linear_fp8_cat": "gemm", "norm_linear_fp8": "gemm",
           "moe_experts": "experts", "moe_experts_q": "experts", "moe_experts_q_shared": "experts",
@@ -65,10 +75,12 @@ FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "
           "index_topk": "index_topk", "rope_index_topk": "index_topk"}
 
 
+def _fp4_experts(op: str, attrs: dict | None) -> bool:
+    return FAMILY.get(op) == "experts" and (attrs or {}).get("format") == "fp4"
+
+
 def _table(op: str, attrs: dict | None) -> dict:
-    if FAMILY.get(op) == "experts" and (attrs or {}).get("format") == "fp4":
-        return _EXPERTS_FP4
-    return HEURISTIC.get(op, {})
+    return _EXPERTS_FP4 if _fp4_experts(op, attrs) else HEURISTIC.get(op, {})
 
 
 def heuristic(op: str, attrs: dict | None = None) -> list[dict]:
@@ -84,5 +96,6 @@ def candidates(op: str, bucket: str, attrs: dict | None = None) -> list[dict]:
     if family is None:
         return []
     first = _table(op, attrs).get(bucket, {})
-    rest = [c for c in CANDIDATES[bucket][family] if c != first]
+    grid = CANDIDATES_FP4[bucket] if _fp4_experts(op, attrs) else CANDIDATES[bucket][family]
+    rest = [c for c in grid if c != first]
     return [first] + rest
