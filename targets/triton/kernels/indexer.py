@@ -81,8 +81,10 @@ def _score_kernel(q_ptr, w_ptr, k_ptr, out_ptr, pos_ptr, sel_ptr, cnt_ptr, qr_pt
     Q_CACHE: tl.constexpr = ".cg" if Q_ROPE else ""
     q_src = q_ptr
     if Q_ROPE:
-        RH: tl.constexpr = min(BLOCK_H, 16)  # heads a pass (all 64 of V4's at once: 158 registers, Triton 3.6)
-        for h0 in range(0, H, RH):
+        # heads a pass, unrolled (all 64 of V4's at once: 158 registers under Triton 3.6; a run-time loop over them
+        # made ptxas spill 12 B a thread at 16 heads, one pass)
+        RH: tl.constexpr = min(BLOCK_H, 16)
+        for h0 in tl.static_range(0, BLOCK_H, RH):
             heads = h0 + tl.arange(0, RH)
             rows = (b * S + s).to(tl.int64) * H + heads
             rope_rows(q_ptr, qr_ptr, rows, heads < H, tl.load(rpos_ptr + s + 0 * heads), inv_ptr, rope_scale, D,
