@@ -1,7 +1,7 @@
 """bench/sm90_static.py's projection and expert cases at V4-Flash shapes: the FP8 GEMMs (plain, with the fuse
 pass's SwiGLU, the q_a_norm -> q_b_proj pair three ways, the triton lowering's joined siblings and folded norms)
-and the routed experts' grouped GEMMs with their pair bookkeeping (and, for --moe-candidates, each config the tuner
-could time for them). Each case is {"case", "config", "call"}: the
+and the routed experts' grouped GEMMs with their pair bookkeeping (and, for --gemm-candidates / --moe-candidates, each
+config the tuner could time for them). Each case is {"case", "config", "call"}: the
 call runs the real launcher, whose Triton launches sm90_static.py catches and compiles for sm_90a. Imported by
 sm90_static.py after it has set up the import paths and unset TRITON_INTERPRET.
 """
@@ -178,6 +178,26 @@ def moe_cases(extra: list[dict]) -> list[dict]:
         idx = torch.stack([torch.randperm(256)[:top] for _ in range(m)])
         out.append({"case": f"moe pairs experts=256 top={top} m={m}", "config": {},
                     "call": lambda idx=idx: sort_pairs(idx, torch.rand(idx.shape), 256, 16)})
+    return out
+
+
+def gemm_candidate_cases() -> list[dict]:
+    """linear_fp8 at V4-Flash's expert_gate_up shape (n 4096, k 4096; 128x128 blocks), once per config of the GEMM
+    candidate grid (configs.CANDIDATES), decode and prefill; every one is timed by the tuner ('tuned')."""
+    from triton_gpu import ACT, DECODE_TOKENS, FLASH_GEMMS, PREFILL_TOKENS
+
+    from v4c.runtime.quant import quant_fp8
+    from v4c.targets.triton.configs import CANDIDATES, candidates
+    from v4c.targets.triton.kernels.gemm import linear_fp8
+    n, k = FLASH_GEMMS["expert_gate_up"]
+    q, s = quant_fp8(torch.randn(n, k) * 0.02, (128, 128))
+    out = []
+    for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
+        x, tuned = torch.randn(m, k), candidates("linear_fp8", bucket)
+        for cfg in CANDIDATES[bucket]["gemm"]:
+            out.append({"case": f"linear_fp8 candidate expert_gate_up n={n} k={k} m={m}", "config": cfg,
+                        "tuned": cfg in tuned, "call": lambda cfg=cfg, x=x: linear_fp8(x, q, s, block=(128, 128),
+                                                                                    act=ACT, config=cfg)})
     return out
 
 

@@ -15,7 +15,7 @@ spill traffic, tensor-core instructions, total).
 
     .venv/bin/python bench/sm90_static.py [--only attention,indexer,compress,hyper,gemm,moe|none] [--batches 1,64]
         [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--moe-configs JSON]
-        [--moe-candidates fp8,fp4]
+        [--gemm-candidates] [--moe-candidates fp8,fp4]
         [--artifacts small,medium]
         [--out bench/results/sm90_static.json]
 
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))  # gpu_semantics
 
-from sm90_gemm_cases import gemm_cases, moe_candidate_cases, moe_cases  # noqa: E402
+from sm90_gemm_cases import gemm_candidate_cases, gemm_cases, moe_candidate_cases, moe_cases  # noqa: E402
 
 H100 = {"target": GPUTarget("cuda", 90, 32), "sms": 132, "regs_per_sm": 65536, "smem_per_sm": 228 * 1024,
         "max_threads_per_sm": 2048}
@@ -341,6 +341,7 @@ def main():
     ap.add_argument("--indexer-configs", default="[]", help="JSON list of extra index_topk launch configs")
     ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra FP8 GEMM launch configs")
     ap.add_argument("--moe-configs", default="[]", help="JSON list of extra moe_experts_q launch configs")
+    ap.add_argument("--gemm-candidates", action="store_true", help="also every config of the FP8 GEMM candidate grid")
     ap.add_argument("--moe-candidates", default="", help="also every config of the expert candidate grid for these "
                     "expert formats (comma-separated: fp8, fp4); rows say whether the tuner times it ('tuned')")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
@@ -362,6 +363,8 @@ def main():
         cases += gemm_cases(json.loads(args.gemm_configs))
     if "moe" in families:
         cases += moe_cases(json.loads(args.moe_configs))
+    if args.gemm_candidates:
+        cases += gemm_candidate_cases()
     for fmt in filter(None, args.moe_candidates.split(",")):
         if fmt not in ("fp8", "fp4"):
             ap.error(f"--moe-candidates {args.moe_candidates}: expected fp8 and / or fp4")
