@@ -7,7 +7,8 @@
 # STAGE, in priority order:
 #   check        bench/triton_gpu_check.py: every launch of a `small` triton artifact against its torch kernel
 #   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16
-#   attention    sparse decode attention, bf16 dots (the default) and tf32 side by side
+#   attention    sparse decode attention, bf16 dots (the default), tf32, and 8 warps (no spills under the image's
+#                Triton 3.6, where 4 warps spill 4-28 B) side by side
 #   gemm         FP8 GEMM against cuBLAS (the heuristic config plus four more: two of them 2 CTAs per SM at
 #                prefill, whose wgmma can run while the other CTA applies its block scales; bench/README.md)
 #   e2e-medium   e2e decode of `medium`
@@ -46,7 +47,7 @@ case "$stage" in
     e2e-small) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs small --heuristic-only --repeats 5 \
         --out "$out/e2e_small.json" ;;
     attention) run 540 python3 bench/triton_gpu.py --sections attention --heuristic-only --repeats 7 \
-        --attention-configs '[{"DOT": "tf32"}]' --out "$out/attention.json" ;;
+        --attention-configs '[{"DOT": "tf32"}, {"num_warps": 8}]' --out "$out/attention.json" ;;
     gemm) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
         '[{"BLOCK_M":16,"BLOCK_N":32,"BLOCK_K":128,"num_warps":4,"num_stages":4},{"BLOCK_M":128,"BLOCK_N":128,"BLOCK_K":128,"num_warps":8,"num_stages":3},{"BLOCK_M":64,"BLOCK_N":128,"BLOCK_K":128,"num_warps":4,"num_stages":3},{"BLOCK_M":128,"BLOCK_N":64,"BLOCK_K":128,"num_warps":4,"num_stages":3}]' \
         --out "$out/gemm.json" ;;
