@@ -6,8 +6,10 @@ end-to-end decode against transformers eager bf16, all in one run on one GPU.
 
 1. FP8 GEMM (`linear_fp8`: e4m3 weights, 128x128 fp32 block scales, activations quantized per
    token group of 128 inside the kernel) at V4-Flash layer shapes, decode (16, 64, 128 tokens) and
-   prefill (4096 tokens), against `torch._scaled_mm` (cuBLAS) on the same shapes with per-tensor
-   scales and pre-quantized activations (cuBLAS's best case: no block scales, no quantization).
+   prefill (4096 tokens), each in the bucket an artifact gives it (64 and 128 tokens: prefill's, with the
+   decode bucket's config timed beside it; `tried` has each config's time), against `torch._scaled_mm`
+   (cuBLAS) on the same shapes with per-tensor scales and pre-quantized activations (cuBLAS's best
+   case: no block scales, no quantization).
    Each v4c row is the fastest of the compile-time tuning candidates (what `tune: auto` records).
 2. Sparse decode attention (`attention`, CSA, DeepSeek's split FP8 entries: 448 e4m3 + 64 bf16
    channels + 7 UE8M0 scales = 584 bytes): batch 1..128, 64 heads, head_dim 512, top-k 512 of 4096
@@ -65,7 +67,7 @@ MEDIUM = dict(vocab_size=16384, hidden_size=2048, num_hidden_layers=12, num_atte
               + ["compressed_sparse_attention"])
 E2E = {"prompt": 512, "new_tokens": 64, "batch": 1}
 # --dry-run: the same code paths at shapes the interpreter runs in seconds.
-DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3,), "prefill_tokens": 33,
+DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3, 20), "prefill_tokens": 33,
        "attn": {"heads": 4, "dim": 128, "rope": 64, "topk": 8, "entries": 32, "window": 8, "batches": (1, 2)},
        "e2e": {"prompt": 20, "new_tokens": 3, "batch": 1}}
 # the GPU recipe: FP8 (the default skip list) and `fuse` (norms quantize once for their FP8 readers)
@@ -197,8 +199,12 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
     from v4c.runtime.quant import dequant_fp8, fake_quant_act, quant_fp8
     from v4c.targets.triton.configs import candidates, heuristic
     shapes = DRY["gemms"] if dry else FLASH_GEMMS
-    calls = [("decode", m) for m in (DRY["decode_tokens"] if dry else DECODE_TOKENS)]
-    calls.append(("prefill", DRY["prefill_tokens"] if dry else PREFILL_TOKENS))
+    from v4c.targets.triton.configs import DECODE_TOKENS as DECODE_BUCKET
+    prefill_m = DRY["prefill_tokens"] if dry else PREFILL_TOKENS
+    # each call in the bucket an artifact would give it (decode: at most DECODE_BUCKET tokens), as launch.json does
+    calls = [("decode" if m <= DECODE_BUCKET else "prefill", m)
+             for m in (DRY["decode_tokens"] if dry else DECODE_TOKENS)]
+    calls.append(("prefill", prefill_m))
     rows, g = [], torch.Generator().manual_seed(0)
     for name, (n, k) in shapes.items():
         q, s = quant_fp8(torch.randn(n, k, generator=g) * 0.02, (128, 128))
@@ -207,11 +213,14 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
         for bucket, m in calls:
             x = torch.randn(m, k, generator=g).to(device)
             configs = [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]] + extra
+            if bucket == "prefill" and m < prefill_m:  # a batch of 17+ tokens: the decode tiles beside the artifact's
+                configs.append(heuristic("linear_fp8")[0]["config"])
+            tried = []
             if not dry and TUNE:
                 configs += candidates("linear_fp8", bucket)
             def graph_time(cfg, x=x, weights=weights):
                 return timer.graph([functools.partial(_fp8_gemm, x, wq, ws, cfg) for wq, ws in weights])
-            best = fastest(graph_time, configs, f"gemm {name} m={m}")
+            best = fastest(graph_time, configs, f"gemm {name} m={m}", tried)
             eager = timer(functools.partial(_fp8_gemm, x, q, s, best[1]))
             ours = _fp8_gemm(x, q, s, best[1])
             ref = torch.nn.functional.linear(fake_quant_act(x.cpu(), ACT), dequant_fp8(q.cpu(), s.cpu(), (128, 128)))
@@ -222,7 +231,8 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
             same = all(torch.equal(_fp8_gemm(x, q, s, best[1]), ours) for _ in range(runs))
             row = {"gemm": name, "n": n, "k": k, "tokens": m, "bucket": bucket, "rel_err_vs_reference": err,
                    "same_bits_run_to_run": {"runs": runs, "same": same},
-                   "v4c_sum_by_torch": graph_time({**best[1], "SUM_IN_KERNEL": False}) if bucket == "decode" else None,
+                   "v4c_sum_by_torch": graph_time({**best[1], "SUM_IN_KERNEL": False}) if m < prefill_m else None,
+                   "artifact_config": configs[0], "tried": tried,
                    "weight_copies": len(weights), "v4c": best[0], "v4c_config": best[1], "v4c_eager_call": eager,
                    "v4c_tflops": round(2 * m * n * k / best[0]["median_s"] / 1e12, 3),
                    "v4c_weight_gb_per_s": round(n * k / best[0]["median_s"] / 1e9, 1)}

@@ -30,7 +30,15 @@ def test_the_dry_run_exercises_every_section(tmp_path):
     assert result["status"].startswith("dry run")
     assert {r["bucket"] for r in result["fp8_gemm"]} == {"decode", "prefill"}
     assert all(r["same_bits_run_to_run"]["same"] for r in result["fp8_gemm"])
-    assert all(isinstance(r["v4c_sum_by_torch"], dict) == (r["bucket"] == "decode") for r in result["fp8_gemm"])
+    gemms = result["fp8_gemm"]
+    assert [(r["tokens"], r["bucket"]) for r in gemms] == [(3, "decode"), (20, "prefill"), (33, "prefill")]
+    assert [isinstance(r["v4c_sum_by_torch"], dict) for r in gemms] == [True, True, False]  # below the prefill call
+    # 20 tokens: the artifact's bucket is prefill's; the decode bucket's config is timed beside it
+    from v4c.targets.triton.configs import heuristic
+    decode_cfg, prefill_cfg = (b["config"] for b in heuristic("linear_fp8"))
+    assert [[t["config"] for t in r["tried"]] for r in gemms] == [[decode_cfg], [prefill_cfg, decode_cfg],
+                                                                  [prefill_cfg]]
+    assert [r["artifact_config"] for r in gemms] == [decode_cfg, prefill_cfg, prefill_cfg]
     assert [r["batch"] for r in result["sparse_decode_attention"]] == [1, 2]
     assert all(r["gb_per_s"] > 0 for r in result["sparse_decode_attention"])
     for row in result["sparse_decode_attention"]:  # the default (fp32 dots off a GPU) and the bf16 one, each checked
