@@ -119,9 +119,8 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     experts, top = 16, 6
     two_i, d = FLASH_GEMMS["expert_gate_up"]
     inter = two_i // 2
-    gate_up = torch.zeros(experts, two_i, d, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    down = torch.zeros(experts, d, inter, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    scales = [torch.ones(experts, two_i // 128, d // 128), torch.ones(experts, d // 128, inter // 128)]
+    gate_up, gu_scale, down, down_scale = _expert_weights("fp8", experts)
+    scales = [gu_scale, down_scale]
     out = []
     for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
         x, w = torch.randn(m, d), torch.rand(m, top)
@@ -158,8 +157,8 @@ def moe_cases(extra: list[dict]) -> list[dict]:
     # FP4 experts (DeepSeek's release format; fp32 dots over dequantized tiles), alone and with the FP8 shared
     # expert as expert E over its own weights (moe_experts_q_shared: the triton lowering's shared_expert.py)
     from v4c.targets.triton.kernels.moe_quant import moe_experts_q_shared
-    fp4 = [torch.zeros(experts, two_i, d // 2, dtype=torch.int8), torch.zeros(experts, d, inter // 2, dtype=torch.int8)]
-    fp4_scales = [_ue8m0_ones(experts, two_i, d // 32), _ue8m0_ones(experts, d, inter // 32)]
+    fp4_gu, fp4_gu_scale, fp4_down, fp4_down_scale = _expert_weights("fp4", experts)
+    fp4, fp4_scales = [fp4_gu, fp4_down], [fp4_gu_scale, fp4_down_scale]
     own = [gate_up[0], scales[0][0], down[0], scales[1][0]]
     for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
         x, w = torch.randn(m, d), torch.rand(m, top + 1)
@@ -212,16 +211,8 @@ def moe_candidate_cases(fmt: str) -> list[dict]:
     experts, top = 16, 6
     two_i, d = FLASH_GEMMS["expert_gate_up"]
     inter = two_i // 2
-    if fmt == "fp4":
-        weights = [torch.zeros(experts, two_i, d // 2, dtype=torch.int8), _ue8m0_ones(experts, two_i, d // 32),
-                   torch.zeros(experts, d, inter // 2, dtype=torch.int8), _ue8m0_ones(experts, d, inter // 32)]
-        blocks = {"block": None, "down_block": None}
-    else:
-        weights = [torch.zeros(experts, two_i, d, dtype=torch.uint8).view(torch.float8_e4m3fn),
-                   torch.ones(experts, two_i // 128, d // 128),
-                   torch.zeros(experts, d, inter, dtype=torch.uint8).view(torch.float8_e4m3fn),
-                   torch.ones(experts, d // 128, inter // 128)]
-        blocks = {"block": [128, 128], "down_block": [128, 128]}
+    weights = _expert_weights(fmt, experts)
+    blocks = {"block": None, "down_block": None} if fmt == "fp4" else {"block": [128, 128], "down_block": [128, 128]}
     out = []
     for bucket, m in (("decode", DECODE_TOKENS[0]), ("prefill", PREFILL_TOKENS)):
         x, w = torch.randn(m, d), torch.rand(m, top)
@@ -232,6 +223,21 @@ def moe_candidate_cases(fmt: str) -> list[dict]:
                         "tuned": cfg in tuned, "call": lambda cfg=cfg, x=x, w=w, idx=idx: moe_experts_q(
                             x, w, idx, *weights, format=fmt, **blocks, act_in=ACT, act_mid=ACT, config=cfg)})
     return out
+
+
+def _expert_weights(fmt: str, experts: int) -> list[torch.Tensor]:
+    """Zero-code expert weights at V4-Flash's expert shapes, [gate_up, its scales, down, its scales]: FP8 e4m3 with
+    128x128 fp32 block scales, or packed FP4 e2m1 with per-32 UE8M0 scales (all 1: nothing runs)."""
+    from triton_gpu import FLASH_GEMMS
+    two_i, d = FLASH_GEMMS["expert_gate_up"]
+    inter = two_i // 2
+    if fmt == "fp4":
+        return [torch.zeros(experts, two_i, d // 2, dtype=torch.int8), _ue8m0_ones(experts, two_i, d // 32),
+                torch.zeros(experts, d, inter // 2, dtype=torch.int8), _ue8m0_ones(experts, d, inter // 32)]
+    return [torch.zeros(experts, two_i, d, dtype=torch.uint8).view(torch.float8_e4m3fn),
+            torch.ones(experts, two_i // 128, d // 128),
+            torch.zeros(experts, d, inter, dtype=torch.uint8).view(torch.float8_e4m3fn),
+            torch.ones(experts, d // 128, inter // 128)]
 
 
 def _ue8m0_ones(*shape) -> torch.Tensor:

@@ -197,12 +197,11 @@ def _fp8_gemm(x, q, s, config):
 
 def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[dict]:
     from v4c.runtime.quant import dequant_fp8, fake_quant_act, quant_fp8
-    from v4c.targets.triton.configs import candidates, heuristic
+    from v4c.targets.triton.configs import BUCKETS, candidates, heuristic
     shapes = DRY["gemms"] if dry else FLASH_GEMMS
-    from v4c.targets.triton.configs import DECODE_TOKENS as DECODE_BUCKET
     prefill_m = DRY["prefill_tokens"] if dry else PREFILL_TOKENS
-    # each call in the bucket an artifact would give it (decode: at most DECODE_BUCKET tokens), as launch.json does
-    calls = [("decode" if m <= DECODE_BUCKET else "prefill", m)
+    # each call in the bucket an artifact gives it: the first whose token limit covers it (launch.json's rule)
+    calls = [(next(name for name, limit in BUCKETS if limit is None or m <= limit), m)
              for m in (DRY["decode_tokens"] if dry else DECODE_TOKENS)]
     calls.append(("prefill", prefill_m))
     rows, g = [], torch.Generator().manual_seed(0)
