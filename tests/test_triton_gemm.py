@@ -292,6 +292,97 @@ def test_fp8_dot_takes_only_what_it_can():
     assert fp8_dot_supported(torch.device("cpu"))  # the interpreter runs it
 
 
+# --- the warp-specialized K loop (WARP_SPEC: TMA descriptors, tl.range(warp_specialize=True)) ---------------------
+WS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "QUANT_ONCE": True}  # QUANT_ONCE: the codes WARP_SPEC reads
+
+
+@pytest.mark.parametrize("m,groups,k,n,block,split", [(70, 1, 160, 33, [16, 32], 1), (5, 3, 64, 17, [1, 32], 2),
+                                                      (9, 2, 256, 40, [128, 128], 3), (1, 1, 96, 70, [1, 32], 1)])
+def test_warp_specialized_k_loop_equals_the_pointer_loop(m, groups, k, n, block, split):
+    """WARP_SPEC (the e4m3 tiles loaded through tensor descriptors over the codes [M, G*K] and the weight [G*R, K],
+    in a loop Triton warp-specializes on sm_90) gives the pointer loop's result bit for bit at the same tiles and
+    split, for fp32 activations (quantized once first, as WARP_SPEC implies) and for rms_norm_quant's codes, over
+    partial M and N tiles, groups whose weight rows the descriptor reads across, and split-K; the reference within
+    the projection tolerance. (The interpreter runs the loop's code; the split into warp groups is a GPU's.)"""
+    x = randn(m, groups, k, seed=90) * 2
+    w, s = fp8_weight(groups * n, k, block, "ue8m0", seed=91)
+    for fmt in ("fp32", "ue8m0"):
+        act = {"mode": "dynamic", "group": 32, "scale_format": fmt}
+        config = {**WS, "SPLIT_K": split}
+        ws = grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act, config={**config, "WARP_SPEC": True})
+        assert torch.equal(ws, grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act, config=config))
+        close(ws, ref_grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act), w.dtype)
+        if groups == 1:  # codes and scales from the fuse pass's rms_norm_quant
+            codes, scales = x[:, 0].to(torch.float8_e4m3fn), torch.rand(m, k // 32, generator=None) + 0.5
+            pre = linear_fp8(codes, w, s, scales, block=block, act=act, config={**config, "WARP_SPEC": True})
+            assert torch.equal(pre, linear_fp8(codes, w, s, scales, block=block, act=act, config=config))
+
+
+def test_warp_specialized_k_loop_in_the_fused_and_joined_gemms():
+    """The GEMMs built on the same kernel take WARP_SPEC too, bit for bit with their pointer loop: joined siblings
+    (linear_fp8_cat: each N tile's weight rows are its sibling's, read through the one weight descriptor), the SwiGLU
+    and the RMSNorm folded in (both quantized once by their kernels first)."""
+    from v4c.targets.triton.kernels.gemm import linear_fp8_cat
+    from v4c.targets.triton.kernels.gemm_fused import norm_linear_fp8, swiglu_linear_fp8
+    m, k, sizes = 37, 96, [48, 16, 33]
+    x, u, nw = randn(m, k, seed=94) * 2, randn(m, k, seed=95) * 2, randn(k, seed=96).abs() + 0.5
+    w, s = fp8_weight(sum(sizes), k, [16, 32], "ue8m0", seed=97)
+    act = {"mode": "dynamic", "group": 32, "scale_format": "ue8m0"}
+    runs = {}
+    for ws in (False, True):
+        config = {**WS, "WARP_SPEC": ws, "SPLIT_K": 2}
+        runs[ws] = (linear_fp8_cat(x, w, s, sizes=sizes, block=[16, 32], act=act, config=config),
+                    swiglu_linear_fp8(x, u, w, s, block=[16, 32], act=act, limit=1.5, config=config),
+                    norm_linear_fp8(x, nw, w, s, eps=1e-6, block=[16, 32], act=act, sizes=sizes, config=config))
+    for a, b in zip(runs[True], runs[False]):
+        for y_ws, y in zip(a if isinstance(a, tuple) else [a], b if isinstance(b, tuple) else [b]):
+            assert torch.equal(y_ws, y)
+
+
+def test_warp_specialized_k_loop_takes_only_what_it_can():
+    """WARP_SPEC true names what it lacks: dynamic activations (it reads e4m3 codes), the fp8 dot, K a multiple of
+    the K tile (a descriptor's K tiles would run into the next group's codes), weight rows as TMA reads them
+    (16-byte aligned rows and row stride); codes that are not contiguous or aligned are copied, not refused. It is
+    off by default, and 'auto' leaves it off (the tuner turns it on where it is faster)."""
+    x = randn(3, 64, seed=92)
+    w, s = fp8_weight(16, 64, [1, 32], "fp32", seed=93)
+    dyn = {"mode": "dynamic", "group": 32}
+    on = {"WARP_SPEC": True, "BLOCK_K": 32}
+    cases = [
+        (lambda: linear_fp8(x, w, s, block=[1, 32], act={"mode": "static", "scale": 0.5}, config=on),
+         "WARP_SPEC.*dynamic activations"),
+        (lambda: linear_fp8(x, w, s, block=[1, 32], act={"mode": "none"}, config=on), "WARP_SPEC.*dynamic"),
+        (lambda: linear_fp8(x, w, s, block=[1, 32], act=dyn, config={**on, "FP8_DOT": False}),
+         r"WARP_SPEC.*the fp8 dot \(FP8_DOT\)"),
+        (lambda: linear(x, randn(16, 64), config=on), "WARP_SPEC.*the fp8 dot"),
+        (lambda: linear_fp8(randn(3, 80), *fp8_weight(16, 80, [1, 32], "fp32"), block=[1, 32], act=dyn, config=on),
+         r"WARP_SPEC.*K \(80\) a multiple of the K tile \(32\)"),
+        (lambda: linear_fp8(x, torch.cat([w, w[:, :8]], 1)[:, :64], s, block=[1, 32], act=dyn, config=on),
+         r"WARP_SPEC.*weight rows.*strides \[72, 1\]"),  # rows 72 bytes apart
+        (lambda: linear_fp8(x, w, s, block=[1, 32], act=dyn, config={"WARP_SPEC": "yes"}), "WARP_SPEC"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    codes, scales = randn(64, 3, seed=98).t().to(torch.float8_e4m3fn), torch.rand(3, 2) + 0.5  # column-major
+    for ragged in (codes, torch.cat([codes.flatten(), codes.flatten()[:1]])[1:].view(3, 64)):  # (1-byte offset)
+        assert torch.equal(linear_fp8(ragged, w, s, scales, block=[1, 32], act=dyn, config=on),
+                           linear_fp8(ragged, w, s, scales, block=[1, 32], act=dyn, config={"BLOCK_K": 32}))
+    expected = linear_fp8(x, w, s, block=[1, 32], act=dyn, config={"BLOCK_K": 32})
+    assert torch.equal(linear_fp8(x, w, s, block=[1, 32], act=dyn, config={"BLOCK_K": 32, "WARP_SPEC": "auto"}),
+                       expected)
+
+
+def test_the_tuner_times_the_warp_specialized_loop_for_fp8_gemms_at_prefill():
+    from v4c.targets.triton.configs import CANDIDATES, CANDIDATES_WS, FP8_GEMMS, candidates
+    for op in FP8_GEMMS:
+        assert candidates(op, "prefill")[-len(CANDIDATES_WS):] == CANDIDATES_WS
+        assert not any(c.get("WARP_SPEC") for c in candidates(op, "decode"))
+    assert not any(c.get("WARP_SPEC") for op in ("linear", "linear_cat", "moe_experts_q")
+                   for c in candidates(op, "prefill"))  # (fp32 / bf16 weights have no fp8 dot; experts: their own)
+    assert not any(c.get("WARP_SPEC") for c in CANDIDATES["prefill"]["gemm"])
+
+
 @pytest.mark.parametrize("groups,r,k,block", [(1, 5, 33, [16, 32]), (3, 5, 50, [16, 32]), (2, 17, 97, [1, 32]),
                                               (4, 3, 33, [128, 128])])
 @pytest.mark.parametrize("act", ACTS[:2] + ACTS[3:], ids=lambda a: a["mode"])

@@ -158,7 +158,7 @@ def _is_pow2(value) -> bool:
 
 
 # config keys that take 'auto', true or false (config_switch)
-SWITCHES = ("FP8_DOT", "QUANT_ONCE", "SUM_IN_KERNEL", "ENCODE_IN_KERNEL", "PAIRS_IN_KERNEL")
+SWITCHES = ("FP8_DOT", "QUANT_ONCE", "SUM_IN_KERNEL", "ENCODE_IN_KERNEL", "PAIRS_IN_KERNEL", "WARP_SPEC")
 _CONFIGS: dict = {}  # validated configs by (name, config, defaults, at_least): a launch validates a config once
 
 
@@ -232,6 +232,28 @@ def fp8_dot_supported(device: torch.device) -> bool:
     if device.type != "cuda":
         return True
     return _device_fact(device, "fp8 dot", lambda: torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Whether `device` has the Tensor Memory Accelerator that tensor descriptors load through: NVIDIA sm_90
+    (Hopper) and newer, and the Triton interpreter (CPU tensors)."""
+    if device.type != "cuda":
+        return True
+    return _device_fact(device, "TMA", lambda: torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # (torch's blocks are 512-byte aligned)
+
+
+def set_tma_allocator() -> None:
+    """Tensor descriptors made in a kernel (gemm's TMA_WS) take a global scratch buffer at each launch, which Triton
+    asks its allocator for (a per-thread setting, Triton's NullAllocator by default). Where the launching thread has
+    none, this sets torch's caching allocator, so a CUDA-graph capture takes the buffer from its own pool; an
+    allocator set by the caller is kept."""
+    from triton.runtime import _allocation  # (the default is not public; both 3.6 and 3.9 keep it here)
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
 
 
 def native_cvt(device: torch.device) -> bool:

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .common import (E4M3_MAX, FP8_DOT_MIN_K, arrived_last, cdiv, check, check_tensor, config_switch, decode_scale,
                      fake_quant, fp8_dot_supported, group_scale, in_kernel_counters, launch_config, native_cvt,
-                     next_pow2, result, results, same_device, sm_count, sum_runs, to_e4m3)
+                     next_pow2, result, results, same_device, set_tma_allocator, sm_count, sum_runs,
+                     tma_supported, to_e4m3)
 from .norm import rms_norm_quant, row_rstd
 from .quantize import act_quant, load_act, quant_once
 
@@ -88,7 +89,7 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
                  ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
                  FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
                  SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                 NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA_WS: tl.constexpr):
     """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
     GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
     3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
@@ -109,7 +110,14 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
     computed where x is loaded (quantize.load_act).
     NORM (norm_linear_fp8; 0: off): x is rms_norm(x, nw_ptr's weight, eps), x contiguous in K (G = 1). Each program
     first takes its rows' 1 / rms with the rms_norm kernel's row code (norm.row_rstd over one [NORM]-wide block),
-    then normalizes each tile where it is loaded, as the norm kernel does (x * rstd, then weight times that)."""
+    then normalizes each tile where it is loaded, as the norm kernel does (x * rstd, then weight times that).
+    TMA_WS (ACT 3, FP8_DOT, W_SCALED, FLAT; K a multiple of BK; x e4m3 codes, contiguous): the K loop loads the
+    e4m3 tiles through tensor descriptors made here, over the codes as [M, G*K] and the weight as [G*N, K], and is
+    warp-specialized (`tl.range(warp_specialize=True)`): on sm_90 Triton gives the TMA loads a producer warp group
+    and splits the tile between consumer warp groups, so one group's wgmma runs while another applies its block
+    scales (each waits for its own wgmma before scaling, as the pointer path's K loop does, but overlapped).
+    The descriptors are made in the kernel, not on the host, because that split changes their block shape (a
+    host descriptor's is fixed: Triton 3.6 and 3.9 refuse the split then)."""
     pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, part = pid_g // SPLIT, pid_g % SPLIT
     lo, hi, first, y_base = 0, N, 0, y_ptr  # this tile's sibling: its rows [lo, hi), first tile and output
@@ -147,7 +155,19 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = part * spans_per_split * GS
     k_hi = tl.minimum(k_lo + spans_per_split * GS, K)
-    if FLAT:
+    if TMA_WS:
+        tl.static_assert(ACT == 3 and FP8_DOT and W_SCALED, "TMA_WS: e4m3 codes times e4m3 weights")
+        groups = tl.num_programs(2) // SPLIT
+        xd = tl.make_tensor_descriptor(x_ptr, shape=[M, groups * K], strides=[sxm, 1], block_shape=[BM, BK])
+        wd = tl.make_tensor_descriptor(w_ptr, shape=[groups * N, K], strides=[swn, 1], block_shape=[BN, BK])
+        row_w = g * N + lo + (pid_n - first) * BN  # the tile's first weight row (rows past `hi` are never stored)
+        for kk in tl.range(k_lo, k_hi, BK, warp_specialize=True):
+            xq = xd.load([pid_m * BM, g * K + kk])  # [BM, BK] e4m3 (rows past M read as zeros)
+            wt = wd.load([row_w, kk])  # [BN, BK] e4m3
+            s = tl.load(sx_rows + kk // GS, mask=m_ok, other=1.0)[:, None]  # [BM, 1]
+            sw = decode_scale(tl.load(s_ptr + (rows_w // bo) * ssn + (kk // bi) * ssk, mask=n_ok, other=0), S_E8M0)
+            acc += tl.dot(xq, wt.T, out_dtype=tl.float32) * s * sw[None, :]
+    elif FLAT:
         for kk in range(k_lo, k_hi, BK):
             acc = _gemm_step(acc, x_rows, u_rows, w_rows, s_ptr, rows_w, kk, K, m_ok, n_ok, act_scale, bo, bi, sxk,
                              swk, ssn, ssk, sx_rows, GS, limit, rstd, nw_ptr, ACT, ACT_UE8M0, W_SCALED, S_E8M0,
@@ -185,8 +205,29 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
                 "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
-                "SUM_IN_KERNEL": "auto"}
+                "SUM_IN_KERNEL": "auto", "WARP_SPEC": False}
     return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
+
+
+def _use_warp_spec(cfg: dict, device, mode: int, fp8_dot: bool, k: int, bk: int, name: str) -> bool:
+    """WARP_SPEC (off unless a config turns it on; the tuner times it at prefill): the warp-specialized K loop over
+    TMA loads (_gemm_kernel's TMA_WS). It reads the activations as e4m3 codes, so it quantizes them once first."""
+    needs = [(mode == 1, "dynamic activations (act mode 'dynamic')"), (fp8_dot, "the fp8 dot (FP8_DOT)"),
+             (k % bk == 0, f"K ({k}) a multiple of the K tile ({bk})"), (tma_supported(device), "an sm_90+ GPU")]
+    return config_switch("WARP_SPEC", cfg["WARP_SPEC"], needs, name, auto=False)
+
+
+def _tma_operands(codes: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
+    """The e4m3 codes [M, G, K] as TMA_WS reads them: an e4m3 view, contiguous and 16-byte aligned as its tensor
+    descriptor needs (codes that are not, say a view into a planned buffer, are copied: M x G x K bytes). The weight
+    [G*R, K] must be so already (rows contiguous, 16-byte aligned, a row stride that is a multiple of 16)."""
+    check(weight.stride(-1) == 1 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0,
+          f"{name}: config['WARP_SPEC'] needs weight rows contiguous, 16-byte aligned, with a row stride that is a "
+          f"multiple of 16 (strides {list(weight.stride())})")
+    if not codes.is_contiguous() or codes.data_ptr() % 16:
+        codes = codes.clone(memory_format=torch.contiguous_format)
+    set_tma_allocator()
+    return codes.view(torch.float8_e4m3fn)
 
 
 def _use_fp8_dot(cfg: dict, device, mode: int, scaled: bool, bk: int, name: str) -> bool:
@@ -206,10 +247,13 @@ def _split_k(cfg: dict, device, spans: int, tiles: int) -> int:
     return max(1, min(spans, -(-2 * sm_count(device) // tiles)))
 
 
-def _counters(cfg: dict, device, split: int, tiles: int, name: str):
+def _counters(cfg: dict, device, split: int, tiles: int, name: str, ws: bool = False):
     """The arrival counters when the split-K sums are added in the GEMM kernel itself (common.in_kernel_counters),
-    else None: a torch.sum adds them."""
-    return None if split == 1 else in_kernel_counters(cfg["SUM_IN_KERNEL"], device, tiles, name)
+    else None: a torch.sum adds them. With WARP_SPEC, 'auto' leaves them to the torch.sum: in the warp-specialized
+    kernel the in-kernel sum spills (352 bytes a thread at 128 x 128 tiles on sm_90a,
+    bench/results/sm90_ws_candidates.json)."""
+    want = False if ws and cfg["SUM_IN_KERNEL"] == "auto" else cfg["SUM_IN_KERNEL"]
+    return None if split == 1 else in_kernel_counters(want, device, tiles, name)
 
 
 def _pick_block_k(k: int, bi: int, group, max_bk: int) -> int:
@@ -300,15 +344,16 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
     split = cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
     flat = span == bk or bk >= k  # every activation group (or span) is one K tile: a single pipelined K loop
+    ws = _use_warp_spec(cfg, x3.device, mode, fp8_dot, k, bk, name)
     partials = out if split == 1 else torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
-    counters = _counters(cfg, x3.device, split, grid_m * grid_n * groups, name)
+    counters = _counters(cfg, x3.device, split, grid_m * grid_n * groups, name, ws)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
     grid = (grid_m, grid_n, groups * split)
     x_arg, x_scales = x3, out  # (out: an unused pointer)
     if x_scale3 is not None:
         x_arg, x_scales = x3.view(torch.uint8), x_scale3.contiguous()
         mode, flat = 3, True
-    elif quant_once(cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
+    elif quant_once(True if ws else cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
         if norm is None:
             x_arg, x_scales = act_quant(x3, span, ue8m0, up3, limit)
         else:  # the norm quantizes its output once (the fuse pass's rms_norm_quant, unfolded)
@@ -316,6 +361,8 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
                                              scale_format="ue8m0" if ue8m0 else "fp32")
             x_arg, norm = codes.view(torch.uint8), None
         mode, flat, up3 = 3, True, None  # every K tile lies in one group, whose scale is looked up
+    if ws:
+        x_arg = _tma_operands(x_arg, weight, name)
     _gemm_kernel[grid](x_arg, x_arg if up3 is None else up3, weight, s, out, x_scales, partials,
                        out if counters is None else counters, m, r, k, span, per_split, static,
                        0.0 if limit is None else float(limit), bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
@@ -325,7 +372,8 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
                        W_SCALED=scale is not None, S_E8M0=s_e8m0, FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device),
                        FLAT=flat, SPLIT=split, SUM_IN_KERNEL=counters is not None, SEGS=len(outs),
                        SWIGLU=up3 is not None, HAS_LIMIT=limit is not None, NORM=0 if norm is None else next_pow2(k),
-                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk, TMA_WS=ws, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"])
     if split > 1 and counters is None:
         if len(outs) == 1:
             torch.sum(partials, 0, out=out)
