@@ -332,6 +332,32 @@ def test_tuning_keeps_the_fastest_config_for_every_step_of_a_signature(hf_checkp
                                                                                        ("prefill", 4, 2)}
 
 
+def test_tuning_skips_a_candidate_whose_result_is_wrong(hf_checkpoints, monkeypatch):
+    """A projection candidate whose result is not the first config's up to summation order (here: a config whose
+    launch returns its result off by 1%, as a miscompiled code path would) is never chosen, however fast, and is
+    counted ("wrong"); one that differs by fp32 rounding only is timed as any other."""
+    import v4c.targets.triton.tune as tune
+    grid = [{"BLOCK_M": 16, "BLOCK_N": 32}, {"BLOCK_M": 16, "BLOCK_N": 256}, {"BLOCK_M": 16, "BLOCK_N": 64}]
+    monkeypatch.setattr(tune, "candidates", lambda op, bucket, attrs=None: grid if op == "linear" else [])
+    module, _ = import_checkpoint(hf_checkpoints[NAME], max_context=48)
+    module = run_pipeline(module, [])
+    steps = {str(i): heuristic(ins.op) for i, ins in enumerate(module.func.body) if ins.op in LAUNCHERS}
+    config = [{}]
+
+    def launch(*a, **kw):
+        config[0] = kw["config"]
+        y = LAUNCHERS["linear"](*a, **kw)
+        if kw["config"]["BLOCK_N"] == 256:
+            return y * 1.01
+        return y * (1 + 1e-6) if kw["config"]["BLOCK_N"] == 64 else y
+
+    record = tune_module(module, {"linear": launch}, steps, prefill_chunk=16, decode_batch=2, device="cpu",
+                         timer=lambda fn: (fn(), 1.0 / config[0]["BLOCK_N"])[1])
+    assert {(r["tried"], r["rejected"], r["wrong"]) for r in record["signatures"]} == {(3, 0, 1)}
+    assert {r["config"]["BLOCK_N"] for r in record["signatures"]} == {64}
+    assert not tune._agrees(torch.tensor([1.0, float("nan")]), [torch.tensor([1.0, 2.0])])
+
+
 def test_the_kernel_package_imports_only_torch_triton_and_itself():
     root = os.path.join(os.path.dirname(LAUNCHERS["linear"].__code__.co_filename))
     for name in sorted(os.listdir(root)):

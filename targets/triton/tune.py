@@ -6,7 +6,10 @@ full context; prefill: one chunk of `prefill_chunk` tokens from an empty context
 candidate config from configs.py, on that step's real weights and random activations (routing
 and selections drawn valid at random). The fastest config goes to every step of the signature; a
 candidate the launcher refuses, or that needs more shared memory or registers than the GPU has,
-is skipped and counted. The results go into the artifact's
+is skipped and counted ("rejected"). Projections and experts are pure functions of their inputs, so
+there every candidate's result is also held to the first config's: one that differs by more than
+summation order (a miscompile, say of an experimental code path such as the warp-specialized K loop)
+is skipped and counted too ("wrong"). The results go into the artifact's
 launch.json, so the machines that run it never re-tune.
 """
 
@@ -79,18 +82,47 @@ def _inputs(m: Module, ins, batch: int, seq: int, pos0: int, device: str, gen) -
     return args, kwargs
 
 
-def _time_candidates(launcher, args, kwargs, configs: list[dict], timer: Timer) -> tuple[dict | None, float, int]:
-    best, best_ms, rejected = None, float("inf"), 0
+CHECKED = ("gemm", "experts")  # the families whose candidates' results are compared (pure functions of the inputs)
+RESULT_RTOL = 1e-3  # of the first result's largest magnitude: fp32 sums in another order stay far inside it
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _agrees(out, ref) -> bool:
+    """Whether a candidate's result is the first config's up to summation order."""
+    for a, b in zip(_tensors(out), _tensors(ref), strict=True):
+        a, b = a.float(), b.float()
+        if a.shape != b.shape or not bool(torch.isfinite(a).eq(torch.isfinite(b)).all()):
+            return False
+        fin = torch.isfinite(b)
+        if fin.any() and float((a[fin] - b[fin]).abs().max()) > RESULT_RTOL * max(float(b[fin].abs().max()), 1e-30):
+            return False
+    return True
+
+
+def _time_candidates(launcher, args, kwargs, configs: list[dict], timer: Timer,
+                     check: bool = False) -> tuple[dict | None, float, int, int]:
+    """-> (fastest config, its ms, configs rejected, configs whose result was wrong). check: each candidate's result
+    must agree with the first config's (the heuristic's, the reference here)."""
+    best, best_ms, rejected, wrong, ref = None, float("inf"), 0, 0, None
     for config in configs:
         try:
-            launcher(*args, config=config, **kwargs)  # compile, and let the launcher check the config
+            out = launcher(*args, config=config, **kwargs)  # compile, and let the launcher check the config
         except (ValueError, OutOfResources):  # refused by the launcher, or too large for this GPU
             rejected += 1
             continue
+        if check:
+            if ref is None:
+                ref = [t.clone() for t in _tensors(out)]
+            elif not _agrees(out, ref):
+                wrong += 1
+                continue
         ms = timer(lambda c=config: launcher(*args, config=c, **kwargs))
         if ms < best_ms:
             best, best_ms = config, ms
-    return best, best_ms, rejected
+    return best, best_ms, rejected, wrong
 
 
 def tune_module(m: Module, launchers: dict, steps: dict[str, list[dict]], *, prefill_chunk: int, decode_batch: int,
@@ -110,13 +142,14 @@ def tune_module(m: Module, launchers: dict, steps: dict[str, list[dict]], *, pre
             pos0 = m.max_context - seq if bucket == "decode" else 0
             args, kwargs = _inputs(m, ins, batch, seq, pos0, device, gen)
             tried = candidates(ins.op, bucket, ins.attrs)
-            best, ms, rejected = _time_candidates(launchers[ins.op], args, kwargs, tried, timer)
+            best, ms, rejected, wrong = _time_candidates(launchers[ins.op], args, kwargs, tried, timer,
+                                                         check=FAMILY.get(ins.op) in CHECKED)
             if best is not None:
                 for i in indices:
                     steps[str(i)][b] = {**steps[str(i)][b], "config": dict(best), "source": "tuned"}
             results.append({"op": ins.op, "steps": indices, "bucket": bucket, "tokens": batch * seq,
                             "config": best, "ms": None if best is None else round(ms, 6),
-                            "tried": len(tried), "rejected": rejected})
+                            "tried": len(tried), "rejected": rejected, "wrong": wrong})
         if progress:
             progress("tuning kernels", n + 1, len(groups))
     return {"tuned": True, "device": device, "signatures": results}
