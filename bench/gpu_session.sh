@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 7, one stage per call, in the order a short lent-GPU session should take
-# them (each stage fits one 10-minute command; the whole list about 30 minutes of device time).
+# them (each stage fits one 10-minute command; the whole list takes more than a session's 30 minutes of device time).
 #
 #   bash bench/gpu_session.sh STAGE [OUT_DIR]
 #
 # STAGE, in priority order:
 #   check        bench/triton_gpu_check.py: every launch of a `small` triton artifact against its torch kernel
+#   gemm-ws      FP8 GEMM against cuBLAS, the heuristic config beside the warp-specialized K loop's four at
+#                prefill (configs.CANDIDATES_WS: TMA loads in a producer warp group, two consumer warp groups;
+#                never run on a GPU before); each config's result is checked against the reference before it is
+#                timed
 #   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16
 #   attention    sparse decode attention, bf16 dots (the default), tf32, and 8 warps (no spills under the image's
 #                Triton 3.6, where 4 warps spill 4-28 B) side by side
@@ -20,10 +24,10 @@
 # installed into /tmp/site (--no-deps, so the image's torch and triton stay). Each stage runs under `timeout` so a stuck compile cannot eat the
 # session; a stage that times out leaves what it printed in OUT_DIR/STAGE.log.
 set -euo pipefail
-stage="${1:?usage: bash bench/gpu_session.sh STAGE [OUT_DIR] (STAGE: check e2e-small attention gemm e2e-medium siblings)}"
+stage="${1:?usage: bash bench/gpu_session.sh STAGE [OUT_DIR] (STAGE: check gemm-ws e2e-small attention gemm e2e-medium siblings)}"
 case "$stage" in
-    check | e2e-small | attention | gemm | e2e-medium | siblings) ;;
-    *) echo "unknown stage '$stage'; expected one of: check e2e-small attention gemm e2e-medium siblings" >&2; exit 2 ;;
+    check | gemm-ws | e2e-small | attention | gemm | e2e-medium | siblings) ;;
+    *) echo "unknown stage '$stage'; expected one of: check gemm-ws e2e-small attention gemm e2e-medium siblings" >&2; exit 2 ;;
 esac
 out="${2:-${OUT:-bench/results/gpu}}"
 mkdir -p "$out"
@@ -51,6 +55,9 @@ case "$stage" in
     gemm) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
         '[{"BLOCK_M":16,"BLOCK_N":32,"BLOCK_K":128,"num_warps":4,"num_stages":4},{"BLOCK_M":128,"BLOCK_N":128,"BLOCK_K":128,"num_warps":8,"num_stages":3},{"BLOCK_M":64,"BLOCK_N":128,"BLOCK_K":128,"num_warps":4,"num_stages":3},{"BLOCK_M":128,"BLOCK_N":64,"BLOCK_K":128,"num_warps":4,"num_stages":3}]' \
         --out "$out/gemm.json" ;;
+    gemm-ws) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
+        "$(python3 -c 'import json; from v4c.targets.triton.configs import CANDIDATES_WS as c; print(json.dumps(c))')" \
+        --out "$out/gemm_ws.json" ;;
     e2e-medium) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs medium --heuristic-only --repeats 5 \
         --out "$out/e2e_medium.json" ;;
     siblings) run 540 python3 bench/triton_siblings.py --repeats 7 --out "$out/siblings.json" ;;

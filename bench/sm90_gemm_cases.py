@@ -2,7 +2,8 @@
 pass's SwiGLU, the q_a_norm -> q_b_proj pair three ways, the triton lowering's joined siblings and folded norms)
 and the routed experts' grouped GEMMs with their pair bookkeeping (and, for --gemm-candidates / --moe-candidates, each
 config the tuner could time for them). Each case is {"case", "config", "call"}: the
-call runs the real launcher, whose Triton launches sm90_static.py catches and compiles for sm_90a. Imported by
+call runs the real launcher, whose Triton launches sm90_static.py catches and compiles for sm_90a (--ws-candidates:
+the warp-specialized FP8 GEMM configs in each form an artifact launches them). Imported by
 sm90_static.py after it has set up the import paths and unset TRITON_INTERPRET.
 """
 
@@ -197,6 +198,48 @@ def gemm_candidate_cases() -> list[dict]:
             out.append({"case": f"linear_fp8 candidate expert_gate_up n={n} k={k} m={m}", "config": cfg,
                         "tuned": cfg in tuned, "call": lambda cfg=cfg, x=x: linear_fp8(x, q, s, block=(128, 128),
                                                                                     act=ACT, config=cfg)})
+    return out
+
+
+def ws_candidate_cases() -> list[dict]:
+    """Each warp-specialized FP8 GEMM config the tuner times at prefill (configs.CANDIDATES_WS) in every form of the
+    kernel an artifact launches with it: fp32 activations quantized once (expert_gate_up), rms_norm_quant's codes
+    (q_b), joined siblings (q_a + kv), the SwiGLU folded in (expert_down), the RMSNorm folded in (q_a + kv) and
+    grouped weights (V4-Flash's o_a: 8 groups of 1024 rows over 4096), at 4096 tokens and at 300 (split-K)."""
+    from triton_gpu import ACT, FLASH_GEMMS, PREFILL_TOKENS
+
+    from v4c.runtime.quant import quant_fp8
+    from v4c.targets.triton.configs import CANDIDATES_WS
+    from v4c.targets.triton.kernels.gemm import grouped_linear_fp8, linear_fp8, linear_fp8_cat
+    from v4c.targets.triton.kernels.gemm_fused import norm_linear_fp8, swiglu_linear_fp8
+
+    def fp8(n, k):
+        return quant_fp8(torch.randn(n, k) * 0.02, (128, 128))
+    (n_gu, k_gu), (n_d, k_d), (n_b, k_b) = FLASH_GEMMS["expert_gate_up"], FLASH_GEMMS["expert_down"], FLASH_GEMMS["q_b"]
+    (n_a, k_a), (n_kv, _) = FLASH_GEMMS["q_a"], FLASH_GEMMS["kv"]
+    gu, down, q_b, q_akv, o_a = fp8(n_gu, k_gu), fp8(n_d, k_d), fp8(n_b, k_b), fp8(n_a + n_kv, k_a), fp8(8 * 1024, 4096)
+    kw = dict(block=(128, 128), act=ACT)
+    out = []
+    for m in (PREFILL_TOKENS, 300):
+        codes_b = torch.randn(m, k_b).to(torch.float8_e4m3fn), torch.rand(m, k_b // ACT["group"]) + 0.5
+        forms = {
+            f"linear_fp8 expert_gate_up n={n_gu} k={k_gu}": lambda c, m=m: linear_fp8(torch.randn(m, k_gu), *gu, **kw,
+                                                                                      config=c),
+            f"linear_fp8 q_b (e4m3 codes) n={n_b} k={k_b}": lambda c, x=codes_b: linear_fp8(x[0], *q_b, x[1], **kw,
+                                                                                            config=c),
+            f"linear_fp8_cat q_a+kv n={n_a}+{n_kv} k={k_a}": lambda c, m=m: linear_fp8_cat(
+                torch.randn(m, k_a), *q_akv, sizes=[n_a, n_kv], **kw, config=c),
+            f"swiglu_linear_fp8 expert_down n={n_d} k={k_d}": lambda c, m=m: swiglu_linear_fp8(
+                torch.randn(m, k_d), torch.randn(m, k_d), *down, limit=10.0, **kw, config=c),
+            f"norm_linear_fp8 q_a+kv n={n_a}+{n_kv} k={k_a}": lambda c, m=m: norm_linear_fp8(
+                torch.randn(m, k_a), torch.ones(k_a), *q_akv, eps=1e-6, sizes=[n_a, n_kv], **kw, config=c),
+            "grouped_linear_fp8 o_a groups=8 r=1024 k=4096": lambda c, m=m: grouped_linear_fp8(
+                torch.randn(m, 8, 4096), *o_a, groups=8, **kw, config=c),
+        }
+        for what, call in forms.items():
+            for cfg in CANDIDATES_WS:
+                out.append({"case": f"{what} m={m}", "config": cfg, "tuned": True,
+                            "call": lambda cfg=cfg, call=call: call(cfg)})
     return out
 
 

@@ -11,11 +11,12 @@ Nothing runs, so nothing is timed: this is for reading register pressure and cod
 
 Per kernel: registers per thread, spill bytes (ptxas -v), dynamic shared memory, CTAs per SM that
 registers and shared memory allow, and the SASS instruction mix (global loads by width, local-memory
-spill traffic, tensor-core instructions, total).
+spill traffic, tensor-core instructions, total); for a warp-specialized kernel also its warps in all (num_warps is
+the default partition's), the partitions' register limits (setmaxnreg) and CTAs per SM at that many warps.
 
     .venv/bin/python bench/sm90_static.py [--only attention,indexer,compress,hyper,gemm,moe|none] [--batches 1,64]
         [--attention-configs JSON] [--indexer-configs JSON] [--gemm-configs JSON] [--moe-configs JSON]
-        [--gemm-candidates] [--moe-candidates fp8,fp4]
+        [--gemm-candidates] [--ws-candidates] [--moe-candidates fp8,fp4]
         [--artifacts small,medium]
         [--out bench/results/sm90_static.json]
 
@@ -48,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))  # gpu_semantics
 
-from sm90_gemm_cases import gemm_candidate_cases, gemm_cases, moe_candidate_cases, moe_cases  # noqa: E402
+from sm90_gemm_cases import (gemm_candidate_cases, gemm_cases, moe_candidate_cases, moe_cases,  # noqa: E402
+                             ws_candidate_cases)
 
 H100 = {"target": GPUTarget("cuda", 90, 32), "sms": 132, "regs_per_sm": 65536, "smem_per_sm": 228 * 1024,
         "max_threads_per_sm": 2048}
@@ -127,9 +129,16 @@ def resources(kernel, warps: int) -> dict:
         head = op.split(".")[0]
         if head in SASS_CLASSES:
             mix[op if head in ("LDG", "LDGSTS", "LDL", "STL") else head] += 1
-    return {"registers": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "shared_bytes": shared,
-            "ctas_per_sm": min(by_regs, by_smem, H100["max_threads_per_sm"] // threads),
-            "sass": dict(sorted(mix.items()))}
+    row = {"registers": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "shared_bytes": shared,
+           "ctas_per_sm": min(by_regs, by_smem, H100["max_threads_per_sm"] // threads),
+           "sass": dict(sorted(mix.items()))}
+    if "ttg.warp_specialize" in kernel.asm["ttgir"]:  # Triton split the loop among warp groups (setmaxnreg each)
+        total = int(kernel.metadata.num_warps)  # the launch's warps: num_warps plus the partitions' own
+        row.update(warp_specialized=True, total_warps=total, ctas_per_sm=min(
+            H100["regs_per_sm"] // (max(regs, 1) * 32 * total), by_smem, H100["max_threads_per_sm"] // (32 * total)),
+            setmaxnreg=[int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                     kernel.asm["ptx"])])
+    return row
 
 
 @functools.cache
@@ -342,6 +351,8 @@ def main():
     ap.add_argument("--gemm-configs", default="[]", help="JSON list of extra FP8 GEMM launch configs")
     ap.add_argument("--moe-configs", default="[]", help="JSON list of extra moe_experts_q launch configs")
     ap.add_argument("--gemm-candidates", action="store_true", help="also every config of the FP8 GEMM candidate grid")
+    ap.add_argument("--ws-candidates", action="store_true", help="also every warp-specialized FP8 GEMM config the "
+                    "tuner times (configs.CANDIDATES_WS) in each form of the GEMM, at prefill")
     ap.add_argument("--moe-candidates", default="", help="also every config of the expert candidate grid for these "
                     "expert formats (comma-separated: fp8, fp4); rows say whether the tuner times it ('tuned')")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sm90_static.json")
@@ -365,6 +376,8 @@ def main():
         cases += moe_cases(json.loads(args.moe_configs))
     if args.gemm_candidates:
         cases += gemm_candidate_cases()
+    if args.ws_candidates:
+        cases += ws_candidate_cases()
     for fmt in filter(None, args.moe_candidates.split(",")):
         if fmt not in ("fp8", "fp4"):
             ap.error(f"--moe-candidates {args.moe_candidates}: expected fp8 and / or fp4")

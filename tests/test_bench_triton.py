@@ -212,6 +212,26 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
 
 
 @pytest.mark.slow
+def test_every_warp_specialized_gemm_candidate_compiles_warp_specialized_without_spills(tmp_path):
+    """configs.CANDIDATES_WS, the FP8 GEMM configs the tuner times with WARP_SPEC at prefill: in each form of the GEMM
+    an artifact launches (quantized once, codes, joined siblings, SwiGLU, RMSNorm, grouped; 4096 and 300 tokens,
+    the latter split-K), Triton warp-specializes the K loop for sm_90a (12 warps: 4 of the default partition and
+    two more groups, each with its register limit) with fp8 wgmma, no spills, and the TMA loads in it."""
+    from v4c.targets.triton.configs import CANDIDATES_WS
+    out = tmp_path / "ws.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "sm90_static.py"), "--only", "none", "--ws-candidates",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "_gemm_kernel"]
+    assert len(rows) == 2 * 6 * len(CANDIDATES_WS)  # 2 token counts x 6 forms
+    for r in rows:
+        assert r["constexprs"]["TMA_WS"] is True and r["warp_specialized"] and r["total_warps"] == 12, r
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
+        assert r["sass"].get("QGMMA", 0) > 0 and r["sass"].get("UTMALDG", 0) > 0, r
+
+
+@pytest.mark.slow
 def test_every_fp4_expert_candidate_the_tuner_times_compiles_without_spills(tmp_path):
     """configs.CANDIDATES_FP4: of the expert candidate grid, the tuner times for FP4 experts only the configs that
     compile for sm_90a without spills at V4-Flash's expert shapes (both GEMMs, decode and prefill); 18 of the
