@@ -6,10 +6,10 @@
 #
 # STAGE, in priority order:
 #   check        bench/triton_gpu_check.py: every launch of a `small` triton artifact against its torch kernel
-#   gemm-ws      FP8 GEMM against cuBLAS, the heuristic config beside the warp-specialized K loop's four at
-#                prefill (configs.CANDIDATES_WS: TMA loads in a producer warp group, two consumer warp groups;
-#                never run on a GPU before); each config's result is checked against the reference before it is
-#                timed
+#   gemm-ws      FP8 GEMM against cuBLAS, the heuristic config beside the warp-specialized K loop's eight at
+#                prefill (configs.CANDIDATES_WS: TMA loads in a producer warp group, two consumer warp groups, four
+#                tile shapes, each also persistent; never run on a GPU before); each config's result is checked
+#                against the reference before it is timed
 #   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16
 #   attention    sparse decode attention, bf16 dots (the default), tf32, and 8 warps (no spills under the image's
 #                Triton 3.6, where 4 warps spill 4-28 B) side by side

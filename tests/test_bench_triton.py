@@ -213,10 +213,11 @@ def test_the_decode_kernels_compile_for_an_h100_without_spills(tmp_path):
 
 @pytest.mark.slow
 def test_every_warp_specialized_gemm_candidate_compiles_warp_specialized_without_spills(tmp_path):
-    """configs.CANDIDATES_WS, the FP8 GEMM configs the tuner times with WARP_SPEC at prefill: in each form of the GEMM
-    an artifact launches (quantized once, codes, joined siblings, SwiGLU, RMSNorm, grouped; 4096 and 300 tokens,
-    the latter split-K), Triton warp-specializes the K loop for sm_90a (12 warps: 4 of the default partition and
-    two more groups, each with its register limit) with fp8 wgmma, no spills, and the TMA loads in it."""
+    """configs.CANDIDATES_WS, the FP8 GEMM configs the tuner times with WARP_SPEC (persistent or not) at prefill: in
+    each form of the GEMM an artifact launches (quantized once, codes, joined siblings, SwiGLU, RMSNorm, grouped;
+    4096 and 300 tokens, the latter split-K unless persistent), Triton warp-specializes the K loop (the tile loop when
+    persistent) for sm_90a (12 warps: 4 of the default partition and two more groups, each with its register
+    limit) with fp8 wgmma, no spills, and the TMA loads in it."""
     from v4c.targets.triton.configs import CANDIDATES_WS
     out = tmp_path / "ws.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -227,6 +228,7 @@ def test_every_warp_specialized_gemm_candidate_compiles_warp_specialized_without
     assert len(rows) == 2 * 6 * len(CANDIDATES_WS)  # 2 token counts x 6 forms
     for r in rows:
         assert r["constexprs"]["TMA_WS"] is True and r["warp_specialized"] and r["total_warps"] == 12, r
+        assert r["constexprs"]["PERSIST"] is bool(r["config"].get("PERSISTENT")), r
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
         assert r["sass"].get("QGMMA", 0) > 0 and r["sass"].get("UTMALDG", 0) > 0, r
 

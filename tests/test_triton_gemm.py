@@ -318,6 +318,31 @@ def test_warp_specialized_k_loop_equals_the_pointer_loop(m, groups, k, n, block,
             assert torch.equal(pre, linear_fp8(codes, w, s, scales, block=block, act=act, config=config))
 
 
+@pytest.mark.parametrize("m,groups,k,n,block", [(70, 1, 160, 33, [16, 32]), (5, 3, 64, 17, [1, 32]),
+                                                (9, 2, 256, 40, [128, 128])])
+def test_persistent_warp_specialized_loop_equals_the_pointer_loop(m, groups, k, n, block):
+    """PERSISTENT (WARP_SPEC's loop over the output tiles of a persistent grid; in the interpreter 2 programs, so
+    each takes several tiles: M tiles fastest, then N tiles, then groups) gives the pointer loop's result bit for
+    bit, without split-K (the pointer loop at SPLIT_K 1); joined siblings too. It needs WARP_SPEC and no split-K."""
+    from v4c.targets.triton.kernels.gemm import linear_fp8_cat
+    x = randn(m, groups, k, seed=99) * 2
+    w, s = fp8_weight(groups * n, k, block, "ue8m0", seed=100)
+    act = {"mode": "dynamic", "group": 32, "scale_format": "fp32"}
+    config = {**WS, "SPLIT_K": 1}
+    on = {**config, "WARP_SPEC": True, "PERSISTENT": True}
+    ours = grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act, config=on)
+    assert torch.equal(ours, grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act, config=config))
+    if groups == 1:
+        sizes = [16, n - 16]
+        for y_p, y in zip(linear_fp8_cat(x[:, 0], w, s, sizes=sizes, block=block, act=act, config=on),
+                          linear_fp8_cat(x[:, 0], w, s, sizes=sizes, block=block, act=act, config=config)):
+            assert torch.equal(y_p, y)
+    for bad, message in (({**on, "WARP_SPEC": False}, r"PERSISTENT.*the warp-specialized K loop \(WARP_SPEC\)"),
+                         ({**on, "SPLIT_K": 2}, r"PERSISTENT.*no split-K")):
+        with pytest.raises(ValueError, match=message):
+            grouped_linear_fp8(x, w, s, groups=groups, block=block, act=act, config=bad)
+
+
 def test_warp_specialized_k_loop_in_the_fused_and_joined_gemms():
     """The GEMMs built on the same kernel take WARP_SPEC too, bit for bit with their pointer loop: joined siblings
     (linear_fp8_cat: each N tile's weight rows are its sibling's, read through the one weight descriptor), the SwiGLU

@@ -235,11 +235,11 @@ def test_the_recorded_configs_reach_the_launchers(builds, monkeypatch):
 
 @pytest.mark.slow  # two FP8 artifacts under the interpreter: make test-all
 def test_a_build_whose_fp8_gemms_are_warp_specialized_gives_the_same_logits(tmp_path, monkeypatch):
-    """An artifact whose FP8 GEMM steps carry WARP_SPEC configs (as a GPU's tuner may leave them) runs them, strict
-    (no launcher refuses its inputs: the fused recipe's codes, joined siblings, the norm folds, grouped o_a, the
-    runtime's planned buffers), and gives, bit for bit, the logits of the same build with the pointer loop at the
-    same tiles. The fixtures' odd sizes have K that no 32-wide K tile divides (WARP_SPEC refuses those, and the
-    tuner skips it there), so this model's projections are all 32 or 64 wide."""
+    """An artifact whose FP8 GEMM steps carry WARP_SPEC configs, persistent or not (as a GPU's tuner may leave them),
+    runs them, strict (no launcher refuses its inputs: the fused recipe's codes, joined siblings, the norm folds,
+    grouped o_a, the runtime's planned buffers), and gives, bit for bit, the logits of the same build with the
+    pointer loop at the same tiles. The fixtures' odd sizes have K that no 32-wide K tile divides (WARP_SPEC refuses
+    those, and the tuner skips it there), so this model's projections are all 32 or 64 wide."""
     from oracle import _cfg, make_model, save_hf
 
     from v4c.targets.triton import configs
@@ -247,8 +247,9 @@ def test_a_build_whose_fp8_gemms_are_warp_specialized_gives_the_same_logits(tmp_
                                    moe_intermediate_size=32, index_head_dim=32), seed=21), tmp_path / "ckpt")
     fp8 = FP8.replace("group: 16", "group: 32") + "  - fuse\n"  # (K tiles of 32: the fp8 dot, which WARP_SPEC needs)
     logits = {}
-    for ws in (False, True):
-        gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "QUANT_ONCE": True, "WARP_SPEC": ws}
+    for ws in (False, True, "persistent"):  # (no split-K in the interpreter: the persistent grid's tiles are the same)
+        gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "QUANT_ONCE": True, "WARP_SPEC": bool(ws),
+                "PERSISTENT": ws == "persistent"}
         for bucket in ("decode", "prefill"):
             monkeypatch.setitem(configs._GEMM, bucket, gemm)
         art = _compile(tmp_path, ckpt, "triton", fp8, name=f"ws_{ws}")
@@ -257,10 +258,10 @@ def test_a_build_whose_fp8_gemms_are_warp_specialized_gives_the_same_logits(tmp_
         fp8_steps = [i for i, st in enumerate(program["steps"]) if st["kernel"] in configs.FP8_GEMMS]
         assert {program["steps"][i]["kernel"] for i in fp8_steps} == {"linear_fp8", "linear_fp8_cat", "norm_linear_fp8",
                                                                       "grouped_linear_fp8"}
-        assert all(b["config"]["WARP_SPEC"] is ws for i in fp8_steps for b in launch["steps"][str(i)])
+        assert all(b["config"] == gemm for i in fp8_steps for b in launch["steps"][str(i)])
         ids = tokens(1, 19, seed=4)
         logits[ws] = _prefill_then_decode(open_artifact(art).session(strict=True), ids, 16)
-    assert torch.equal(logits[True], logits[False])
+    assert torch.equal(logits[True], logits[False]) and torch.equal(logits["persistent"], logits[False])
 
 
 def test_ops_without_a_triton_kernel_are_reported_and_strict_refuses_them(tmp_path, hf_checkpoints):

@@ -69,14 +69,16 @@ CANDIDATES_FP4 = {
     "prefill": _grid(BLOCK_M=[32, 64], BLOCK_N=[64], BLOCK_K=[64, 128], BLOCK_D=[128], num_warps=[8]),
 }
 # FP8 GEMMs at prefill also time the warp-specialized K loop (kernels/gemm.py TMA_WS: TMA loads in a producer warp
-# group, two consumer warp groups sharing the tile): 4 warps each group, 12 in all, one CTA per SM. These compile
-# warp-specialized without spills for sm_90a under Triton 3.6 and 3.9 in every form of the GEMM, at 4096 and 300
-# tokens (bench/results/sm90_ws_candidates*.json); 128 x 256 tiles spill 1.4 KB, and 64 x 256 does not compile
-# (3.9 refuses the wgmma layout, 3.6 aborts the process).
+# group, two consumer warp groups sharing the tile): 4 warps each group, 12 in all, one CTA per SM; each also as a
+# persistent kernel (PERSISTENT: one program per SM loops over the tiles, so the next tile loads while this one's
+# output is stored). These compile warp-specialized without spills for sm_90a under Triton 3.6 and 3.9 in every form
+# of the GEMM, at 4096 and 300 tokens (bench/results/sm90_ws_candidates*.json); 128 x 256 tiles spill 1.4 KB, and
+# 64 x 256 does not compile (3.9 refuses the wgmma layout, 3.6 aborts the process).
 CANDIDATES_WS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "WARP_SPEC": True},
                  {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "WARP_SPEC": True},
                  {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "WARP_SPEC": True},
                  {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "WARP_SPEC": True}]
+CANDIDATES_WS += [{**c, "PERSISTENT": True} for c in CANDIDATES_WS]
 FP8_GEMMS = ("linear_fp8", "swiglu_linear_fp8", "grouped_linear_fp8", "linear_fp8_cat", "norm_linear_fp8")
 FAMILY = {"linear": "gemm", "linear_fp8": "gemm", "swiglu_linear_fp8": "gemm", "grouped_linear": "gemm",
           "grouped_linear_fp8": "gemm", "linear_cat": "gemm", "linear_fp8_cat": "gemm", "norm_linear_fp8": "gemm",

@@ -158,7 +158,8 @@ def _is_pow2(value) -> bool:
 
 
 # config keys that take 'auto', true or false (config_switch)
-SWITCHES = ("FP8_DOT", "QUANT_ONCE", "SUM_IN_KERNEL", "ENCODE_IN_KERNEL", "PAIRS_IN_KERNEL", "WARP_SPEC")
+SWITCHES = ("FP8_DOT", "QUANT_ONCE", "SUM_IN_KERNEL", "ENCODE_IN_KERNEL", "PAIRS_IN_KERNEL", "WARP_SPEC",
+            "PERSISTENT")
 _CONFIGS: dict = {}  # validated configs by (name, config, defaults, at_least): a launch validates a config once
 
 

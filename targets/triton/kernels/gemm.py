@@ -83,42 +83,17 @@ def _segment(pid_n, tiles, lo, hi, y_i, first, s_lo, s_hi, s_y, BN: tl.constexpr
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale,
-                 limit, bo, bi, sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn,
-                 y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7, nw_ptr, eps,
-                 ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
-                 FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
-                 SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                 NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA_WS: tl.constexpr):
-    """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
-    GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
-    3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
-    FLAT (GS == BK: each group is one K tile, or no groups): one loop over K tiles, which Triton software-
-    pipelines (num_stages); else a loop over groups, each an amax pass then its tiles.
-    SPLIT > 1 (split-K): program (.., g * SPLIT + p) sums the activation groups [p * spans_per_split,
-    (p + 1) * spans_per_split) into the partial sums p_ptr[p]; SUM_IN_KERNEL: the last of a tile's SPLIT programs
-    to arrive (counted in cnt_ptr, int32 zeros that it leaves zero) adds them in split order into y (else the
-    launcher adds them: a second kernel).
-    FP8_DOT (quantized activations times e4m3 weights): each tile's e4m3 codes meet in an fp8 tensor-core
-    dot (exact products, fp32 sums) and the partial sum is scaled by the activation and weight block
-    scales, as DeepGEMM does; otherwise both tiles are dequantized to fp32 for an IEEE fp32 dot.
-    NATIVE: the hardware e4m3 cast (a GPU) instead of integer rounding (the interpreter).
-    SEGS > 1 (G = 1): the weight is SEGS siblings' weights one after another (linear_cat): rows [0, e1) are the
-    first's, [e1, e2) the second's, .. [e_{SEGS-1}, N) the last's; each N tile lies in one of them (the grid has
-    cdiv(rows, BN) tiles per sibling) and is written to its own output, y_ptr, y1, .. (contiguous [M, rows]).
-    SWIGLU (swiglu_linear_fp8): x is swiglu(x, u), u at u_ptr with x's strides, clamped at `limit` with HAS_LIMIT;
-    computed where x is loaded (quantize.load_act).
-    NORM (norm_linear_fp8; 0: off): x is rms_norm(x, nw_ptr's weight, eps), x contiguous in K (G = 1). Each program
-    first takes its rows' 1 / rms with the rms_norm kernel's row code (norm.row_rstd over one [NORM]-wide block),
-    then normalizes each tile where it is loaded, as the norm kernel does (x * rstd, then weight times that).
-    TMA_WS (ACT 3, FP8_DOT, W_SCALED, FLAT; K a multiple of BK; x e4m3 codes, contiguous): the K loop loads the
-    e4m3 tiles through tensor descriptors made here, over the codes as [M, G*K] and the weight as [G*N, K], and is
-    warp-specialized (`tl.range(warp_specialize=True)`): on sm_90 Triton gives the TMA loads a producer warp group
-    and splits the tile between consumer warp groups, so one group's wgmma runs while another applies its block
-    scales (each waits for its own wgmma before scaling, as the pointer path's K loop does, but overlapped).
-    The descriptors are made in the kernel, not on the host, because that split changes their block shape (a
-    host descriptor's is fixed: Triton 3.6 and 3.9 refuse the split then)."""
-    pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _gemm_tile(pid_m, pid_n, pid_g, tiles_m, tiles_n, groups, xd, wd, x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr,
+               p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale, limit, bo, bi, sxm, sxg, sxk, swn, swk, ssn,
+               ssk, sym, syg, syn, spp, spm, spg, spn, y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7, nw_ptr,
+               eps, ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
+               FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
+               SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
+               NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA_WS: tl.constexpr,
+               WS_LOOP: tl.constexpr):
+    """Output tile (pid_m, pid_n) of group and split pid_g of _gemm_kernel (which see), on a grid of tiles_m x
+    tiles_n tiles per group and split; xd, wd: TMA_WS's tensor descriptors. WS_LOOP: the K loop is the loop Triton
+    warp-specializes (TMA_WS without PERSIST)."""
     g, part = pid_g // SPLIT, pid_g % SPLIT
     lo, hi, first, y_base = 0, N, 0, y_ptr  # this tile's sibling: its rows [lo, hi), first tile and output
     if SEGS > 1:  # (unrolled by hand: a loop cannot index the arguments y1.. / e1.. without tuple arguments,
@@ -145,7 +120,7 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
     x_rows = x_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1]
     u_rows = u_ptr + g * sxg + offs_m[:, None] * sxm  # [BM, 1] (SWIGLU)
     w_rows = w_ptr + rows_w[None, :] * swn  # [1, BN]
-    sx_rows = sx_ptr + (offs_m * (tl.num_programs(2) // SPLIT) + g) * tl.cdiv(K, GS)  # [BM] (ACT 3)
+    sx_rows = sx_ptr + (offs_m * groups + g) * tl.cdiv(K, GS)  # [BM] (ACT 3)
     tl.static_assert(NORM == 0 or (ACT == 1 and not SWIGLU), "NORM: dynamic activations of x itself")
     rstd = tl.zeros((BM,), dtype=tl.float32)
     if NORM:
@@ -157,11 +132,8 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
     k_hi = tl.minimum(k_lo + spans_per_split * GS, K)
     if TMA_WS:
         tl.static_assert(ACT == 3 and FP8_DOT and W_SCALED, "TMA_WS: e4m3 codes times e4m3 weights")
-        groups = tl.num_programs(2) // SPLIT
-        xd = tl.make_tensor_descriptor(x_ptr, shape=[M, groups * K], strides=[sxm, 1], block_shape=[BM, BK])
-        wd = tl.make_tensor_descriptor(w_ptr, shape=[groups * N, K], strides=[swn, 1], block_shape=[BN, BK])
         row_w = g * N + lo + (pid_n - first) * BN  # the tile's first weight row (rows past `hi` are never stored)
-        for kk in tl.range(k_lo, k_hi, BK, warp_specialize=True):
+        for kk in tl.range(k_lo, k_hi, BK, warp_specialize=WS_LOOP):
             xq = xd.load([pid_m * BM, g * K + kk])  # [BM, BK] e4m3 (rows past M read as zeros)
             wt = wd.load([row_w, kk])  # [BN, BK] e4m3
             s = tl.load(sx_rows + kk // GS, mask=m_ok, other=1.0)[:, None]  # [BM, 1]
@@ -197,15 +169,82 @@ def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N
         partial = p_ptr + offs_m[:, None] * spm + g * spg + offs_n[None, :] * spn
         tl.store(partial + part * spp, acc, mask=ok)
         if SUM_IN_KERNEL:  # the last of the tile's programs adds the partial sums (common.arrived_last)
-            if arrived_last(cnt_ptr + (g * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m, SPLIT):
+            if arrived_last(cnt_ptr + (g * tiles_n + pid_n) * tiles_m + pid_m, SPLIT):
                 tl.store(y, sum_runs(partial, spp, ok, SPLIT), mask=ok)
+
+
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale,
+                 limit, bo, bi, sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn,
+                 y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7, nw_ptr, eps, tiles_m, tiles_n, groups,
+                 ACT: tl.constexpr, ACT_UE8M0: tl.constexpr, W_SCALED: tl.constexpr, S_E8M0: tl.constexpr,
+                 FP8_DOT: tl.constexpr, NATIVE: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
+                 SUM_IN_KERNEL: tl.constexpr, SEGS: tl.constexpr, SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                 NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA_WS: tl.constexpr,
+                 PERSIST: tl.constexpr):
+    """y[m, g, n] = sum_k q(x[m, g, k]) * dq(w[g*N + n, k]).  Grid: (cdiv(M, BM), cdiv(N, BN), G * SPLIT).
+    GS: K span of one activation group (a multiple of BK, or >= K); ACT 0 none, 1 dynamic, 2 static,
+    3 dynamic quantized once (x: e4m3 codes [M, G, K], sx_ptr: their scales [M, G, cdiv(K, GS)] fp32).
+    FLAT (GS == BK: each group is one K tile, or no groups): one loop over K tiles, which Triton software-
+    pipelines (num_stages); else a loop over groups, each an amax pass then its tiles.
+    SPLIT > 1 (split-K): program (.., g * SPLIT + p) sums the activation groups [p * spans_per_split,
+    (p + 1) * spans_per_split) into the partial sums p_ptr[p]; SUM_IN_KERNEL: the last of a tile's SPLIT programs
+    to arrive (counted in cnt_ptr, int32 zeros that it leaves zero) adds them in split order into y (else the
+    launcher adds them: a second kernel).
+    FP8_DOT (quantized activations times e4m3 weights): each tile's e4m3 codes meet in an fp8 tensor-core
+    dot (exact products, fp32 sums) and the partial sum is scaled by the activation and weight block
+    scales, as DeepGEMM does; otherwise both tiles are dequantized to fp32 for an IEEE fp32 dot.
+    NATIVE: the hardware e4m3 cast (a GPU) instead of integer rounding (the interpreter).
+    SEGS > 1 (G = 1): the weight is SEGS siblings' weights one after another (linear_cat): rows [0, e1) are the
+    first's, [e1, e2) the second's, .. [e_{SEGS-1}, N) the last's; each N tile lies in one of them (the grid has
+    cdiv(rows, BN) tiles per sibling) and is written to its own output, y_ptr, y1, .. (contiguous [M, rows]).
+    SWIGLU (swiglu_linear_fp8): x is swiglu(x, u), u at u_ptr with x's strides, clamped at `limit` with HAS_LIMIT;
+    computed where x is loaded (quantize.load_act).
+    NORM (norm_linear_fp8; 0: off): x is rms_norm(x, nw_ptr's weight, eps), x contiguous in K (G = 1). Each program
+    first takes its rows' 1 / rms with the rms_norm kernel's row code (norm.row_rstd over one [NORM]-wide block),
+    then normalizes each tile where it is loaded, as the norm kernel does (x * rstd, then weight times that).
+    TMA_WS (ACT 3, FP8_DOT, W_SCALED, FLAT; K a multiple of BK; x e4m3 codes, contiguous): the K loop loads the
+    e4m3 tiles through tensor descriptors made here, over the codes as [M, G*K] and the weight as [G*N, K], and is
+    warp-specialized (`tl.range(warp_specialize=True)`): on sm_90 Triton gives the TMA loads a producer warp group
+    and splits the tile between consumer warp groups, so one group's wgmma runs while another applies its block
+    scales (each waits for its own wgmma before scaling, as the pointer path's K loop does, but overlapped).
+    The descriptors are made in the kernel, not on the host, because that split changes their block shape (a
+    host descriptor's is fixed: Triton 3.6 and 3.9 refuse the split then).
+    PERSIST (TMA_WS, SPLIT 1): a persistent kernel, grid (programs,): each program takes the tiles t = its id, + the
+    number of programs, .. of the tiles_m x tiles_n x groups (M tiles fastest), in a loop that is the one Triton
+    warp-specializes: the producer then loads the next tile's K tiles while the consumers store this one's output.
+    tiles_m, tiles_n, groups: the (non-persistent) grid's M tiles, N tiles (all siblings') and weight groups."""
+    if TMA_WS:  # once per program (PERSIST: for all its tiles)
+        xd = tl.make_tensor_descriptor(x_ptr, shape=[M, groups * K], strides=[sxm, 1], block_shape=[BM, BK])
+        wd = tl.make_tensor_descriptor(w_ptr, shape=[groups * N, K], strides=[swn, 1], block_shape=[BN, BK])
+    else:
+        xd, wd = x_ptr, w_ptr  # (unused)
+    if PERSIST:
+        tl.static_assert(TMA_WS and SPLIT == 1, "PERSIST: the warp-specialized loop, without split-K")
+        for t in tl.range(tl.program_id(0), tiles_m * tiles_n * groups, tl.num_programs(0), warp_specialize=True):
+            _gemm_tile(t % tiles_m, (t // tiles_m) % tiles_n, t // (tiles_m * tiles_n), tiles_m, tiles_n, groups,
+                       xd, wd, x_ptr, u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS,
+                       spans_per_split, act_scale, limit, bo, bi, sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn,
+                       spp, spm, spg, spn, y1, y2, y3, y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7, nw_ptr, eps, ACT,
+                       ACT_UE8M0, W_SCALED, S_E8M0, FP8_DOT, NATIVE, FLAT, SPLIT, SUM_IN_KERNEL, SEGS, SWIGLU,
+                       HAS_LIMIT, NORM, BM, BN, BK, TMA_WS, False)
+    else:
+        _gemm_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tiles_m, tiles_n, groups, xd, wd, x_ptr,
+                   u_ptr, w_ptr, s_ptr, y_ptr, sx_ptr, p_ptr, cnt_ptr, M, N, K, GS, spans_per_split, act_scale,
+                   limit, bo, bi, sxm, sxg, sxk, swn, swk, ssn, ssk, sym, syg, syn, spp, spm, spg, spn, y1, y2, y3,
+                   y4, y5, y6, y7, e1, e2, e3, e4, e5, e6, e7, nw_ptr, eps, ACT, ACT_UE8M0, W_SCALED, S_E8M0,
+                   FP8_DOT, NATIVE, FLAT, SPLIT, SUM_IN_KERNEL, SEGS, SWIGLU, HAS_LIMIT, NORM, BM, BN, BK, TMA_WS,
+                   TMA_WS)
 
 
 # --- host-side checks and tiling ---------------------------------------------------------------
 def _gemm_config(config, m: int, n: int, name: str) -> dict:
     defaults = {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": min(64, max(16, next_pow2(n))),
                 "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0, "FP8_DOT": "auto", "QUANT_ONCE": "auto",
-                "SUM_IN_KERNEL": "auto", "WARP_SPEC": False}
+                "SUM_IN_KERNEL": "auto", "WARP_SPEC": False,
+                "PERSISTENT": False}
     return launch_config(config, defaults, name, at_least={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})  # tl.dot
 
 
@@ -215,6 +254,19 @@ def _use_warp_spec(cfg: dict, device, mode: int, fp8_dot: bool, k: int, bk: int,
     needs = [(mode == 1, "dynamic activations (act mode 'dynamic')"), (fp8_dot, "the fp8 dot (FP8_DOT)"),
              (k % bk == 0, f"K ({k}) a multiple of the K tile ({bk})"), (tma_supported(device), "an sm_90+ GPU")]
     return config_switch("WARP_SPEC", cfg["WARP_SPEC"], needs, name, auto=False)
+
+
+def _use_persistent(cfg: dict, ws: bool, name: str) -> bool:
+    """PERSISTENT (off unless a config turns it on): WARP_SPEC's loop over the output tiles of a persistent grid,
+    so a program's next tile loads while it stores this one (_gemm_kernel's PERSIST); no split-K."""
+    needs = [(ws, "the warp-specialized K loop (WARP_SPEC)"), (cfg["SPLIT_K"] in (0, 1), "no split-K (SPLIT_K 0 or 1)")]
+    return config_switch("PERSISTENT", cfg["PERSISTENT"], needs, name, auto=False)
+
+
+def _persistent_programs(device, tiles: int) -> int:
+    """PERSIST's grid: one program per SM, at most one per tile; in the interpreter (no SMs) 2, so its tile loop
+    runs."""
+    return max(1, min(tiles, sm_count(device) or 2))
 
 
 def _tma_operands(codes: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
@@ -340,20 +392,21 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
     span = min(group, k) if mode == 1 else bk  # K span of one activation group (static / none: of one tile)
     spans = cdiv(k, span)
     grid_m, grid_n = cdiv(m, cfg["BLOCK_M"]), sum(cdiv(n, cfg["BLOCK_N"]) for n in sizes)
-    per_split = cdiv(spans, _split_k(cfg, x3.device, spans, grid_m * grid_n * groups))
-    split = cdiv(spans, per_split)
     fp8_dot = _use_fp8_dot(cfg, x3.device, mode, scale is not None, bk, name)
     flat = span == bk or bk >= k  # every activation group (or span) is one K tile: a single pipelined K loop
     ws = _use_warp_spec(cfg, x3.device, mode, fp8_dot, k, bk, name)
+    persist = _use_persistent(cfg, ws, name)
+    per_split = spans if persist else cdiv(spans, _split_k(cfg, x3.device, spans, grid_m * grid_n * groups))
+    split = cdiv(spans, per_split)
     partials = out if split == 1 else torch.empty(split, m, groups, r, dtype=torch.float32, device=x3.device)
     counters = _counters(cfg, x3.device, split, grid_m * grid_n * groups, name, ws)
     s, s_e8m0 = _scale_arg(scale) if scale is not None else (weight, False)
-    grid = (grid_m, grid_n, groups * split)
+    grid = (_persistent_programs(x3.device, grid_m * grid_n * groups),) if persist else (grid_m, grid_n, groups * split)
     x_arg, x_scales = x3, out  # (out: an unused pointer)
     if x_scale3 is not None:
         x_arg, x_scales = x3.view(torch.uint8), x_scale3.contiguous()
         mode, flat = 3, True
-    elif quant_once(True if ws else cfg["QUANT_ONCE"], mode == 1, m, grid[1], name):
+    elif quant_once(True if ws else cfg["QUANT_ONCE"], mode == 1, m, grid_n, name):
         if norm is None:
             x_arg, x_scales = act_quant(x3, span, ue8m0, up3, limit)
         else:  # the norm quantizes its output once (the fuse pass's rms_norm_quant, unfolded)
@@ -368,12 +421,12 @@ def _gemm(name, x3, weight, outs, scale=None, block=(1, 1), act=None, config=Non
                        0.0 if limit is None else float(limit), bo, bi, *x_arg.stride(), *weight.stride(), s.stride(0),
                        s.stride(-1), *out.stride(), *(partials.stride() if split > 1 else (0, 0, 0, 0)),
                        *_sibling_args(outs, sizes, r), x_arg if norm is None else norm[0],
-                       0.0 if norm is None else float(norm[1]), ACT=mode, ACT_UE8M0=ue8m0,
+                       0.0 if norm is None else float(norm[1]), grid_m, grid_n, groups, ACT=mode, ACT_UE8M0=ue8m0,
                        W_SCALED=scale is not None, S_E8M0=s_e8m0, FP8_DOT=fp8_dot, NATIVE=native_cvt(x3.device),
                        FLAT=flat, SPLIT=split, SUM_IN_KERNEL=counters is not None, SEGS=len(outs),
                        SWIGLU=up3 is not None, HAS_LIMIT=limit is not None, NORM=0 if norm is None else next_pow2(k),
-                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk, TMA_WS=ws, num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"])
+                       BM=cfg["BLOCK_M"], BN=cfg["BLOCK_N"], BK=bk, TMA_WS=ws, PERSIST=persist,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1 and counters is None:
         if len(outs) == 1:
             torch.sum(partials, 0, out=out)
