@@ -49,6 +49,26 @@ def test_the_dry_run_exercises_every_section(tmp_path):
     assert all(v["median"] > 0 for v in e2e["decode_tokens_per_s"].values()) and "speedup" in e2e
 
 
+def test_the_gemm_bench_times_warp_specialized_configs_at_prefill_and_skips_a_wrong_result(tmp_path, monkeypatch):
+    """gpu_session.sh gemm-ws: extra configs with WARP_SPEC are timed only where an artifact could run them (the
+    prefill bucket, as the tuner does), and every config's result is checked against the reference before it is
+    timed: one that is wrong (here: off by 10%, as a miscompile might be) is recorded with the error, never chosen."""
+    from v4c.targets.triton.configs import CANDIDATES_WS
+    module = _load()
+    real = module._fp8_gemm
+    monkeypatch.setattr(module, "_fp8_gemm", lambda x, q, s, c: real(x, q, s, c) * (1.1 if c.get("BLOCK_N") == 32
+                                                                                    else 1.0))
+    ws = CANDIDATES_WS[2]  # (the interpreter runs any of them; one keeps this quick)
+    bad = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    result = module.main(["--dry-run", "--sections", "gemm", "--gemm-configs", json.dumps([ws, bad]),
+                          "--out", str(tmp_path / "g.json")])
+    for r in result["fp8_gemm"]:
+        tried = {json.dumps(t["config"], sort_keys=True): t for t in r["tried"]}
+        assert (json.dumps(ws, sort_keys=True) in tried) == (r["bucket"] == "prefill"), r
+        assert "wrong result" in tried[json.dumps(bad, sort_keys=True)]["error"] and r["v4c_config"] != bad
+        assert r["rel_err_vs_reference"] < 1e-5
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the script measures instead")
 def test_without_a_gpu_every_row_is_not_measured(tmp_path):
     result = _load().main(["--out", str(tmp_path / "r.json")])
