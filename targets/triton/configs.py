@@ -68,8 +68,8 @@ CANDIDATES_FP4 = {
                + _grid(BLOCK_M=[16], BLOCK_N=[64], BLOCK_K=[64], BLOCK_D=[64, 128])),
     "prefill": _grid(BLOCK_M=[32, 64], BLOCK_N=[64], BLOCK_K=[64, 128], BLOCK_D=[128], num_warps=[8]),
 }
-# FP8 GEMMs at prefill also time the warp-specialized K loop (kernels/gemm.py TMA_WS: TMA loads in a producer warp
-# group, two consumer warp groups sharing the tile): 4 warps each group, 12 in all, one CTA per SM; each also as a
+# FP8 GEMMs at prefill also time the warp-specialized K loop (kernels/gemm_kernel.py TMA_WS: TMA loads in a producer
+# warp group, two consumer warp groups sharing the tile): 4 warps each group, 12 in all, one CTA per SM; each also as a
 # persistent kernel (PERSISTENT: one program per SM loops over the tiles, so the next tile loads while this one's
 # output is stored). These compile warp-specialized without spills for sm_90a under Triton 3.6 and 3.9 in every form
 # of the GEMM, at 4096 and 300 tokens (bench/results/sm90_ws_candidates*.json); 128 x 256 tiles spill 1.4 KB, and

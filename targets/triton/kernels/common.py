@@ -243,20 +243,6 @@ def tma_supported(device: torch.device) -> bool:
     return _device_fact(device, "TMA", lambda: torch.cuda.get_device_capability(device) >= (9, 0))
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")  # (torch's blocks are 512-byte aligned)
-
-
-def set_tma_allocator() -> None:
-    """Tensor descriptors made in a kernel (gemm's TMA_WS) take a global scratch buffer at each launch, which Triton
-    asks its allocator for (a per-thread setting, Triton's NullAllocator by default). Where the launching thread has
-    none, this sets torch's caching allocator, so a CUDA-graph capture takes the buffer from its own pool; an
-    allocator set by the caller is kept."""
-    from triton.runtime import _allocation  # (the default is not public; both 3.6 and 3.9 keep it here)
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        triton.set_allocator(_scratch)
-
-
 def native_cvt(device: torch.device) -> bool:
     """Whether kernels on `device` may use the hardware fp32 -> e4m3 conversion (round to nearest even on
     NVIDIA GPUs) instead of integer rounding (the Triton interpreter's cast rounds ties away from zero)."""
