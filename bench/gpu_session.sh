@@ -2,7 +2,13 @@
 # The GPU measurements of issue 7, one stage per call, in the order a short lent-GPU session should take
 # them (each stage fits one 10-minute command; the whole list takes more than a session's 30 minutes of device time).
 #
-#   bash bench/gpu_session.sh STAGE [OUT_DIR]
+#   bash bench/gpu_session.sh STAGE[,STAGE...] [OUT_DIR]
+#
+# Several stages, comma-separated, run one after another within one command's limit: each gets at most 540 s
+# and at most what is left of BUDGET_S seconds (default 570) counted from the start, less 15 s; a stage with
+# under 60 s left is not started (its name goes to OUT_DIR/skipped.txt). STAGE:SECONDS caps one stage lower
+# (check:200,gemm-ws). A lent machine is given back after 30 idle seconds, so one call that takes several
+# stages saves restarting it.
 #
 # STAGE, in priority order:
 #   check        bench/triton_gpu_check.py: every launch of a `small` triton artifact against its torch kernel
@@ -12,7 +18,8 @@
 #                against the reference before it is timed
 #   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16
 #   attention    sparse decode attention, bf16 dots (the default), tf32, and 8 warps (no spills under the image's
-#                Triton 3.6, where 4 warps spill 4-28 B) side by side
+#                Triton 3.6, where 4 warps spill 4-28 B) side by side; ATTENTION_CONFIGS (a JSON list) replaces the
+#                last two
 #   gemm         FP8 GEMM against cuBLAS (the heuristic config plus four more: two of them 2 CTAs per SM at
 #                prefill, whose wgmma can run while the other CTA applies its block scales; bench/README.md)
 #   e2e-medium   e2e decode of `medium`
@@ -24,11 +31,17 @@
 # installed into /tmp/site (--no-deps, so the image's torch and triton stay). Each stage runs under `timeout` so a stuck compile cannot eat the
 # session; a stage that times out leaves what it printed in OUT_DIR/STAGE.log.
 set -euo pipefail
-stage="${1:?usage: bash bench/gpu_session.sh STAGE [OUT_DIR] (STAGE: check gemm-ws e2e-small attention gemm e2e-medium siblings)}"
-case "$stage" in
-    check | gemm-ws | e2e-small | attention | gemm | e2e-medium | siblings) ;;
-    *) echo "unknown stage '$stage'; expected one of: check gemm-ws e2e-small attention gemm e2e-medium siblings" >&2; exit 2 ;;
-esac
+stages="${1:?usage: bash bench/gpu_session.sh STAGE[,STAGE...] [OUT_DIR] (STAGE: check gemm-ws e2e-small attention gemm e2e-medium siblings)}"
+IFS=, read -r -a stage_list <<<"$stages"
+for item in "${stage_list[@]}"; do
+    case "${item%%:*}" in
+        check | gemm-ws | e2e-small | attention | gemm | e2e-medium | siblings) ;;
+        *) echo "unknown stage '$stage'; expected one of: check gemm-ws e2e-small attention gemm e2e-medium siblings" >&2; exit 2 ;;
+    esac
+done
+attention_default='[{"DOT": "tf32"}, {"num_warps": 8}]'
+start_s=$SECONDS
+budget_s="${BUDGET_S:-570}"
 out="${2:-${OUT:-bench/results/gpu}}"
 mkdir -p "$out"
 site=/tmp/site
@@ -39,26 +52,39 @@ if [ ! -f "$site/.v4c-installed" ]; then
     python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target "$site" .
     touch "$site/.v4c-installed"
 fi
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # each stage's log as it goes
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
-run() {  # run LIMIT_S CMD...: the command under a time limit, its output in OUT_DIR/STAGE.log
-    local limit=$1
+run() {  # run LIMIT_S CMD...: the command under a time limit (and the budget's rest), its output in OUT_DIR/STAGE.log
+    local limit=$1 left=$((budget_s - (SECONDS - start_s) - 15))
     shift
-    timeout "$limit" "$@" 2>&1 | tee "$out/$stage.log"
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ -n "$cap" ] && [ "$cap" -lt "$limit" ] && limit=$cap
+    echo "== $stage: limit ${limit}s" | tee "$out/$stage.log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/$stage.log" || echo "== $stage: exit ${PIPESTATUS[0]}" | tee -a "$out/$stage.log"
 }
+for item in "${stage_list[@]}"; do
+stage="${item%%:*}" cap=""
+[ "$item" != "$stage" ] && cap="${item#*:}"
+if [ $((budget_s - (SECONDS - start_s) - 15)) -lt 60 ]; then
+    echo "$stage" >>"$out/skipped.txt"
+    echo "== $stage: skipped, under 60 s of the budget left"
+    continue
+fi
 case "$stage" in
-    check) run 540 python3 bench/triton_gpu_check.py --config small --prompt 32 --new 2 --out "$out/check.json" ;;
+    check) run 540 python3 bench/triton_gpu_check.py --config small --prompt 32 --new 2 --out "$out/check.json" \
+        --dump "$out/over_tol" ;;
     e2e-small) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs small --heuristic-only --repeats 5 \
         --out "$out/e2e_small.json" ;;
     attention) run 540 python3 bench/triton_gpu.py --sections attention --heuristic-only --repeats 7 \
-        --attention-configs '[{"DOT": "tf32"}, {"num_warps": 8}]' --out "$out/attention.json" ;;
+        --attention-configs "${ATTENTION_CONFIGS:-$attention_default}" --out "$out/attention.json" ;;
     gemm) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
         '[{"BLOCK_M":16,"BLOCK_N":32,"BLOCK_K":128,"num_warps":4,"num_stages":4},{"BLOCK_M":128,"BLOCK_N":128,"BLOCK_K":128,"num_warps":8,"num_stages":3},{"BLOCK_M":64,"BLOCK_N":128,"BLOCK_K":128,"num_warps":4,"num_stages":3},{"BLOCK_M":128,"BLOCK_N":64,"BLOCK_K":128,"num_warps":4,"num_stages":3}]' \
         --out "$out/gemm.json" ;;
     gemm-ws) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
-        "$(python3 -c 'import json; from v4c.targets.triton.configs import CANDIDATES_WS as c; print(json.dumps(c))')" \
+        "$(python3 -P -c 'import json; from v4c.targets.triton.configs import CANDIDATES_WS as c; print(json.dumps(c))')" \
         --out "$out/gemm_ws.json" ;;
     e2e-medium) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs medium --heuristic-only --repeats 5 \
         --out "$out/e2e_medium.json" ;;
     siblings) run 540 python3 bench/triton_siblings.py --repeats 7 --out "$out/siblings.json" ;;
 esac
+done

@@ -4,7 +4,9 @@ torch kernel run on copies of the same inputs (state included), on the same devi
     python3 bench/triton_gpu_check.py [--config small|medium] [--prompt 64] [--new 4]
 
 Prints, per kernel, the largest error over its calls (max |triton - torch| / max |torch|; integer outputs:
-the fraction of entries that differ) and the first steps above --tol, and the largest fraction of bytes
+the fraction of entries that differ) and the first steps above --tol (each also run by the torch kernel on
+the CPU, to tell which side is off: a torch kernel on a GPU rounds some e4m3 ties the other way), and the
+largest fraction of bytes
 that differ in its encoded (uint8) state: FP8 / FP4 entries, where a last-bit difference of an fp32
 block scale (from summation order) changes one byte; then the prefill logits of three
 runs of the whole artifact: torch kernels on the CPU, torch kernels on --device, triton on --device.
@@ -46,9 +48,21 @@ def _error(ours, ref) -> float:
     if ours.shape != ref.shape:
         return float("inf")
     if not ref.is_floating_point():
-        return float((ours != ref).float().mean()) if ref.numel() else 0.0
-    ours, ref = ours.float(), ref.float()  # (e4m3 codes: rms_norm_quant under the fuse pass)
+        return float((ours.cpu() != ref.cpu()).float().mean()) if ref.numel() else 0.0
+    ours, ref = ours.float().cpu(), ref.float().cpu()  # (e4m3 codes: rms_norm_quant under the fuse pass)
     return rel_err(ours, ref) if ref.abs().max() > 0 else float((ours.float() - ref.float()).abs().max())
+
+
+def _errors(ours, ours_kw, ref, ref_kw) -> tuple[list[float], list[float]]:
+    """-> (the outputs' and decoded states' errors, the encoded (uint8) states' fractions of differing bytes)."""
+    errs = [_error(o, r) for o, r in zip(_tensors(ours), _tensors(ref))]
+    pairs = list(zip(_tensors(ours_kw.get("state", ())), _tensors(ref_kw.get("state", ()))))
+    errs += [_error(o, r) for o, r in pairs if o.dtype != torch.uint8]
+    return errs, [_error(o, r) for o, r in pairs if o.dtype == torch.uint8]
+
+
+def _cpu(x):
+    return tree_map(lambda v: v.cpu().clone() if isinstance(v, torch.Tensor) else v, x)
 
 
 def main(argv=None):
@@ -60,6 +74,10 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=4)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--dump", type=Path, help="for each kernel over --tol: save its worst launch's inputs and "
+                    "both results to DUMP/KERNEL.pt (to study on another machine)")
+    ap.add_argument("--tune", action="store_true", help="tune the artifact's launch configs on the GPU at compile "
+                    "time (every candidate compiles: minutes; default: the heuristic configs)")
     ap.add_argument("--as-gpu", action="store_true",
                     help="with --device cpu under TRITON_INTERPRET=1: the launchers' GPU branches, computed as a GPU")
     args = ap.parse_args(argv)
@@ -105,25 +123,36 @@ def _check(args, dev: str) -> dict:
 
     def checked(self, a, kw, config, **into):  # every launch, bound to its buffers (into) or not
         ref_a, ref_kw = _clone(a), _clone(kw)  # before the launcher updates any state in place
+        kept = (_clone(a), _clone(kw)) if args.dump or dev != "cpu" else None
         ref = KERNELS[self.kernel](*ref_a, **ref_kw)
         ours = original(self, a, kw, config, **into)
-        errs = [_error(o, r) for o, r in zip(_tensors(ours), _tensors(ref))]
-        pairs = list(zip(_tensors(kw.get("state", ())), _tensors(ref_kw.get("state", ()))))
-        errs += [_error(o, r) for o, r in pairs if o.dtype != torch.uint8]
-        stored = [_error(o, r) for o, r in pairs if o.dtype == torch.uint8]  # encoded entries: bytes that differ
+        errs, stored = _errors(ours, kw, ref, ref_kw)
         err = max(errs + [0.0])
         w = worst.setdefault(self.kernel, {"calls": 0, "max_err": 0.0, "state_bytes_differ": 0.0, "over_tol": []})
         w["calls"] += 1
         w["max_err"] = max(w["max_err"], err)
         w["state_bytes_differ"] = max([w["state_bytes_differ"]] + stored)
         if err > args.tol and len(w["over_tol"]) < 5:
-            w["over_tol"].append({"step": self.index, "err": err, "outputs": errs})
+            row = {"step": self.index, "err": err, "outputs": errs}
+            if dev != "cpu":  # which side is off: both against the torch kernel on the CPU, on the same inputs
+                cpu_a, cpu_kw = _cpu(kept)
+                ref_cpu = KERNELS[self.kernel](*cpu_a, **cpu_kw)
+                row["triton_vs_cpu_torch"] = max(_errors(ours, kw, ref_cpu, cpu_kw)[0] + [0.0])
+                row["device_torch_vs_cpu_torch"] = max(_errors(ref, ref_kw, ref_cpu, cpu_kw)[0] + [0.0])
+            w["over_tol"].append(row)
+        if args.dump and err > args.tol and err >= max(e["err"] for e in w["over_tol"]):
+            args.dump.mkdir(parents=True, exist_ok=True)  # the worst launch so far: inputs and both results
+            torch.save(_cpu({"kernel": self.kernel, "step": self.index, "config": config, "err": err,
+                             "args": kept[0], "kwargs": kept[1], "triton": ours, "torch": ref}),
+                       args.dump / f"{self.kernel}.pt")
         return ours
 
     original = kernelset._Launch._run
     kwargs = {"small": SMALL, "medium": MEDIUM}.get(args.config, args.config)
     with tempfile.TemporaryDirectory() as tmp:
-        path, model = _build(Path(tmp), args.config, kwargs, args.prompt, args.new)
+        t0 = time.perf_counter()
+        path, model = _build(Path(tmp), args.config, kwargs, args.prompt, args.new, tune=args.tune)
+        print(f"compiled {args.config} in {time.perf_counter() - t0:.0f} s", flush=True)
         art = open_artifact(path)
         ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(2))
         logits = {}
