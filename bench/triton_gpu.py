@@ -6,8 +6,9 @@ end-to-end decode against transformers eager bf16, all in one run on one GPU.
 
 1. FP8 GEMM (`linear_fp8`: e4m3 weights, 128x128 fp32 block scales, activations quantized per
    token group of 128 inside the kernel) at V4-Flash layer shapes, decode (16, 64, 128 tokens) and
-   prefill (4096 tokens), each in the bucket an artifact gives it (64 and 128 tokens: prefill's, with the
-   decode bucket's config timed beside it; `tried` has each config's time), against `torch._scaled_mm`
+   prefill (4096 tokens), each in the bucket an artifact gives it (16 and 64 tokens: decode's, up to
+   configs.FP8_GEMM_DECODE_TOKENS; 128: prefill's, with the decode bucket's config timed beside it; `tried` has
+   each config's time), against `torch._scaled_mm`
    (cuBLAS) on the same shapes with per-tensor scales and pre-quantized activations (cuBLAS's best
    case: no block scales, no quantization).
    Each v4c row is the fastest of the compile-time tuning candidates (what `tune: auto` records).
@@ -67,7 +68,7 @@ MEDIUM = dict(vocab_size=16384, hidden_size=2048, num_hidden_layers=12, num_atte
               + ["compressed_sparse_attention"])
 E2E = {"prompt": 512, "new_tokens": 64, "batch": 1}
 # --dry-run: the same code paths at shapes the interpreter runs in seconds.
-DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3, 20), "prefill_tokens": 33,
+DRY = {"gemms": {"q_a": (80, 256)}, "decode_tokens": (3, 20, 65), "prefill_tokens": 72,
        "attn": {"heads": 4, "dim": 128, "rope": 64, "topk": 8, "entries": 32, "window": 8, "batches": (1, 2)},
        "e2e": {"prompt": 20, "new_tokens": 3, "batch": 1}}
 # the GPU recipe: FP8 (the default skip list) and `fuse` (norms quantize once for their FP8 readers)
@@ -204,7 +205,8 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
     shapes = DRY["gemms"] if dry else FLASH_GEMMS
     prefill_m = DRY["prefill_tokens"] if dry else PREFILL_TOKENS
     # each call in the bucket an artifact gives it: the first whose token limit covers it (launch.json's rule)
-    calls = [(next(name for name, limit in BUCKETS if limit is None or m <= limit), m)
+    limits = [(name, b["max_tokens"]) for (name, _), b in zip(BUCKETS, heuristic("linear_fp8"))]
+    calls = [(next(name for name, limit in limits if limit is None or m <= limit), m)
              for m in (DRY["decode_tokens"] if dry else DECODE_TOKENS)]
     calls.append(("prefill", prefill_m))
     rows, g = [], torch.Generator().manual_seed(0)
@@ -215,7 +217,7 @@ def bench_gemm(device: str, timer: Timer, dry: bool, extra: list[dict]) -> list[
         for bucket, m in calls:
             x = torch.randn(m, k, generator=g).to(device)
             configs = [heuristic("linear_fp8")[0 if bucket == "decode" else 1]["config"]]
-            configs += [c for c in extra if bucket == "prefill" or not c.get("WARP_SPEC")]  # (as the tuner: prefill)
+            configs += [c for c in extra if bucket == "prefill" or not c.get("WARP_SPEC")]  # (prefill's K loop)
             if bucket == "prefill" and m < prefill_m:  # a batch of 17+ tokens: the decode tiles beside the artifact's
                 configs.append(heuristic("linear_fp8")[0]["config"])
             tried = []
@@ -320,13 +322,16 @@ def scratch_dir(prefix: str) -> Path:
     return Path(_SCRATCH[-1].name)
 
 
-def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int, recipe: str = FP8_RECIPE) -> tuple[Path, object]:
+def _build(tmp: Path, name: str, kwargs: dict, prompt: int, new: int, recipe: str = FP8_RECIPE,
+           tune: bool | None = None) -> tuple[Path, object]:
+    """Compile `kwargs`' model for the triton target; tune (default: TUNE) times every launch candidate on the
+    GPU at compile time, minutes per shape."""
     from oracle import make_model, save_hf
 
     from v4c.compile import compile_model
     model = make_model(kwargs, seed=0)
     ckpt = save_hf(model, tmp / f"{name}-ckpt")
-    tune = "auto" if TUNE else "off"
+    tune = "auto" if (TUNE if tune is None else tune) else "off"
     (tmp / f"{name}.yaml").write_text(f"model:\n  checkpoint: {ckpt}\ntarget: triton\ntune: {tune}\n"
                                       f"passes:\n{recipe}"
                                       f"kv:\n  max_context: {prompt + new + 16}\n  prefill_chunk: {prompt}\n")

@@ -31,14 +31,15 @@ def test_the_dry_run_exercises_every_section(tmp_path):
     assert {r["bucket"] for r in result["fp8_gemm"]} == {"decode", "prefill"}
     assert all(r["same_bits_run_to_run"]["same"] for r in result["fp8_gemm"])
     gemms = result["fp8_gemm"]
-    assert [(r["tokens"], r["bucket"]) for r in gemms] == [(3, "decode"), (20, "prefill"), (33, "prefill")]
-    assert [isinstance(r["v4c_sum_by_torch"], dict) for r in gemms] == [True, True, False]  # below the prefill call
-    # 20 tokens: the artifact's bucket is prefill's; the decode bucket's config is timed beside it
+    assert [(r["tokens"], r["bucket"]) for r in gemms] == [(3, "decode"), (20, "decode"), (65, "prefill"),
+                                                           (72, "prefill")]  # (FP8 GEMMs: decode up to 64 tokens)
+    assert [isinstance(r["v4c_sum_by_torch"], dict) for r in gemms] == [True, True, True, False]  # below prefill's
+    # 65 tokens: the artifact's bucket is prefill's; the decode bucket's config is timed beside it
     from v4c.targets.triton.configs import heuristic
     decode_cfg, prefill_cfg = (b["config"] for b in heuristic("linear_fp8"))
-    assert [[t["config"] for t in r["tried"]] for r in gemms] == [[decode_cfg], [prefill_cfg, decode_cfg],
+    assert [[t["config"] for t in r["tried"]] for r in gemms] == [[decode_cfg], [decode_cfg], [prefill_cfg, decode_cfg],
                                                                   [prefill_cfg]]
-    assert [r["artifact_config"] for r in gemms] == [decode_cfg, prefill_cfg, prefill_cfg]
+    assert [r["artifact_config"] for r in gemms] == [decode_cfg, decode_cfg, prefill_cfg, prefill_cfg]
     assert [r["batch"] for r in result["sparse_decode_attention"]] == [1, 2]
     assert all(r["gb_per_s"] > 0 for r in result["sparse_decode_attention"])
     for row in result["sparse_decode_attention"]:  # the default (fp32 dots off a GPU) and the bf16 one, each checked
@@ -50,8 +51,8 @@ def test_the_dry_run_exercises_every_section(tmp_path):
 
 
 def test_the_gemm_bench_times_warp_specialized_configs_at_prefill_and_skips_a_wrong_result(tmp_path, monkeypatch):
-    """gpu_session.sh gemm-ws: extra configs with WARP_SPEC are timed only where an artifact could run them (the
-    prefill bucket, as the tuner does), and every config's result is checked against the reference before it is
+    """gpu_session.sh gemm-ws: extra configs with WARP_SPEC are timed only at prefill-bucket calls (the
+    K loop it was written for), and every config's result is checked against the reference before it is
     timed: one that is wrong (here: off by 10%, as a miscompile might be) is recorded with the error, never chosen."""
     from v4c.targets.triton.configs import CANDIDATES_WS
     module = _load()

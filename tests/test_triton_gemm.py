@@ -398,14 +398,13 @@ def test_warp_specialized_k_loop_takes_only_what_it_can():
                        expected)
 
 
-def test_the_tuner_times_the_warp_specialized_loop_for_fp8_gemms_at_prefill():
-    from v4c.targets.triton.configs import CANDIDATES, CANDIDATES_WS, FP8_GEMMS, candidates
-    for op in FP8_GEMMS:
-        assert candidates(op, "prefill")[-len(CANDIDATES_WS):] == CANDIDATES_WS
-        assert not any(c.get("WARP_SPEC") for c in candidates(op, "decode"))
-    assert not any(c.get("WARP_SPEC") for op in ("linear", "linear_cat", "moe_experts_q")
-                   for c in candidates(op, "prefill"))  # (fp32 / bf16 weights have no fp8 dot; experts: their own)
-    assert not any(c.get("WARP_SPEC") for c in CANDIDATES["prefill"]["gemm"])
+def test_the_tuner_leaves_the_warp_specialized_loop_to_the_bench():
+    """configs.CANDIDATES_WS: wrong on an H100 at 128-row tiles, slower at 64 (configs.py); the tuner times none."""
+    from v4c.targets.triton.configs import BUCKETS, CANDIDATES_WS, FAMILY, candidates
+    assert CANDIDATES_WS and all(c["WARP_SPEC"] for c in CANDIDATES_WS)
+    assert all(candidates(op, bucket) for op in ("linear_fp8", "grouped_linear_fp8") for bucket, _ in BUCKETS)
+    assert not any(c.get("WARP_SPEC") or c.get("PERSISTENT") for op in FAMILY for bucket, _ in BUCKETS
+                   for c in candidates(op, bucket))
 
 
 @pytest.mark.parametrize("groups,r,k,block", [(1, 5, 33, [16, 32]), (3, 5, 50, [16, 32]), (2, 17, 97, [1, 32]),

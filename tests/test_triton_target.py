@@ -235,11 +235,11 @@ def test_the_recorded_configs_reach_the_launchers(builds, monkeypatch):
 
 @pytest.mark.slow  # two FP8 artifacts under the interpreter: make test-all
 def test_a_build_whose_fp8_gemms_are_warp_specialized_gives_the_same_logits(tmp_path, monkeypatch):
-    """An artifact whose FP8 GEMM steps carry WARP_SPEC configs, persistent or not (as a GPU's tuner may leave them),
+    """An artifact whose FP8 GEMM steps carry WARP_SPEC configs, persistent or not (set by hand: the tuner no longer times them),
     runs them, strict (no launcher refuses its inputs: the fused recipe's codes, joined siblings, the norm folds,
     grouped o_a, the runtime's planned buffers), and gives, bit for bit, the logits of the same build with the
     pointer loop at the same tiles. The fixtures' odd sizes have K that no 32-wide K tile divides (WARP_SPEC refuses
-    those, and the tuner skips it there), so this model's projections are all 32 or 64 wide."""
+    those), so this model's projections are all 32 or 64 wide."""
     from oracle import _cfg, make_model, save_hf
 
     from v4c.targets.triton import configs

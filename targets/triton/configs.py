@@ -1,9 +1,9 @@
 """Launch configurations by call size, chosen at compile time.
 
 A step's configs are buckets by tokens per call: decode (at most DECODE_TOKENS tokens: a few
-sequences, one token each) and prefill (more). `HEURISTIC` holds each op's starting point per
-bucket (`{}`: the launcher's own shape-derived defaults); with a CUDA GPU at compile time,
-`tune.py` times `CANDIDATES` on each step's shapes and keeps the fastest. The runtime never
+sequences, one token each; for FP8 GEMMs FP8_GEMM_DECODE_TOKENS) and prefill (more). `HEURISTIC`
+holds each op's starting point per bucket (`{}`: the launcher's own shape-derived defaults); with a
+CUDA GPU at compile time, `tune.py` times `CANDIDATES` on each step's shapes and keeps the fastest. The runtime never
 re-tunes: it reads the chosen configs from the artifact's launch.json.
 """
 
@@ -68,12 +68,17 @@ CANDIDATES_FP4 = {
                + _grid(BLOCK_M=[16], BLOCK_N=[64], BLOCK_K=[64], BLOCK_D=[64, 128])),
     "prefill": _grid(BLOCK_M=[32, 64], BLOCK_N=[64], BLOCK_K=[64, 128], BLOCK_D=[128], num_warps=[8]),
 }
-# FP8 GEMMs at prefill also time the warp-specialized K loop (kernels/gemm_kernel.py TMA_WS: TMA loads in a producer
-# warp group, two consumer warp groups sharing the tile): 4 warps each group, 12 in all, one CTA per SM; each also as a
-# persistent kernel (PERSISTENT: one program per SM loops over the tiles, so the next tile loads while this one's
-# output is stored). These compile warp-specialized without spills for sm_90a under Triton 3.6 and 3.9 in every form
-# of the GEMM, at 4096 and 300 tokens (bench/results/sm90_ws_candidates*.json); 128 x 256 tiles spill 1.4 KB, and
-# 64 x 256 does not compile (3.9 refuses the wgmma layout, 3.6 aborts the process).
+# The warp-specialized K loop's configs (kernels/gemm_kernel.py TMA_WS: TMA loads in a producer warp group, two
+# consumer warp groups sharing the tile): 4 warps each group, 12 in all, one CTA per SM; each also as a persistent
+# kernel (PERSISTENT: one program per SM loops over the tiles, so the next tile loads while this one's output is
+# stored). These compile warp-specialized without spills for sm_90a under Triton 3.6 and 3.9 in every form of the
+# GEMM, at 4096 and 300 tokens (bench/results/sm90_ws_candidates*.json); 128 x 256 tiles spill 1.4 KB, and 64 x 256
+# does not compile (3.9 refuses the wgmma layout, 3.6 aborts the process).
+# The tuner does not time them (bench/gpu_session.sh gemm-ws does): on an H100 under Triton 3.6 (2026-11-25,
+# bench/results/triton_gpu.json) every 128-row config gave wrong results (error ~1.4 of the output scale)
+# wherever M spans several tiles, and the 64-row ones were right but slower than the synchronous heuristic at 4096
+# tokens, except kv's (87 against 93 us). The interpreter, which does not warp-specialize, gives the pointer loop's
+# bits: the miscompile is in the split. Each would cost the tuner a compile and a rejected or losing timing.
 CANDIDATES_WS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "WARP_SPEC": True},
                  {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "WARP_SPEC": True},
                  {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "WARP_SPEC": True},
@@ -95,10 +100,18 @@ def _table(op: str, attrs: dict | None) -> dict:
     return _EXPERTS_FP4 if _fp4_experts(op, attrs) else HEURISTIC.get(op, {})
 
 
+# FP8 GEMMs keep their decode tiles up to 64 tokens (a batch of up to 64 decoding sequences, a short prefill chunk).
+# On an H100 (2026-11-25, bench/results/triton_gpu.json, Triton 3.6) the decode config (16 x 64 tiles) beat the
+# prefill one (64 x 256, 8 warps) at 64 tokens in all six V4-Flash shapes: q_a 12.4 against 28.8 us, q_b 36 / 42,
+# kv 11 / 28, o_b 38 / 44, expert gate_up 23 / 34, expert down 15 / 29; at 128 tokens it lost in three of six.
+FP8_GEMM_DECODE_TOKENS = 64
+
+
 def heuristic(op: str, attrs: dict | None = None) -> list[dict]:
     """The untuned bucket list of one op (with these attributes): [{"max_tokens", "config", "source"}]."""
     table = _table(op, attrs)
-    return [{"max_tokens": limit, "config": dict(table.get(name, {})),
+    limits = {"decode": FP8_GEMM_DECODE_TOKENS} if op in FP8_GEMMS else {}
+    return [{"max_tokens": limits.get(name, limit), "config": dict(table.get(name, {})),
              "source": "heuristic" if name in table else "kernel defaults"} for name, limit in BUCKETS]
 
 
@@ -109,7 +122,5 @@ def candidates(op: str, bucket: str, attrs: dict | None = None) -> list[dict]:
         return []
     first = _table(op, attrs).get(bucket, {})
     grid = CANDIDATES_FP4[bucket] if _fp4_experts(op, attrs) else CANDIDATES[bucket][family]
-    if op in FP8_GEMMS and bucket == "prefill":
-        grid = grid + CANDIDATES_WS
     rest = [c for c in grid if c != first]
     return [first] + rest
