@@ -17,9 +17,9 @@
 #                tile shapes, each also persistent; never run on a GPU before); each config's result is checked
 #                against the reference before it is timed
 #   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16
-#   attention    sparse decode attention, bf16 dots (the default), tf32, and 8 warps (no spills under the image's
-#                Triton 3.6, where 4 warps spill 4-28 B) side by side; ATTENTION_CONFIGS (a JSON list) replaces the
-#                last two
+#   attention    sparse decode attention, the default config beside configs.ATTENTION_CHUNKED (scores over
+#                128-channel chunks, value parts: fewer registers, never timed) and 32-key tiles with 8 warps (the
+#                fastest at batch 1-2 on 2026-11-25); ATTENTION_CONFIGS (a JSON list) replaces the extra ones
 #   gemm         FP8 GEMM against cuBLAS (the heuristic config plus four more: two of them 2 CTAs per SM at
 #                prefill, whose wgmma can run while the other CTA applies its block scales; bench/README.md)
 #   e2e-medium   e2e decode of `medium`
@@ -39,7 +39,6 @@ for item in "${stage_list[@]}"; do
         *) echo "unknown stage '$stage'; expected one of: check gemm-ws e2e-small attention gemm e2e-medium siblings" >&2; exit 2 ;;
     esac
 done
-attention_default='[{"DOT": "tf32"}, {"num_warps": 8}]'
 start_s=$SECONDS
 budget_s="${BUDGET_S:-570}"
 out="${2:-${OUT:-bench/results/gpu}}"
@@ -75,8 +74,11 @@ case "$stage" in
         --dump "$out/over_tol" ;;
     e2e-small) run 540 python3 bench/triton_gpu.py --sections e2e --e2e-configs small --heuristic-only --repeats 5 \
         --out "$out/e2e_small.json" ;;
-    attention) run 540 python3 bench/triton_gpu.py --sections attention --heuristic-only --repeats 7 \
-        --attention-configs "${ATTENTION_CONFIGS:-$attention_default}" --out "$out/attention.json" ;;
+    attention) configs="${ATTENTION_CONFIGS:-}"
+        [ -n "$configs" ] || configs="$(python3 -P -c 'import json; from v4c.targets.triton.configs import \
+ATTENTION_CHUNKED as c; print(json.dumps(c + [{"BLOCK_N": 32, "num_warps": 8}]))')"
+        run 540 python3 bench/triton_gpu.py --sections attention --heuristic-only --repeats 7 \
+        --attention-configs "$configs" --out "$out/attention.json" ;;
     gemm) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
         '[{"BLOCK_M":16,"BLOCK_N":32,"BLOCK_K":128,"num_warps":4,"num_stages":4},{"BLOCK_M":128,"BLOCK_N":128,"BLOCK_K":128,"num_warps":8,"num_stages":3},{"BLOCK_M":64,"BLOCK_N":128,"BLOCK_K":128,"num_warps":4,"num_stages":3},{"BLOCK_M":128,"BLOCK_N":64,"BLOCK_K":128,"num_warps":4,"num_stages":3}]' \
         --out "$out/gemm.json" ;;

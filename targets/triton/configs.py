@@ -44,11 +44,18 @@ def _grid(**axes) -> list[dict]:
     return out
 
 
+# Decode attention also times scores summed over 128-channel chunks (QK_CHUNK: the queries read a chunk at a time,
+# not held whole: 128 registers a thread at D 512) and value parts (V_SPLIT). Compiled for sm_90a under Triton 3.6 at
+# V4-Flash's shapes (bench/sm90_static.py, batch 1, 8 and 128) none spills: 16 heads in two parts 167-218 registers,
+# 2-3 programs an SM (the default: 255, 2); 16 heads with 8 warps 174-202; all 64 heads in four parts with 8 warps
+# 172 at batch 128 (it spills 160 B at batch 1, where the split's merge holds [64, 128] tiles). Not yet timed.
+ATTENTION_CHUNKED = [{"QK_CHUNK": 128, "V_SPLIT": 2}, {"QK_CHUNK": 128, "num_warps": 8},
+                     {"QK_CHUNK": 128, "BLOCK_H": 64, "V_SPLIT": 4, "num_warps": 8}]
 CANDIDATES = {
     "decode": {
         "gemm": _grid(BLOCK_M=[16], BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128, 256], num_warps=[4, 8], num_stages=[3, 4]),
         "experts": _grid(BLOCK_M=[16], BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128], BLOCK_D=[64, 128]),
-        "attention": _grid(BLOCK_H=[16, 32, 64], BLOCK_N=[16, 32, 64], num_warps=[4, 8]),
+        "attention": _grid(BLOCK_H=[16, 32, 64], BLOCK_N=[16, 32, 64], num_warps=[4, 8]) + ATTENTION_CHUNKED,
         "index_topk": _grid(BLOCK_T=[32, 64, 128], num_warps=[4, 8]),
     },
     "prefill": {

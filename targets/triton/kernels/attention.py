@@ -19,41 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (STORAGE_DTYPES, arrived_last, cdiv, check, check_tensor, config_switch, dot_bf16, entry_layout,
+from .common import (STORAGE_DTYPES, arrived_last, cdiv, check, check_tensor, config_switch, entry_layout,
                      in_kernel_counters, launch_config, native_cvt, next_pow2, position, result, same_device, sm_count,
                      to_bf16)
-from .kv_codec import FORMATS, encode_blocks, encode_kv, encode_row, load_rows, storage_for, storage_view
-from .norm import norm_rope_row, rms_norm_rope, rotate
+from .attention_finish import _combine_kernel, _merge_runs, _ring_kernel, _rope_rows
+from .attention_step import _fold_keys
+from .kv_codec import FORMATS, encode_blocks, encode_kv, encode_row, storage_for, storage_view
+from .norm import norm_rope_row, rms_norm_rope
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 SLIDING, CSA, HCA, CSA_GATHERED = 0, 1, 2, 3  # CSA_GATHERED: CSA over picks gathered from a tiered store
 
 
 # --- attention (device) ------------------------------------------------------------------------
-@triton.jit
-def _online_step(q, k, ok, scale, m_i, l_i, acc, DOT: tl.constexpr, NATIVE: tl.constexpr):
-    """Fold keys k [BN, BD] (ok [BN]) into the running softmax of q [BH, BD]:
-    s = (q k^T) * scale; m' = max(m, max s); l' = l e^(m-m') + sum e^(s-m'); acc' = acc e^(m-m') + e^(s-m') k.
-    While nothing is seen (m' = -inf: a split's first masked tile, or a -inf sink) the exponents are taken
-    against 0, so l and acc stay 0 instead of NaN. DOT "bf16": q and k are bf16, the probabilities are
-    rounded to bf16 for the second dot; both dots accumulate in fp32."""
-    if DOT == "bf16":
-        s = dot_bf16(q, tl.trans(k), NATIVE) * scale  # [BH, BN]
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
-    s = tl.where(ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_ref)
-    p = tl.exp(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if DOT == "bf16":
-        acc = acc * alpha[:, None] + dot_bf16(to_bf16(p, NATIVE), k, NATIVE)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p, k, input_precision=DOT)
-    return m_new, l_i, acc
-
-
 @triton.jit
 def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sinks_ptr, out_ptr, ml_ptr, fin_ptr,
                       cnt_ptr, pos_ptr, rpos_ptr, inv_ptr, qn_ptr, kvn_ptr, kvw_ptr, S, H, K, pos0, n_old, slots,
@@ -62,12 +40,13 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
                       FMT: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                       KDT: tl.constexpr, NATIVE: tl.constexpr, DEVICE_POS: tl.constexpr, IN_KERNEL: tl.constexpr,
                       RING: tl.constexpr, OUT_ROPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr,
-                      ENCODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ENCODE: tl.constexpr, VP: tl.constexpr, QC: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_G: tl.constexpr,
                       BLOCK_R: tl.constexpr, Q_NORM: tl.constexpr, KV_NORM: tl.constexpr, Q_INV: tl.constexpr,
                       KV_INV: tl.constexpr, BLOCK_NOPE: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
-    to the keys. Grid: (cdiv(H, BLOCK_H) * SPLIT, S, B), head blocks innermost. q, out: [B, S, H, D];
+    to the keys. Grid: (cdiv(H, BLOCK_H) * VP * SPLIT, S, B), head blocks innermost, then value parts. q, out: [B, S, H, D];
     ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
     (CSA: -1 none; row b * ent_stride + k of the entries; CSA_GATHERED, rows gathered per pick: the pick's own
     row)
@@ -82,7 +61,13 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
     to 10 mantissa bits) or "bf16" (tensor cores: q and the probabilities rounded to 8 bits, key tiles
     half the registers of fp32 ones); fp8_split and bf16 keys are exact in all three. KDT: the key tiles'
     dtype, bf16 for bf16 dots, else fp32.
-    Each key tile is decoded once: a window key's row pointer is the ring's (p < pos0) or the new keys'.
+    VP > 1 (value parts): each program computes its heads' full scores but only channels
+    [vp * BD / VP, (vp + 1) * BD / VP) of their outputs, over that part of each key tile decoded again (from L1 / L2):
+    an accumulator of [BLOCK_H, BD / VP] lets a program hold more heads, so fewer programs read each key. Every part
+    stores the same (max, sum); a split's last program to arrive (of SPLIT * VP) merges all the parts' channels.
+    QC < BLOCK_D: the scores are summed over chunks of QC channels (_fold_keys), the queries read chunk by chunk.
+    Each key tile is decoded once (twice with value parts or chunks): a window key's row pointer is the ring's (p < pos0) or the
+    new keys'.
     The ring holds min(pos0, n_old) old keys. DEVICE_POS: pos0 is read from pos_ptr (n_old is then the ring's
     size), and the runs of a split cover the most keys any position has: runs past this position's keys
     store an empty (max -inf, sum 0) result, which the combine weighs 0.
@@ -114,7 +99,10 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
         pos0 = tl.load(pos_ptr).to(tl.int32)
     n_old = tl.minimum(n_old, pos0)
     n_hb = tl.cdiv(H, BLOCK_H)
-    hb, part = pid % n_hb, pid // n_hb  # head blocks innermost: the programs reading the same keys run together
+    hb, vp, part = pid % n_hb, pid // n_hb % VP, pid // (n_hb * VP)  # head blocks innermost: the programs reading
+    # the same keys run together
+    BLOCK_V: tl.constexpr = BLOCK_D // VP
+    offs_v = vp * BLOCK_V + tl.arange(0, BLOCK_V)
     t = pos0 + s  # the query's position
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -126,19 +114,20 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
                           D - 2 * HALF, HALF, Q_INV, False, BLOCK_D, BLOCK_NOPE, BLOCK_HALF)
     if ENCODE or Q_NORM:
         tl.debug_barrier()
-    q_off = (token * H + heads[:, None]).to(tl.int64) * D + offs_d[None, :]
     q_mask = (heads[:, None] < H) & (offs_d[None, :] < D)
-    if Q_NORM:
-        q = tl.load(qn_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")  # [BH, BD]
+    Q_CACHE: tl.constexpr = ".cg" if Q_NORM else ""
+    q_rows = (qn_ptr if Q_NORM else q_ptr) + (token * H + heads).to(tl.int64) * D  # [BH]
+    if QC == BLOCK_D:  # the whole queries, held (else read chunk by chunk in _fold_keys)
+        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0, cache_modifier=Q_CACHE).to(tl.float32)
+        if DOT == "bf16":
+            q = to_bf16(q, NATIVE)
     else:
-        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)
-    if DOT == "bf16":
-        q = to_bf16(q, NATIVE)
+        q = 0.0
     m_i = tl.load(sinks_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)  # [BH]
     if part > 0:
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_V], dtype=tl.float32)
 
     lo = tl.maximum(t - window + 1, pos0 - n_old)  # window positions [lo, t]
     n_win = t + 1 - lo
@@ -150,8 +139,8 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
         ok = p < w_hi
         rows = tl.where(p < pos0, ring_ptr + (b * slots + p % slots).to(tl.int64) * W,
                         new_ptr + (b * S + p - pos0).to(tl.int64) * W)
-        k = load_rows(rows, ok, offs_d, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D, NEW_CACHE)
-        m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
+        m_i, l_i, acc = _fold_keys(q, q_rows, heads < H, rows, ok, vp * BLOCK_V, scale, m_i, l_i, acc, D, NOPE, ROPE,
+                                   FMT, KDT, NATIVE, DOT, BLOCK_D, BLOCK_V, QC, NEW_CACHE, Q_CACHE)
 
     e0 = tl.maximum(u0 - n_win, 0)
     e1 = tl.maximum(u1 - n_win, 0)
@@ -165,33 +154,39 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
                 rows = token.to(tl.int64) * K + j
             else:
                 rows = b.to(tl.int64) * ent_stride + sel
-            k = load_rows(ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                          NATIVE, BLOCK_D, "")
-            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
+            m_i, l_i, acc = _fold_keys(q, q_rows, heads < H, ent_ptr + tl.maximum(rows, 0).to(tl.int64) * W, ok,
+                                       vp * BLOCK_V, scale, m_i, l_i, acc, D, NOPE, ROPE, FMT, KDT, NATIVE, DOT,
+                                       BLOCK_D, BLOCK_V, QC, "", Q_CACHE)
     elif MODE == 2:  # HCA: every closed window, causally
         e_hi = tl.minimum(e1, (t + 1) // rate)
         for start in range(tl.minimum(e0, e_hi), e_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             ok = j < e_hi
-            k = load_rows(ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok, offs_d, D, NOPE, ROPE, FMT, KDT,
-                          NATIVE, BLOCK_D, "")
-            m_i, l_i, acc = _online_step(q, k, ok, scale, m_i, l_i, acc, DOT, NATIVE)
+            m_i, l_i, acc = _fold_keys(q, q_rows, heads < H, ent_ptr + (b * ent_stride + j).to(tl.int64) * W, ok,
+                                       vp * BLOCK_V, scale, m_i, l_i, acc, D, NOPE, ROPE, FMT, KDT, NATIVE, DOT,
+                                       BLOCK_D, BLOCK_V, QC, "", Q_CACHE)
 
     n_rows = tl.num_programs(2) * S
+    v_mask = (heads[:, None] < H) & (offs_v[None, :] < D)
     if SPLIT == 1:
-        tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
-        if OUT_ROPE:
+        tl.store(out_ptr + (token * H + heads[:, None]).to(tl.int64) * D + offs_v[None, :], acc / l_i[:, None],
+                 mask=v_mask)
+        if OUT_ROPE and vp == VP - 1:  # (the host checks that the RoPE channels lie in the last part)
             _rope_rows(out_ptr + (token * H + heads).to(tl.int64) * D, heads < H, tl.load(rpos_ptr + s + 0 * heads),
                        inv_ptr, rope_scale, D - 2 * HALF, HALF, INVERSE, BLOCK_HALF)
     else:
         rows_ml = (part * n_rows + token) * H + heads  # [BH] in [SPLIT, B, S, H]
-        tl.store(ml_ptr + rows_ml, m_i, mask=heads < H)
-        tl.store(ml_ptr + SPLIT * n_rows * H + rows_ml, l_i, mask=heads < H)
-        tl.store(out_ptr + rows_ml.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+        if vp == 0:
+            tl.store(ml_ptr + rows_ml, m_i, mask=heads < H)
+            tl.store(ml_ptr + SPLIT * n_rows * H + rows_ml, l_i, mask=heads < H)
+        tl.store(out_ptr + rows_ml.to(tl.int64)[:, None] * D + offs_v[None, :], acc, mask=v_mask)
         if IN_KERNEL:
-            if arrived_last(cnt_ptr + token * n_hb + hb, SPLIT):
-                merged = _merge_runs(out_ptr, ml_ptr, token * H + heads, n_rows * H, heads < H, offs_d, D, SPLIT)
-                tl.store(fin_ptr + q_off, merged, mask=q_mask)
+            if arrived_last(cnt_ptr + token * n_hb + hb, SPLIT * VP):
+                for vq in tl.static_range(VP):  # (a part's channels at a time: the registers of one accumulator)
+                    offs_q = vq * BLOCK_V + tl.arange(0, BLOCK_V)
+                    merged = _merge_runs(out_ptr, ml_ptr, token * H + heads, n_rows * H, heads < H, offs_q, D, SPLIT)
+                    tl.store(fin_ptr + (token * H + heads[:, None]).to(tl.int64) * D + offs_q[None, :], merged,
+                             mask=(heads[:, None] < H) & (offs_q[None, :] < D))
                 if OUT_ROPE:
                     _rope_rows(fin_ptr + (token * H + heads).to(tl.int64) * D, heads < H,
                                tl.load(rpos_ptr + s + 0 * heads), inv_ptr, rope_scale, D - 2 * HALF, HALF, INVERSE,
@@ -200,80 +195,12 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
         ring_cnt = cnt_ptr + b  # after the (token, head block) counters when split
         if SPLIT > 1:
             ring_cnt += n_rows * n_hb
-        if arrived_last(ring_cnt, n_hb * SPLIT * S):
+        if arrived_last(ring_cnt, n_hb * VP * SPLIT * S):
             c = tl.arange(0, BLOCK_W)
             for i in range(tl.maximum(S - slots, 0), S):
                 dest = ring_ptr + (b * slots + (pos0 + i) % slots).to(tl.int64) * W
                 new_row = new_ptr + (b * S + i).to(tl.int64) * W
                 tl.store(dest + c, tl.load(new_row + c, mask=c < W, cache_modifier=NEW_CACHE), mask=c < W)
-
-
-@triton.jit
-def _rope_rows(rows, ok, pos, inv_ptr, rope_scale, R_NOPE, HALF: tl.constexpr, INVERSE: tl.constexpr,
-               BLOCK_HALF: tl.constexpr):
-    """RoPE on output rows `rows` [R] (pointers; those not `ok` untouched) just stored by other threads of the
-    program: after a barrier, the pairs (R_NOPE + 2i, R_NOPE + 2i + 1) are read back past L1 and rotated by angle
-    pos[r] * inv[i] as the rope kernel does (norm.rotate: the same bits). pos: [R] ints."""
-    tl.debug_barrier()
-    i = tl.arange(0, BLOCK_HALF)[None, :]
-    m = ok[:, None] & (i < HALF)
-    even = rows[:, None] + R_NOPE + 2 * i
-    a = tl.load(even, mask=m, other=0.0, cache_modifier=".cg")
-    b = tl.load(even + 1, mask=m, other=0.0, cache_modifier=".cg")
-    a, b = rotate(a, b, pos.to(tl.float32)[:, None], inv_ptr, i, HALF, rope_scale, INVERSE)
-    tl.store(even, a, mask=m)
-    tl.store(even + 1, b, mask=m)
-
-
-@triton.jit
-def _ring_kernel(new_ptr, ring_ptr, pos_ptr, S, slots, W: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The ring update at a device position p (read from pos_ptr): new row i (of S) goes to ring row
-    (p + i) % slots if it is among the last `slots` rows. Grid: (S, B); new: [B, S, W], ring: [B, slots, W]."""
-    i = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    if i < S - slots:
-        return
-    row = (tl.load(pos_ptr) + i) % slots
-    c = tl.arange(0, BLOCK_W)
-    m = c < W
-    tl.store(ring_ptr + (b * slots + row) * W + c, tl.load(new_ptr + (b * S + i) * W + c, mask=m), mask=m)
-
-
-@triton.jit
-def _merge_runs(part_ptr, ml_ptr, r, TH, r_ok, offs_d, D, SPLIT: tl.constexpr):
-    """The SPLIT runs of rows r [R] of TH merged: sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, M = max_p m_p
-    (0 when every run saw nothing); run p's acc [SPLIT, TH, D] at row p * TH + r, m and l [2, SPLIT, TH]. The
-    loads bypass L1 (.cg: in-kernel, other SMs wrote the runs)."""
-    mask = r_ok[:, None] & (offs_d[None, :] < D)
-    big = tl.full(r.shape, float("-inf"), tl.float32)
-    for p in tl.static_range(SPLIT):
-        big = tl.maximum(big, tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg"))
-    big = tl.where(big == float("-inf"), 0.0, big)
-    num = tl.zeros([r.shape[0], offs_d.shape[0]], dtype=tl.float32)
-    den = tl.zeros(r.shape, dtype=tl.float32)
-    for p in range(SPLIT):  # a loop, not unrolled: unrolled, every run's [R, BLOCK_D] load was hoisted (spills)
-        w = tl.exp(tl.load(ml_ptr + p * TH + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg") - big)
-        den += w * tl.load(ml_ptr + (SPLIT + p) * TH + r, mask=r_ok, other=0.0, cache_modifier=".cg")
-        num += w[:, None] * tl.load(part_ptr + (p * TH + r).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask,
-                                    other=0.0, cache_modifier=".cg")
-    den = tl.where(r_ok, den, 1.0)  # rows past TH (not stored) divide by 1, not 0
-    return num / den[:, None]
-
-
-@triton.jit
-def _combine_kernel(part_ptr, ml_ptr, out_ptr, rpos_ptr, inv_ptr, TH, D, S, H, rope_scale, SPLIT: tl.constexpr,
-                    OUT_ROPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """out[r] = the SPLIT runs of row r < TH merged (_merge_runs); OUT_ROPE: then roped at position rpos[s] of its
-    token (_rope_rows). Grid: (cdiv(TH, BLOCK_R),)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    r_ok = r < TH
-    tl.store(out_ptr + r.to(tl.int64)[:, None] * D + offs_d[None, :], _merge_runs(part_ptr, ml_ptr, r, TH, r_ok, offs_d,
-             D, SPLIT), mask=r_ok[:, None] & (offs_d[None, :] < D))
-    if OUT_ROPE:
-        _rope_rows(out_ptr + r.to(tl.int64) * D, r_ok, tl.load(rpos_ptr + (r // H) % S, mask=r_ok, other=0), inv_ptr,
-                   rope_scale, D - 2 * HALF, HALF, INVERSE, BLOCK_HALF)
 
 
 # --- host ------------------------------------------------------------------------------------
@@ -315,10 +242,21 @@ def _config(config, heads, d):
     wide = d > 128
     defaults = {"BLOCK_H": max(16, min(next_pow2(heads), 16 if wide else 64)), "BLOCK_N": 16 if wide else 32,
                 "num_warps": 4, "num_stages": 2, "SPLIT_KV": 0, "DOT": "auto", "SUM_IN_KERNEL": "auto",
-                "ENCODE_IN_KERNEL": "auto"}
+                "ENCODE_IN_KERNEL": "auto", "V_SPLIT": 1, "QK_CHUNK": 0}
     cfg = launch_config(config, defaults, "attention", at_least={"BLOCK_H": 16, "BLOCK_N": 16})  # tl.dot tiles
     check(cfg["DOT"] in DOT_PRECISIONS,
           f"attention: config['DOT']: expected one of {list(DOT_PRECISIONS)}, got {cfg['DOT']!r}")
+    # V_SPLIT: programs that each accumulate 1 / V_SPLIT of the output channels (the kernel's VP), so a program's
+    # [BLOCK_H, D / V_SPLIT] accumulator leaves room for more heads (BLOCK_H 64 at D 512: every head of V4-Flash
+    # in one program, each key read by V_SPLIT programs instead of H / 16). Not yet timed on a GPU.
+    parts = cfg["V_SPLIT"]
+    check(parts in (1, 2, 4), f"attention: config['V_SPLIT']: expected 1, 2 or 4, got {parts!r}")
+    check(max(16, next_pow2(d)) // parts >= 16, f"attention: config['V_SPLIT'] {parts}: parts of "
+          f"{max(16, next_pow2(d)) // parts} channels, under the 16 a tl.dot tile needs (head dim {d})")
+    # QK_CHUNK: the scores summed over chunks of this many channels, the queries read a chunk at a time (0: whole)
+    chunk = cfg["QK_CHUNK"]
+    check(chunk == 0 or (isinstance(chunk, int) and chunk >= 16 and chunk & (chunk - 1) == 0),
+          f"attention: config['QK_CHUNK']: expected 0 (whole rows) or a power of two >= 16, got {chunk!r}")
     return cfg
 
 
@@ -331,6 +269,18 @@ def _config(config, heads, d):
 # fp8_split and bf16 keys are exact in bf16; "tf32" and "ieee" stay available for a closer match to the fp32
 # reference.
 DOT_PRECISIONS = ("auto", "ieee", "tf32", "bf16")
+
+
+def _check_parts(parts: int, d: int, kv_format: str, half: int):
+    """V_SPLIT's needs beyond the config's own: fp8_split parts that start at a scale group (64 channels), and the
+    output RoPE channels (the last 2 * half) inside the last part, which ropes them."""
+    if parts == 1:
+        return
+    width = max(16, next_pow2(d)) // parts
+    check(kv_format != "fp8_split" or width % 64 == 0, f"attention: config['V_SPLIT'] {parts}: fp8_split keys need "
+          f"parts of a multiple of 64 channels (one UE8M0 scale each), got {width} (head dim {d})")
+    check(d - 2 * half >= (parts - 1) * width, f"attention: config['V_SPLIT'] {parts}: the output RoPE channels "
+          f"[{d - 2 * half}, {d}) must lie in the last part [{(parts - 1) * width}, {parts * width})")
 
 
 def _dot_precision(cfg, device) -> str:
@@ -439,8 +389,13 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
         else:
             n_entries = k if mode in (CSA, CSA_GATHERED) else (host_pos + s) // max(rate, 1) if mode == HCA else 0
             n_keys = min(window, host_pos + s) + n_entries
-        h_blocks = cdiv(heads, cfg["BLOCK_H"])
-        split, per = _split_kv(cfg, q.device, s * batch * h_blocks, n_keys)
+        h_blocks, parts = cdiv(heads, cfg["BLOCK_H"]), cfg["V_SPLIT"]
+        _check_parts(parts, d, kv_format, out_rope[1].shape[0] if out_rope else 0)
+        block_d = max(16, next_pow2(d))
+        chunk = min(cfg["QK_CHUNK"] or block_d, block_d)
+        check(kv_format != "fp8_split" or chunk == block_d or chunk % 64 == 0, f"attention: config['QK_CHUNK'] "
+              f"{chunk}: fp8_split keys need chunks of a multiple of 64 channels (one UE8M0 scale each)")
+        split, per = _split_kv(cfg, q.device, s * batch * h_blocks * parts, n_keys)
         # finished in-kernel (SUM_IN_KERNEL): the split runs merged and the ring written by the last program to
         # arrive, two launches less (a counter per (token, head block) when split, then one per batch row)
         counters = in_kernel_counters(cfg["SUM_IN_KERNEL"], q.device, (split > 1) * batch * s * h_blocks + batch,
@@ -455,7 +410,7 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
         rpos, inv, inverse, rope_scale = out_rope or (new, new, False, 1.0)
         half = inv.shape[0] if out_rope else 0
         q_n, kv_n = q_norm or {}, kv_norm or {}
-        _attention_kernel[(h_blocks * split, s, batch)](
+        _attention_kernel[(h_blocks * parts * split, s, batch)](
             q, kv, storage_view(ring) if slots else new, new, storage_view(entries) if entries is not None else new,
             table if table is not None else new, sinks, part, ml, out, counters if counters is not None else new,
             pos0 if host_pos is None else new, rpos, inv,
@@ -467,7 +422,7 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
             W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split, DOT=dot,
             KDT=tl.bfloat16 if dot == "bf16" else tl.float32, NATIVE=native_cvt(q.device),
             DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None, RING=counters is not None and slots > 0,
-            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode, BLOCK_H=cfg["BLOCK_H"],
+            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode, VP=parts, QC=chunk, BLOCK_H=cfg["BLOCK_H"],
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width), BLOCK_HALF=next_pow2(max(half, 1)),
             BLOCK_G=blocks["BLOCK_G"], BLOCK_R=blocks["BLOCK_R"], Q_NORM=q_norm is not None,

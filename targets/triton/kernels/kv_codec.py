@@ -18,9 +18,11 @@ FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 # --- storage codecs (device) -----------------------------------------------------------------
 @triton.jit
 def load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-              FMT: tl.constexpr, KDT: tl.constexpr, NATIVE: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+              FMT: tl.constexpr, KDT: tl.constexpr, NATIVE: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr,
+              D0=0, BLOCK_ALL: tl.constexpr = 0):
     """Decode the storage rows that start at `row_ptr` [BN] (pointers; rows not `row_ok` read as 0) into
-    [BN, BD] of KDT (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
+    [BN, BD] of KDT: channels offs_d = D0 + arange(BLOCK_D) of a row of BLOCK_ALL (default BLOCK_D) channels (D0 a
+    multiple of 64 with fp8_split: a part of the row starts at a scale group) (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
     nearest even). fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
     the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (NOPE even, so aligned) or as two
     bytes (little endian). The scales are read as one 8-byte word per row where the layout allows (else as a
@@ -39,12 +41,13 @@ def load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE
         return tl.load(ptr + d, mask=ok, other=0, cache_modifier=CACHE).to(tl.bfloat16, bitcast=True).to(KDT)
     else:
         BN: tl.constexpr = row_ptr.shape[0]
+        WHOLE: tl.constexpr = BLOCK_ALL if BLOCK_ALL > 0 else BLOCK_D
         GW: tl.constexpr = 64 if BLOCK_D > 64 else BLOCK_D  # channels per scale (the format's 64, or the whole tile)
         G: tl.constexpr = BLOCK_D // GW
         is_nope = d < NOPE
         codes = tl.load(ptr + d, mask=ok & is_nope, other=0, cache_modifier=CACHE)
-        g = tl.arange(0, G)[None, :]
-        if (NOPE + 2 * ROPE) % 8 == 0 and G <= 8:  # the scale bytes are one aligned 8-byte word (padding after)
+        g = D0 // GW + tl.arange(0, G)[None, :]
+        if (NOPE + 2 * ROPE) % 8 == 0 and WHOLE // GW <= 8:  # the scale bytes: one aligned 8-byte word (padding after)
             word = tl.load((row_ptr + NOPE + 2 * ROPE).to(tl.pointer_type(tl.int64)), mask=row_ok, other=0,
                            cache_modifier=CACHE)
             sc = (word[:, None] >> (8 * g).to(tl.int64)) & 0xFF  # [BN, G]
