@@ -10,19 +10,20 @@
 # (check:200,gemm-ws). A lent machine is given back after 30 idle seconds, so one call that takes several
 # stages saves restarting it.
 #
-# STAGE, in priority order:
+# STAGE, in priority order (2026-11-25: a session of 30 device minutes took check, gemm-ws, e2e-small, attention,
+# e2e-medium, and attention again; results/triton_gpu*.json):
 #   check        bench/triton_gpu_check.py: every launch of a `small` triton artifact against its torch kernel
-#   gemm-ws      FP8 GEMM against cuBLAS, the heuristic config beside the warp-specialized K loop's eight at
-#                prefill (configs.CANDIDATES_WS: TMA loads in a producer warp group, two consumer warp groups, four
-#                tile shapes, each also persistent; never run on a GPU before); each config's result is checked
-#                against the reference before it is timed
-#   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16
+#                (~100 s)
 #   attention    sparse decode attention, the default config beside configs.ATTENTION_CHUNKED (scores over
 #                128-channel chunks, value parts: fewer registers, never timed) and 32-key tiles with 8 warps (the
 #                fastest at batch 1-2 on 2026-11-25); ATTENTION_CONFIGS (a JSON list) replaces the extra ones
+#   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16 (~90 s)
 #   gemm         FP8 GEMM against cuBLAS (the heuristic config plus four more: two of them 2 CTAs per SM at
 #                prefill, whose wgmma can run while the other CTA applies its block scales; bench/README.md)
 #   e2e-medium   e2e decode of `medium`
+#   gemm-ws      FP8 GEMM against cuBLAS, the heuristic config beside the warp-specialized K loop's eight at
+#                prefill (configs.CANDIDATES_WS; on 2026-11-25 under Triton 3.6 the 128-row ones gave wrong results
+#                and the 64-row ones were slower); each config's result is checked before it is timed
 #   siblings     bench/triton_siblings.py: sibling projections, separate launches vs the lowering's joined one
 # OUT_DIR defaults to $OUT (the device tool's output folder), else bench/results/gpu.
 #
@@ -31,13 +32,17 @@
 # installed into /tmp/site (--no-deps, so the image's torch and triton stay). Each stage runs under `timeout` so a stuck compile cannot eat the
 # session; a stage that times out leaves what it printed in OUT_DIR/STAGE.log.
 set -euo pipefail
-stages="${1:?usage: bash bench/gpu_session.sh STAGE[,STAGE...] [OUT_DIR] (STAGE: check gemm-ws e2e-small attention gemm e2e-medium siblings)}"
+stages="${1:?usage: bash bench/gpu_session.sh STAGE[,STAGE...] [OUT_DIR] (STAGE: check attention e2e-small gemm e2e-medium gemm-ws siblings)}"
 IFS=, read -r -a stage_list <<<"$stages"
 for item in "${stage_list[@]}"; do
     case "${item%%:*}" in
         check | gemm-ws | e2e-small | attention | gemm | e2e-medium | siblings) ;;
-        *) echo "unknown stage '$stage'; expected one of: check gemm-ws e2e-small attention gemm e2e-medium siblings" >&2; exit 2 ;;
+        *) echo "unknown stage '$item'; expected one of: check attention e2e-small gemm e2e-medium gemm-ws siblings" >&2; exit 2 ;;
     esac
+    if [[ "$item" == *:* && ! "${item#*:}" =~ ^[0-9]+$ ]]; then
+        echo "stage '$item': expected STAGE:SECONDS with whole seconds after the colon" >&2
+        exit 2
+    fi
 done
 start_s=$SECONDS
 budget_s="${BUDGET_S:-570}"
