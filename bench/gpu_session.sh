@@ -15,8 +15,10 @@
 #   check        bench/triton_gpu_check.py: every launch of a `small` triton artifact against its torch kernel
 #                (~100 s)
 #   attention    sparse decode attention, the default config beside configs.ATTENTION_CHUNKED (scores over
-#                128-channel chunks, value parts: fewer registers, never timed) and 32-key tiles with 8 warps (the
-#                fastest at batch 1-2 on 2026-11-25); ATTENTION_CONFIGS (a JSON list) replaces the extra ones
+#                128-channel chunks, value parts: fewer registers, never timed), 32-key tiles with 8 warps (the
+#                fastest at batch 1-2 on 2026-11-25), and the default without its split, in-kernel encode or
+#                in-kernel merge (what each costs at small batch, 27 us at batch 1 for 4 key tiles a program);
+#                ATTENTION_CONFIGS (a JSON list) replaces the extra ones
 #   e2e-small    e2e decode of `small`: v4c eager, v4c with CUDA graphs, transformers eager bf16 (~90 s)
 #   gemm         FP8 GEMM against cuBLAS (the heuristic config plus four more: two of them 2 CTAs per SM at
 #                prefill, whose wgmma can run while the other CTA applies its block scales; bench/README.md)
@@ -81,7 +83,8 @@ case "$stage" in
         --out "$out/e2e_small.json" ;;
     attention) configs="${ATTENTION_CONFIGS:-}"
         [ -n "$configs" ] || configs="$(python3 -P -c 'import json; from v4c.targets.triton.configs import \
-ATTENTION_CHUNKED as c; print(json.dumps(c + [{"BLOCK_N": 32, "num_warps": 8}]))')"
+ATTENTION_CHUNKED as c; print(json.dumps(c + [{"BLOCK_N": 32, "num_warps": 8}, {"SPLIT_KV": 1}, \
+{"ENCODE_IN_KERNEL": False}, {"SUM_IN_KERNEL": False}]))')"
         run 540 python3 bench/triton_gpu.py --sections attention --heuristic-only --repeats 7 \
         --attention-configs "$configs" --out "$out/attention.json" ;;
     gemm) run 540 python3 bench/triton_gpu.py --sections gemm --heuristic-only --repeats 7 --gemm-configs \
