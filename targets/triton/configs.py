@@ -3,8 +3,8 @@
 A step's configs are buckets by tokens per call: decode (at most DECODE_TOKENS tokens: a few
 sequences, one token each; for FP8 GEMMs FP8_GEMM_DECODE_TOKENS) and prefill (more). `HEURISTIC`
 holds each op's starting point per bucket (`{}`: the launcher's own shape-derived defaults); with a
-CUDA GPU at compile time, `tune.py` times `CANDIDATES` on each step's shapes and keeps the fastest. The runtime never
-re-tunes: it reads the chosen configs from the artifact's launch.json.
+CUDA GPU at compile time, `tune.py` times `CANDIDATES` on each step's shapes and keeps the fastest.
+The runtime never re-tunes: it reads the chosen configs from the artifact's launch.json.
 """
 
 DECODE_TOKENS = 16

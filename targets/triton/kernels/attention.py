@@ -46,10 +46,10 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
                       BLOCK_R: tl.constexpr, Q_NORM: tl.constexpr, KV_NORM: tl.constexpr, Q_INV: tl.constexpr,
                       KV_INV: tl.constexpr, BLOCK_NOPE: tl.constexpr):
     """out[b, s, h] = softmax over [window keys | entries | sink] of (q[b, s, h] . k) * scale, applied
-    to the keys. Grid: (cdiv(H, BLOCK_H) * VP * SPLIT, S, B), head blocks innermost, then value parts. q, out: [B, S, H, D];
-    ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the selected entries
-    (CSA: -1 none; row b * ent_stride + k of the entries; CSA_GATHERED, rows gathered per pick: the pick's own
-    row)
+    to the keys. Grid: (cdiv(H, BLOCK_H) * VP * SPLIT, S, B), head blocks innermost, then value parts.
+    q, out: [B, S, H, D]; ring: [B, slots, W]; new: [B, S, W]; entries: [B, ent_stride, W]; table: [B, S, K] the
+    selected entries (CSA: -1 none; row b * ent_stride + k of the entries; CSA_GATHERED, rows gathered per pick:
+    the pick's own row)
     SPLIT > 1 (flash-decoding): the query's key list (window keys, then entries) is cut into SPLIT runs
     of `per_split` keys; run p (the sink goes with run 0) writes its unnormalized acc to out [SPLIT, B, S,
     H, D] and its (max, sum) to ml [2, SPLIT, B, S, H], which _combine_kernel merges into out, or (IN_KERNEL)
@@ -66,8 +66,8 @@ def _attention_kernel(q_ptr, kv_ptr, ring_ptr, new_ptr, ent_ptr, table_ptr, sink
     an accumulator of [BLOCK_H, BD / VP] lets a program hold more heads, so fewer programs read each key. Every part
     stores the same (max, sum); a split's last program to arrive (of SPLIT * VP) merges all the parts' channels.
     QC < BLOCK_D: the scores are summed over chunks of QC channels (_fold_keys), the queries read chunk by chunk.
-    Each key tile is decoded once (twice with value parts or chunks): a window key's row pointer is the ring's (p < pos0) or the
-    new keys'.
+    Each key tile is decoded once (twice with value parts or chunks): a window key's row pointer is the ring's
+    (p < pos0) or the new keys'.
     The ring holds min(pos0, n_old) old keys. DEVICE_POS: pos0 is read from pos_ptr (n_old is then the ring's
     size), and the runs of a split cover the most keys any position has: runs past this position's keys
     store an empty (max -inf, sum 0) result, which the combine weighs 0.
@@ -249,10 +249,10 @@ def _config(config, heads, d):
     # V_SPLIT: programs that each accumulate 1 / V_SPLIT of the output channels (the kernel's VP), so a program's
     # [BLOCK_H, D / V_SPLIT] accumulator leaves room for more heads (BLOCK_H 64 at D 512: every head of V4-Flash
     # in one program, each key read by V_SPLIT programs instead of H / 16). Not yet timed on a GPU.
-    parts = cfg["V_SPLIT"]
+    parts, block_d = cfg["V_SPLIT"], max(16, next_pow2(d))
     check(parts in (1, 2, 4), f"attention: config['V_SPLIT']: expected 1, 2 or 4, got {parts!r}")
-    check(max(16, next_pow2(d)) // parts >= 16, f"attention: config['V_SPLIT'] {parts}: parts of "
-          f"{max(16, next_pow2(d)) // parts} channels, under the 16 a tl.dot tile needs (head dim {d})")
+    check(block_d // parts >= 16, f"attention: config['V_SPLIT'] {parts}: parts of {block_d // parts} channels, "
+          f"under the 16 a tl.dot tile needs (head dim {d})")
     # QK_CHUNK: the scores summed over chunks of this many channels, the queries read a chunk at a time (0: whole)
     chunk = cfg["QK_CHUNK"]
     check(chunk == 0 or (isinstance(chunk, int) and chunk >= 16 and chunk & (chunk - 1) == 0),
@@ -271,16 +271,19 @@ def _config(config, heads, d):
 DOT_PRECISIONS = ("auto", "ieee", "tf32", "bf16")
 
 
-def _check_parts(parts: int, d: int, kv_format: str, half: int):
-    """V_SPLIT's needs beyond the config's own: fp8_split parts that start at a scale group (64 channels), and the
-    output RoPE channels (the last 2 * half) inside the last part, which ropes them."""
-    if parts == 1:
-        return
-    width = max(16, next_pow2(d)) // parts
-    check(kv_format != "fp8_split" or width % 64 == 0, f"attention: config['V_SPLIT'] {parts}: fp8_split keys need "
-          f"parts of a multiple of 64 channels (one UE8M0 scale each), got {width} (head dim {d})")
+def _tiles(cfg, block_d: int, d: int, kv_format: str, half: int) -> tuple[int, int]:
+    """-> (value parts, score chunk) of the config, with the needs that depend on the call: fp8_split parts and
+    chunks that start at a scale group (64 channels), and the output RoPE channels (the last 2 * half) inside the
+    last part, which ropes them."""
+    parts, chunk = cfg["V_SPLIT"], min(cfg["QK_CHUNK"] or block_d, block_d)
+    width = block_d // parts
+    for key, what, size in (("V_SPLIT", "parts", width), ("QK_CHUNK", "chunks", chunk)):
+        check(kv_format != "fp8_split" or size == block_d or size % 64 == 0, f"attention: config['{key}'] "
+              f"{cfg[key]}: fp8_split keys need {what} of a multiple of 64 channels (one UE8M0 scale each), got "
+              f"{size} (head dim {d})")
     check(d - 2 * half >= (parts - 1) * width, f"attention: config['V_SPLIT'] {parts}: the output RoPE channels "
           f"[{d - 2 * half}, {d}) must lie in the last part [{(parts - 1) * width}, {parts * width})")
+    return parts, chunk
 
 
 def _dot_precision(cfg, device) -> str:
@@ -389,12 +392,8 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
         else:
             n_entries = k if mode in (CSA, CSA_GATHERED) else (host_pos + s) // max(rate, 1) if mode == HCA else 0
             n_keys = min(window, host_pos + s) + n_entries
-        h_blocks, parts = cdiv(heads, cfg["BLOCK_H"]), cfg["V_SPLIT"]
-        _check_parts(parts, d, kv_format, out_rope[1].shape[0] if out_rope else 0)
-        block_d = max(16, next_pow2(d))
-        chunk = min(cfg["QK_CHUNK"] or block_d, block_d)
-        check(kv_format != "fp8_split" or chunk == block_d or chunk % 64 == 0, f"attention: config['QK_CHUNK'] "
-              f"{chunk}: fp8_split keys need chunks of a multiple of 64 channels (one UE8M0 scale each)")
+        h_blocks, block_d = cdiv(heads, cfg["BLOCK_H"]), max(16, next_pow2(d))
+        parts, chunk = _tiles(cfg, block_d, d, kv_format, out_rope[1].shape[0] if out_rope else 0)
         split, per = _split_kv(cfg, q.device, s * batch * h_blocks * parts, n_keys)
         # finished in-kernel (SUM_IN_KERNEL): the split runs merged and the ring written by the last program to
         # arrive, two launches less (a counter per (token, head block) when split, then one per batch row)
@@ -422,9 +421,9 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
             W=width, MODE=mode, FMT=FORMATS[kv_format], SPLIT=split, DOT=dot,
             KDT=tl.bfloat16 if dot == "bf16" else tl.float32, NATIVE=native_cvt(q.device),
             DEVICE_POS=host_pos is None, IN_KERNEL=counters is not None, RING=counters is not None and slots > 0,
-            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode, VP=parts, QC=chunk, BLOCK_H=cfg["BLOCK_H"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=max(16, next_pow2(d)), BLOCK_W=next_pow2(width), BLOCK_HALF=next_pow2(max(half, 1)),
+            OUT_ROPE=out_rope is not None, HALF=half, INVERSE=bool(inverse), ENCODE=encode, VP=parts, QC=chunk,
+            BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_W=next_pow2(width),
+            BLOCK_HALF=next_pow2(max(half, 1)),
             BLOCK_G=blocks["BLOCK_G"], BLOCK_R=blocks["BLOCK_R"], Q_NORM=q_norm is not None,
             KV_NORM=kv_norm is not None, Q_INV=bool(q_n.get("inverse", False)), KV_INV=bool(kv_n.get("inverse", False)),
             BLOCK_NOPE=next_pow2(d - 2 * half), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -434,7 +433,7 @@ def _attend(q, kv, sinks, selected, state, pos0, window, rate, scale, kv_format,
             _combine_kernel[(cdiv(rows, block_r),)](part, ml, out, rpos, inv, rows, d, s, heads, float(rope_scale),
                                                     SPLIT=split, OUT_ROPE=out_rope is not None, HALF=half,
                                                     INVERSE=bool(inverse), BLOCK_R=block_r,
-                                                    BLOCK_D=max(16, next_pow2(d)), BLOCK_HALF=next_pow2(max(half, 1)))
+                                                    BLOCK_D=block_d, BLOCK_HALF=next_pow2(max(half, 1)))
         if counters is not None:
             return out  # the kernel wrote the ring too
     _write_ring(ring, stored, pos0)

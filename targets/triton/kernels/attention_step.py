@@ -51,13 +51,8 @@ def _fold_keys(q, q_rows, q_ok, rows, ok, v0, scale, m_i, l_i, acc, D: tl.conste
     of the keys loaded in turn, so the program holds [BH, QC] of the queries instead of [BH, BD] (at D 512 and 16
     heads a whole bf16 q is 128 registers a thread); the value channels are decoded on their own."""
     if QC == BLOCK_D:
-        k = load_rows(rows, ok, tl.arange(0, BLOCK_D), D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D, CACHE)
+        k = load_rows(rows, ok, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_D, CACHE)
         s = _dot_qk(q, k, DOT, NATIVE)
-        if BLOCK_V == BLOCK_D:
-            v = k
-        else:
-            v = load_rows(rows, ok, v0 + tl.arange(0, BLOCK_V), D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_V, CACHE, v0,
-                          BLOCK_D)
     else:
         s = tl.zeros([q_rows.shape[0], rows.shape[0]], dtype=tl.float32)
         for c in tl.static_range(BLOCK_D // QC):
@@ -66,8 +61,10 @@ def _fold_keys(q, q_rows, q_ok, rows, ok, v0, scale, m_i, l_i, acc, D: tl.conste
                          cache_modifier=Q_CACHE).to(tl.float32)
             if DOT == "bf16":
                 qc = to_bf16(qc, NATIVE)
-            kc = load_rows(rows, ok, offs, D, NOPE, ROPE, FMT, KDT, NATIVE, QC, CACHE, c * QC, BLOCK_D)
+            kc = load_rows(rows, ok, D, NOPE, ROPE, FMT, KDT, NATIVE, QC, CACHE, c * QC, BLOCK_D)
             s += _dot_qk(qc, kc, DOT, NATIVE)
-        v = load_rows(rows, ok, v0 + tl.arange(0, BLOCK_V), D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_V, CACHE, v0,
-                      BLOCK_D)
+    if QC == BLOCK_D and BLOCK_V == BLOCK_D:
+        v = k
+    else:
+        v = load_rows(rows, ok, D, NOPE, ROPE, FMT, KDT, NATIVE, BLOCK_V, CACHE, v0, BLOCK_D)
     return _online_step(s, v, ok, scale, m_i, l_i, acc, DOT, NATIVE)

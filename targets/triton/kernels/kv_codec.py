@@ -17,20 +17,21 @@ FORMATS = {"f32": 0, "bf16": 1, "fp8_split": 2}
 
 # --- storage codecs (device) -----------------------------------------------------------------
 @triton.jit
-def load_rows(row_ptr, row_ok, offs_d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-              FMT: tl.constexpr, KDT: tl.constexpr, NATIVE: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr,
-              D0=0, BLOCK_ALL: tl.constexpr = 0):
-    """Decode the storage rows that start at `row_ptr` [BN] (pointers; rows not `row_ok` read as 0) into
-    [BN, BD] of KDT: channels offs_d = D0 + arange(BLOCK_D) of a row of BLOCK_ALL (default BLOCK_D) channels (D0 a
-    multiple of 64 with fp8_split: a part of the row starts at a scale group) (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split storage, f32 rounded to
-    nearest even). fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
+def load_rows(row_ptr, row_ok, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, FMT: tl.constexpr,
+              KDT: tl.constexpr, NATIVE: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr, D0=0,
+              BLOCK_ALL: tl.constexpr = 0):
+    """Decode channels [D0, D0 + BLOCK_D) of the storage rows that start at `row_ptr` [BN] (pointers; rows not
+    `row_ok` read as 0) into [BN, BLOCK_D] of KDT (fp32, or bf16 for bf16 dots: exact for bf16 and fp8_split
+    storage, f32 rounded to nearest even). D0: 0 by default (a constant, whole rows), else a multiple of 64 with
+    fp8_split, so a part of a row of BLOCK_ALL channels starts at a scale group.
+    fp8_split: channel d < NOPE = e4m3[d] * 2^(scale[d // 64] - 127), channel d >= NOPE =
     the bf16 at bytes NOPE + 2 (d - NOPE), read as one int16 (NOPE even, so aligned) or as two
     bytes (little endian). The scales are read as one 8-byte word per row where the layout allows (else as a
     [BN, groups] tile of bytes) and broadcast over their 64 channels: a per-channel gather of the same bytes
     was a synchronous load in every iteration, which the pipeliner cannot overlap with the dots. CACHE: the loads'
     cache modifier ("" or ".cg": rows that other programs of the launch may have just written)."""
     ptr = row_ptr[:, None]  # [BN, 1]
-    d = offs_d[None, :]
+    d = D0 + tl.arange(0, BLOCK_D)[None, :]
     ok = row_ok[:, None] & (d < D)  # [BN, BD]
     if FMT == 0:
         x = tl.load(ptr + d, mask=ok, other=0.0, cache_modifier=CACHE)
